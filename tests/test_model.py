@@ -1,0 +1,164 @@
+"""The model of minimind_o.py: shapes, the KV cache, injection, the loss, and weights on disk."""
+import os
+
+import pytest
+import torch
+
+import minimind_o as mo
+from conftest import tiny_config
+
+
+def random_ids(B, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    audio = torch.randint(0, mo.CODEBOOK_SIZE, (B, mo.N_CODEBOOKS, T), generator=g)
+    text = torch.randint(20, 6400, (B, 1, T), generator=g)
+    return torch.cat([audio, text], 1)
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_forward_shapes(use_moe):
+    model = mo.MiniMindO(tiny_config(use_moe=use_moe)).train()
+    out = model(random_ids(2, 11))
+    assert out.text_logits.shape == (2, 11, 6400)
+    assert out.audio_logits.shape == (2, 8, 11, 2112)
+    assert out.aux_loss.shape == () and (out.aux_loss > 0) == use_moe
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_kv_cache_matches_full_forward(use_moe):
+    torch.manual_seed(0)
+    model = mo.MiniMindO(tiny_config(use_moe=use_moe)).eval()
+    ids, spk = random_ids(1, 12), torch.randn(1, 192)
+    ids[0, :, 3] = mo.SPEAKER_SLOT
+    full = model(ids, spk_emb=spk)
+    cache = mo.KVCache(model, 1, 12)
+    pieces = [model(ids[..., :5], spk_emb=spk, cache=cache)]                  # a prefill chunk
+    pieces.append(model(ids[..., 5:8], spk_emb=spk, cache=cache))             # a chunk after cached positions
+    pieces += [model(ids[..., t:t + 1], spk_emb=spk, cache=cache) for t in range(8, 12)]  # single steps
+    torch.testing.assert_close(torch.cat([p.text_logits for p in pieces], 1), full.text_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.cat([p.audio_logits for p in pieces], 2), full.audio_logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="KV cache full"):
+        model(ids[..., :1], cache=cache)
+
+
+def test_injection_targets_first_placeholder_run_only():
+    H, T = 4, 12
+    ids = torch.tensor([[5, 16, 16, 16, 7, 16, 16, 8, 9, 9, 9, 9],      # run of 3, then another run
+                        [16, 16, 16, 16, 16, 3, 3, 3, 3, 3, 3, 3],      # run of 5, only 2 features
+                        [3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]])          # no placeholder at all
+    h = torch.zeros(3, T, H)
+    feats = torch.arange(1, 3 * 5 * H + 1, dtype=torch.float).view(3, 5, H)
+    out = mo.inject(h, ids, 16, feats, torch.tensor([5, 2, 4]))
+    changed = out.abs().sum(-1) > 0
+    assert changed[0].tolist() == [False, True, True, True] + [False] * 8   # min(5 features, run of 3)
+    assert torch.equal(out[0, 1:4], feats[0, :3])
+    assert changed[1].tolist() == [True, True] + [False] * 10               # min(2 features, run of 5)
+    assert torch.equal(out[1, :2], feats[1, :2])
+    assert not changed[2].any()
+
+
+def test_forward_injects_list_of_features_like_padded_batch():
+    torch.manual_seed(0)
+    model = mo.MiniMindO(tiny_config()).eval()
+    ids = random_ids(2, 20)
+    ids[0, mo.TEXT_ROW, 2:9] = mo.AUDIO_PLACEHOLDER
+    ids[1, mo.TEXT_ROW, 4:6] = mo.AUDIO_PLACEHOLDER
+    feats = [torch.randn(5, 512), torch.randn(3, 512)]
+    a = model(ids, audio_embeds=feats)
+    padded = torch.zeros(2, 5, 512)
+    padded[0], padded[1, :3] = feats[0], feats[1]
+    b = model(ids, audio_embeds=padded, audio_lengths=torch.tensor([5, 3]))
+    torch.testing.assert_close(a.text_logits, b.text_logits)
+    one = model(ids[1:], audio_embeds=[feats[1]])
+    torch.testing.assert_close(a.text_logits[1:], one.text_logits, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(a.text_logits, model(ids).text_logits)
+
+
+def test_omni_loss_weights_stop_and_averages_layers():
+    torch.manual_seed(0)
+    B, T = 2, 6
+    out = mo.OmniOutput(torch.randn(B, T, 6400), torch.randn(B, 8, T, 2112), torch.tensor(0.0))
+    text_labels = torch.full((B, T), mo.IGNORE)
+    text_labels[0, 2:4] = torch.tensor([7, 9])
+    audio_labels = torch.full((B, 8, T), mo.IGNORE)
+    audio_labels[:, 0, 1] = mo.AUDIO_STOP
+    audio_labels[1, 0, 3] = 5
+    text_loss, audio_loss = mo.omni_loss(out, text_labels, audio_labels)
+    lp = out.text_logits.log_softmax(-1)
+    assert torch.isclose(text_loss, -(lp[0, 2, 7] + lp[0, 3, 9]) / 2)
+    la = out.audio_logits.log_softmax(-1)
+    layer0 = -(10 * la[0, 0, 1, 2050] + 10 * la[1, 0, 1, 2050] + la[1, 0, 3, 5]) / 3
+    assert torch.isclose(audio_loss, layer0 / 8)   # layers without labels add nothing
+    empty = torch.full_like(text_labels, mo.IGNORE)
+    assert mo.omni_loss(out, empty, torch.full_like(audio_labels, mo.IGNORE)) == (0, 0)
+
+
+def test_parameter_counts_match_the_paper():
+    dense = mo.parameter_counts(mo.MiniMindO())
+    assert (round(dense["total"], 2), round(dense["thinker"], 2), round(dense["talker"], 2)) == (113.13, 63.91, 47.05)
+    assert round(mo.parameter_counts(mo.MiniMindO(mo.OmniConfig(use_moe=True)))["total"], 2) == 314.89
+
+
+# ---- weights on disk -------------------------------------------------------------------------
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    model = mo.MiniMindO(tiny_config(use_moe=True)).half().float()  # fp16-representable weights
+    path = str(tmp_path / "ckpt.pth")
+    mo.save_checkpoint(model, path)
+    saved = torch.load(path)
+    assert all(v.dtype == torch.float16 for v in saved.values())
+    assert "model.embed_tokens.weight" in saved and "talker.lm_head.base.weight" in saved
+    loaded = mo.load_model(path)                       # config read off the shapes
+    assert loaded.config.use_moe and loaded.config.num_hidden_layers == 4
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_loader_names_missing_unexpected_and_misshaped_keys():
+    model = mo.MiniMindO(tiny_config())
+    sd = mo.official_state_dict(model)
+    missing = dict(sd)
+    del missing["talker.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(mo.WeightLayoutError, match=r"missing keys: talker\.layers\.1\.mlp\.up_proj\.weight"):
+        model.load_official_state_dict(missing)
+    with pytest.raises(mo.WeightLayoutError, match=r"unexpected keys: talker\.extra"):
+        model.load_official_state_dict({**sd, "talker.extra": torch.zeros(1)})
+    bad = {**sd, "model.norm.weight": torch.zeros(65)}
+    with pytest.raises(mo.WeightLayoutError, match=r"model\.norm\.weight: checkpoint \(65,\), model \(64,\)"):
+        model.load_official_state_dict(bad)
+    tied_absent = {k: v for k, v in sd.items() if k != "lm_head.weight"}   # Transformers folders omit it
+    model.load_official_state_dict(tied_absent)
+
+
+def test_missing_checkpoint_says_where_the_published_one_is(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nothing\.pth.*minimind-3o-pytorch.*jingyaogong"):
+        mo.load_model(str(tmp_path / "nothing.pth"))
+    with pytest.raises(FileNotFoundError, match=r"no weights in folder"):
+        mo.load_model(str(tmp_path))
+
+
+def test_text_only_start_copies_last_thinker_blocks_into_talker(tmp_path):
+    text_model = mo.MiniMindO(tiny_config())
+    llm = {k: v for k, v in mo.official_state_dict(text_model, torch.float32).items()
+           if k.startswith("model.") or k == "lm_head.weight"}
+    torch.save(llm, tmp_path / "llm_64.pth")
+    model = mo.load_model(str(tmp_path / "llm_64.pth"), config=tiny_config())
+    assert torch.equal(model.thinker.embed_tokens.weight, llm["model.embed_tokens.weight"])
+    for i in range(2):  # Talker block i <- Thinker block 4 - 2 + i
+        assert torch.equal(model.talker.layers[i].self_attn.q_proj.weight, llm[f"model.layers.{2 + i}.self_attn.q_proj.weight"])
+    inferred = mo.load_model(str(tmp_path / "llm_64.pth"))   # no config: Talker as wide as the Thinker, 4 blocks
+    assert inferred.config.talker_hidden_size == 64
+    assert torch.equal(inferred.talker.layers[0].mlp.up_proj.weight, llm["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_transformers_folder_with_config(tmp_path):
+    import json
+    from safetensors.torch import save_file
+    cfg = tiny_config(num_hidden_layers=2)
+    model = mo.MiniMindO(cfg)
+    sd = {k: v.contiguous() for k, v in mo.official_state_dict(model).items() if k != "lm_head.weight"}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({**cfg.to_dict(), "model_type": "minimind-o", "architectures": ["X"]}))
+    loaded = mo.load_model(str(tmp_path))
+    assert loaded.config.num_hidden_layers == 2
+    assert torch.equal(loaded.lm_head.weight, sd["model.embed_tokens.weight"].float())
