@@ -489,14 +489,14 @@ class MiniMindO(nn.Module):
         if audio_embeds is not None:
             if isinstance(audio_embeds, (list, tuple)):
                 audio_embeds, audio_lengths = pad_features(audio_embeds, cfg.audio_hidden_size, h.device)
-            feats = self.audio_proj(audio_embeds.to(h.device, self.audio_proj.mlp[1].weight.dtype))
+            feats = self.audio_proj(audio_embeds.to(h.device, next(self.audio_proj.parameters()).dtype))
             h = inject(h, text, AUDIO_PLACEHOLDER, feats, audio_lengths.to(h.device))
         if image_embeds is not None:
             if isinstance(image_embeds, (list, tuple)):
                 image_embeds, image_lengths = pad_features(image_embeds, cfg.image_hidden_size, h.device)
             else:
                 image_lengths = torch.full((h.shape[0],), image_embeds.shape[1], device=h.device)
-            feats = self.vision_proj(image_embeds.to(h.device, self.vision_proj.mlp[1].weight.dtype))
+            feats = self.vision_proj(image_embeds.to(h.device, next(self.vision_proj.parameters()).dtype))
             h = inject(h, text, IMAGE_PLACEHOLDER, feats, image_lengths)
         return h
 
@@ -618,7 +618,7 @@ def read_checkpoint(path):
         from safetensors.torch import load_file
         return load_file(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("model", state) if isinstance(state.get("model"), dict) else state
+    return state["model"] if isinstance(state.get("model"), dict) else state  # train.py's resume files nest it
 
 
 def config_from_state_dict(state_dict):
