@@ -26,12 +26,17 @@ Read top to bottom, in the order data flows:
 The binding facts (weight layout, token layout, delays, sampling, loss) are in the release's
 format, checked by ../shared/checks/conformance.py against the public reference implementation.
 """
+import contextlib
+import functools
+import io
 import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -978,3 +983,464 @@ def generate(model, prompt_ids, max_new_tokens=1024, **kwargs):
         if step.frame is not None:
             frames.append(step.frame)
     return text, frames
+
+
+# -----------------------------------------------------------------------------------------------
+# 12. Thin adapters to the frozen side modules
+# -----------------------------------------------------------------------------------------------
+# MiniMind-O never trains these; it only needs their outputs in the exact form the release used:
+#   SenseVoice-Small encoder  speech (16 kHz)      -> (L, 512) frames, L = number of LFR frames
+#   SigLIP2 base-patch32-256  image                -> (64, 768) patch tokens
+#   Mimi codec                speech (24 kHz)     <-> (8, F) codes, 1920 samples a frame
+#   CAM++                     speech (16 kHz)      -> (192,) speaker embedding
+#   Silero VAD                16 kHz mic chunks    -> speech start / end events (barge-in)
+# Heavy libraries (funasr, moshi, transformers, silero_vad, soundfile, soxr, librosa, PIL) are imported
+# inside the functions that need them, so importing this file costs only torch and numpy.
+
+SAMPLE_RATE_SPEECH = 16000          # SenseVoice, CAM++ and Silero VAD all take 16 kHz
+SAMPLE_RATE_MIMI = 24000
+MIMI_FRAME_SAMPLES = 1920           # 24 kHz / 12.5 Hz
+MIMI_WEIGHTS = "tokenizer-e351c8d8-checkpoint125.safetensors"   # what moshi.models.loaders fetches
+MIMI_HUB_REPO = "kyutai/moshiko-pytorch-bf16"
+
+SILENCE_PEAK = 1e-4                 # a file whose loudest sample is below -80 dBFS holds no speech
+
+# SenseVoice front end (spec: Kaldi fbank 80 mels, 25 ms hamming, 10 ms shift, LFR 7/6, CMVN from am.mvn)
+FBANK_MELS = 80
+FBANK_WINDOW_MS = 25
+FBANK_SHIFT_MS = 10
+FBANK_LOW_HZ = 20.0                 # Kaldi's default lower band edge; the upper edge is Nyquist
+FBANK_PREEMPHASIS = 0.97            # Kaldi default
+INT16_SCALE = 32768.0               # funasr feeds Kaldi int16-scaled samples, so CMVN stats are on that scale
+LFR_M, LFR_N = 7, 6                 # stack 7 frames, hop 6: 100 Hz -> 16.7 Hz, 80 -> 560 dims
+SPEECH_FEAT_DIM = FBANK_MELS * LFR_M
+SPEECH_EMBED_DIM = 512
+SENSEVOICE_FILES = ("config.yaml", "model.pt", "am.mvn")
+SENSEVOICE_SOURCE = ("`FunAudioLLM/SenseVoiceSmall` on Hugging Face, or `iic/SenseVoiceSmall` / the release's "
+                     "`SenseVoiceSmall` (account `gongjy`) on ModelScope")
+
+# SigLIP2 vision tower
+IMAGE_EMBED_DIM = 768
+SIGLIP_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
+SIGLIP_SOURCE = ("`google/siglip2-base-patch32-256` on Hugging Face, or the release's `siglip2-base-p32-256-ve` "
+                 "(account `gongjy`) on ModelScope")
+
+# CAM++ speaker encoder (spec: 80-mel log spectrogram, n_fft 512, window 400, hop 160, 20-7600 Hz, slaney,
+# mean-normalised over time)
+SPK_MELS = 80
+SPK_N_FFT = 512
+SPK_WINDOW = 400
+SPK_HOP = 160
+SPK_FMIN, SPK_FMAX = 20.0, 7600.0
+SPK_LOG_FLOOR = 1e-6                # keeps log() finite on digital silence
+SPK_EMBED_DIM = 192
+CAMPP_WEIGHTS = "campplus_cn_common.bin"
+CAMPP_SOURCE = ("`iic/speech_campplus_sv_zh-cn_16k-common` on ModelScope (the release's copy: `campplus`, "
+                "account `gongjy`)")
+
+# voice cloning
+MAX_REF_FRAMES = 300                # 24 s of reference codes at most
+MIN_CLONE_SECONDS = 1.0             # shorter clips carry too little of a voice
+MIN_CLONE_RMS_DBFS = -45.0          # quieter than this the codec mostly encodes noise floor
+CLIP_LEVEL = 0.999                  # a sample at or above this magnitude sits on the rail
+MAX_CLIPPED_FRACTION = 1e-3         # more than 0.1% of samples on the rail = audibly clipped
+
+# Silero VAD
+VAD_CHUNK = 512                     # samples per call at 16 kHz (32 ms), what Silero was trained on
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    # funasr prints an ffmpeg notice to stdout when first imported; chat.py's terminal is not its to write on
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def _require_files(folder, names, source):
+    """Raise FileNotFoundError naming the first missing file and where the published one comes from."""
+    folder = Path(folder)
+    for name in names:
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} not found: expected the published folder from {source}")
+    return folder
+
+
+def _source_name(source):
+    return source if isinstance(source, (str, Path)) else f"<{len(source)} bytes of audio>"
+
+
+# ---- audio I/O
+
+def read_audio(source):
+    """Decode an audio file (path or bytes) -> (mono float32 numpy (S,), sample rate), untouched otherwise."""
+    import soundfile as sf
+    name = _source_name(source)
+    if isinstance(source, (str, Path)) and not Path(source).is_file():
+        raise FileNotFoundError(f"audio file {name} not found")
+    try:
+        data, sr = sf.read(source if isinstance(source, (str, Path)) else io.BytesIO(source),
+                           dtype="float32", always_2d=True)                    # (S, channels)
+    except Exception as e:      # libsndfile reports undecodable data in several exception types
+        raise ValueError(f"cannot decode audio {name}: {e}") from e
+    wav = data.mean(axis=1)     # stereo -> mono by averaging, which keeps both speakers of a 2-channel call
+    if wav.size == 0:
+        raise ValueError(f"audio {name} is empty")
+    if np.abs(wav).max() < SILENCE_PEAK:
+        raise ValueError(f"audio {name} is silent (peak below {SILENCE_PEAK})")
+    return wav, sr
+
+
+def resample(wav, sr_in, sr_out):
+    """(S,) float32 at sr_in -> (S',) float32 at sr_out (soxr's high-quality polyphase filter)."""
+    import soxr
+    if sr_in == sr_out:
+        return wav
+    return soxr.resample(wav, sr_in, sr_out).astype(np.float32)
+
+
+def load_audio(source, target_sr):
+    """Any file soundfile reads (path or bytes) -> mono float32 numpy (S,) at target_sr."""
+    wav, sr = read_audio(source)
+    return resample(wav, sr, target_sr)
+
+
+# ---- speech encoder: SenseVoice-Small (funasr)
+
+@functools.lru_cache(maxsize=None)
+def _kaldi_mel_banks(n_fft):
+    """Kaldi's triangular mel filters (80, n_fft//2 + 1) on its 1127 ln(1 + f/700) scale, Nyquist bin zero."""
+    mel = lambda hz: 1127.0 * torch.log1p(hz / 700.0)
+    nyquist = SAMPLE_RATE_SPEECH / 2
+    lo, hi = mel(torch.tensor(FBANK_LOW_HZ)), mel(torch.tensor(nyquist))
+    delta = (hi - lo) / (FBANK_MELS + 1)
+    left = lo + delta * torch.arange(FBANK_MELS)[:, None]                      # (80, 1)
+    centre, right = left + delta, left + 2 * delta
+    bins = mel(torch.arange(n_fft // 2) * (SAMPLE_RATE_SPEECH / n_fft))[None]  # (1, n_fft/2)
+    up, down = (bins - left) / (centre - left), (right - bins) / (right - centre)
+    return F.pad(torch.minimum(up, down).clamp(min=0), (0, 1))                # (80, n_fft/2 + 1)
+
+
+def kaldi_fbank(wav16k):
+    """(S,) 16 kHz waveform in [-1, 1] -> (T, 80) Kaldi log mel filterbank, as funasr's WavFrontend computes it.
+
+    Written out here because funasr needs torchaudio or kaldi-native-fbank for this step, and neither is a
+    dependency of ours. Settings: 25 ms hamming window, 10 ms shift, no dither (so features are repeatable),
+    DC removal, pre-emphasis 0.97, power spectrum on a 512-point FFT, 20 Hz..Nyquist, snip_edges."""
+    win = SAMPLE_RATE_SPEECH * FBANK_WINDOW_MS // 1000                          # 400 samples
+    hop = SAMPLE_RATE_SPEECH * FBANK_SHIFT_MS // 1000                           # 160 samples
+    n_fft = 1 << (win - 1).bit_length()                                        # 512
+    x = torch.as_tensor(wav16k, dtype=torch.float32) * INT16_SCALE
+    if x.numel() < win:
+        raise ValueError(f"speech clip of {x.numel()} samples is shorter than one {FBANK_WINDOW_MS} ms frame")
+    frames = x.unfold(0, win, hop)                                             # (T, 400)
+    frames = frames - frames.mean(dim=1, keepdim=True)
+    previous = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)               # Kaldi repeats the first sample
+    frames = (frames - FBANK_PREEMPHASIS * previous) * torch.hamming_window(win, periodic=False)
+    power = torch.fft.rfft(frames, n=n_fft).abs().pow(2)                       # (T, 257)
+    mel = power @ _kaldi_mel_banks(n_fft).T                                    # (T, 80)
+    return mel.clamp(min=torch.finfo(torch.float32).eps).log()
+
+
+def stack_lfr(feats):
+    """Low frame rate: (T, 80) -> (ceil(T/6), 560), frame i = frames 6i-3 .. 6i+3 (edges repeated), as funasr."""
+    T = feats.size(0)
+    L = math.ceil(T / LFR_N)
+    left = (LFR_M - 1) // 2                                                    # 3 copies of the first frame
+    padded = torch.cat([feats[:1].expand(left, -1), feats, feats[-1:].expand(LFR_M, -1)])
+    idx = torch.arange(L)[:, None] * LFR_N + torch.arange(LFR_M)[None]        # (L, 7)
+    return padded[idx].reshape(L, SPEECH_FEAT_DIM)
+
+
+class SpeechEncoder(torch.nn.Module):
+    """SenseVoice-Small's encoder and the CMVN of its front end; see speech_features / encode_speech."""
+
+    def __init__(self, encoder, cmvn):
+        super().__init__()
+        self.encoder = encoder                   # funasr SenseVoiceEncoderSmall
+        self.register_buffer("cmvn", cmvn)       # (2, 560): row 0 is added (minus the mean), row 1 multiplies
+
+
+def speech_features(encoder, wav16k):
+    """(S,) 16 kHz waveform -> (L, 560) normalised LFR features; L is the encoder's valid length."""
+    lfr = stack_lfr(kaldi_fbank(wav16k))
+    return (lfr + encoder.cmvn[0].cpu()) * encoder.cmvn[1].cpu()
+
+
+def load_speech_encoder(folder, device="cpu"):
+    """Published SenseVoiceSmall folder (config.yaml, model.pt, am.mvn) -> frozen SpeechEncoder."""
+    import yaml
+    folder = _require_files(folder, SENSEVOICE_FILES, SENSEVOICE_SOURCE)
+    with _quiet_stdout():
+        from funasr.frontends.wav_frontend import load_cmvn
+        from funasr.models.sense_voice.model import SenseVoiceEncoderSmall
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    front = config.get("frontend_conf", {})
+    expected = dict(fs=SAMPLE_RATE_SPEECH, window="hamming", n_mels=FBANK_MELS, frame_length=FBANK_WINDOW_MS,
+                    frame_shift=FBANK_SHIFT_MS, lfr_m=LFR_M, lfr_n=LFR_N)
+    if any(front.get(k, v) != v for k, v in expected.items()):
+        raise ValueError(f"{folder / 'config.yaml'}: frontend_conf {front} differs from the SenseVoice front end "
+                         f"this adapter implements ({expected})")
+    encoder = SenseVoiceEncoderSmall(input_size=SPEECH_FEAT_DIM, **config["encoder_conf"])
+    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)       # funasr checkpoints may wrap the weights once
+    prefix = "encoder."                          # model.pt holds the whole ASR model; we keep its encoder
+    encoder.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    if encoder.output_size() != SPEECH_EMBED_DIM:
+        raise ValueError(f"{folder / 'model.pt'}: encoder width {encoder.output_size()}, expected {SPEECH_EMBED_DIM}")
+    model = SpeechEncoder(encoder, load_cmvn(str(folder / "am.mvn"))[:, :SPEECH_FEAT_DIM])
+    return model.eval().requires_grad_(False).to(device)
+
+
+@torch.no_grad()
+def encode_speech(encoder, wavs):
+    """List of (S_i,) 16 kHz waveforms -> list of (L_i, 512) encoder outputs, in one padded batch."""
+    if not wavs:
+        return []
+    feats = [speech_features(encoder, w) for w in wavs]                        # each (L_i, 560)
+    lengths = torch.tensor([f.size(0) for f in feats])
+    device = encoder.cmvn.device
+    batch = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).to(device)  # (B, L_max, 560), zeros
+    out, _ = encoder.encoder(batch, lengths.to(device))                       # (B, L_max, 512); padding masked
+    return [o[:n] for o, n in zip(out, lengths.tolist())]
+
+
+# ---- vision encoder: SigLIP2 base-patch32-256 (transformers)
+
+def load_vision_encoder(folder, device="cpu"):
+    """Published SigLIP2 folder (full model or vision-only) -> (frozen SiglipVisionModel, SiglipImageProcessor)."""
+    from transformers import SiglipImageProcessor, SiglipVisionModel
+    folder = _require_files(folder, SIGLIP_FILES, SIGLIP_SOURCE)
+    model = SiglipVisionModel.from_pretrained(folder, dtype=torch.float32)  # text tower weights skipped
+    processor = SiglipImageProcessor.from_pretrained(folder)
+    return model.eval().requires_grad_(False).to(device), processor
+
+
+def _open_image(image):
+    from PIL import Image, UnidentifiedImageError
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    name = image if isinstance(image, (str, Path)) else f"<{len(image)} bytes of image>"
+    try:
+        with Image.open(image if isinstance(image, (str, Path)) else io.BytesIO(image)) as im:
+            return im.convert("RGB")    # grayscale, palette and RGBA all become 3-channel RGB
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"cannot read image {name}: {e}") from e
+
+
+@torch.no_grad()
+def encode_images(encoder, processor, images):
+    """List of images (paths, bytes or PIL) -> (N, 64, 768) patch tokens (SigLIP's last hidden state)."""
+    pixels = processor(images=[_open_image(im) for im in images], return_tensors="pt")["pixel_values"]
+    out = encoder(pixel_values=pixels.to(encoder.device, encoder.dtype)).last_hidden_state  # (N, 64, 768)
+    if out.shape[1:] != (IMAGE_TOKENS, IMAGE_EMBED_DIM):
+        raise ValueError(f"vision encoder gave tokens of shape {tuple(out.shape[1:])}, "
+                         f"expected ({IMAGE_TOKENS}, {IMAGE_EMBED_DIM})")
+    return out
+
+
+# ---- Mimi codec (moshi)
+
+def load_mimi(path=None, device="cpu"):
+    """Mimi from a local safetensors file (or a folder holding it); None downloads it from the hub."""
+    from moshi.models import loaders
+    if path is None:
+        from huggingface_hub import hf_hub_download
+        try:
+            path = hf_hub_download(MIMI_HUB_REPO, MIMI_WEIGHTS)
+        except Exception as e:   # offline, gated or missing: all end in the same advice
+            raise FileNotFoundError(f"could not download {MIMI_WEIGHTS} from {MIMI_HUB_REPO} ({e}); download it "
+                                    "(or the release's `mimi` folder, account `gongjy` on ModelScope) and pass "
+                                    "its path") from e
+    path = Path(path)
+    if path.is_dir():
+        path = path / MIMI_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: expected {MIMI_WEIGHTS} from `{MIMI_HUB_REPO}` on Hugging "
+                                "Face, or the release's `mimi` folder (account `gongjy`) on ModelScope")
+    mimi = loaders.get_mimi(str(path), device=device)
+    mimi.set_num_codebooks(N_CODEBOOKS)   # the release uses the first 8 of Mimi's 32 codebooks
+    return mimi.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_audio_codes(mimi, wav24k):
+    """(S,) 24 kHz waveform -> (8, ceil(S / 1920)) int64 codes (the last frame zero-padded)."""
+    device = next(mimi.parameters()).device
+    wav = torch.as_tensor(wav24k, dtype=torch.float32, device=device)[None, None]   # (1, 1, S)
+    return mimi.encode(wav)[0].long()                                               # (8, F)
+
+
+@torch.no_grad()
+def decode_audio_codes(mimi, codes):
+    """(8, F) codes -> (F * 1920,) float32 numpy 24 kHz waveform, whole sequence at once."""
+    device = next(mimi.parameters()).device
+    return mimi.decode(torch.as_tensor(codes, device=device)[None])[0, 0].float().cpu().numpy()
+
+
+class MimiStreamDecoder:
+    """Frames in, 24 kHz PCM out, as the Talker produces them. Use as a context manager:
+
+        with MimiStreamDecoder(mimi, frames_per_call=2) as dec:
+            for frame in frames:            # each (8,) codes
+                play(dec.push(frame))       # PCM once 2 frames are buffered, else empty
+            play(dec.flush())
+
+    Mimi's decoder is causal, so decoding chunk by chunk under moshi's streaming state gives the same samples
+    as decoding the whole sequence. Fewer frames per call = lower latency, more calls = more overhead.
+    While the context is open the whole Mimi model is in streaming mode: do not call encode on it."""
+
+    def __init__(self, mimi, frames_per_call=1):
+        if frames_per_call < 1:
+            raise ValueError(f"frames_per_call must be >= 1, got {frames_per_call}")
+        self.mimi, self.frames_per_call = mimi, frames_per_call
+        self._pending, self._stream = [], None
+
+    def __enter__(self):
+        self._stream = self.mimi.streaming(batch_size=1)   # an ExitStack that resets the state when closed
+        self._pending = []
+        return self
+
+    def __exit__(self, *exc):
+        self._stream.close()
+        self._stream = None
+
+    @torch.no_grad()
+    def _decode(self, frames):
+        codes = torch.stack(frames, dim=1)                                           # (8, n)
+        return self.mimi.decode(codes[None].to(next(self.mimi.parameters()).device))[0, 0].float().cpu().numpy()
+
+    def push(self, frame):
+        """Add one frame (8,) of codes; returns the PCM of each full chunk (n * 1920,), possibly empty."""
+        if self._stream is None:
+            raise RuntimeError("MimiStreamDecoder.push outside its `with` block")
+        self._pending.append(torch.as_tensor(frame, dtype=torch.long).reshape(N_CODEBOOKS))
+        if len(self._pending) < self.frames_per_call:
+            return np.zeros(0, dtype=np.float32)
+        frames, self._pending = self._pending, []
+        return self._decode(frames)
+
+    def flush(self):
+        """Decode whatever frames are still buffered (end of an utterance)."""
+        if not self._pending:
+            return np.zeros(0, dtype=np.float32)
+        frames, self._pending = self._pending, []
+        return self._decode(frames)
+
+
+# ---- speaker encoder: CAM++ (funasr)
+
+@functools.lru_cache(maxsize=None)
+def _slaney_mel_banks():
+    import librosa
+    banks = librosa.filters.mel(sr=SAMPLE_RATE_SPEECH, n_fft=SPK_N_FFT, n_mels=SPK_MELS, fmin=SPK_FMIN,
+                                fmax=SPK_FMAX, htk=False, norm="slaney")     # slaney scale and area norm
+    return torch.from_numpy(banks)                                           # (80, 257)
+
+
+def speaker_features(wav16k):
+    """(S,) 16 kHz waveform -> (T, 80) log mel spectrogram, minus its mean over time (per the spec)."""
+    wav = torch.as_tensor(wav16k, dtype=torch.float32)
+    spec = torch.stft(wav, n_fft=SPK_N_FFT, hop_length=SPK_HOP, win_length=SPK_WINDOW,
+                      window=torch.hann_window(SPK_WINDOW), return_complex=True).abs().pow(2)  # (257, T)
+    logmel = (_slaney_mel_banks() @ spec).clamp(min=SPK_LOG_FLOOR).log().T   # (T, 80)
+    return logmel - logmel.mean(dim=0, keepdim=True)    # removes the channel (microphone) colouring
+
+
+def load_speaker_encoder(folder, device="cpu"):
+    """Published CAM++ folder (campplus_cn_common.bin) -> frozen funasr CAMPPlus (80 mels -> 192)."""
+    folder = _require_files(folder, (CAMPP_WEIGHTS,), CAMPP_SOURCE)
+    with _quiet_stdout():
+        from funasr.models.campplus.model import CAMPPlus
+    model = CAMPPlus(feat_dim=SPK_MELS, embedding_size=SPK_EMBED_DIM)
+    model.load_state_dict(torch.load(folder / CAMPP_WEIGHTS, map_location="cpu", weights_only=True))
+    return model.eval().requires_grad_(False).to(device)
+
+
+@torch.no_grad()
+def speaker_embedding(model, wav16k):
+    """(S,) 16 kHz waveform -> (192,) float32 CAM++ embedding (not length-normalised, as in voices.pt)."""
+    feats = speaker_features(wav16k)[None].to(next(model.parameters()).device)  # (1, T, 80)
+    return model(feats)[0].float().cpu()
+
+
+# ---- voices: name -> {'ref_codes': (8, R) int64, 'spk_emb': (192,) float32}, the release's voices.pt format
+
+def _check_voice(name, voice, where):
+    codes, emb = voice.get("ref_codes"), voice.get("spk_emb")
+    ok = (isinstance(codes, torch.Tensor) and codes.dtype == torch.long and codes.dim() == 2
+          and codes.size(0) == N_CODEBOOKS and isinstance(emb, torch.Tensor)
+          and emb.shape == (SPK_EMBED_DIM,))
+    if not ok:
+        raise ValueError(f"voice {name!r} in {where}: expected ref_codes ({N_CODEBOOKS}, R) int64 and "
+                         f"spk_emb ({SPK_EMBED_DIM},)")
+
+
+def load_voices(path):
+    """voices.pt -> dict name -> {'ref_codes': (8, R) int64, 'spk_emb': (192,) float32}."""
+    voices = torch.load(path, map_location="cpu", weights_only=True)
+    for name, voice in voices.items():
+        _check_voice(name, voice, path)
+    return voices
+
+
+def check_clone_clip(wav, sr, name):
+    """Raise ValueError when a reference clip is too short, too quiet or clipped to make a usable voice."""
+    seconds = wav.size / sr
+    if seconds < MIN_CLONE_SECONDS:
+        raise ValueError(f"voice clip {name} is {seconds:.2f} s long; at least {MIN_CLONE_SECONDS} s is needed")
+    rms_dbfs = 20 * math.log10(float(np.sqrt(np.mean(wav ** 2))))
+    if rms_dbfs < MIN_CLONE_RMS_DBFS:
+        raise ValueError(f"voice clip {name} is too quiet ({rms_dbfs:.1f} dBFS RMS, "
+                         f"need at least {MIN_CLONE_RMS_DBFS} dBFS)")
+    clipped = float(np.mean(np.abs(wav) >= CLIP_LEVEL))
+    if clipped > MAX_CLIPPED_FRACTION:
+        raise ValueError(f"voice clip {name} is clipped ({clipped:.2%} of samples at full scale); "
+                         "record it again at a lower level")
+
+
+def clone_voice(wav_path, mimi, campp):
+    """A speech clip -> voice dict: its first <= 300 Mimi frames as ref_codes and its CAM++ embedding."""
+    wav, sr = read_audio(wav_path)
+    check_clone_clip(wav, sr, wav_path)     # judged at the file's own rate, before resampling smooths clipping
+    wav24 = resample(wav, sr, SAMPLE_RATE_MIMI)[:MAX_REF_FRAMES * MIMI_FRAME_SAMPLES]
+    voice = {"ref_codes": encode_audio_codes(mimi, wav24).cpu(),                            # (8, <= 300)
+             "spk_emb": speaker_embedding(campp, resample(wav24, SAMPLE_RATE_MIMI, SAMPLE_RATE_SPEECH))}
+    _check_voice(Path(wav_path).stem, voice, wav_path)
+    return voice
+
+
+def save_voice(voices_path, name, voice):
+    """Add (or replace) one voice in a voices.pt file, creating the file if needed."""
+    _check_voice(name, voice, "save_voice")
+    voices_path = Path(voices_path)
+    voices = load_voices(voices_path) if voices_path.exists() else {}
+    voices[name] = {"ref_codes": voice["ref_codes"].long().cpu(), "spk_emb": voice["spk_emb"].float().cpu()}
+    torch.save(voices, voices_path)
+
+
+# ---- voice activity: Silero VAD (the silero_vad package ships its weights)
+
+class VoiceActivity:
+    """Feed 16 kHz mic chunks of 512 samples; returns 'start' when speech begins, 'end' when it stops, else None.
+
+    chat.py uses 'start' to interrupt the model's reply (barge-in)."""
+
+    def __init__(self, threshold=0.5, min_silence_ms=300):
+        from silero_vad import VADIterator, load_silero_vad
+        self._vad = VADIterator(load_silero_vad(), threshold=threshold, sampling_rate=SAMPLE_RATE_SPEECH,
+                                min_silence_duration_ms=min_silence_ms)
+        self.speaking = False
+
+    def __call__(self, chunk):
+        chunk = torch.as_tensor(chunk, dtype=torch.float32)
+        if chunk.shape != (VAD_CHUNK,):
+            raise ValueError(f"VoiceActivity takes chunks of {VAD_CHUNK} samples at 16 kHz, got {tuple(chunk.shape)}")
+        event = self._vad(chunk)
+        if not event:
+            return None
+        self.speaking = "start" in event
+        return "start" if self.speaking else "end"
+
+    def reset(self):
+        self._vad.reset_states()
+        self.speaking = False

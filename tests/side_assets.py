@@ -1,0 +1,146 @@
+"""Offline test assets for the frozen side modules: the real architectures with random weights, written in the
+published folder layouts, so that tests load them through the same functions users call.
+
+    build_sensevoice(dir)   SenseVoiceSmall/  config.yaml, model.pt, am.mvn      (tiny encoder, 512-d output)
+    build_siglip(dir)       siglip2/          config.json, model.safetensors, preprocessor_config.json
+    build_mimi(dir)         mimi/             tokenizer-e351c8d8-checkpoint125.safetensors (full Mimi)
+    build_campplus(dir)     campplus/         campplus_cn_common.bin, configuration.json (full CAM++)
+    make_speech_wavs(dir)   hello_16k.wav, question_24k.wav spoken by espeak-ng (committed under tests/data)
+"""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import minimind_o as sm  # noqa: E402
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+HELLO_WAV = DATA_DIR / "hello_16k.wav"
+QUESTION_WAV = DATA_DIR / "question_24k.wav"
+SEED = 0
+
+# A SenseVoiceEncoderSmall small enough to run in milliseconds; only the output width (512) is kept from the
+# published config (50 + 20 blocks, 2048 FFN units), because the audio projector depends on it.
+TINY_SENSEVOICE = dict(output_size=sm.SPEECH_EMBED_DIM, attention_heads=4, linear_units=256, num_blocks=2,
+                       tp_blocks=1, dropout_rate=0.1, positional_dropout_rate=0.1, attention_dropout_rate=0.1,
+                       input_layer="pe", pos_enc_class="SinusoidalPositionEncoder", normalize_before=True,
+                       kernel_size=11, sanm_shfit=0, selfattention_layer_type="sanm")
+FULL_SENSEVOICE = dict(TINY_SENSEVOICE, linear_units=2048, num_blocks=50, tp_blocks=20)
+TINY_VOCAB = 64                                  # the published CTC head has 25055 outputs; we never use it
+
+# SigLIP vision tower: width 768 as published (the vision projector depends on it), but 1 small layer.
+TINY_SIGLIP = dict(hidden_size=sm.IMAGE_EMBED_DIM, intermediate_size=256, num_hidden_layers=1,
+                   num_attention_heads=4)
+FULL_SIGLIP = dict(hidden_size=sm.IMAGE_EMBED_DIM, intermediate_size=3072, num_hidden_layers=12,
+                   num_attention_heads=12)
+SIGLIP_IMAGE_SIZE, SIGLIP_PATCH = 256, 32
+SIGLIP_NORM = [0.5, 0.5, 0.5]                    # preprocessor_config.json of google/siglip2-base-patch32-256
+SIGLIP_RESAMPLE_BILINEAR = 2                     # PIL.Image.BILINEAR, as in that config
+
+ESPEAK_VOICE, ESPEAK_WPM = "en-us", 165
+HELLO_TEXT = "Hello, how are you today?"
+QUESTION_TEXT = "What time is it in Paris?"
+
+
+def build_sensevoice(root, encoder_conf=TINY_SENSEVOICE):
+    """Random SenseVoiceSmall (funasr's class) saved as model.pt + config.yaml + am.mvn; returns the folder."""
+    import yaml
+    with sm._quiet_stdout():
+        from funasr.models.sense_voice.model import SenseVoiceSmall
+    folder = Path(root) / "SenseVoiceSmall"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(SEED)
+    model = SenseVoiceSmall(encoder="SenseVoiceEncoderSmall", encoder_conf=encoder_conf,
+                            input_size=sm.SPEECH_FEAT_DIM, vocab_size=TINY_VOCAB)
+    torch.save(model.state_dict(), folder / "model.pt")
+    config = {"encoder": "SenseVoiceEncoderSmall", "encoder_conf": encoder_conf, "model": "SenseVoiceSmall",
+              "frontend": "WavFrontend",
+              "frontend_conf": dict(fs=sm.SAMPLE_RATE_SPEECH, window="hamming", n_mels=sm.FBANK_MELS,
+                                    frame_length=sm.FBANK_WINDOW_MS, frame_shift=sm.FBANK_SHIFT_MS,
+                                    lfr_m=sm.LFR_M, lfr_n=sm.LFR_N, cmvn_file=None)}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    write_am_mvn(folder / "am.mvn", HELLO_WAV)
+    return folder
+
+
+def write_am_mvn(path, wav_path):
+    """Kaldi-nnet CMVN file in am.mvn's format, with real statistics of one clip's LFR features."""
+    lfr = sm.stack_lfr(sm.kaldi_fbank(sm.load_audio(wav_path, sm.SAMPLE_RATE_SPEECH)))   # (L, 560)
+    shift, scale = -lfr.mean(0), 1.0 / lfr.std(0).clamp(min=1e-3)
+    vec = lambda v: " ".join(f"{x:.6f}" for x in v.tolist())
+    dim = sm.SPEECH_FEAT_DIM
+    path.write_text(f"<Nnet>\n<Splice> {dim} {dim}\n[ 0 ]\n"
+                    f"<AddShift> {dim} {dim}\n<LearnRateCoef> 0 [ {vec(shift)} ]\n"
+                    f"<Rescale> {dim} {dim}\n<LearnRateCoef> 0 [ {vec(scale)} ]\n</Nnet>\n")
+
+
+def build_siglip(root, vision_conf=TINY_SIGLIP):
+    """Random SiglipVisionModel + SiglipImageProcessor saved with save_pretrained; returns the folder."""
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+    folder = Path(root) / "siglip2"
+    torch.manual_seed(SEED)
+    config = SiglipVisionConfig(image_size=SIGLIP_IMAGE_SIZE, patch_size=SIGLIP_PATCH, **vision_conf)
+    SiglipVisionModel(config).save_pretrained(folder, safe_serialization=True)
+    SiglipImageProcessor(size={"height": SIGLIP_IMAGE_SIZE, "width": SIGLIP_IMAGE_SIZE},
+                         resample=SIGLIP_RESAMPLE_BILINEAR, image_mean=SIGLIP_NORM,
+                         image_std=SIGLIP_NORM).save_pretrained(folder)
+    return folder
+
+
+def build_mimi(root):
+    """moshi's Mimi with random weights, saved under the official file name; returns the file."""
+    from moshi.models import loaders
+    from safetensors.torch import save_file
+    folder = Path(root) / "mimi"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(SEED)
+    mimi = loaders.get_mimi(None, device="cpu")
+    path = folder / sm.MIMI_WEIGHTS
+    save_file({k: v.contiguous() for k, v in mimi.state_dict().items()}, path)
+    return path
+
+
+def build_campplus(root):
+    """funasr's CAM++ with random weights in the published layout; returns the folder."""
+    with sm._quiet_stdout():
+        from funasr.models.campplus.model import CAMPPlus
+    folder = Path(root) / "campplus"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(SEED)
+    model = CAMPPlus(feat_dim=sm.SPK_MELS, embedding_size=sm.SPK_EMBED_DIM)
+    torch.save(model.state_dict(), folder / sm.CAMPP_WEIGHTS)
+    meta = {"framework": "pytorch", "task": "speaker-verification",
+            "model": {"type": "cam++-sv", "pretrained_model": sm.CAMPP_WEIGHTS,
+                      "model_config": {"sample_rate": sm.SAMPLE_RATE_SPEECH, "fbank_dim": sm.SPK_MELS,
+                                       "emb_size": sm.SPK_EMBED_DIM}}}
+    (folder / "configuration.json").write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def make_speech_wavs(out_dir=DATA_DIR):
+    """Regenerate the two committed espeak-ng clips (16-bit PCM, mono). Needs `apt-get install espeak-ng`."""
+    import soundfile as sf
+    if shutil.which("espeak-ng") is None:
+        raise RuntimeError("espeak-ng not found: apt-get install -y espeak-ng")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for text, path, rate in ((HELLO_TEXT, out_dir / HELLO_WAV.name, sm.SAMPLE_RATE_SPEECH),
+                             (QUESTION_TEXT, out_dir / QUESTION_WAV.name, sm.SAMPLE_RATE_MIMI)):
+        raw = subprocess.run(["espeak-ng", "-v", ESPEAK_VOICE, "-s", str(ESPEAK_WPM), "--stdout", text],
+                             check=True, capture_output=True).stdout
+        sf.write(path, sm.load_audio(raw, rate), rate, subtype="PCM_16")
+
+
+def build_all(root):
+    """Every asset into root; returns a dict of the paths the loaders take."""
+    return {"sensevoice": build_sensevoice(root), "siglip": build_siglip(root), "mimi": build_mimi(root),
+            "campplus": build_campplus(root)}
+
+
+if __name__ == "__main__":
+    make_speech_wavs()
+    print({p.name: p.stat().st_size for p in (HELLO_WAV, QUESTION_WAV)})

@@ -1,0 +1,292 @@
+"""Tests of the frozen side-module adapters, on random-weight models in the published layouts (side_assets.py)."""
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+import side_assets as assets
+import minimind_o as sm
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"   # ../shared beside the project
+FRAME_HOP = sm.SAMPLE_RATE_SPEECH * sm.FBANK_SHIFT_MS // 1000
+FRAME_WIN = sm.SAMPLE_RATE_SPEECH * sm.FBANK_WINDOW_MS // 1000
+STREAM_TEST_FRAMES = 4              # not a multiple of 3, so the 3-frame decoder also exercises flush()
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    return assets.build_all(tmp_path_factory.mktemp("side_assets"))
+
+
+@pytest.fixture(scope="session")
+def speech(built):
+    return sm.load_speech_encoder(built["sensevoice"])
+
+
+@pytest.fixture(scope="session")
+def vision(built):
+    return sm.load_vision_encoder(built["siglip"])
+
+
+@pytest.fixture(scope="session")
+def mimi(built):
+    return sm.load_mimi(built["mimi"])
+
+
+@pytest.fixture(scope="session")
+def campp(built):
+    return sm.load_speaker_encoder(built["campplus"])
+
+
+@pytest.fixture(scope="session")
+def hello16():
+    return sm.load_audio(assets.HELLO_WAV, sm.SAMPLE_RATE_SPEECH)
+
+
+@pytest.fixture(scope="session")
+def question16():
+    return sm.load_audio(assets.QUESTION_WAV, sm.SAMPLE_RATE_SPEECH)
+
+
+def write_wav(path, wav, sr):
+    sf.write(path, wav, sr, subtype="PCM_16")
+    return path
+
+
+# --- audio I/O ---------------------------------------------------------------------------------------------
+
+def test_load_audio_resamples_and_downmixes(tmp_path, hello16):
+    sr = 44100
+    left = sm.load_audio(assets.HELLO_WAV, sr)
+    stereo = np.stack([left, 0.5 * left], axis=1)
+    path = write_wav(tmp_path / "stereo.flac", stereo, sr)
+    wav = sm.load_audio(path, sm.SAMPLE_RATE_SPEECH)
+    assert wav.dtype == np.float32 and wav.ndim == 1
+    assert abs(wav.size - hello16.size) <= 1
+    np.testing.assert_allclose(wav, 0.75 * hello16[:wav.size], atol=1e-2)   # the channel mean
+    assert np.array_equal(sm.load_audio(path.read_bytes(), sm.SAMPLE_RATE_SPEECH), wav)
+
+
+def test_load_audio_bad_inputs_name_the_file(tmp_path):
+    silent = write_wav(tmp_path / "silent.wav", np.zeros(sm.SAMPLE_RATE_SPEECH), sm.SAMPLE_RATE_SPEECH)
+    with pytest.raises(ValueError, match="silent.wav is silent"):
+        sm.load_audio(silent, sm.SAMPLE_RATE_SPEECH)
+    empty = write_wav(tmp_path / "empty.wav", np.zeros(0), sm.SAMPLE_RATE_SPEECH)
+    with pytest.raises(ValueError, match="empty.wav is empty"):
+        sm.load_audio(empty, sm.SAMPLE_RATE_SPEECH)
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(b"this is not audio" * 10)
+    with pytest.raises(ValueError, match="cannot decode audio .*garbage.wav"):
+        sm.load_audio(garbage, sm.SAMPLE_RATE_SPEECH)
+    with pytest.raises(FileNotFoundError, match="nowhere.wav"):
+        sm.load_audio(tmp_path / "nowhere.wav", sm.SAMPLE_RATE_SPEECH)
+
+
+# --- speech encoder ------------------------------------------------------------------------------------------
+
+def test_fbank_matches_funasr_wav_frontend(hello16):
+    with sm._quiet_stdout():
+        import funasr.utils.fbank as backend
+        from funasr.frontends.wav_frontend import WavFrontend
+    if not (backend._HAS_TORCHAUDIO or backend._knf is not None):
+        pytest.skip("funasr has no fbank backend here (needs torchaudio or kaldi-native-fbank) to compare with")
+    front = WavFrontend(fs=sm.SAMPLE_RATE_SPEECH, window="hamming", n_mels=sm.FBANK_MELS,
+                        frame_length=sm.FBANK_WINDOW_MS, frame_shift=sm.FBANK_SHIFT_MS,
+                        lfr_m=sm.LFR_M, lfr_n=sm.LFR_N, dither=0.0)
+    ref, _ = front(torch.from_numpy(hello16)[None], torch.tensor([hello16.size]))
+    torch.testing.assert_close(sm.stack_lfr(sm.kaldi_fbank(hello16)), ref[0], atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("frames", [1, 5, 6, 7, 12, 13, 191])
+def test_lfr_matches_funasr(frames):
+    with sm._quiet_stdout():
+        from funasr.frontends.wav_frontend import apply_lfr
+    feats = torch.randn(frames, sm.FBANK_MELS)
+    assert torch.equal(sm.stack_lfr(feats), apply_lfr(feats, sm.LFR_M, sm.LFR_N))
+
+
+def test_speech_shapes_and_valid_lengths(speech, hello16, question16):
+    clips = [hello16, question16, hello16[:sm.SAMPLE_RATE_SPEECH]]
+    outs = sm.encode_speech(speech, clips)
+    for wav, out in zip(clips, outs):
+        fbank_frames = 1 + (wav.size - FRAME_WIN) // FRAME_HOP
+        assert out.shape == (math.ceil(fbank_frames / sm.LFR_N), sm.SPEECH_EMBED_DIM)
+        assert torch.isfinite(out).all()
+
+
+def test_speech_batch_equals_one_by_one(speech, hello16, question16):
+    clips = [question16, hello16[:sm.SAMPLE_RATE_SPEECH], hello16]
+    batched = sm.encode_speech(speech, clips)
+    for wav, out in zip(clips, batched):
+        torch.testing.assert_close(out, sm.encode_speech(speech, [wav])[0], atol=1e-4, rtol=1e-4)
+
+
+def test_speech_encoder_missing_files(built, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nothing_here/config.yaml.*FunAudioLLM/SenseVoiceSmall"):
+        sm.load_speech_encoder(tmp_path / "nothing_here")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.yaml").write_bytes((built["sensevoice"] / "config.yaml").read_bytes())
+    with pytest.raises(FileNotFoundError, match=r"partial/model.pt.*iic/SenseVoiceSmall"):
+        sm.load_speech_encoder(partial)
+
+
+# --- vision encoder ------------------------------------------------------------------------------------------
+
+def image_inputs(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb_path = tmp_path / "rgb.png"
+    Image.fromarray(rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)).save(rgb_path)
+    gray = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8), mode="L").save(gray, format="JPEG")
+    rgba = Image.fromarray(rng.integers(0, 256, (256, 256, 4), dtype=np.uint8), mode="RGBA")
+    return [rgb_path, gray.getvalue(), rgba]
+
+
+def test_images_shape_and_batching(vision, tmp_path):
+    model, processor = vision
+    images = image_inputs(tmp_path)
+    out = sm.encode_images(model, processor, images)
+    assert out.shape == (len(images), sm.IMAGE_TOKENS, sm.IMAGE_EMBED_DIM)
+    for i, image in enumerate(images):
+        torch.testing.assert_close(sm.encode_images(model, processor, [image])[0], out[i], atol=1e-4, rtol=1e-4)
+
+
+def test_unreadable_image_names_the_file(vision, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match="cannot read image .*broken.jpg"):
+        sm.encode_images(*vision, [bad])
+
+
+def test_vision_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"siglip/config.json.*google/siglip2-base-patch32-256"):
+        sm.load_vision_encoder(tmp_path / "siglip")
+
+
+# --- Mimi ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def question_codes(mimi):
+    return sm.encode_audio_codes(mimi, sm.load_audio(assets.QUESTION_WAV, sm.SAMPLE_RATE_MIMI))
+
+
+def test_mimi_codes(question_codes):
+    samples = sf.info(assets.QUESTION_WAV).frames
+    assert question_codes.shape == (sm.N_CODEBOOKS, math.ceil(samples / sm.MIMI_FRAME_SAMPLES))
+    assert question_codes.dtype == torch.int64
+    assert 0 <= question_codes.min() and question_codes.max() < 2048
+
+
+@pytest.fixture(scope="session")
+def stream_codes(question_codes):
+    return question_codes[:, :STREAM_TEST_FRAMES]
+
+
+@pytest.fixture(scope="session")
+def stream_whole(mimi, stream_codes):
+    return sm.decode_audio_codes(mimi, stream_codes)
+
+
+@pytest.mark.parametrize("frames_per_call", [1, 3])
+def test_mimi_streaming_equals_whole(mimi, stream_codes, stream_whole, frames_per_call):
+    assert stream_whole.shape == (STREAM_TEST_FRAMES * sm.MIMI_FRAME_SAMPLES,)
+    with sm.MimiStreamDecoder(mimi, frames_per_call=frames_per_call) as decoder:
+        chunks = [decoder.push(frame) for frame in stream_codes.T]
+        chunks.append(decoder.flush())
+    assert {c.size for c in chunks[:-1]} <= {0, frames_per_call * sm.MIMI_FRAME_SAMPLES}
+    np.testing.assert_allclose(np.concatenate(chunks), stream_whole, atol=1e-5)
+
+
+def test_mimi_stream_decoder_needs_its_context(mimi, question_codes):
+    with pytest.raises(RuntimeError, match="outside its `with` block"):
+        sm.MimiStreamDecoder(mimi).push(question_codes[:, 0])
+
+
+def test_mimi_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{sm.MIMI_WEIGHTS}.*kyutai/moshiko-pytorch-bf16"):
+        sm.load_mimi(tmp_path)
+
+
+# --- CAM++ and voices ----------------------------------------------------------------------------------------
+
+def test_speaker_embedding(campp, hello16):
+    feats = sm.speaker_features(hello16)
+    assert feats.shape == (hello16.size // sm.SPK_HOP + 1, sm.SPK_MELS)
+    torch.testing.assert_close(feats.mean(0), torch.zeros(sm.SPK_MELS), atol=1e-4, rtol=0)
+    emb = sm.speaker_embedding(campp, hello16)
+    assert emb.shape == (sm.SPK_EMBED_DIM,) and emb.dtype == torch.float32 and torch.isfinite(emb).all()
+
+
+def test_speaker_encoder_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"campplus_cn_common.bin.*iic/speech_campplus_sv_zh-cn_16k-common"):
+        sm.load_speaker_encoder(tmp_path)
+
+
+def test_clone_save_and_load_voice(mimi, campp, tmp_path):
+    voice = sm.clone_voice(assets.QUESTION_WAV, mimi, campp)
+    samples = sf.info(assets.QUESTION_WAV).frames
+    assert voice["ref_codes"].shape == (sm.N_CODEBOOKS, math.ceil(samples / sm.MIMI_FRAME_SAMPLES))
+    assert voice["spk_emb"].shape == (sm.SPK_EMBED_DIM,)
+    voices_path = tmp_path / "voices.pt"
+    sm.save_voice(voices_path, "question", voice)
+    sm.save_voice(voices_path, "copy", voice)
+    loaded = sm.load_voices(voices_path)
+    assert sorted(loaded) == ["copy", "question"]
+    assert torch.equal(loaded["question"]["ref_codes"], voice["ref_codes"])
+
+
+def test_clone_keeps_at_most_max_ref_frames(mimi, campp, monkeypatch):
+    monkeypatch.setattr(sm, "MAX_REF_FRAMES", 5)    # the 300-frame cap, scaled down to keep the test fast
+    voice = sm.clone_voice(assets.QUESTION_WAV, mimi, campp)
+    assert voice["ref_codes"].shape == (sm.N_CODEBOOKS, 5)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda w: w[:sm.SAMPLE_RATE_SPEECH // 2], "long; at least"),
+    (lambda w: w * 1e-3, "too quiet"),
+    (lambda w: np.clip(w * 10, -1, 1), "clipped"),
+])
+def test_clone_rejects_bad_clips(mimi, campp, hello16, tmp_path, edit, message):
+    path = write_wav(tmp_path / "clip.wav", edit(hello16), sm.SAMPLE_RATE_SPEECH)
+    with pytest.raises(ValueError, match=f"clip.wav.*{message}"):
+        sm.clone_voice(path, mimi, campp)
+
+
+def test_released_voices_load():
+    path = SHARED / "voices" / "voices.pt"
+    if not path.is_file():
+        pytest.skip(f"{path} absent: the release's voices live in ../shared, which this checkout lacks")
+    voices = sm.load_voices(path)
+    assert len(voices) == 5
+    assert all(v["ref_codes"].shape[1] <= sm.MAX_REF_FRAMES for v in voices.values())
+
+
+# --- voice activity ------------------------------------------------------------------------------------------
+
+def vad_events(wav):
+    vad = sm.VoiceActivity()
+    usable = wav.size // sm.VAD_CHUNK * sm.VAD_CHUNK
+    events = [vad(chunk) for chunk in wav[:usable].reshape(-1, sm.VAD_CHUNK)]
+    return [e for e in events if e]
+
+
+def test_vad_finds_speech_then_its_end(hello16):
+    pause = np.zeros(sm.SAMPLE_RATE_SPEECH, dtype=np.float32)
+    assert vad_events(np.concatenate([pause, hello16, pause])) == ["start", "end"]
+
+
+def test_vad_ignores_silence_and_hiss():
+    hiss = np.random.default_rng(0).normal(0, 1e-3, 3 * sm.SAMPLE_RATE_SPEECH).astype(np.float32)
+    assert vad_events(np.zeros_like(hiss)) == []
+    assert vad_events(hiss) == []
+
+
+def test_vad_rejects_wrong_chunk_size():
+    with pytest.raises(ValueError, match="chunks of 512 samples"):
+        sm.VoiceActivity()(np.zeros(sm.VAD_CHUNK - 1, dtype=np.float32))
