@@ -320,8 +320,10 @@ class BlockStack(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_pos, head_dim)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def run(self, h, cache=None, keep_layer=None):
-        """h: (B, T, dim) -> (normed final hidden, hidden after block `keep_layer` (un-normed), aux loss)."""
+    def run(self, h, cache=None, keep_layer=None, stop_at_keep=False):
+        """h: (B, T, dim) -> (normed final hidden, hidden after block `keep_layer` (un-normed), aux loss).
+
+        stop_at_keep: return right after block `keep_layer`, with None as the final hidden."""
         start = cache.length if cache is not None else 0
         cos, sin = self.rope_cos[start:start + h.shape[1]], self.rope_sin[start:start + h.shape[1]]
         kept, aux = None, h.new_zeros(())
@@ -330,6 +332,8 @@ class BlockStack(nn.Module):
             aux = aux + layer_aux
             if i == keep_layer:
                 kept = h
+                if stop_at_keep:
+                    return None, kept, aux
         return self.norm(h), kept, aux
 
 
@@ -439,15 +443,16 @@ class Talker(BlockStack):
         self.audio_scale = nn.Parameter(torch.tensor(1.0))
         self.spk_proj = nn.Linear(cfg.spk_emb_size, d, bias=False)
 
-    def forward(self, bridge, codes, spk_emb=None, cache=None):
-        """bridge: (B, T, H) Thinker middle layer; codes: (B, 8, T) -> audio logits (B, 8, T, vocab), aux."""
+    def forward(self, bridge, codes, spk_emb=None, cache=None, last_only=False):
+        """bridge: (B, T, H) Thinker middle layer; codes: (B, 8, T) -> audio logits (B, 8, T, vocab), aux.
+        last_only: logits of the last position only (B, 8, 1, vocab), what generation samples from."""
         codec = self.embed_tokens(codes)                                       # (B, T, d)
         if spk_emb is not None:  # the speaker slot carries the voice's embedding instead of a code
             slot = (codes[:, 0] == SPEAKER_SLOT)[..., None]
             codec = torch.where(slot, self.spk_proj(spk_emb.to(codec.dtype))[:, None], codec)
         h = self.embed_proj(bridge) * self.text_scale + self.codec_proj(codec) * self.audio_scale
         h, _, aux = self.run(h, cache)
-        return self.lm_head(h), aux
+        return self.lm_head(h[:, -1:] if last_only else h), aux
 
 
 # -----------------------------------------------------------------------------------------------
@@ -456,9 +461,9 @@ class Talker(BlockStack):
 
 @dataclass
 class OmniOutput:
-    text_logits: torch.Tensor   # (B, T, vocab)
-    audio_logits: torch.Tensor  # (B, 8, T, audio_vocab)
-    aux_loss: torch.Tensor      # MoE load-balance loss (0 for the dense model or in eval)
+    text_logits: Optional[torch.Tensor]  # (B, T, vocab); None when run with text_logits=False
+    audio_logits: torch.Tensor           # (B, 8, T, audio_vocab)
+    aux_loss: torch.Tensor               # MoE load-balance loss (0 for the dense model or in eval)
 
 
 class MiniMindO(nn.Module):
@@ -471,23 +476,30 @@ class MiniMindO(nn.Module):
         self.talker = Talker(cfg)
         self.audio_proj = Projector(cfg.audio_hidden_size, cfg.hidden_size)
         self.vision_proj = Projector(cfg.image_hidden_size, cfg.hidden_size)
+        self.apply(init_weights)
 
     def forward(self, input_ids, audio_embeds=None, image_embeds=None, spk_emb=None, cache=None,
-                audio_lengths=None):
+                audio_lengths=None, last_only=False, text_logits=True):
         """input_ids: (B, 9, T), rows 0-7 audio layers, row 8 text.
 
         audio_embeds: speech-encoder output per sample, a list of (L_i, 512) tensors or None, or a
         padded (B, L, 512) tensor with `audio_lengths` (B,). image_embeds: a list of (64, 768) or
-        None, or (B, 64, 768). Both are only used at prefill (an empty cache). spk_emb: (B, 192)."""
+        None, or (B, 64, 768). Both are only used at prefill (an empty cache). spk_emb: (B, 192).
+        Generation shortcuts: last_only gives logits for the last position only; text_logits=False
+        (once the reply's text has ended) runs the Thinker only up to the bridge and returns None
+        as text_logits: the Talker still needs the bridge, nothing needs the later blocks."""
         codes, text = input_ids[:, :N_CODEBOOKS], input_ids[:, TEXT_ROW]
         h = self.thinker.embed_tokens(text)                                    # (B, T, H)
         if cache is None or cache.length == 0:
             h = self.inject_features(h, text, audio_embeds, image_embeds, audio_lengths)
-        hidden, bridge, aux = self.thinker.run(h, cache, keep_layer=self.config.bridge_layer)
-        audio_logits, talker_aux = self.talker(bridge, codes, spk_emb, cache)
+        hidden, bridge, aux = self.thinker.run(h, cache, keep_layer=self.config.bridge_layer,
+                                               stop_at_keep=not text_logits)
+        audio_logits, talker_aux = self.talker(bridge, codes, spk_emb, cache, last_only)
         if cache is not None:
             cache.length += input_ids.shape[-1]
-        return OmniOutput(self.lm_head(hidden), audio_logits, aux + talker_aux)
+        if hidden is not None:
+            hidden = self.lm_head(hidden[:, -1:] if last_only else hidden)
+        return OmniOutput(hidden, audio_logits, aux + talker_aux)
 
     def inject_features(self, h, text, audio_embeds, image_embeds, audio_lengths=None):
         cfg = self.config
@@ -509,6 +521,15 @@ class MiniMindO(nn.Module):
     def load_official_state_dict(self, state_dict):
         load_official_state_dict(self, state_dict)
         return self
+
+
+def init_weights(module):
+    """The release's initialisation (transformers' default): N(0, 0.02) weights, zero biases. PyTorch's
+    N(0, 1) embedding would make the tied output layer start with huge logits (text loss ~50, not ~8.8)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
 
 
 def omni_loss(out, text_labels, audio_labels, stop_weight=10.0):
@@ -926,7 +947,7 @@ def sample_audio(logits, recent, greedy):
     return idx.gather(-1, torch.multinomial(top.softmax(-1), 1))[:, 0]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def stream_generate(model, prompt_ids, max_new_tokens=1024, temperature=0.75, top_p=0.9, repetition_penalty=1.0,
                     greedy=False, ref_codes=None, spk_emb=None, audio_embeds=None, image_embeds=None,
                     eos_token_id=IM_END):
@@ -948,14 +969,18 @@ def stream_generate(model, prompt_ids, max_new_tokens=1024, temperature=0.75, to
     emitted, stop_at = [], [None] * N_CODEBOOKS                                      # host copies
     text_done = newline_fed = False
     for n in range(max_new_tokens):
+        # Logits of the last position only; once the text has ended, the Thinker stops at the bridge.
         out = model(column, audio_embeds=audio_embeds if n == 0 else None,
-                    image_embeds=image_embeds if n == 0 else None, spk_emb=spk, cache=cache)
-        text = sample_text(out.text_logits[0, -1], seen, temperature, top_p, repetition_penalty, greedy)
+                    image_embeds=image_embeds if n == 0 else None, spk_emb=spk, cache=cache,
+                    last_only=True, text_logits=not text_done)
         codes = sample_audio(out.audio_logits[0, :, -1], history[:, max(0, n - AUDIO_PENALTY_WINDOW):n], greedy)
         codes = torch.where(started < n, codes, AUDIO_PAD)
-        *frame_ids, text_id = torch.cat([codes, text[None]]).tolist()  # the step's one device->host sync
         if text_done:  # after EOS the text row reads a newline, then padding
+            frame_ids = codes.tolist()  # the step's one device->host sync
             text_id, newline_fed = (TEXT_PAD if newline_fed else NEWLINE), True
+        else:
+            text = sample_text(out.text_logits[0, -1], seen, temperature, top_p, repetition_penalty, greedy)
+            *frame_ids, text_id = torch.cat([codes, text[None]]).tolist()  # the step's one device->host sync
         for i, c in enumerate(frame_ids):
             if stop_at[i] is None and c >= CODEBOOK_SIZE and i < n:
                 stop_at[i] = n

@@ -99,6 +99,11 @@ def build_mimi(root):
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED)
     mimi = loaders.get_mimi(None, device="cpu")
+    # A fresh Mimi's codebooks are all zeros (moshi learns them from data): every code would decode to the
+    # same sound and tests could not tell codes apart. Random entries make each code decode differently.
+    for name, buffer in mimi.state_dict().items():
+        if name.endswith("_codebook.embedding_sum"):
+            buffer.normal_()
     path = folder / sm.MIMI_WEIGHTS
     save_file({k: v.contiguous() for k, v in mimi.state_dict().items()}, path)
     return path

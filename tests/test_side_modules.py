@@ -203,6 +203,11 @@ def test_mimi_streaming_equals_whole(mimi, stream_codes, stream_whole, frames_pe
     np.testing.assert_allclose(np.concatenate(chunks), stream_whole, atol=1e-5)
 
 
+def test_mimi_codes_decode_to_different_sounds(mimi, stream_codes, stream_whole):
+    other = sm.decode_audio_codes(mimi, (stream_codes + 1) % 2048)   # the test codec's codebooks are random
+    assert np.abs(other - stream_whole).max() > 1e-3
+
+
 def test_mimi_stream_decoder_needs_its_context(mimi, question_codes):
     with pytest.raises(RuntimeError, match="outside its `with` block"):
         sm.MimiStreamDecoder(mimi).push(question_codes[:, 0])
