@@ -1,6 +1,6 @@
 """Throughput of the frozen side modules on this machine, with random weights in the published architectures.
 
-    python benchmarks/bench_encoders.py [--batch 8] [--repeats 3] [--threads N]
+    python benchmarks/bench_encoders.py [--batch 8] [--repeats 3] [--threads N] [--device cuda]
 
 Speech: clips of --seconds of espeak speech through encode_speech (front end included), tiny and full-size
 SenseVoiceEncoderSmall. Vision: full-size SigLIP base-patch32-256 through encode_images (preprocessing
@@ -17,7 +17,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import side_assets as assets  # noqa: E402
-import side_modules_draft as sm  # noqa: E402
+import minimind_o as sm  # noqa: E402
+
+
+DEVICE = "cpu"
+
+
+def sync():
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def best_seconds(fn, repeats):
@@ -25,8 +33,10 @@ def best_seconds(fn, repeats):
     fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -40,7 +50,7 @@ def speech_clip(seconds):
 
 
 def bench_speech(root, name, conf, args):
-    encoder = sm.load_speech_encoder(assets.build_sensevoice(Path(root) / name, conf))
+    encoder = sm.load_speech_encoder(assets.build_sensevoice(Path(root) / name, conf), DEVICE)
     params = sum(p.numel() for p in encoder.parameters()) / 1e6
     clips = [speech_clip(args.seconds)] * args.batch
     batched = best_seconds(lambda: sm.encode_speech(encoder, clips), args.repeats)
@@ -50,7 +60,7 @@ def bench_speech(root, name, conf, args):
 
 
 def bench_vision(root, args):
-    model, processor = sm.load_vision_encoder(assets.build_siglip(root, assets.FULL_SIGLIP))
+    model, processor = sm.load_vision_encoder(assets.build_siglip(root, assets.FULL_SIGLIP), DEVICE)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     rng = np.random.default_rng(0)
     from PIL import Image
@@ -62,7 +72,7 @@ def bench_vision(root, args):
 
 
 def bench_mimi(root, args):
-    mimi = sm.load_mimi(assets.build_mimi(root))
+    mimi = sm.load_mimi(assets.build_mimi(root), DEVICE)
     wav = np.resize(sm.load_audio(assets.QUESTION_WAV, sm.SAMPLE_RATE_MIMI), int(args.seconds * sm.SAMPLE_RATE_MIMI))
     encode = best_seconds(lambda: sm.encode_audio_codes(mimi, wav), args.repeats)
     codes = sm.encode_audio_codes(mimi, wav)
@@ -86,9 +96,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--only", choices=["speech", "vision", "mimi"], help="run one benchmark")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, CPU")
+    print(f"torch {torch.__version__}, {args.threads} threads, {DEVICE}")
     with tempfile.TemporaryDirectory() as root:
         if args.only in (None, "speech"):
             bench_speech(root, "tiny", assets.TINY_SENSEVOICE, args)

@@ -1,0 +1,290 @@
+"""train.py: parquet rows, samples and batches, bad rows, and short runs (demo, resume after a kill, DDP)."""
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+import torch
+
+import minimind_o as mo
+import train
+from conftest import ROOT, tiny_config
+
+TINY_RUN = ["--max_seq_len", "64", "--batch_size", "4", "--hidden_size", "64", "--num_hidden_layers", "2"]
+
+
+def wav_bytes(sr, seconds=1.0, channels=1, fmt="WAV"):
+    t = np.arange(int(sr * seconds)) / sr
+    tone = 0.3 * np.sin(2 * np.pi * 220 * t)
+    buf = io.BytesIO()
+    sf.write(buf, np.stack([tone] * channels, 1) if channels > 1 else tone, sr, format=fmt)
+    return buf.getvalue()
+
+
+def png_bytes(size=(40, 30)):
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 60)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def codes(frames, seed=0):
+    return np.random.default_rng(seed).integers(0, mo.CODEBOOK_SIZE, frames * mo.N_CODEBOOKS).tolist()
+
+
+def chat(*texts):
+    return json.dumps([{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(texts)])
+
+
+def write(path, columns, types):
+    pq.write_table(pa.table(columns, schema=pa.schema([(k, types[k]) for k in columns])), path)
+    return str(path)
+
+
+FULL_TYPES = dict(conversations=pa.large_string(), question_audios=pa.list_(pa.binary()),
+                  answer_audios=pa.list_(pa.list_(pa.int64())), image_bytes=pa.list_(pa.binary()),
+                  ref_audios=pa.list_(pa.int16()), spk_emb=pa.list_(pa.float64()))
+
+
+def a2a_file(path):
+    """Two rows with every column: question audio at 24 kHz stereo, 16 kHz and 44.1 kHz FLAC, an image, a voice."""
+    return write(path, dict(
+        conversations=[chat("<image>What is this?", "A red square."), chat("Hi", "Hello!", "Bye", "Goodbye.")],
+        question_audios=[[wav_bytes(24000, channels=2)], [wav_bytes(16000), wav_bytes(44100, 2.0, fmt="FLAC")]],
+        answer_audios=[[codes(5)], [codes(3, 1), codes(4, 2)]],
+        image_bytes=[[png_bytes()], []],
+        ref_audios=[codes(6, 3), []],
+        spk_emb=[np.linspace(-1, 1, 192).tolist(), []]), FULL_TYPES)
+
+
+def fake_speech_cmvn():
+    return torch.stack([torch.zeros(mo.SPEECH_FEAT_DIM), torch.ones(mo.SPEECH_FEAT_DIM)])
+
+
+def image_processor():
+    from transformers import SiglipImageProcessor
+    return SiglipImageProcessor(size={"height": 256, "width": 256}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+@pytest.fixture(scope="module")
+def demo_file(tmp_path_factory):
+    return train.write_demo_data(str(tmp_path_factory.mktemp("demo") / "demo.parquet"), rows=64)
+
+
+# -- parquet rows --------------------------------------------------------------------------------
+
+def test_parquet_files_round_trip(tmp_path):
+    a = a2a_file(tmp_path / "a2a.parquet")
+    b = write(tmp_path / "i2t.parquet", dict(conversations=[chat("<image>Describe.", "A cat.")],
+                                            image_bytes=[png_bytes()]),
+              dict(conversations=pa.string(), image_bytes=pa.binary()))  # plain string and bytes, fewer columns
+    rows = train.ParquetRows([a, b])
+    assert len(rows) == 3 and rows.has_any("question_audios") and rows.has_any("image_bytes")
+    assert not train.ParquetRows([b]).has_any("question_audios")
+
+    first, second, third = rows.read(0), rows.read(1), rows.read(2)
+    assert (first.file, first.row, second.row, third.file, third.row) == ("a2a.parquet", 0, 1, "i2t.parquet", 0)
+    assert first.conversations == json.loads(chat("<image>What is this?", "A red square."))
+    assert first.question_audios == [wav_bytes(24000, channels=2)]
+    assert [a.tolist() for a in first.answer_audios] == [codes(5)]
+    assert first.image == png_bytes() and first.ref_codes.tolist() == codes(6, 3)
+    np.testing.assert_allclose(first.spk_emb, np.linspace(-1, 1, 192), rtol=1e-6)
+    assert [a.tolist() for a in second.answer_audios] == [codes(3, 1), codes(4, 2)]
+    assert second.question_audios[1] == wav_bytes(44100, 2.0, fmt="FLAC")
+    assert second.image is None and second.ref_codes is None and second.spk_emb is None
+    assert third.image == png_bytes() and third.answer_audios == [] and third.question_audios == []
+
+
+def test_sample_is_build_sample_with_drawn_variations(tokenizer, tmp_path):
+    rows = train.ParquetRows([a2a_file(tmp_path / "a.parquet")])
+    data = train.OmniDataset(rows, tokenizer, 128, scheduled_sampling=0.0)
+    row = rows.read(0)
+    row.question_audios, row.image = [], None  # text and speech out only
+    sample = data.make_sample(row, random.Random(7))
+    expected = mo.build_sample(row.conversations, tokenizer, 128, answer_codes=row.answer_audios[0],
+                               ref_codes=row.ref_codes, has_spk=True,
+                               **mo.draw_variations(random.Random(7), has_system_turn=False))
+    for got, want in zip((sample.input_ids, sample.text_labels, sample.audio_labels), expected):
+        assert torch.equal(got, want)
+    # the valid length ends at the last label: the last layer's stop id
+    L = sample.length
+    assert (sample.text_labels[L:] == mo.IGNORE).all() and (sample.audio_labels[:, L:] == mo.IGNORE).all()
+    assert sample.audio_labels[7, L - 1] == mo.AUDIO_STOP
+
+
+def test_question_audio_and_image_become_encoder_inputs(tokenizer, tmp_path):
+    rows = train.ParquetRows([a2a_file(tmp_path / "a.parquet")])
+    enc = train.Encoders(speech_cmvn=fake_speech_cmvn(), image_processor=image_processor())
+    plain = train.OmniDataset(rows, tokenizer, 256, enc, augment="none")
+    s = plain[0]
+    # 1 s at 24 kHz stereo -> 16 kHz mono: 98 fbank frames of 10 ms -> ceil(98 / 6) = 17 stacked frames
+    assert s.speech.shape == (17, mo.SPEECH_FEAT_DIM)
+    assert (s.input_ids[8] == mo.AUDIO_PLACEHOLDER).sum() in (0, 17)  # 0 for the text_only layout
+    torch.testing.assert_close(s.spk_emb, torch.linspace(-1, 1, 192))
+    row = rows.read(0)
+    row.question_audios = []  # (with the audio_only layout the question audio replaces the <image> mark too)
+    s = plain.make_sample(row, random.Random(0))
+    assert s.pixels.shape == (3, 256, 256) and (s.input_ids[8] == mo.IMAGE_PLACEHOLDER).sum() == mo.IMAGE_TOKENS
+    # multi-turn: the audio of the last kept user turn (1 s at 16 kHz, or 2 s at 44.1 kHz: 33 frames)
+    lengths = {len(plain.make_sample(rows.read(1), random.Random(k)).speech) for k in range(8)}
+    assert lengths == {17, 33}
+
+    augmented = train.OmniDataset(rows, tokenizer, 256, enc, augment="both")
+    feats = [augmented.make_sample(rows.read(0), random.Random(k)).speech for k in range(6)]
+    assert any(f.shape != (17, mo.SPEECH_FEAT_DIM) or not torch.equal(f, plain[0].speech) for f in feats)
+    assert torch.equal(augmented.make_sample(rows.read(0), random.Random(3)).speech, feats[3])  # seeded
+
+
+def test_batch_is_padded_to_its_longest_sample_and_loses_nothing(tokenizer, demo_file):
+    data = train.OmniDataset(train.ParquetRows([demo_file]), tokenizer, 96)
+    samples = [data[i] for i in range(4)]
+    batch = train.collate(samples)
+    T = max(s.length for s in samples)
+    assert batch.input_ids.shape == (4, 9, T) and T < 95 and batch.tokens == sum(s.length for s in samples)
+    assert batch.spk_emb.shape == (4, 192)
+
+    torch.manual_seed(0)
+    model = mo.MiniMindO(tiny_config()).train()
+    trimmed = mo.omni_loss(model(batch.input_ids, spk_emb=batch.spk_emb), batch.text_labels, batch.audio_labels)
+    full = [torch.stack([getattr(s, k) for s in samples]) for k in ("input_ids", "text_labels", "audio_labels")]
+    padded = mo.omni_loss(model(full[0], spk_emb=batch.spk_emb), full[1], full[2])
+    torch.testing.assert_close(torch.stack(trimmed), torch.stack(padded), rtol=1e-5, atol=1e-5)
+
+
+def test_epoch_batches_split_rows_across_processes_and_resume_mid_epoch():
+    ranks = [list(train.EpochBatches(10, 2, seed=1, epoch=0, rank=r, world=2)) for r in range(2)]
+    assert [len(r) for r in ranks] == [3, 3] and train.batches_per_epoch(10, 2, 2) == 3
+    seen = sum((sum(r, []) for r in ranks), [])
+    assert sorted(seen) == list(range(10))
+    assert list(train.EpochBatches(10, 2, seed=1, epoch=0, rank=1, world=2, skip=1)) == ranks[1][1:]
+    assert list(train.EpochBatches(10, 2, seed=1, epoch=1)) != list(train.EpochBatches(10, 2, seed=1, epoch=0))
+
+
+def test_learning_rate_schedule_is_the_release_cosine():
+    assert train.lr_at(0, 100, 5e-4) == pytest.approx(5e-4)
+    assert train.lr_at(50, 100, 5e-4) == pytest.approx(5e-4 * 0.55)
+    assert train.lr_at(100, 100, 5e-4) == pytest.approx(5e-5)
+
+
+# -- bad rows ------------------------------------------------------------------------------------
+
+GOOD = dict(conversations=chat("Hi", "Hello."), answer_audios=[codes(2)], question_audios=[], image_bytes=[])
+BAD = {"json": (dict(conversations='[{"role": "user", "content": "Hi"'), "conversations", "malformed JSON"),
+       "codes": (dict(answer_audios=[codes(2)[:-3]]), "answer_audios", "13 codes, not a multiple of 8"),
+       "role": (dict(conversations=json.dumps([{"role": "robot", "content": "beep"}])), "conversations",
+                "unknown role 'robot'"),
+       "audio": (dict(question_audios=[b"RIFF not really a wav"]), "question_audios", "cannot decode audio"),
+       "image": (dict(image_bytes=[b"\x89PNG broken"]), "image_bytes", "cannot decode image")}
+
+
+def bad_file(path, kinds):
+    rows = [GOOD] + [dict(GOOD, **BAD[k][0]) for k in kinds] + [GOOD]
+    return write(path, {k: [r[k] for r in rows] for k in GOOD}, FULL_TYPES)
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_bad_row_error_names_file_row_and_column(tokenizer, tmp_path, kind):
+    path = bad_file(tmp_path / f"bad_{kind}.parquet", [kind])
+    enc = train.Encoders(speech_cmvn=fake_speech_cmvn(), image_processor=image_processor())
+    data = train.OmniDataset(train.ParquetRows([path]), tokenizer, 64, enc)
+    data[0], data[2]  # the good rows around it are fine
+    _, column, problem = BAD[kind]
+    with pytest.raises(train.BadRow, match=f"bad_{kind}.parquet, row 1, column {column}: {problem}"):
+        data[1]
+    skipping = train.OmniDataset(train.ParquetRows([path]), tokenizer, 64, enc, skip_bad_rows=True)
+    batch = train.collate([skipping[i] for i in range(3)])  # the bad row is replaced by the next one
+    assert len(batch.input_ids) == 3 and len(batch.bad_rows) == 1 and column in batch.bad_rows[0]
+    assert torch.equal(batch.input_ids[1], batch.input_ids[2])
+
+
+def test_skip_bad_rows_counts_them_in_a_run(tmp_path, capsys):
+    path = bad_file(tmp_path / "bad.parquet", ["json", "codes", "role"])
+    summary = train.main(["--data", path, "--from_weight", "none", "--out_dir", str(tmp_path), "--num_workers", "0",
+                          "--skip_bad_rows", "--save_every", "0", *TINY_RUN])
+    assert summary["bad_rows"] == 3 and summary["steps"] == 2
+    assert "skipped 3 bad rows" in capsys.readouterr().out
+    with pytest.raises(train.BadRow, match=r"bad.parquet, row [123], column (conversations|answer_audios): "):
+        train.main(["--data", path, "--from_weight", "none", "--out_dir", str(tmp_path), "--num_workers", "0",
+                    *TINY_RUN])
+
+
+def test_missing_start_weights_say_where_the_published_ones_are(tmp_path, demo_file):
+    with pytest.raises(FileNotFoundError, match="llm_768.pth.*minimind-3o-pytorch"):
+        train.main(["--data", demo_file, "--from_weight", str(tmp_path / "llm_768.pth"), "--out_dir", str(tmp_path)])
+
+
+# -- runs ----------------------------------------------------------------------------------------
+
+def test_demo_run_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path):
+    summary = train.main(["--out_dir", str(tmp_path), "--max_steps", "6", "--save_every", "0", *TINY_RUN])
+    assert summary["last_loss"] < 0.9 * summary["first_loss"]
+    model = mo.load_model(summary["checkpoint"])
+    assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
+    assert os.path.exists(summary["plot"]) and os.path.exists(summary["resume_state"])
+    with open(summary["metrics"]) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert {"loss", "text", "audio", "aux", "lr", "samples_per_s", "tokens_per_s"} <= set(records[0])
+
+
+def test_killed_run_resumes_with_the_same_losses(tmp_path):
+    flags = ["--max_steps", "6", "--save_every", "1", "--num_workers", "0", *TINY_RUN, "--batch_size", "2"]
+    whole = train.main(["--out_dir", str(tmp_path / "whole"), *flags])
+    killed = tmp_path / "killed"
+    metrics = killed / "demo_metrics.jsonl"
+    proc = subprocess.Popen([sys.executable, "train.py", "--out_dir", str(killed), *flags], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = torch.load(killed / "demo_resume.pt", weights_only=False)["position"]["step"]
+    assert 0 < stopped_at < 6, "the run should have been killed part-way"
+
+    resumed = train.main(["--out_dir", str(killed), "--resume", *flags])
+    read = lambda path: [json.loads(line)["loss"] for line in open(path)]
+    assert resumed["steps"] == 6
+    assert read(resumed["metrics"])[stopped_at] == pytest.approx(read(whole["metrics"])[stopped_at], abs=1e-6)
+    assert read(resumed["metrics"]) == pytest.approx(read(whole["metrics"]), abs=1e-5)
+    with pytest.raises(ValueError, match="different run.*--batch_size 2 -> 3"):
+        train.main(["--out_dir", str(killed), "--resume", *flags, "--batch_size", "3"])
+
+
+def test_two_process_ddp_on_cpu(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "train.py", "--device", "cpu", "--out_dir", str(tmp_path), "--max_steps", "2",
+                           "--accumulation_steps", "2", *TINY_RUN], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 steps of 4x2x2 samples" in done.stdout
+    with open(tmp_path / "demo_metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2]
+    mo.load_model(str(tmp_path / "demo_64.pth"))
+
+
+def test_speech_and_image_rows_train_through_the_frozen_encoders(tmp_path):
+    import side_assets  # random-weight SenseVoice and SigLIP2 in the published folder layouts
+    speech, vision = side_assets.build_sensevoice(tmp_path), side_assets.build_siglip(tmp_path)
+    flags = ["--data", a2a_file(tmp_path / "a2a.parquet"), "--from_weight", "none", "--mode", "audio_proj",
+             "--speech_encoder", str(speech), "--vision_encoder", str(vision), "--out_dir", str(tmp_path),
+             "--num_workers", "0", "--max_steps", "1", "--max_seq_len", "256", "--batch_size", "2",
+             "--hidden_size", "64", "--num_hidden_layers", "2"]
+    summary = train.main(flags)
+    assert np.isfinite(summary["last_loss"])
+    start = mo.official_state_dict(train.build_model(train.parse_args(flags)))
+    trained = mo.read_checkpoint(summary["checkpoint"])
+    changed = {k for k in start if not torch.equal(start[k], trained[k])}
+    assert changed and all(k.startswith("audio_proj.") for k in changed)  # only the speech projector learned

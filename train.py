@@ -1,0 +1,922 @@
+"""
+Train MiniMind-O: one file, one loop, from parquet rows in the release's schema to a checkpoint.
+
+    python train.py                                   # a 2-minute CPU demo on data it makes itself
+    python train.py --data dataset/sft_t2a_mini.parquet --from_weight out/llm_768.pth --save_weight sft_zero
+    torchrun --nproc_per_node 4 train.py --data ...   # the same on 4 GPUs (DistributedDataParallel)
+    python train.py --data ... --resume               # continue a killed run exactly where it stopped
+
+What happens, in the order of this file:
+  1. command line          every flag, its default, and what the demo uses instead
+  2. frozen encoders       SenseVoice (speech) and SigLIP2 (images): never trained, run under no_grad
+  3. parquet rows          one row -> Python values, checked; a bad row names its file, row and column
+  4. question audio        decode, 16 kHz mono, the release's waveform/spectrogram augmentations
+  5. one sample            draw the variations, cut the conversation, build the nine rows
+  6. batches               a seeded shuffle per epoch, padded only to the longest sample in the batch
+  7. demo data             a tiny arithmetic/colour T2A set in the official schema, made on the fly
+  8. model and schedule    from a text-only MiniMind, a previous stage, or random; AdamW, cosine lr
+  9. checkpoints           the release's fp16 weights + a separate resume file, both written atomically
+ 10. the training loop     accumulation, bf16 autocast, clipping, DDP, progress bar, metrics, loss plot
+
+A training run writes into --out_dir: `<save_weight>_<hidden>[_moe].pth` (the weights, loadable by
+`minimind_o.load_model` and chat.py), `<save_weight>_resume.pt` (everything else needed to resume),
+`<save_weight>_metrics.jsonl` (one line per logged step) and `<save_weight>_loss.png`.
+"""
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork after tokenizing
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+import minimind_o as mo
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# -----------------------------------------------------------------------------------------------
+# 1. Command line
+# -----------------------------------------------------------------------------------------------
+# Without --data, train.py runs its demo: the defaults in DEMO replace those in REAL unless a flag
+# is given. REAL follows the release's train_sft_omni.py.
+
+REAL = dict(from_weight="out/llm_768.pth", out_dir="out", save_weight="sft_omni", hidden_size=768,
+            num_hidden_layers=8, max_seq_len=512, batch_size=32, learning_rate=5e-4, epochs=1, num_workers=4,
+            log_every=10, save_every=1000)
+DEMO = dict(from_weight="none", out_dir="out/demo", save_weight="demo", hidden_size=64, num_hidden_layers=4,
+            max_seq_len=96, batch_size=8, learning_rate=2e-3, epochs=6, num_workers=0, log_every=1,
+            save_every=50)
+TOKENIZER_PLACES = ("models/minimind-3o", "../shared/tokenizer")  # the release's model folder, a dev checkout
+
+
+def defaults(name):
+    return f"default {REAL[name]}; demo {DEMO[name]}"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Train MiniMind-O (Thinker-Talker) on parquet rows in the release's schema. Without --data it "
+                    "writes a small demo dataset and trains a tiny model on the CPU in about two minutes.",
+        epilog="The release's recipes (stage order, modes, learning rates, lengths) are in README.md.")
+    data = p.add_argument_group("data")
+    data.add_argument("--data", nargs="+", metavar="PARQUET",
+                      help="one or more parquet files (columns: conversations, question_audios, answer_audios, "
+                           "image_bytes, ref_audios, spk_emb); omitted: run the demo")
+    data.add_argument("--max_seq_len", type=int,
+                      help=f"sample length in tokens; longer conversations are cut ({defaults('max_seq_len')})")
+    data.add_argument("--augment", choices=["both", "wave", "spec", "none"], default="both",
+                      help="the release's augmentations of question audio: waveform (speed, noise, volume, dropout, "
+                           "low-pass, reverb, rumble), spectrogram (SpecAugment masks), both or none (default both)")
+    data.add_argument("--scheduled_sampling", type=float, default=0.05,
+                      help="probability that a labelled input id is replaced by a random one (default 0.05)")
+    data.add_argument("--skip_bad_rows", action="store_true",
+                      help="log and count malformed rows (each is replaced by the next good row) instead of "
+                           "stopping at the first one")
+    data.add_argument("--num_workers", type=int, help=f"DataLoader processes per GPU ({defaults('num_workers')})")
+    data.add_argument("--tokenizer", help="folder with tokenizer.json (default: the --from_weight folder, else the "
+                                          f"first of {', '.join(TOKENIZER_PLACES)} that exists)")
+    data.add_argument("--speech_encoder", default="models/SenseVoiceSmall",
+                      help="SenseVoiceSmall folder, loaded only when the data has question audio "
+                           "(default models/SenseVoiceSmall)")
+    data.add_argument("--vision_encoder", default="models/siglip2-base-p32-256-ve",
+                      help="SigLIP2 folder, loaded only when the data has images "
+                           "(default models/siglip2-base-p32-256-ve)")
+    model = p.add_argument_group("model")
+    model.add_argument("--from_weight",
+                       help="where training starts: the text-only MiniMind (llm_768.pth), a previous stage's .pth "
+                            f"or folder, or 'none' for random weights ({defaults('from_weight')})")
+    model.add_argument("--mode", choices=["all", "audio_proj", "vision_proj"], default="all",
+                       help="what is trained: everything, or only the speech / image projector (default all)")
+    model.add_argument("--use_moe", action="store_true",
+                       help="mixture-of-experts FFNs (with --from_weight none; a checkpoint brings its own)")
+    model.add_argument("--hidden_size", type=int,
+                       help=f"Thinker and Talker width, with --from_weight none ({defaults('hidden_size')})")
+    model.add_argument("--num_hidden_layers", type=int,
+                       help="Thinker blocks, with --from_weight none; the Talker gets half as many "
+                            f"({defaults('num_hidden_layers')})")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, help=f"passes over the data ({defaults('epochs')})")
+    opt.add_argument("--max_steps", type=int, help="stop after this many optimizer steps (the lr schedule ends there)")
+    opt.add_argument("--batch_size", type=int, help=f"samples per GPU per micro-batch ({defaults('batch_size')})")
+    opt.add_argument("--accumulation_steps", type=int, default=1,
+                     help="micro-batches summed before each optimizer step (default 1)")
+    opt.add_argument("--learning_rate", type=float,
+                     help="peak lr; step t of T uses lr*(0.1 + 0.45*(1 + cos(pi*t/T))), from lr down to lr/10 "
+                          f"({defaults('learning_rate')})")
+    opt.add_argument("--weight_decay", type=float, default=0.01,
+                     help="AdamW weight decay (default 0.01, PyTorch's default, which the release uses)")
+    opt.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (default 1.0)")
+    opt.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                     help="autocast precision on GPU (float16 adds a loss scaler); the CPU trains in float32 "
+                          "(default bfloat16)")
+    opt.add_argument("--compile", action="store_true", help="torch.compile the model (faster on GPU after warm-up)")
+    opt.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="cuda or cpu (default: cuda when available); under torchrun each process takes its GPU")
+    opt.add_argument("--seed", type=int, default=42,
+                     help="seeds the weights, the data order and every per-sample random choice (default 42)")
+    out = p.add_argument_group("output")
+    out.add_argument("--out_dir", help=f"where checkpoints and logs go ({defaults('out_dir')})")
+    out.add_argument("--save_weight", help="checkpoint name: <out_dir>/<save_weight>_<hidden>[_moe].pth "
+                                           f"({defaults('save_weight')})")
+    out.add_argument("--save_every", type=int,
+                     help=f"optimizer steps between checkpoints, 0 for the end only ({defaults('save_every')})")
+    out.add_argument("--log_every", type=int, help=f"optimizer steps between metric lines ({defaults('log_every')})")
+    out.add_argument("--resume", action="store_true",
+                     help="continue from <out_dir>/<save_weight>_resume.pt: weights, optimizer, loss scaler, step, "
+                          "data position and random states, exactly as when it was written")
+    args = p.parse_args(argv)
+    preset = DEMO if args.data is None else REAL
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+# -----------------------------------------------------------------------------------------------
+# 2. The frozen encoders ("ears and eyes")
+# -----------------------------------------------------------------------------------------------
+# Their adapters are minimind_o.py section 12. Training splits SenseVoice in two: the front end
+# (fbank, LFR stacking, CMVN: plain signal processing) runs in the data workers on the CPU, where the
+# spectrogram augmentation can be applied to its output; the encoder runs on the training device.
+
+def speech_features(cmvn, wav16k):
+    """CPU half of SenseVoice, run in the data workers: 16 kHz wave -> (L, 560) normalised LFR features.
+    cmvn: (2, 560), the shift and scale of the model's am.mvn. L is also the number of placeholders."""
+    return (mo.stack_lfr(mo.kaldi_fbank(wav16k)) + cmvn[0]) * cmvn[1]
+
+
+def run_speech_encoder(encoder, feats, lengths):
+    """Device half: (B, L, 560) features, (B,) lengths -> (B, L, 512) SenseVoice outputs."""
+    return encoder.encoder(feats, lengths)[0]
+
+
+@dataclass
+class Encoders:
+    """What the data workers need (CPU-side) and what the training step runs on the device."""
+    speech: Optional[torch.nn.Module] = None   # SenseVoice encoder, on the device
+    speech_cmvn: Optional[torch.Tensor] = None  # (2, 560) on the CPU, for speech_features
+    vision: Optional[torch.nn.Module] = None   # SigLIP2 vision tower, on the device
+    image_processor: Optional[object] = None   # SigLIP2 preprocessing (resize 256, normalise)
+
+
+def load_encoders(rows, args, device):
+    """Load only the encoders the data needs: T2A data needs neither."""
+    enc = Encoders()
+    if rows.has_any("question_audios"):
+        enc.speech = mo.load_speech_encoder(args.speech_encoder, device)
+        enc.speech_cmvn = enc.speech.cmvn.cpu()
+    if rows.has_any("image_bytes"):
+        enc.vision, enc.image_processor = mo.load_vision_encoder(args.vision_encoder, device)
+    return enc
+
+
+# -----------------------------------------------------------------------------------------------
+# 3. Parquet rows in the release's schema
+# -----------------------------------------------------------------------------------------------
+
+class BadRow(ValueError):
+    """A row that cannot become a sample; the message says where it is and what is wrong."""
+
+    def __init__(self, file, row, column, problem):
+        super().__init__(f"{file}, row {row}, column {column}: {problem}")
+
+
+@dataclass
+class Row:
+    """One conversation as Python values (nothing decoded yet but JSON)."""
+    file: str
+    row: int
+    conversations: list          # [{role, content}]
+    question_audios: list        # audio-file bytes per user turn (may be empty or shorter)
+    answer_audios: list          # flattened frame-major codes (np.ndarray) per assistant turn
+    image: Optional[bytes]       # the first image of the row
+    ref_codes: Optional[np.ndarray]
+    spk_emb: Optional[np.ndarray]
+
+
+def items(cell):
+    """A list cell -> its element scalars ([] for a missing column or a null)."""
+    return [] if cell is None or not cell.is_valid else list(cell.values)
+
+
+def numbers(cell):
+    """A list-of-numbers cell -> a numpy array (empty for a missing column or a null)."""
+    return np.zeros(0) if cell is None or not cell.is_valid else cell.values.to_numpy(zero_copy_only=False,
+                                                                                      writable=True)
+
+
+class ParquetRows:
+    """Every row of one or more parquet files, addressed by one index. Columns stay Arrow arrays
+    (memory-mapped when the file allows); a row becomes Python values only when it is read."""
+
+    def __init__(self, paths):
+        self.tables = []
+        for path in paths:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"data file not found: {path} (the release's data is `minimind-o_dataset` "
+                                        "under `jingyaogong` on Hugging Face / `gongjy` on ModelScope)")
+            table = pq.read_table(path, memory_map=True)
+            kind = table.schema.field("conversations").type if "conversations" in table.column_names else None
+            if kind is None or not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+                raise BadRow(path, "-", "conversations", "missing, or not a text column")
+            self.tables.append((path, table))
+        self.starts = np.cumsum([0] + [len(t) for _, t in self.tables])
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def has_any(self, column):
+        """Whether any row has a non-empty value in `column` (decides which encoders to load)."""
+        for _, table in self.tables:
+            if column in table.column_names:
+                col = table.column(column)
+                lengths = pc.list_value_length(col) if pa.types.is_list(col.type) else pc.binary_length(col)
+                if (pc.max(lengths).as_py() or 0) > 0:
+                    return True
+        return False
+
+    def read(self, index):
+        """Row `index` as Python values, checked: a problem raises BadRow naming file, row and column."""
+        f = int(np.searchsorted(self.starts, index, side="right")) - 1
+        path, table = self.tables[f]
+        r = index - int(self.starts[f])
+        file = os.path.basename(path)
+        cell = lambda name: table.column(name)[r] if name in table.column_names else None
+
+        def codes(values, column):
+            if len(values) % mo.N_CODEBOOKS:
+                raise BadRow(file, r, column, f"{len(values)} codes, not a multiple of {mo.N_CODEBOOKS} "
+                                              f"(frame-major, {mo.N_CODEBOOKS} codes a frame)")
+            if len(values) and not 0 <= values.min() <= values.max() < mo.CODEBOOK_SIZE:
+                raise BadRow(file, r, column, f"codes must be in 0..{mo.CODEBOOK_SIZE - 1}, "
+                                              f"found {values.min()}..{values.max()}")
+            return values
+
+        try:
+            conversations = json.loads(cell("conversations").as_py())
+        except (TypeError, json.JSONDecodeError) as e:
+            raise BadRow(file, r, "conversations", f"malformed JSON ({e})") from None
+        if not (isinstance(conversations, list) and conversations and all(isinstance(t, dict) for t in conversations)):
+            raise BadRow(file, r, "conversations", "expected a non-empty JSON list of {role, content} objects")
+        for t in conversations:
+            if t.get("role") not in mo.ROLES:
+                raise BadRow(file, r, "conversations", f"unknown role {t.get('role')!r} (expected one of "
+                                                       f"{', '.join(mo.ROLES)})")
+            if not isinstance(t.get("content"), str):
+                raise BadRow(file, r, "conversations", f"a {t['role']} turn has no text content")
+
+        ref, spk = numbers(cell("ref_audios")), numbers(cell("spk_emb"))  # empty: the row has none
+        if len(spk) not in (0, mo.OmniConfig.spk_emb_size):
+            raise BadRow(file, r, "spk_emb", f"{len(spk)} values, expected {mo.OmniConfig.spk_emb_size}")
+        image = cell("image_bytes")  # bytes, or a list of bytes of which the first is used
+        if isinstance(image, pa.ListScalar):
+            image = next(iter(items(image)), None)
+        return Row(file, r, conversations,
+                   question_audios=[a.as_py() for a in items(cell("question_audios"))],
+                   answer_audios=[codes(numbers(turn), "answer_audios") for turn in items(cell("answer_audios"))],
+                   image=None if image is None else image.as_py(),
+                   ref_codes=codes(ref, "ref_audios") if len(ref) else None,
+                   spk_emb=spk.astype(np.float32) if len(spk) else None)
+
+
+# -----------------------------------------------------------------------------------------------
+# 4. Question audio: decode, augment, features
+# -----------------------------------------------------------------------------------------------
+# The release's augmentations, each applied with its probability (and a range drawn uniformly).
+
+SPEED = (0.5, 0.7, 1.6)              # resample to 0.7x..1.6x speed (tempo and pitch), fast and slow talkers
+NOISE = (0.3, 0.001, 0.01)           # white noise of this standard deviation
+VOLUME = (0.3, 0.8, 1.2)             # gain
+DROPOUT = (0.2, 0.25)                # zero 0.25 s (a dropped packet), clips longer than a second only
+LOWPASS = (0.2, (3, 5, 7))           # moving average over 3, 5 or 7 samples (a cheap microphone)
+REVERB = (0.3, 0.05, 0.2, 10.0)      # a random 50-200 ms impulse response decaying by e^-10 (a room)
+RUMBLE = (0.2, 0.003, 0.015)         # integrated (1/f^2) noise peaking at this level (room hum)
+FREQ_MASK = (0.5, 64)                # SpecAugment: zero 1..64 of the 560 feature dims
+TIME_MASK = (0.5, 10)                # SpecAugment: zero 1..10 feature frames
+SPEECH_RATE = mo.SAMPLE_RATE_SPEECH
+
+
+def augment_wave(wav, rng, np_rng, sr=SPEECH_RATE):
+    """Simulate other speakers, rooms and microphones on a (S,) float32 waveform."""
+    if rng.random() < SPEED[0]:
+        wav = mo.resample(wav, sr, round(sr / rng.uniform(*SPEED[1:])))  # fewer samples = faster
+    if rng.random() < NOISE[0]:
+        wav = wav + np_rng.standard_normal(len(wav)).astype(np.float32) * rng.uniform(*NOISE[1:])
+    if rng.random() < VOLUME[0]:
+        wav = wav * rng.uniform(*VOLUME[1:])
+    gap = int(sr * DROPOUT[1])
+    if rng.random() < DROPOUT[0] and len(wav) > sr:
+        start = rng.randint(0, len(wav) - gap)
+        wav = np.concatenate([wav[:start], np.zeros(gap, np.float32), wav[start + gap:]])
+    if rng.random() < LOWPASS[0]:
+        k = rng.choice(LOWPASS[1])
+        wav = np.convolve(wav, np.ones(k) / k, mode="same")
+    if rng.random() < REVERB[0]:
+        n = int(sr * rng.uniform(*REVERB[1:3]))
+        ir = np_rng.standard_normal(n) * np.exp(-np.linspace(0, REVERB[3], n))
+        ir[0] = 1.0                                              # the direct sound
+        wav = np.convolve(wav, ir / np.linalg.norm(ir), mode="same")
+    if rng.random() < RUMBLE[0]:
+        rumble = np.cumsum(np_rng.standard_normal(len(wav)))
+        wav = wav + rumble / (np.abs(rumble).max() + 1e-6) * rng.uniform(*RUMBLE[1:])
+    return np.clip(wav, -1.0, 1.0).astype(np.float32)
+
+
+def augment_features(feats, rng):
+    """SpecAugment on (L, 560) features: one band of dims and one run of frames set to zero."""
+    feats = feats.clone()
+    L, D = feats.shape
+    if rng.random() < FREQ_MASK[0]:
+        width = rng.randint(1, FREQ_MASK[1])
+        start = rng.randint(0, D - width)
+        feats[:, start:start + width] = 0
+    if rng.random() < TIME_MASK[0] and L > 1:
+        width = rng.randint(1, min(TIME_MASK[1], L))
+        start = rng.randint(0, L - width)
+        feats[start:start + width] = 0
+    return feats
+
+
+# -----------------------------------------------------------------------------------------------
+# 5. One training sample
+# -----------------------------------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    input_ids: torch.Tensor               # (9, max_len-1)
+    text_labels: torch.Tensor             # (max_len-1,)
+    audio_labels: torch.Tensor            # (8, max_len-1)
+    length: int                           # 1 + the last labelled position: the batch is cut there
+    speech: Optional[torch.Tensor]        # (L, 560) SenseVoice features of the question, or None
+    pixels: Optional[torch.Tensor]        # (3, 256, 256) SigLIP2 input, or None
+    spk_emb: Optional[torch.Tensor]       # (192,) or None
+    skipped: list = field(default_factory=list)  # the bad row this sample replaces (--skip_bad_rows)
+
+
+def valid_length(text_labels, audio_labels):
+    """1 + the last labelled position. Later positions cannot change the loss (attention is causal),
+    so a batch needs no more than its longest sample's valid length."""
+    labelled = (text_labels != mo.IGNORE) | (audio_labels != mo.IGNORE).any(0)
+    return int(labelled.nonzero().max()) + 1 if labelled.any() else 1
+
+
+def sample_rng(seed, epoch, index):
+    """The random choices of one sample depend on (seed, epoch, row) only: any worker, any resume."""
+    return random.Random(f"{seed}/{epoch}/{index}")
+
+
+class OmniDataset(Dataset):
+    def __init__(self, rows, tok, max_len, encoders=Encoders(), augment="both", scheduled_sampling=0.05, seed=0,
+                 skip_bad_rows=False):
+        self.rows, self.tok, self.max_len, self.encoders = rows, tok, max_len, encoders
+        self.wave_augment, self.spec_augment = augment in ("both", "wave"), augment in ("both", "spec")
+        self.scheduled_sampling, self.seed, self.skip_bad_rows = scheduled_sampling, seed, skip_bad_rows
+        self.epoch = 0  # set before each epoch's DataLoader starts its workers
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        """The Sample of row `index`. With skip_bad_rows a bad row is replaced by the next good one and
+        its problem travels with that sample to be logged, so every batch keeps its size (and every
+        process the same number of steps)."""
+        problem = None
+        for i in (k % len(self) for k in range(index, index + len(self))):
+            try:
+                sample = self.make_sample(self.rows.read(i), sample_rng(self.seed, self.epoch, i))
+                sample.skipped = [problem] if problem else []
+                return sample
+            except BadRow as e:
+                if not self.skip_bad_rows:
+                    raise
+                problem = problem or str(e)
+        raise ValueError(f"every row of the data is bad, e.g. {problem}")
+
+    def make_sample(self, row, rng):
+        """Row -> Sample, every random choice drawn from rng (variations, cut, augmentation, noise)."""
+        conversations = row.conversations
+        variations = mo.draw_variations(rng, has_system_turn=conversations[0]["role"] == "system")
+        replies = sum(t["role"] == "assistant" for t in conversations)
+        if replies > 1:  # multi-turn: learn one randomly chosen reply, with everything before it as context
+            conversations = mo.cut_conversation(conversations, rng.randrange(replies), self.tok, self.max_len)
+        users = sum(t["role"] == "user" for t in conversations)
+        replies = sum(t["role"] == "assistant" for t in conversations)
+
+        speech = None
+        if 0 < users <= len(row.question_audios) and row.question_audios[users - 1]:
+            speech = self.question_features(row, row.question_audios[users - 1], rng)
+        pixels = self.image_pixels(row) if row.image else None
+        answer = row.answer_audios[replies - 1] if 0 < replies <= len(row.answer_audios) else None
+
+        input_ids, text_labels, audio_labels = mo.build_sample(
+            conversations, self.tok, self.max_len, answer_codes=answer, ref_codes=row.ref_codes,
+            has_spk=row.spk_emb is not None, n_audio_tokens=0 if speech is None else len(speech),
+            has_image=pixels is not None, **variations)
+        length = valid_length(text_labels, audio_labels)
+        if self.scheduled_sampling > 0:
+            noise = torch.Generator().manual_seed(rng.getrandbits(63))
+            input_ids = mo.scheduled_sampling(input_ids, text_labels, audio_labels, self.scheduled_sampling,
+                                              generator=noise)
+        spk = None if row.spk_emb is None else torch.from_numpy(row.spk_emb)
+        return Sample(input_ids, text_labels, audio_labels, length, speech, pixels, spk)
+
+    def question_features(self, row, audio_bytes, rng):
+        """Audio-file bytes of the question -> (L, 560) features (augmented when training asks for it)."""
+        try:
+            wav = mo.load_audio(audio_bytes, SPEECH_RATE)  # any format soundfile reads; stereo -> mono
+        except ValueError as e:
+            raise BadRow(row.file, row.row, "question_audios", str(e)) from None
+        if self.wave_augment:
+            wav = augment_wave(wav, rng, np.random.default_rng(rng.getrandbits(63)))
+        feats = speech_features(self.encoders.speech_cmvn, wav)
+        return augment_features(feats, rng) if self.spec_augment else feats
+
+    def image_pixels(self, row):
+        """Image bytes -> (3, 256, 256) SigLIP2 input (any format PIL reads, made RGB)."""
+        from PIL import Image, UnidentifiedImageError
+        try:
+            with Image.open(io.BytesIO(row.image)) as im:
+                image = im.convert("RGB")
+        except (OSError, UnidentifiedImageError) as e:
+            raise BadRow(row.file, row.row, "image_bytes", f"cannot decode image ({e})") from None
+        return self.encoders.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+
+
+# -----------------------------------------------------------------------------------------------
+# 6. Batches: a seeded order per epoch, padded to the longest sample in the batch
+# -----------------------------------------------------------------------------------------------
+
+class EpochBatches(Sampler):
+    """This process's batches of one epoch. The order is a permutation seeded by (seed, epoch), split
+    evenly across processes, so batch k of epoch e is the same rows in every run: resuming at batch
+    `skip` continues the exact sequence."""
+
+    def __init__(self, n_rows, batch_size, seed, epoch, rank=0, world=1, skip=0):
+        order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch))
+        per_rank = n_rows // world  # every process gets the same number of batches
+        self.batches = order[rank * per_rank:(rank + 1) * per_rank].split(batch_size)[skip:]
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        return (b.tolist() for b in self.batches)
+
+
+def batches_per_epoch(n_rows, batch_size, world):
+    return math.ceil((n_rows // world) / batch_size)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor                # (B, 9, T), T = the longest sample
+    text_labels: torch.Tensor              # (B, T)
+    audio_labels: torch.Tensor             # (B, 8, T)
+    speech: Optional[torch.Tensor]         # (B, L, 560) zero-padded features, or None
+    speech_lengths: Optional[torch.Tensor]  # (B,), 0 where a sample has no question audio
+    pixels: Optional[torch.Tensor]         # (N, 3, 256, 256) for the samples that have an image
+    has_image: Optional[torch.Tensor]      # (B,) bool
+    spk_emb: Optional[torch.Tensor]        # (B, 192), zeros where a sample has none (it has no slot then)
+    tokens: int                            # positions up to each sample's valid length
+    bad_rows: list                         # messages of rows left out (--skip_bad_rows)
+
+    def to(self, device):
+        move = lambda x: x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
+        return Batch(**{k: move(v) for k, v in vars(self).items()})
+
+
+def collate(samples):
+    """Samples -> Batch. Each sample was built at max_len; the batch keeps only the first T positions,
+    T = the longest valid length in the batch (not max_len: most samples are much shorter)."""
+    T = max(s.length for s in samples)
+    stack = lambda name: torch.stack([getattr(s, name)[..., :T] for s in samples])
+    speech = speech_lengths = pixels = has_image = spk = None
+    if any(s.speech is not None for s in samples):
+        speech, speech_lengths = mo.pad_features([s.speech for s in samples], mo.SPEECH_FEAT_DIM, "cpu")
+    if any(s.pixels is not None for s in samples):
+        pixels = torch.stack([s.pixels for s in samples if s.pixels is not None])
+        has_image = torch.tensor([s.pixels is not None for s in samples])
+    if any(s.spk_emb is not None for s in samples):
+        spk = torch.stack([s.spk_emb if s.spk_emb is not None else torch.zeros(mo.OmniConfig.spk_emb_size)
+                           for s in samples])
+    return Batch(stack("input_ids"), stack("text_labels"), stack("audio_labels"), speech, speech_lengths, pixels,
+                 has_image, spk, sum(s.length for s in samples), sum((s.skipped for s in samples), []))
+
+
+# -----------------------------------------------------------------------------------------------
+# 7. Demo data: a small T2A set in the official schema, made on the fly
+# -----------------------------------------------------------------------------------------------
+# Questions about sums and colours, answered in text and in "speech": Mimi-like codes where each
+# character of the answer is one frame, looked up in a random table and shifted per voice. Simple
+# enough that a tiny model learns it in a couple of minutes on a CPU, yet every column, the voice
+# prompt, the speaker slot and multi-turn cutting are exercised exactly as with the real data.
+
+DEMO_ROWS = 512
+DEMO_VOICES = 4
+DEMO_REF_FRAMES = 6
+DEMO_MULTI_TURN = 0.25       # share of rows with two question/answer exchanges
+DEMO_COLOURS = {"sky": "blue", "grass": "green", "sun": "yellow", "snow": "white", "night": "black", "rose": "red"}
+
+
+def demo_exchange(rng):
+    if rng.random() < 0.5:
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
+    thing = rng.choice(sorted(DEMO_COLOURS))
+    return f"What colour is the {thing}?", f"The {thing} is {DEMO_COLOURS[thing]}."
+
+
+def write_demo_data(path, rows=DEMO_ROWS, seed=0):
+    """Write the demo parquet file (conversations, answer_audios, ref_audios, spk_emb); returns path."""
+    rng, np_rng = random.Random(seed), np.random.default_rng(seed)
+    char_frames = np_rng.integers(0, mo.CODEBOOK_SIZE, (128, mo.N_CODEBOOKS))       # one frame per ASCII char
+    voices = [(np_rng.integers(0, mo.CODEBOOK_SIZE, DEMO_REF_FRAMES * mo.N_CODEBOOKS),  # reference codes
+               np_rng.standard_normal(mo.OmniConfig.spk_emb_size).astype(np.float32))  # speaker embedding
+              for _ in range(DEMO_VOICES)]
+    speak = lambda text, v: ((char_frames[[ord(c) % 128 for c in text]] + 97 * v) % mo.CODEBOOK_SIZE).flatten()
+    columns = {"conversations": [], "answer_audios": [], "ref_audios": [], "spk_emb": []}
+    for _ in range(rows):
+        v = rng.randrange(DEMO_VOICES)
+        turns, answers = [], []
+        for _ in range(2 if rng.random() < DEMO_MULTI_TURN else 1):
+            question, answer = demo_exchange(rng)
+            turns += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            answers.append(speak(answer, v).tolist())
+        columns["conversations"].append(json.dumps(turns, ensure_ascii=False))
+        columns["answer_audios"].append(answers)
+        columns["ref_audios"].append(voices[v][0].tolist())
+        columns["spk_emb"].append(voices[v][1].tolist())
+    schema = pa.schema([("conversations", pa.string()), ("answer_audios", pa.list_(pa.list_(pa.int32()))),
+                        ("ref_audios", pa.list_(pa.int32())), ("spk_emb", pa.list_(pa.float32()))])
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    pq.write_table(pa.table(columns, schema=schema), path)
+    return path
+
+
+# -----------------------------------------------------------------------------------------------
+# 8. Model, optimizer and learning-rate schedule
+# -----------------------------------------------------------------------------------------------
+
+def build_model(args):
+    """Random weights, the text-only MiniMind (the Talker then starts as a copy of the last Thinker
+    blocks), or a previous stage's checkpoint. A missing file says where the published one is."""
+    torch.manual_seed(args.seed)  # random init (the whole model, or the parts a checkpoint lacks)
+    if args.from_weight == "none":
+        cfg = mo.OmniConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+                            talker_hidden_size=args.hidden_size, num_talker_hidden_layers=args.num_hidden_layers // 2,
+                            use_moe=args.use_moe)
+        return mo.MiniMindO(cfg)
+    model = mo.load_model(args.from_weight)
+    if args.use_moe and not model.config.use_moe:
+        raise ValueError(f"--use_moe, but {args.from_weight} holds a dense model; start from a MoE checkpoint "
+                         "(sft_omni_768_moe.pth) or --from_weight none")
+    return model
+
+
+def set_trainable(model, mode):
+    """mode 'all' trains everything; 'audio_proj' / 'vision_proj' only that projector (the release
+    aligns a new input this way before fine-tuning the whole model on it)."""
+    only = {"all": None, "audio_proj": model.audio_proj, "vision_proj": model.vision_proj}[mode]
+    for p in model.parameters():
+        p.requires_grad_(only is None)
+    if only is not None:
+        only.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def lr_at(step, total, peak):
+    """The release's cosine: peak at step 0, falling to peak/10 at the last step."""
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(total, 1))))
+
+
+# -----------------------------------------------------------------------------------------------
+# 9. Checkpoints and exact resume
+# -----------------------------------------------------------------------------------------------
+# Two files: the weights in the release's fp16 layout (what chat.py and minimind_o.load_model read,
+# and what the next stage starts from), and the resume state (fp32 weights, optimizer, scaler,
+# position, random states). Both are written to a temporary file and renamed: a kill never leaves
+# half a checkpoint behind.
+
+RESUME_MUST_MATCH = ("data", "mode", "max_seq_len", "batch_size", "accumulation_steps", "epochs", "max_steps", "seed",
+                     "learning_rate", "augment", "scheduled_sampling")
+
+
+def weight_path(args, cfg):
+    return os.path.join(args.out_dir, f"{args.save_weight}_{cfg.hidden_size}{'_moe' if cfg.use_moe else ''}.pth")
+
+
+def resume_path(args):
+    return os.path.join(args.out_dir, f"{args.save_weight}_resume.pt")
+
+
+def rng_states():
+    states = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_resume_state(path, model, optimizer, scaler, position, args, world):
+    state = dict(model=model.state_dict(), config=model.config.to_dict(), optimizer=optimizer.state_dict(),
+                 scaler=scaler.state_dict(), position=position, rng=rng_states(),
+                 args={k: getattr(args, k) for k in RESUME_MUST_MATCH}, world=world)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_resume_state(path, args, world):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--resume: no resume state at {path} (it is written every --save_every steps "
+                                "by a run with the same --out_dir and --save_weight)")
+    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states are not tensors
+    changed = [f"--{k} {state['args'][k]} -> {getattr(args, k)}" for k in RESUME_MUST_MATCH
+               if state["args"][k] != getattr(args, k)]
+    if state["world"] != world:
+        changed.append(f"processes {state['world']} -> {world}")
+    if changed:
+        raise ValueError(f"--resume: {path} belongs to a different run ({'; '.join(changed)}); resume with the "
+                         "original settings, or start afresh without --resume")
+    return state
+
+
+# -----------------------------------------------------------------------------------------------
+# 10. The training loop
+# -----------------------------------------------------------------------------------------------
+
+def encode_inputs(batch, encoders):
+    """Frozen encoders on the device: speech features -> (B, L, 512), pixels -> (B, 64, 768)."""
+    audio = image = None
+    with torch.no_grad():
+        if batch.speech is not None:
+            has = batch.speech_lengths > 0
+            audio = batch.speech.new_zeros(*batch.speech.shape[:2], mo.SPEECH_EMBED_DIM)
+            audio[has] = run_speech_encoder(encoders.speech, batch.speech[has], batch.speech_lengths[has]).float()
+        if batch.pixels is not None:
+            image = batch.pixels.new_zeros(len(batch.has_image), mo.IMAGE_TOKENS, mo.IMAGE_EMBED_DIM)
+            image[batch.has_image] = encoders.vision(pixel_values=batch.pixels).last_hidden_state.float()
+    return audio, image
+
+
+def micro_step(model, batch, encoders, autocast, scale):
+    """Forward and backward of one micro-batch; returns the unscaled (loss, text, audio, aux) values."""
+    with autocast:
+        audio, image = encode_inputs(batch, encoders)
+        out = model(batch.input_ids, audio_embeds=audio, audio_lengths=batch.speech_lengths, image_embeds=image,
+                    spk_emb=batch.spk_emb)
+        text_loss, audio_loss = mo.omni_loss(out, batch.text_labels, batch.audio_labels)
+        loss = text_loss + audio_loss + out.aux_loss
+    scale(loss).backward()
+    return torch.stack([loss, text_loss, audio_loss, out.aux_loss]).detach()
+
+
+class MetricsLog:
+    """One JSON line per logged step; on resume, lines after the resumed step are dropped (they
+    will be written again)."""
+
+    def __init__(self, path, resume_step=None):
+        self.path = path
+        kept = []
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+    def write(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def records(self):
+        with open(self.path) as f:
+            return [json.loads(line) for line in f]
+
+    def plot(self, png):
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display needed
+        import matplotlib.pyplot as plt
+        records = self.records()
+        if not records:
+            return None
+        steps = [r["step"] for r in records]
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for key in ("loss", "text", "audio"):
+            ax.plot(steps, [r[key] for r in records], label=key)
+        ax.set(xlabel="optimizer step", ylabel="loss", yscale="log", title=os.path.basename(png))
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(png, dpi=120)
+        plt.close(fig)
+        return png
+
+
+def find_tokenizer(args):
+    """--tokenizer, else the --from_weight folder (release folders ship it), else TOKENIZER_PLACES."""
+    start = getattr(args, "from_weight", None)
+    places = [args.tokenizer] if args.tokenizer else (
+        ([start] if start and os.path.isdir(start) else []) + [os.path.join(HERE, p) for p in TOKENIZER_PLACES])
+    for place in places:
+        if os.path.exists(os.path.join(place, "tokenizer.json")):
+            return mo.load_tokenizer(place)
+    return mo.load_tokenizer(places[0])  # raises, saying where the tokenizer comes from
+
+
+def setup_processes(args):
+    """(rank, world, device). Under torchrun each process joins the group and takes its own GPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(args.device)
+    cuda = args.device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def train(args):
+    """Run one training stage; returns a summary dict (also printed)."""
+    rank, world, device = setup_processes(args)
+    is_main = rank == 0
+    say = tqdm.write if is_main else (lambda *_: None)
+    os.makedirs(args.out_dir, exist_ok=True)
+    demo = args.data is None
+    if demo:
+        data_file = os.path.join(args.out_dir, "demo_t2a.parquet")
+        if is_main:
+            write_demo_data(data_file)
+        if world > 1:
+            dist.barrier()  # the others wait for the file
+        args.data = [data_file]
+
+    # Data
+    tok = find_tokenizer(args)
+    rows = ParquetRows(args.data)
+    if len(rows) < world:
+        raise ValueError(f"{len(rows)} rows cannot be shared by {world} processes")
+    needs = {"audio_proj": "question_audios", "vision_proj": "image_bytes"}.get(args.mode)
+    if needs and not rows.has_any(needs):
+        raise ValueError(f"--mode {args.mode} trains only that projector, but no row of {args.data} has {needs}")
+    encoders = load_encoders(rows, args, device)
+    dataset = OmniDataset(rows, tok, args.max_seq_len, encoders, args.augment, args.scheduled_sampling, args.seed,
+                          args.skip_bad_rows)
+    n_batches = batches_per_epoch(len(rows), args.batch_size, world)
+    steps_per_epoch = math.ceil(n_batches / args.accumulation_steps)
+    total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
+
+    # Model and optimizer (or everything from the resume state)
+    resume = load_resume_state(resume_path(args), args, world) if args.resume else None
+    if resume:
+        model = mo.MiniMindO(mo.OmniConfig(**resume["config"]))
+        model.load_state_dict(resume["model"])
+    else:
+        model = build_model(args)
+    model.to(device).train()
+    params = set_trainable(model, args.mode)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    cuda = device.type == "cuda"
+    dtype = getattr(torch, args.dtype)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and dtype == torch.float16)  # fp16 needs loss scaling
+    autocast = torch.autocast("cuda", dtype=dtype) if cuda and dtype != torch.float32 else contextlib.nullcontext()
+    position = dict(epoch=0, batch=0, step=0, bad_rows=0, seconds=0.0)
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        # rank 0 carries on the run's bad-row total (see save()), the others count afresh
+        position = dict(resume["position"], bad_rows=resume["position"]["bad_rows"] if is_main else 0)
+        set_rng_states(resume["rng"])
+    net = model
+    if world > 1:  # a T2A batch leaves the projectors unused, a MoE batch some experts: both are fine
+        net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None, find_unused_parameters=True)
+    if args.compile:
+        net = torch.compile(net)
+
+    counts = mo.parameter_counts(model)
+    say(f"model: {counts['total']:.2f}M parameters (Thinker {counts['thinker']:.2f}M, Talker {counts['talker']:.2f}M), "
+        f"training {sum(p.numel() for p in params) / 1e6:.2f}M ({args.mode}); data: {len(rows)} rows in "
+        f"{len(args.data)} file(s); {total_steps} steps of {args.batch_size}x{args.accumulation_steps}x{world} samples "
+        f"on {device}" + (f"; resuming after step {position['step']}" if resume else ""))
+
+    log = MetricsLog(os.path.join(args.out_dir, f"{args.save_weight}_metrics.jsonl"),
+                     position["step"] if resume else None) if is_main else None
+    bar = tqdm(total=total_steps, initial=position["step"], disable=not is_main, dynamic_ncols=True, unit="step")
+    started = time.time() - position["seconds"]
+    reduce = (lambda t: dist.all_reduce(t) or t) if world > 1 else (lambda t: t)
+
+    def save():
+        # every process adds its bad-row count; the total lives in rank 0's resume state
+        bad_total = int(reduce(torch.tensor(float(position["bad_rows"]))).item())
+        if is_main:
+            mo.save_checkpoint(model, weight_path(args, model.config))
+            save_resume_state(resume_path(args), model, optimizer, scaler,
+                              dict(position, bad_rows=bad_total, seconds=time.time() - started), args, world)
+        return bad_total
+
+    while position["epoch"] < args.epochs and position["step"] < total_steps:
+        dataset.epoch = position["epoch"]
+        sampler = EpochBatches(len(rows), args.batch_size, args.seed, position["epoch"], rank, world, position["batch"])
+        loader = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.num_workers))
+        while position["batch"] < n_batches and position["step"] < total_steps:
+            lr = lr_at(position["step"], total_steps, args.learning_rate)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            tick = time.time()
+            group_size = min(args.accumulation_steps, n_batches - position["batch"])
+            sums = torch.zeros(6)  # loss, text, audio, aux, tokens, samples
+            for i in range(group_size):
+                batch = next(loader)
+                for message in batch.bad_rows:  # every process reports its own
+                    tqdm.write(f"skipped bad row: {message}")
+                position["bad_rows"] += len(batch.bad_rows)
+                batch = batch.to(device)
+                last = i == group_size - 1  # DDP averages gradients only after the last micro-batch
+                with contextlib.nullcontext() if last or world == 1 else net.no_sync():
+                    values = micro_step(net, batch, encoders, autocast, lambda x: scaler.scale(x / group_size))
+                sizes = torch.tensor([batch.tokens, len(batch.input_ids)])
+                sums += torch.cat([values.float().cpu() / group_size, sizes])
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            position["batch"] += group_size
+            position["step"] += 1
+
+            step = position["step"]
+            if step % args.log_every == 0 or step == total_steps:
+                sums = reduce(sums)
+                loss, text, audio, aux = (sums[:4] / world).tolist()
+                seconds = time.time() - tick
+                if is_main:
+                    log.write(dict(step=step, epoch=position["epoch"], loss=loss, text=text, audio=audio, aux=aux,
+                                   lr=lr, samples_per_s=sums[5].item() / seconds, tokens_per_s=sums[4].item() / seconds,
+                                   elapsed_s=time.time() - started))
+                    bar.set_postfix(loss=f"{loss:.3f}", text=f"{text:.3f}", audio=f"{audio:.3f}", lr=f"{lr:.2e}")
+            bar.update(1)
+            if args.save_every and step % args.save_every == 0 and step < total_steps:
+                save()
+        if position["batch"] >= n_batches:
+            position.update(epoch=position["epoch"] + 1, batch=0)
+    bar.close()
+
+    bad_total = save()
+    summary = dict(steps=position["step"], seconds=time.time() - started, bad_rows=bad_total,
+                   checkpoint=weight_path(args, model.config), resume_state=resume_path(args))
+    if is_main:
+        records = log.records()
+        summary.update(first_loss=records[0]["loss"], last_loss=records[-1]["loss"],
+                       metrics=log.path, plot=log.plot(os.path.join(args.out_dir, f"{args.save_weight}_loss.png")))
+        report(summary, args, demo)
+    if world > 1:
+        dist.destroy_process_group()
+    return summary
+
+
+def report(summary, args, demo):
+    lines = [f"trained {summary['steps']} steps in {summary['seconds']:.0f} s: loss {summary['first_loss']:.3f} -> "
+             f"{summary['last_loss']:.3f}",
+             f"weights:      {summary['checkpoint']}   (what minimind_o.load_model and chat.py --checkpoint read)",
+             f"resume state: {summary['resume_state']}   (add --resume to the same command to continue)",
+             f"metrics:      {summary['metrics']}, plot {summary['plot']}"]
+    if summary["bad_rows"]:
+        lines.append(f"skipped {summary['bad_rows']} bad rows (listed above)")
+    if demo:
+        lines = [f"demo: wrote {args.data[0]} ({DEMO_ROWS} T2A rows in the release's schema) and trained a "
+                 f"{args.hidden_size}-wide model on it from random weights."] + lines + [
+            "next: ask it something (it knows sums and colours; its 'speech' is made-up codes, so text only):",
+            f'  python chat.py --checkpoint {summary["checkpoint"]} --no_speech --text "What is 3 plus 4?"',
+            "then train the real model: download llm_768.pth and sft_t2a_mini.parquet and run the mini recipe in "
+            "README.md, starting with",
+            "  python train.py --data dataset/sft_t2a_mini.parquet --from_weight out/llm_768.pth "
+            "--save_weight sft_zero --batch_size 40 --max_seq_len 512"]
+    tqdm.write("\n".join(lines))
+
+
+def main(argv=None):
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
