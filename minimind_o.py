@@ -497,9 +497,8 @@ class MiniMindO(nn.Module):
         audio_logits, talker_aux = self.talker(bridge, codes, spk_emb, cache, last_only)
         if cache is not None:
             cache.length += input_ids.shape[-1]
-        if hidden is not None:
-            hidden = self.lm_head(hidden[:, -1:] if last_only else hidden)
-        return OmniOutput(hidden, audio_logits, aux + talker_aux)
+        text_out = None if hidden is None else self.lm_head(hidden[:, -1:] if last_only else hidden)
+        return OmniOutput(text_out, audio_logits, aux + talker_aux)
 
     def inject_features(self, h, text, audio_embeds, image_embeds, audio_lengths=None):
         cfg = self.config

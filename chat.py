@@ -1,0 +1,756 @@
+"""
+Talk with MiniMind-O: type, speak or show it a picture; it answers in text and in streaming speech.
+
+The model makes one column per step: a text token and one 80 ms frame of 8 Mimi codes (section 11 of
+minimind_o.py). Here the frames go to a background thread that decodes them with Mimi in streaming mode,
+so the first sound plays while the text is still being written and Mimi works while the model computes
+its next steps. With --mic, Silero VAD cuts the microphone into questions, and speaking during a reply
+stops it (barge-in); the new question is heard from its first word.
+
+Parts of the chat: `Part`/`PARTS` (published files, what is missing, --download), `SpeechOut` (Mimi in a
+background thread), `Player` (sound card), `Chat` (one conversation), `Listener`/`converse` (--mic), `main`.
+"""
+import argparse
+import collections
+import os
+import queue
+import shlex
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+# Mimi decodes in a second thread while the model computes: OpenMP threads that spin while they wait for
+# work (the default) would take the cores from each other; passive ones sleep. Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import minimind_o as mo  # the model (sections 1-11) and the frozen side modules' adapters (section 12)
+
+ROOT = Path(__file__).resolve().parent
+MODELS = ROOT / "models"
+HUB = "jingyaogong"                                    # the release's Hugging Face account
+RELEASE_FOLDERS = ("minimind-3o", "minimind-3o-moe")   # Transformers-format folders (weights + tokenizer)
+RELEASE_FILES = ("sft_omni_768.pth", "sft_omni_768_moe.pth", "llm_768.pth")  # in `minimind-3o-pytorch`
+VOICES_URL = "https://raw.githubusercontent.com/jingyaogong/minimind-o/master/model/speaker/voices.pt"
+DOWNLOAD_TIMEOUT_S = 60
+
+LEAD_IN_CHUNKS = 10        # 320 ms of audio kept before the VAD says "speech": it fires a little late
+PLAYBACK_POLL_S = 0.02     # how often --mic listens for barge-in while the last of a reply plays
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus", ".aiff")
+
+
+# -----------------------------------------------------------------------------------------------
+# The published parts: where each goes, where it comes from, how --download gets it
+# -----------------------------------------------------------------------------------------------
+
+class MissingParts(FileNotFoundError):
+    """Some published files are not where the chat looks: the message lists all of them at once."""
+
+
+@dataclass
+class Part:
+    name: str                       # what it is, for people
+    option: str                     # the command-line option that points at it
+    needed_for: str
+    source: str                     # where the published files come from
+    files: tuple = ()               # for a folder: the files that must be in it
+    fetch: Optional[Callable] = None  # fetch(path): download into path (None: `fetch_checkpoint` decides)
+
+    def present(self, path):
+        path = Path(path)
+        return path.is_file() or (all((path / f).is_file() for f in self.files) if self.files else path.exists())
+
+
+def hub_folder(repo, patterns=None):
+    def fetch(path):
+        from huggingface_hub import snapshot_download
+        snapshot_download(repo, local_dir=path, allow_patterns=list(patterns) if patterns else None)
+    return fetch
+
+
+def hub_file(repo, filename):
+    def fetch(path):
+        from huggingface_hub import hf_hub_download
+        path = Path(path)
+        hf_hub_download(repo, filename, local_dir=path.parent if path.name == filename else path)
+    return fetch
+
+
+def fetch_voices(path):
+    import urllib.request
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with urllib.request.urlopen(VOICES_URL, timeout=DOWNLOAD_TIMEOUT_S) as r:
+        data = r.read()
+    Path(path).write_bytes(data)
+
+
+def fetch_checkpoint(path):
+    """The release's folders and .pth files can be fetched by their published names only."""
+    path = Path(path)
+    if path.name in RELEASE_FOLDERS:
+        return hub_folder(f"{HUB}/{path.name}")(path)
+    if path.name in RELEASE_FILES:
+        return hub_file(f"{HUB}/minimind-3o-pytorch", path.name)(path)
+    raise FileNotFoundError(f"{path} is not a published name ({', '.join(RELEASE_FOLDERS + RELEASE_FILES)}), "
+                            "so --download cannot fetch it")
+
+
+PARTS = {  # key = the argparse dest of the option that points at the part
+    "checkpoint": Part("MiniMind-O weights", "--checkpoint", "everything",
+                       f"`{HUB}/minimind-3o` (folder) or `{HUB}/minimind-3o-pytorch` (sft_omni_768.pth) on Hugging "
+                       "Face, `gongjy` on ModelScope; or a checkpoint made by train.py", fetch=fetch_checkpoint),
+    "tokenizer": Part("tokenizer", "--tokenizer", "everything",
+                      f"tokenizer.json, in the `{HUB}/minimind-3o` folder", files=("tokenizer.json",),
+                      fetch=hub_folder(f"{HUB}/minimind-3o", ["tokenizer*.json", "*.txt"])),
+    "mimi": Part("Mimi codec", "--mimi", "speech out and voice cloning",
+                 f"{mo.MIMI_WEIGHTS} in `{mo.MIMI_HUB_REPO}` on Hugging Face", files=(mo.MIMI_WEIGHTS,),
+                 fetch=hub_file(mo.MIMI_HUB_REPO, mo.MIMI_WEIGHTS)),
+    "sensevoice": Part("speech encoder (SenseVoice-Small)", "--sensevoice", "speech in (/audio, --audio, --mic)",
+                       mo.SENSEVOICE_SOURCE, files=mo.SENSEVOICE_FILES,
+                       fetch=hub_folder("FunAudioLLM/SenseVoiceSmall", mo.SENSEVOICE_FILES)),
+    "siglip": Part("vision encoder (SigLIP2)", "--siglip", "images (/image, --image)", mo.SIGLIP_SOURCE,
+                   files=mo.SIGLIP_FILES, fetch=hub_folder(f"{HUB}/siglip2-base-p32-256-ve", mo.SIGLIP_FILES)),
+    "campplus": Part("speaker encoder (CAM++)", "--campplus", "voice cloning from an audio file",
+                     mo.CAMPP_SOURCE + "; `funasr/campplus` on Hugging Face", files=(mo.CAMPP_WEIGHTS,),
+                     fetch=hub_file("funasr/campplus", mo.CAMPP_WEIGHTS)),
+    "voices": Part("voices", "--voices", "/voice NAME", "the release's model/speaker/voices.pt (GitHub "
+                   "jingyaogong/minimind-o)", fetch=fetch_voices),
+}
+
+
+def missing_report(args, keys):
+    """MissingParts listing every part in `keys` that is not where args say, or None when all are there."""
+    missing = [k for k in keys if not PARTS[k].present(getattr(args, k))]
+    if not missing:
+        return None
+    lines = ["missing parts (put each where shown, point elsewhere with its option, or run with --download):"]
+    for k in missing:
+        p = PARTS[k]
+        lines.append(f"  {p.name} (for {p.needed_for}): {getattr(args, k)}  [{p.option}]\n      get it from {p.source}")
+    return MissingParts("\n".join(lines))
+
+
+def download(args):
+    """Fetch every missing part; returns the list of failures (empty when all went well)."""
+    failures = []
+    for key, part in PARTS.items():
+        path = Path(getattr(args, key))
+        if part.present(path):
+            continue
+        print(f"downloading {part.name} into {path} ...", flush=True)
+        try:
+            part.fetch(path)
+        except Exception as e:  # offline, unknown repo, refused: all end in the same advice
+            failures.append(f"{part.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                            f"(are you online? or get it by hand from {part.source} into {path})")
+    return failures
+
+
+# -----------------------------------------------------------------------------------------------
+# Speech out: Mimi in a background thread, and the sound card
+# -----------------------------------------------------------------------------------------------
+
+class Player:
+    """Plays 24 kHz PCM on the default output device as it arrives; stop() silences it at once."""
+
+    def __init__(self):
+        import sounddevice as sd  # raises OSError when the PortAudio library is absent
+        self.buffer, self.lock = collections.deque(), threading.Lock()
+        self.stream = sd.OutputStream(samplerate=mo.SAMPLE_RATE_MIMI, channels=1, dtype="float32",
+                                      callback=self._fill)
+        self.stream.start()
+
+    def _fill(self, out, frames, time_info, status):  # sounddevice's audio thread asks for `frames` samples
+        out.fill(0)
+        done = 0
+        with self.lock:
+            while done < frames and self.buffer:
+                chunk = self.buffer[0]
+                n = min(frames - done, len(chunk))
+                out[done:done + n, 0] = chunk[:n]
+                done += n
+                if n == len(chunk):
+                    self.buffer.popleft()
+                else:
+                    self.buffer[0] = chunk[n:]
+
+    def play(self, pcm):
+        with self.lock:
+            self.buffer.append(pcm)
+
+    @property
+    def busy(self):
+        with self.lock:
+            return bool(self.buffer)
+
+    def stop(self):
+        with self.lock:
+            self.buffer.clear()
+
+    def close(self):
+        self.stream.close()
+
+
+def open_player():
+    """A Player, or None (said once) when there is no sound output here."""
+    try:
+        return Player()
+    except Exception as e:  # OSError without PortAudio, sounddevice.PortAudioError without a device
+        print(f"(no sound output: {e}; speech is not played, --out FILE keeps it)", file=sys.stderr)
+        return None
+
+
+class SpeechOut:
+    """One reply's speech: frames in (put), 24 kHz PCM out to the player and into `pcm`.
+
+    On the CPU, Mimi decodes in a background thread, so decoding overlaps the model's next steps. On a
+    GPU both only launch kernels, and a second Python thread would just wait for the GIL: there Mimi
+    decodes in the caller's thread (background=None picks; True/False forces it, for the benchmark).
+    The first frame is decoded alone, for the earliest first sound; then `frames_per_call` frames at a
+    time (1 = least latency, 4 = least overhead per frame)."""
+
+    def __init__(self, mimi, frames_per_call=2, player=None, background=None):
+        self.player, self.pcm, self.first_audio, self.error = player, [], None, None
+        if background is None:
+            background = next(mimi.parameters()).device.type == "cpu"
+        self.frames_per_call = frames_per_call
+        # Mimi's streaming state lives from here to close(), across threads: hence no `with` block
+        self.decoder = mo.MimiStreamDecoder(mimi, frames_per_call=1).__enter__()
+        self.frames = queue.Queue()
+        self.thread = threading.Thread(target=self._run, daemon=True) if background else None
+        if self.thread:
+            self.thread.start()
+
+    def put(self, frame):
+        if self.thread:
+            self.frames.put(frame)
+        else:
+            self._decode(frame)
+
+    def _run(self):
+        try:
+            while (frame := self.frames.get()) is not None:
+                self._decode(frame)
+        except Exception as e:  # handed to the caller by close()
+            self.error = e
+
+    @torch.inference_mode()  # in whichever thread decodes
+    def _decode(self, frame=None):
+        """One frame in (None: the end of the reply, decode what is buffered)."""
+        from moshi.utils.compile import no_cuda_graph  # on a GPU, moshi would capture CUDA graphs: they
+        with no_cuda_graph():                          # break with a second thread or a shorter last chunk
+            self._emit(self.decoder.push(frame) if frame is not None else self.decoder.flush())
+
+    def _emit(self, pcm):
+        if pcm.size:
+            if self.first_audio is None:
+                self.first_audio = time.perf_counter()
+                self.decoder.frames_per_call = self.frames_per_call  # the first sound is out: now save CPU
+            self.pcm.append(pcm)
+            if self.player:
+                self.player.play(pcm)
+
+    def close(self, drop_pending=False):
+        """Decode what is left (or drop it: barge-in) and return the whole reply's PCM."""
+        if drop_pending:
+            while not self.frames.empty():
+                self.frames.get_nowait()
+        if self.thread:
+            self.frames.put(None)
+            self.thread.join()
+        if not drop_pending and self.error is None:
+            self._decode(None)
+        self.decoder.__exit__(None, None, None)
+        if self.error is not None:
+            raise self.error
+        return np.concatenate(self.pcm) if self.pcm else np.zeros(0, np.float32)
+
+
+def write_wav(path, pcm):
+    import soundfile as sf
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), pcm, mo.SAMPLE_RATE_MIMI, subtype="PCM_16")
+
+
+# -----------------------------------------------------------------------------------------------
+# A conversation
+# -----------------------------------------------------------------------------------------------
+
+@dataclass
+class Reply:
+    text: str
+    frames: int                  # complete 80 ms frames generated
+    pcm: np.ndarray              # 24 kHz speech (empty with --no_speech)
+    steps: int                   # model steps run
+    interrupted: bool            # stopped early (barge-in, Ctrl-C)
+    seconds: float               # wall time of the reply
+    first_audio_s: Optional[float]  # from the question to the first PCM, when there was speech
+
+
+class TextStream:
+    """Token ids in, printable text pieces out (a character can span several byte-level tokens)."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.shown = tok, [], ""
+
+    @property
+    def text(self):
+        return self.tok.decode(self.ids, skip_special_tokens=True)
+
+    def add(self, token_id):
+        self.ids.append(token_id)
+        text = self.text
+        if text.endswith("\ufffd"):  # half a character so far
+            return ""
+        piece, self.shown = text[len(self.shown):], text
+        return piece
+
+
+class Chat:
+    """The model, the history of the conversation, the voice, and the side modules (loaded on first use)."""
+
+    def __init__(self, args, player=None):
+        self.args, self.player = args, player
+        self.device = torch.device(args.device)
+        self.model = mo.load_model(args.checkpoint, self.device, getattr(torch, args.dtype))
+        self.tok = mo.load_tokenizer(args.tokenizer)
+        self.history = []     # earlier turns: [{"role", "content"}], text only (their speech is not kept)
+        self.image = None     # (64, 768) features of the conversation's image (the latest one shown)
+        self.voice = None     # {"ref_codes": (8, R), "spk_emb": (192,)} or None: the model's own voice
+        self.parts = {}
+
+    def part(self, key):
+        """A side module, loaded the first time it is needed (a clear listing if its files are missing)."""
+        if key not in self.parts:
+            missing = missing_report(self.args, [key])
+            if missing:
+                raise missing
+            path, device = getattr(self.args, key), self.device
+            load = {"mimi": lambda: mo.load_mimi(path, device),
+                    "campplus": lambda: mo.load_speaker_encoder(path, device),
+                    "sensevoice": lambda: mo.load_speech_encoder(path, device),
+                    "siglip": lambda: mo.load_vision_encoder(path, device), "voices": lambda: mo.load_voices(path)}
+            self.parts[key] = load[key]()
+        return self.parts[key]
+
+    def reset(self):
+        self.history, self.image = [], None
+
+    def set_voice(self, spec, save_as=None):
+        """spec: a name in --voices, an audio file to clone, or 'none'. Returns a line saying what was set."""
+        if spec.lower() == "none":
+            self.voice = None
+            return "voice: the model's own (no voice prompt)"
+        if os.path.isfile(spec):
+            voice = mo.clone_voice(spec, self.part("mimi"), self.part("campplus"))
+            if save_as:
+                mo.save_voice(self.args.voices, save_as, voice)
+                self.parts.pop("voices", None)  # reload with the new voice next time
+            self.voice = voice
+            saved = f", saved as {save_as!r} in {self.args.voices}" if save_as else ""
+            return f"voice: cloned from {spec} ({voice['ref_codes'].shape[1]} frames){saved}"
+        if spec.lower().endswith(AUDIO_EXTENSIONS) or os.sep in spec:
+            raise FileNotFoundError(f"voice file {spec} not found")
+        voices = self.part("voices")
+        if spec not in voices:
+            raise ValueError(f"no voice {spec!r} in {self.args.voices} (it has {', '.join(sorted(voices))}); "
+                             "or give an audio file to clone")
+        self.voice = voices[spec]
+        return f"voice: {spec}"
+
+    def user_turn(self, text, audio, image):
+        """The user's message as prompt text, the same without its speech placeholders (what the history
+        keeps: only the last question's speech can be injected), and the speech features."""
+        text, audio_embeds = text.strip(), None
+        if image is not None:  # one image per conversation: a new one replaces the old
+            encoder, processor = self.part("siglip")
+            self.image = mo.encode_images(encoder, processor, [image])[0]               # (64, 768)
+            self.history = [dict(t, content=t["content"].replace(mo.IMAGE_MARK, "").strip()) for t in self.history]
+            text = f"{text}\n\n{mo.IMAGE_MARK}" if text else mo.IMAGE_MARK
+        content = text
+        if audio is not None:  # a file, or a 16 kHz waveform from the microphone
+            wav = audio if isinstance(audio, np.ndarray) else mo.load_audio(audio, mo.SAMPLE_RATE_SPEECH)
+            feats = mo.encode_speech(self.part("sensevoice"), [wav])[0]                 # (L, 512)
+            content = mo.place_audio(text, len(feats), "text_blankline_audio" if text else "audio_only")
+            audio_embeds = [feats]
+        if not content:
+            raise ValueError("nothing to answer: give some text, an audio file or an image")
+        return content, text, audio_embeds
+
+    def prompt_ids(self, turn):
+        """Token ids of system + history + turn + the reply's start; the oldest turns go first when too long."""
+        system = [{"role": "system", "content": self.args.system}] if self.args.system else []
+        limit = self.model.config.max_position_embeddings - self.args.max_new_tokens
+        while True:
+            text = mo.render_chat(system + self.history + [turn], add_generation_prompt=True)
+            ids = mo.encode(self.tok, text.replace(mo.IMAGE_MARK, "<|image_pad|>" * mo.IMAGE_TOKENS))
+            if len(ids) <= limit:
+                return ids
+            if not self.history:
+                raise ValueError(f"the prompt is {len(ids)} tokens: with --max_new_tokens {self.args.max_new_tokens} "
+                                 f"it does not fit the model's {self.model.config.max_position_embeddings} positions")
+            self.history = self.history[2:]  # forget the oldest question and answer
+
+    def ask(self, text="", audio=None, image=None, interrupt=lambda: False, on_text=None):
+        """Answer one turn, streaming: on_text(piece) as text is decoded, speech to the player as it is made.
+        interrupt() is asked after every step; True stops the reply there (barge-in)."""
+        start = time.perf_counter()
+        content, remembered, audio_embeds = self.user_turn(text, audio, image)
+        turn = {"role": "user", "content": content}
+        ids = self.prompt_ids(turn)
+        has_image = any(mo.IMAGE_MARK in t["content"] for t in self.history + [turn])
+        a = self.args
+        speech = None if a.no_speech else SpeechOut(self.part("mimi"), a.frames_per_call, self.player)
+        voice = self.voice or {}
+        steps = mo.stream_generate(
+            self.model, ids, a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+            repetition_penalty=a.repetition_penalty, greedy=a.greedy, ref_codes=voice.get("ref_codes"),
+            spk_emb=voice.get("spk_emb"), audio_embeds=audio_embeds, image_embeds=[self.image] if has_image else None)
+        text_out, n_steps, n_frames, interrupted = TextStream(self.tok), 0, 0, False
+        try:
+            for step in steps:
+                n_steps += 1
+                if step.text is not None and step.text != mo.IM_END:
+                    piece = text_out.add(step.text)
+                    if piece and on_text:
+                        on_text(piece)
+                if step.frame is not None:
+                    n_frames += 1
+                    if speech:
+                        speech.put(step.frame)
+                if interrupt():
+                    interrupted = True
+                    break
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat
+            interrupted = True
+        finally:
+            steps.close()
+            pcm = speech.close(drop_pending=interrupted) if speech else np.zeros(0, np.float32)
+        if interrupted and self.player:
+            self.player.stop()
+        self.history += [{"role": "user", "content": remembered}, {"role": "assistant", "content": text_out.text}]
+        first = speech.first_audio - start if speech and speech.first_audio else None
+        return Reply(text_out.text, n_frames, pcm, n_steps, interrupted, time.perf_counter() - start, first)
+
+
+# -----------------------------------------------------------------------------------------------
+# Live conversation (--mic): VAD turns, barge-in
+# -----------------------------------------------------------------------------------------------
+
+class MicStream:
+    """The default microphone as 16 kHz mono chunks of 512 samples (what Silero VAD takes).
+    Iterating waits for the next chunk; poll() returns the chunks that arrived, without waiting."""
+
+    def __init__(self):
+        import sounddevice as sd
+        self.chunks = queue.Queue()
+        self.stream = sd.InputStream(samplerate=mo.SAMPLE_RATE_SPEECH, channels=1, dtype="float32",
+                                     blocksize=mo.VAD_CHUNK,
+                                     callback=lambda data, *_: self.chunks.put(data[:, 0].copy()))
+        self.stream.start()
+
+    def __iter__(self):
+        while True:
+            yield self.chunks.get()
+
+    def poll(self):
+        out = []
+        while not self.chunks.empty():
+            out.append(self.chunks.get_nowait())
+        return out
+
+
+class RecordedMic:
+    """A recording played as if it were the microphone (tests, demos): iterating gives its chunks in
+    order; poll() gives one chunk per call, i.e. during a reply 32 ms of sound arrive per model step."""
+
+    def __init__(self, wav16k):
+        n = len(wav16k) // mo.VAD_CHUNK
+        self.chunks = list(np.asarray(wav16k[:n * mo.VAD_CHUNK], dtype=np.float32).reshape(n, mo.VAD_CHUNK))
+        self.position = 0
+
+    def __iter__(self):
+        while self.position < len(self.chunks):
+            self.position += 1
+            yield self.chunks[self.position - 1]
+
+    def poll(self):
+        if self.position >= len(self.chunks):
+            return []
+        self.position += 1
+        return [self.chunks[self.position - 1]]
+
+
+class Listener:
+    """Cuts a stream of 16 kHz chunks into utterances with Silero VAD (mo.VoiceActivity).
+    An utterance starts LEAD_IN_CHUNKS before the VAD's "start" and ends at its "end"."""
+
+    def __init__(self, vad):
+        self.vad, self.before, self.current = vad, collections.deque(maxlen=LEAD_IN_CHUNKS), None
+        self.utterances = collections.deque()  # finished ones, oldest first
+
+    @property
+    def speaking(self):
+        return self.current is not None
+
+    def feed(self, chunk):
+        event = self.vad(chunk)
+        if self.current is None:
+            self.before.append(chunk)
+            if event == "start":
+                self.current = list(self.before)
+                self.before.clear()
+        else:
+            self.current.append(chunk)
+            if event == "end":
+                self.utterances.append(np.concatenate(self.current))
+                self.current = None
+
+
+def converse(chat, mic, vad, echo=print):
+    """Speak, pause, hear the reply; speaking during a reply stops it and the new question is heard.
+    mic: a MicStream or a RecordedMic. Returns the replies, in order."""
+    listener, replies = Listener(vad), []
+
+    def barge_in():  # called after every model step: take in what the mic heard meanwhile
+        for chunk in mic.poll():
+            listener.feed(chunk)
+        return listener.speaking or bool(listener.utterances)
+
+    for chunk in mic:
+        listener.feed(chunk)
+        while listener.utterances:
+            question = listener.utterances.popleft()
+            echo(f"you: ({len(question) / mo.SAMPLE_RATE_SPEECH:.1f} s of speech)")
+            echo("model: ", end="", flush=True)
+            reply = chat.ask(audio=question, interrupt=barge_in, on_text=lambda s: echo(s, end="", flush=True))
+            echo(" [interrupted]" if reply.interrupted else "")
+            replies.append(reply)
+            while chat.player and chat.player.busy and not reply.interrupted:  # the reply is still playing
+                time.sleep(PLAYBACK_POLL_S)
+                if barge_in():
+                    chat.player.stop()
+                    echo("[interrupted]")
+    return replies
+
+
+# -----------------------------------------------------------------------------------------------
+# Command line
+# -----------------------------------------------------------------------------------------------
+
+EXAMPLES = """\
+examples:
+  python chat.py                                     interactive: type, or use the commands below
+  python chat.py --voice vivian                      ... in a released voice (from models/voices.pt)
+  python chat.py --voice me.wav --save_voice me      ... in a voice cloned from a clip, kept for next time
+  python chat.py --text "Why is the sky blue?" --out reply.wav     one shot, for scripts
+  python chat.py --audio question.wav --out reply.wav              a spoken question
+  python chat.py --image cat.jpg --text "What is this?"            a question about a picture
+  python chat.py --mic                               live: speak, pause, listen; talk over it to interrupt
+                                                     (use headphones, or it hears itself)
+  python chat.py --checkpoint out/demo/demo_64.pth --tokenizer ../shared/tokenizer   a train.py checkpoint
+  python chat.py --download                          fetch the missing published files (online)
+
+interactive commands:
+  any text                     ask it
+  /audio FILE [text]           ask with speech (FILE: wav, flac, ogg, mp3 ...)
+  /image FILE [text]           ask about an image (kept for follow-up questions until /reset)
+  /image FILE /audio FILE      both, with or without text
+  /voice NAME | FILE | none    switch voice (no argument: list the voices)
+  /reset                       forget the conversation
+  /quit                        leave (or Ctrl-D); Ctrl-C stops a reply
+"""
+
+
+def default_path(*candidates):
+    """The first candidate that exists, else the first (reported as missing where it matters)."""
+    return next((str(c) for c in candidates if Path(c).exists()), str(candidates[0]))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="chat.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Talk with MiniMind-O in text, speech and images; it answers in text and streaming speech "
+                    "(24 kHz, played as it is made when there is a sound card). Without --text/--audio/--image/"
+                    "--mic it is interactive.")
+    ask = p.add_argument_group("one shot (for scripts)")
+    ask.add_argument("--text", help="the question, as text")
+    ask.add_argument("--audio", metavar="FILE", help="the question, spoken (any audio file)")
+    ask.add_argument("--image", metavar="FILE", help="an image the question is about")
+    ask.add_argument("--out", metavar="WAV", help="write the spoken reply here (interactive: one numbered file per "
+                     "reply, REPLY_01.wav ...)")
+    ask.add_argument("--mic", action="store_true", help="live conversation through the microphone, with Silero VAD "
+                     "and barge-in")
+    voice = p.add_argument_group("voice")
+    voice.add_argument("--voice", metavar="NAME|FILE", help="a voice from --voices, or an audio clip to clone "
+                       "(1-24 s of clean speech); default: the model's own")
+    voice.add_argument("--save_voice", metavar="NAME", help="keep the voice cloned from --voice FILE in --voices "
+                       "under NAME")
+    voice.add_argument("--voices", default=str(MODELS / "voices.pt"), help="voices file (default models/voices.pt)")
+    parts = p.add_argument_group("published files (see --download)")
+    parts.add_argument("--checkpoint", default=default_path(MODELS / "minimind-3o", MODELS / "sft_omni_768.pth"),
+                       help="released folder or .pth, or a train.py checkpoint (default models/minimind-3o, else "
+                            "models/sft_omni_768.pth)")
+    parts.add_argument("--tokenizer", help="folder with tokenizer.json (default: the checkpoint's folder, else "
+                       "models/minimind-3o, else ../shared/tokenizer)")
+    parts.add_argument("--mimi", default=str(MODELS / "mimi"), help=f"folder with {mo.MIMI_WEIGHTS}, or the file")
+    parts.add_argument("--sensevoice", default=str(MODELS / "SenseVoiceSmall"), help="SenseVoiceSmall folder")
+    parts.add_argument("--siglip", default=str(MODELS / "siglip2-base-p32-256-ve"), help="SigLIP2 folder")
+    parts.add_argument("--campplus", default=str(MODELS / "campplus"), help=f"folder with {mo.CAMPP_WEIGHTS}")
+    parts.add_argument("--download", action="store_true", help="first fetch every missing part from Hugging Face "
+                       "(voices.pt from GitHub), then go on")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--max_new_tokens", type=int, default=1024, help="steps per reply at most (one step = one "
+                     "text token and 80 ms of speech; default 1024)")
+    gen.add_argument("--temperature", type=float, default=0.75, help="text sampling temperature (default 0.75)")
+    gen.add_argument("--top_p", type=float, default=0.9, help="text nucleus sampling (default 0.9)")
+    gen.add_argument("--repetition_penalty", type=float, default=1.0, help="text repetition penalty (default 1.0)")
+    gen.add_argument("--greedy", action="store_true", help="always the most likely text token and codes")
+    gen.add_argument("--seed", type=int, help="random seed, for a repeatable reply")
+    gen.add_argument("--system", help="a system prompt")
+    run = p.add_argument_group("running")
+    run.add_argument("--no_speech", action="store_true", help="text replies only (no Mimi needed)")
+    run.add_argument("--mute", action="store_true", help="do not play the speech (--out still writes it)")
+    run.add_argument("--frames_per_call", type=int, default=2, choices=range(1, 5), metavar="{1..4}",
+                     help="Mimi frames (80 ms each) per decode call, after the first frame (decoded alone, "
+                          "for the earliest sound): 1 = least delay, 4 = least CPU (default 2)")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                     help="model weights (default float32; bfloat16 suits GPUs)")
+    run.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: its own choice)")
+    args = p.parse_args(argv)
+    if args.tokenizer is None:
+        ckpt = Path(args.checkpoint)
+        args.tokenizer = default_path(*([ckpt] if (ckpt / "tokenizer.json").is_file() else []),
+                                      MODELS / "minimind-3o", ROOT.parent / "shared" / "tokenizer")
+    if args.save_voice and not (args.voice and os.path.isfile(args.voice)):
+        p.error("--save_voice NAME needs --voice FILE (an audio clip to clone)")
+    if args.no_speech and args.out:
+        p.error("--out writes the spoken reply: it cannot go with --no_speech")
+    return args
+
+
+def parts_needed(args):
+    keys = ["checkpoint", "tokenizer"] + ([] if args.no_speech else ["mimi"])
+    if args.audio or args.mic:
+        keys.append("sensevoice")
+    if args.image:
+        keys.append("siglip")
+    if args.voice:
+        keys += ["mimi", "campplus"] if os.path.isfile(args.voice) else (["voices"] if args.voice != "none" else [])
+    return list(dict.fromkeys(keys))
+
+
+def numbered(path, n):
+    path = Path(path)
+    return path.with_name(f"{path.stem}_{n:02d}{path.suffix or '.wav'}")
+
+
+def parse_line(line):
+    """'/image a.jpg /audio q.wav what is it?' -> {'image': 'a.jpg', 'audio': 'q.wav', 'text': 'what is it?'}."""
+    words, found = shlex.split(line), {}
+    while len(words) >= 2 and words[0] in ("/audio", "/image"):
+        found[words[0][1:]] = words[1]
+        words = words[2:]
+    if words and words[0] in ("/audio", "/image"):
+        raise ValueError(f"{words[0]} needs a file")
+    found["text"] = " ".join(words)
+    return found
+
+
+def report(reply, out=None):
+    audio = f", {len(reply.pcm) / mo.SAMPLE_RATE_MIMI:.1f} s of speech" if len(reply.pcm) else ""
+    first = f", first sound after {reply.first_audio_s:.2f} s" if reply.first_audio_s else ""
+    saved = f" -> {out}" if out else ""
+    print(f"({reply.steps} steps in {reply.seconds:.1f} s{audio}{first}{saved})", file=sys.stderr)
+
+
+def interactive(chat, args):
+    print("MiniMind-O: type a question, /audio FILE, /image FILE, /voice NAME|FILE, /reset, /quit (--help: more)")
+    turn = 0
+    while True:
+        try:
+            line = input("you: ").strip()
+        except EOFError:
+            print()
+            return
+        if not line:
+            continue
+        try:
+            if line in ("/quit", "/exit"):
+                return
+            if line == "/reset":
+                chat.reset()
+                print("(conversation forgotten)")
+                continue
+            if line.split()[0] == "/voice":
+                rest = line[len("/voice"):].strip()
+                print(chat.set_voice(rest) if rest else "voices: " + ", ".join(sorted(chat.part("voices"))))
+                continue
+            if line.startswith("/") and line.split()[0] not in ("/audio", "/image"):
+                print(f"unknown command {line.split()[0]} (commands: /audio /image /voice /reset /quit)")
+                continue
+            request = parse_line(line)
+            print("model: ", end="", flush=True)
+            reply = chat.ask(**request, on_text=lambda s: print(s, end="", flush=True))
+            print(" [stopped]" if reply.interrupted else "")
+            turn += 1
+            out = numbered(args.out, turn) if args.out and len(reply.pcm) else None
+            if out:
+                write_wav(out, reply.pcm)
+            report(reply, out)
+        except (FileNotFoundError, ValueError) as e:  # a bad file or command: say so, keep chatting
+            print(f"\n{e}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.download:
+        failures = download(args)
+        if failures:
+            sys.exit("download failed:\n  " + "\n  ".join(failures))
+    missing = missing_report(args, parts_needed(args))
+    if missing:
+        sys.exit(f"chat.py: {missing}")
+    player = None if args.no_speech or args.mute else open_player()
+    chat = Chat(args, player)
+    try:
+        if args.voice:
+            print(chat.set_voice(args.voice, args.save_voice), file=sys.stderr)
+        if args.mic:
+            try:
+                mic = MicStream()
+            except Exception as e:  # OSError without PortAudio, sounddevice.PortAudioError without a microphone
+                sys.exit(f"chat.py: --mic needs a microphone ({e})")
+            print("listening: speak, then pause (Ctrl-C to leave)", file=sys.stderr)
+            return converse(chat, mic, mo.VoiceActivity())
+        if args.text or args.audio or args.image:
+            reply = chat.ask(args.text or "", args.audio, args.image, on_text=lambda s: print(s, end="", flush=True))
+            print()
+            if args.out:
+                write_wav(args.out, reply.pcm)
+            report(reply, args.out)
+            while player and player.busy:  # let the last of it play
+                time.sleep(PLAYBACK_POLL_S)
+            return reply
+        return interactive(chat, args)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"chat.py: {e}")
+    except KeyboardInterrupt:
+        print()
+    finally:
+        if player:
+            player.close()
+
+
+if __name__ == "__main__":
+    main()

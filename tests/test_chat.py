@@ -1,0 +1,206 @@
+"""chat.py end to end, offline: a train.py demo checkpoint, and Mimi, CAM++ and SenseVoice with random weights
+saved in their published formats and loaded through the real loaders (tests/side_assets.py)."""
+import collections
+import threading
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import chat
+import minimind_o as mo
+import train
+from conftest import shared_path
+
+side_assets = pytest.importorskip("side_assets", reason="tests/side_assets.py builds the side modules")
+
+REPLY_STEPS = 24                  # --max_new_tokens of the one-shot replies: 16 frames of speech
+SPEECH = side_assets.HELLO_WAV    # "Hello, how are you today?" spoken by espeak-ng, 16 kHz
+
+
+@pytest.fixture(scope="session")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("side_modules")
+    return {"mimi": side_assets.build_mimi(root).parent, "campplus": side_assets.build_campplus(root),
+            "sensevoice": side_assets.build_sensevoice(root)}
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory):
+    """train.py's demo run (two steps, tiny model), with its codec head made never to stop early
+    (the specials' logits zeroed: random weights would stop at random), so every reply has speech."""
+    out = tmp_path_factory.mktemp("demo")
+    summary = train.main(["--out_dir", str(out), "--max_steps", "2", "--save_every", "0", "--max_seq_len", "64",
+                          "--batch_size", "4", "--hidden_size", "64", "--num_hidden_layers", "2"])
+    model = mo.load_model(summary["checkpoint"])
+    with torch.no_grad():
+        for linear in [model.talker.lm_head.base] + [a[2] for a in model.talker.lm_head.adapters]:
+            linear.weight[mo.CODEBOOK_SIZE:] = 0
+    path = out / "demo_speaks_to_the_end.pth"
+    mo.save_checkpoint(model, str(path))
+    return path
+
+
+@pytest.fixture
+def flags(tmp_path, parts, demo_checkpoint):
+    return ["--checkpoint", str(demo_checkpoint), "--tokenizer", shared_path("tokenizer"), "--mimi", str(parts["mimi"]),
+            "--campplus", str(parts["campplus"]), "--sensevoice", str(parts["sensevoice"]),
+            "--voices", str(tmp_path / "voices.pt"), "--max_new_tokens", str(REPLY_STEPS), "--seed", "0", "--mute"]
+
+
+def speech16k(seconds_before=0.0, seconds_after=0.0):
+    wav = mo.load_audio(str(SPEECH), mo.SAMPLE_RATE_SPEECH)
+    pad = lambda s: np.zeros(int(s * mo.SAMPLE_RATE_SPEECH), np.float32)
+    return np.concatenate([pad(seconds_before), wav, pad(seconds_after)])
+
+
+def write(path, wav, sr=mo.SAMPLE_RATE_SPEECH):
+    sf.write(str(path), wav, sr)
+    return str(path)
+
+
+# -- one shot, speech out ------------------------------------------------------------------------
+
+def test_one_shot_writes_a_24khz_wav_as_long_as_the_frames_made(tmp_path, flags):
+    out = tmp_path / "reply.wav"
+    reply = chat.main(flags + ["--text", "1+1=", "--out", str(out)])
+    pcm, sr = sf.read(out)
+    assert sr == mo.SAMPLE_RATE_MIMI
+    assert reply.frames == REPLY_STEPS - mo.N_CODEBOOKS  # frame 0 completes at step 8, then one per step
+    assert len(pcm) == reply.frames * mo.MIMI_FRAME_SAMPLES
+    assert np.abs(pcm).max() > 0 and reply.first_audio_s < reply.seconds
+
+
+def test_a_spoken_question_in_a_cloned_voice(tmp_path, flags):
+    reply = chat.main(flags + ["--audio", str(side_assets.QUESTION_WAV), "--voice", str(SPEECH), "--save_voice", "me",
+                               "--out", str(tmp_path / "reply.wav")])
+    assert len(reply.pcm) == reply.frames * mo.MIMI_FRAME_SAMPLES > 0
+    assert set(mo.load_voices(tmp_path / "voices.pt")) == {"me"}
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_streamed_speech_equals_decoding_the_whole_sequence(parts, background):
+    mimi = mo.load_mimi(parts["mimi"])
+    codes = torch.randint(0, mo.CODEBOOK_SIZE, (mo.N_CODEBOOKS, 8), generator=torch.Generator().manual_seed(0))
+    speech = chat.SpeechOut(mimi, frames_per_call=3, background=background)  # chunks of 1, 3, 3, then 1 frame
+    for frame in codes.T.tolist():
+        speech.put(frame)
+    streamed = speech.close()
+    whole = np.asarray(mo.decode_audio_codes(mimi, codes))
+    assert streamed.shape == whole.shape == (8 * mo.MIMI_FRAME_SAMPLES,)
+    np.testing.assert_allclose(streamed, whole, atol=1e-4 * max(1.0, np.abs(whole).max()))
+
+
+def test_without_a_sound_card_speech_is_not_played_and_that_is_said_once(monkeypatch, capsys):
+    def no_device():
+        raise OSError("PortAudio library not found")
+    monkeypatch.setattr(chat, "Player", no_device)
+    assert chat.open_player() is None
+    assert "no sound output: PortAudio library not found" in capsys.readouterr().err
+
+
+def test_player_plays_chunks_in_order_and_stop_silences_it():
+    player = object.__new__(chat.Player)  # no sound card here: drive its audio callback by hand
+    player.buffer, player.lock = collections.deque(), threading.Lock()
+    player.play(np.arange(1, 4, dtype=np.float32))
+    player.play(np.arange(4, 6, dtype=np.float32))
+    out = np.empty((4, 1), np.float32)
+    player._fill(out, 4, None, None)
+    assert out[:, 0].tolist() == [1, 2, 3, 4] and player.busy
+    player.stop()
+    player._fill(out, 4, None, None)
+    assert out[:, 0].tolist() == [0, 0, 0, 0] and not player.busy
+
+
+# -- voices ----------------------------------------------------------------------------------------
+
+def test_cloning_keeps_at_most_300_frames_and_a_192_d_embedding(tmp_path, flags):
+    session = chat.Chat(chat.parse_args(flags))
+    long_clip = write(tmp_path / "long.wav", np.tile(speech16k(0.2, 0.2), 12))       # about 26 s
+    print(session.set_voice(long_clip, save_as="long"))
+    session.set_voice(str(SPEECH), save_as="short")
+    voices = mo.load_voices(tmp_path / "voices.pt")
+    assert voices["long"]["ref_codes"].shape == (mo.N_CODEBOOKS, mo.MAX_REF_FRAMES)
+    seconds = len(speech16k()) / mo.SAMPLE_RATE_SPEECH
+    assert voices["short"]["ref_codes"].shape[1] == pytest.approx(seconds * 12.5, abs=1)
+    assert all(v["spk_emb"].shape == (192,) for v in voices.values())
+    assert session.set_voice("short") == "voice: short"  # by name, from the voices file
+    with pytest.raises(ValueError, match="no voice 'nobody'.*long, short"):
+        session.set_voice("nobody")
+
+
+@pytest.mark.parametrize("clip, message", [
+    (lambda w: w[:int(0.4 * mo.SAMPLE_RATE_SPEECH)], "0.40 s long"),
+    (lambda w: w * 1e-3, "too quiet"),
+    (lambda w: np.clip(w * 30, -1, 1), "clipped"),
+])
+def test_bad_clips_get_their_messages(tmp_path, flags, clip, message):
+    bad = write(tmp_path / "bad.wav", clip(speech16k()))
+    with pytest.raises(SystemExit, match=f"chat.py: voice clip .*{message}"):
+        chat.main(flags + ["--voice", bad, "--text", "hi"])
+
+
+# -- live conversation (--mic) ---------------------------------------------------------------------
+
+def test_speaking_during_a_reply_stops_it_and_the_new_question_is_heard(flags):
+    """The recording is fed as the microphone, one 32 ms chunk per model step during a reply: a question,
+    a pause (the reply starts), then the same sentence again, which must cut the reply short."""
+    args = chat.parse_args(flags + ["--max_new_tokens", "120"])
+    session, heard = chat.Chat(args), []
+    ask = session.ask
+    session.ask = lambda **kw: heard.append(len(kw["audio"])) or ask(**kw)
+    mic = chat.RecordedMic(np.concatenate([speech16k(0.5, 1.2), speech16k(0.0, 1.0)]))
+    replies = chat.converse(session, mic, mo.VoiceActivity(), echo=lambda *a, **k: None)
+    assert len(replies) == 2
+    assert replies[0].interrupted and replies[0].steps < 80      # the second sentence starts ~40 steps in
+    assert not replies[1].interrupted and replies[1].steps == 120
+    assert heard[1] >= len(speech16k())                          # heard from its first word
+
+
+# -- parts, download, interactive ------------------------------------------------------------------
+
+def test_missing_parts_are_listed_together_with_where_they_go(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        chat.main(["--checkpoint", str(tmp_path / "sft_omni_768.pth"), "--tokenizer", str(tmp_path / "tok"),
+                   "--mimi", str(tmp_path / "mimi"), "--sensevoice", str(tmp_path / "sv"), "--audio", "q.wav"])
+    message = str(e.value)
+    for name, option in [("MiniMind-O weights", "--checkpoint"), ("tokenizer", "--tokenizer"), ("Mimi codec", "--mimi"),
+                         ("speech encoder", "--sensevoice")]:
+        assert name in message and option in message
+    assert str(tmp_path / "sft_omni_768.pth") in message and "--download" in message and "jingyaogong" in message
+
+
+def test_download_while_offline_says_what_failed_and_what_to_do(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    voices = tmp_path / "voices.pt"
+    mo.save_voice(voices, "x", {"ref_codes": torch.zeros(8, 2, dtype=torch.long), "spk_emb": torch.zeros(192)})
+    with pytest.raises(SystemExit) as e:
+        chat.main(["--download", "--checkpoint", str(tmp_path / "minimind-3o"), "--tokenizer", str(tmp_path / "tok"),
+                   "--mimi", str(tmp_path / "mimi"), "--sensevoice", str(tmp_path / "sv"), "--siglip",
+                   str(tmp_path / "siglip"), "--campplus", str(tmp_path / "campplus"), "--voices", str(voices)])
+    message = str(e.value)
+    assert message.startswith("download failed") and message.count("are you online?") == 6
+    assert not (tmp_path / "minimind-3o" / "config.json").exists()
+
+
+def test_interactive_commands(flags, monkeypatch, capsys):
+    lines = iter(["/voice", "1+1=", "/voice nobody", "/audio", "/reset", "/frobnicate", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    voices = flags[flags.index("--voices") + 1]
+    mo.save_voice(voices, "bob", {"ref_codes": torch.zeros(8, 3, dtype=torch.long), "spk_emb": torch.zeros(192)})
+    chat.main(flags + ["--no_speech"])
+    out = capsys.readouterr().out
+    assert "voices: bob" in out and "model: " in out and "no voice 'nobody'" in out
+    assert "/audio needs a file" in out and "(conversation forgotten)" in out and "unknown command /frobnicate" in out
+
+
+def test_parse_line_and_text_stream(tokenizer):
+    assert chat.parse_line('/image "my cat.jpg" /audio q.wav what is it?') == {
+        "image": "my cat.jpg", "audio": "q.wav", "text": "what is it?"}
+    stream = chat.TextStream(tokenizer)
+    text = "你好, world"
+    pieces = [stream.add(i) for i in mo.encode(tokenizer, text)]
+    assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
