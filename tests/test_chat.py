@@ -23,7 +23,7 @@ SPEECH = side_assets.HELLO_WAV    # "Hello, how are you today?" spoken by espeak
 def parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("side_modules")
     return {"mimi": side_assets.build_mimi(root).parent, "campplus": side_assets.build_campplus(root),
-            "sensevoice": side_assets.build_sensevoice(root)}
+            "sensevoice": side_assets.build_sensevoice(root), "siglip": side_assets.build_siglip(root)}
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +45,7 @@ def demo_checkpoint(tmp_path_factory):
 @pytest.fixture
 def flags(tmp_path, parts, demo_checkpoint):
     return ["--checkpoint", str(demo_checkpoint), "--tokenizer", shared_path("tokenizer"), "--mimi", str(parts["mimi"]),
-            "--campplus", str(parts["campplus"]), "--sensevoice", str(parts["sensevoice"]),
+            "--campplus", str(parts["campplus"]), "--sensevoice", str(parts["sensevoice"]), "--siglip", str(parts["siglip"]),
             "--voices", str(tmp_path / "voices.pt"), "--max_new_tokens", str(REPLY_STEPS), "--seed", "0", "--mute"]
 
 
@@ -77,6 +77,24 @@ def test_a_spoken_question_in_a_cloned_voice(tmp_path, flags):
                                "--out", str(tmp_path / "reply.wav")])
     assert len(reply.pcm) == reply.frames * mo.MIMI_FRAME_SAMPLES > 0
     assert set(mo.load_voices(tmp_path / "voices.pt")) == {"me"}
+
+
+def test_an_image_question_reaches_the_placeholders(tmp_path, flags, monkeypatch):
+    from PIL import Image
+    picture = tmp_path / "grey.png"
+    Image.new("LA", (40, 30), (128, 200)).save(picture)          # grayscale with alpha: converted to RGB
+    seen = []
+    real_inject = mo.inject
+
+    def spy(h, ids, placeholder, feats, lengths):
+        if placeholder == mo.IMAGE_PLACEHOLDER:
+            seen.append(((ids == placeholder).sum().item(), tuple(feats.shape[:2]), lengths.tolist()))
+        return real_inject(h, ids, placeholder, feats, lengths)
+
+    monkeypatch.setattr(mo, "inject", spy)
+    reply = chat.main(flags + ["--image", str(picture), "--text", "What is this?", "--out", str(tmp_path / "r.wav")])
+    assert seen == [(mo.IMAGE_TOKENS, (1, mo.IMAGE_TOKENS), [mo.IMAGE_TOKENS])]   # at prefill only, all 64 tokens
+    assert reply.steps > 0
 
 
 @pytest.mark.parametrize("background", [True, False])
