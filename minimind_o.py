@@ -60,9 +60,14 @@ CODEBOOK_SIZE = 2048    # ids >= this are not sound
 AUDIO_PAD = 2049        # "no audio here"
 AUDIO_STOP = 2050       # the end of a layer's speech
 SPEAKER_SLOT = 2051     # position whose codec embedding is replaced by the speaker embedding
+AUDIO_VOCAB = 2112      # codes + specials, rounded up (the codec embedding/head size)
+TEXT_VOCAB = 6400       # the MiniMind tokenizer
 IGNORE = -100           # label value that carries no loss
 
 IMAGE_TOKENS = 64       # a SigLIP2 image is 64 tokens
+SPEECH_EMBED_DIM = 512  # SenseVoice-Small's output width
+IMAGE_EMBED_DIM = 768   # SigLIP2's output width
+SPK_EMBED_DIM = 192     # CAM++ speaker embedding
 
 
 @dataclass
@@ -71,7 +76,7 @@ class OmniConfig:
     hidden_size: int = 768                   # Thinker width H
     num_hidden_layers: int = 8
     use_moe: bool = False
-    vocab_size: int = 6400
+    vocab_size: int = TEXT_VOCAB
     num_attention_heads: int = 8
     num_key_value_heads: int = 4             # grouped-query attention: 2 query heads per kv head
     head_dim: Optional[int] = None           # default H / heads
@@ -86,11 +91,11 @@ class OmniConfig:
     router_aux_loss_coef: float = 5e-4
     talker_hidden_size: int = 768            # Talker width d
     num_talker_hidden_layers: int = 4
-    audio_hidden_size: int = 512             # SenseVoice output width
-    image_hidden_size: int = 768             # SigLIP2 output width
+    audio_hidden_size: int = SPEECH_EMBED_DIM
+    image_hidden_size: int = IMAGE_EMBED_DIM
     image_token_len: int = IMAGE_TOKENS
-    audio_vocab_size: int = 2112
-    spk_emb_size: int = 192                  # CAM++ speaker embedding
+    audio_vocab_size: int = AUDIO_VOCAB
+    spk_emb_size: int = SPK_EMBED_DIM
     bridge_layer: Optional[int] = None       # default num_hidden_layers // 2 - 1
 
     def __post_init__(self):
@@ -876,7 +881,8 @@ def cut_conversation(conversations, reply_index, tok, max_len, margin=100):
     return kept
 
 
-def scheduled_sampling(input_ids, text_labels, audio_labels, p=0.05, text_vocab=6400, audio_vocab=2112, generator=None):
+def scheduled_sampling(input_ids, text_labels, audio_labels, p=0.05, text_vocab=TEXT_VOCAB, audio_vocab=AUDIO_VOCAB,
+                       generator=None):
     """Training only: replace a few ground-truth inputs by random ids, so the model learns to recover
     from its own mistakes at generation time. input_ids (B, 9, T) or (9, T); returns a new tensor."""
     ids = input_ids.clone()
@@ -1038,13 +1044,11 @@ FBANK_PREEMPHASIS = 0.97            # Kaldi default
 INT16_SCALE = 32768.0               # funasr feeds Kaldi int16-scaled samples, so CMVN stats are on that scale
 LFR_M, LFR_N = 7, 6                 # stack 7 frames, hop 6: 100 Hz -> 16.7 Hz, 80 -> 560 dims
 SPEECH_FEAT_DIM = FBANK_MELS * LFR_M
-SPEECH_EMBED_DIM = 512
 SENSEVOICE_FILES = ("config.yaml", "model.pt", "am.mvn")
 SENSEVOICE_SOURCE = ("`FunAudioLLM/SenseVoiceSmall` on Hugging Face, or `iic/SenseVoiceSmall` / the release's "
                      "`SenseVoiceSmall` (account `gongjy`) on ModelScope")
 
 # SigLIP2 vision tower
-IMAGE_EMBED_DIM = 768
 SIGLIP_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 SIGLIP_SOURCE = ("`google/siglip2-base-patch32-256` on Hugging Face, or the release's `siglip2-base-p32-256-ve` "
                  "(account `gongjy`) on ModelScope")
@@ -1057,7 +1061,6 @@ SPK_WINDOW = 400
 SPK_HOP = 160
 SPK_FMIN, SPK_FMAX = 20.0, 7600.0
 SPK_LOG_FLOOR = 1e-6                # keeps log() finite on digital silence
-SPK_EMBED_DIM = 192
 CAMPP_WEIGHTS = "campplus_cn_common.bin"
 CAMPP_SOURCE = ("`iic/speech_campplus_sv_zh-cn_16k-common` on ModelScope (the release's copy: `campplus`, "
                 "account `gongjy`)")
