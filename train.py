@@ -5,10 +5,12 @@ Train MiniMind-O: one file, one loop, from parquet rows in the release's schema 
     python train.py --data dataset/sft_t2a_mini.parquet --from_weight out/llm_768.pth --save_weight sft_zero
     torchrun --nproc_per_node 4 train.py --data ...   # the same on 4 GPUs (DistributedDataParallel)
     python train.py --data ... --resume               # continue a killed run exactly where it stopped
+    python train.py --data ... --augment none --encoder_cache cache   # encode each question/image once
 
 What happens, in the order of this file:
   1. command line          every flag, its default, and what the demo uses instead
-  2. frozen encoders       SenseVoice (speech) and SigLIP2 (images): never trained, run under no_grad
+  2. frozen encoders       SenseVoice (speech) and SigLIP2 (images): never trained, run under no_grad;
+                           --encoder_cache DIR stores their outputs once and reads them back afterwards
   3. parquet rows          one row -> Python values, checked; a bad row names its file, row and column
   4. question audio        decode, 16 kHz mono, the release's waveform/spectrogram augmentations
   5. one sample            draw the variations, cut the conversation, build the nine rows
@@ -24,6 +26,7 @@ A training run writes into --out_dir: `<save_weight>_<hidden>[_moe].pth` (the we
 """
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -96,6 +99,13 @@ def parse_args(argv=None):
     data.add_argument("--vision_encoder", default="models/siglip2-base-p32-256-ve",
                       help="SigLIP2 folder, loaded only when the data has images "
                            "(default models/siglip2-base-p32-256-ve)")
+    data.add_argument("--encoder_cache", metavar="DIR",
+                      help="keep the frozen encoders' outputs in DIR (float16, one file per row's image or "
+                           "question audio): computed once, then read back in later epochs and by later runs "
+                           "on the same data files (e.g. --mode audio_proj, then --mode all). Question audio "
+                           "is cached only with --augment none. Entries are keyed by data file (path, size, "
+                           "modification time), row, user turn and encoder folder, so a changed file or "
+                           "encoder is never served stale outputs (default: no cache)")
     model = p.add_argument_group("model")
     model.add_argument("--from_weight",
                        help="where training starts: the text-only MiniMind (llm_768.pth), a previous stage's .pth "
@@ -165,6 +175,79 @@ def run_speech_encoder(encoder, feats, lengths):
     return encoder.encoder(feats, lengths)[0]
 
 
+def run_vision_encoder(vision, pixels):
+    """(N, 3, 256, 256) SigLIP2 input -> (N, 64, 768) patch tokens."""
+    return vision(pixel_values=pixels).last_hidden_state
+
+
+# --encoder_cache DIR. The encoders are frozen, so an input's output never changes: it is stored the
+# first time it is computed and read back in later epochs and by later runs on the same data (the mini
+# recipe trains on the A2A file twice: --mode audio_proj, then --mode all). One float16 file each:
+#
+#     DIR/speech-<encoder id>/<data file id>/<row>-<user turn>.npy    (L, 512) SenseVoice output
+#     DIR/image-<encoder id>/<data file id>/<row>.npy                 (64, 768) SigLIP2 output
+#
+# An id is a name and a hash of what the outputs depend on: the absolute path, size and modification
+# time of the data file, or of every file in the encoder folder. A rewritten data file or a changed
+# encoder gets new ids, so no stale entry is ever read (old ones stay until DIR is deleted). Question
+# audio is cached only with --augment none: the augmentations change it every epoch; images always
+# (their preprocessing is fixed). The data workers read the entries, and skip decoding, fbank and
+# image preprocessing for them; the training step encodes the rest of the batch in one call per
+# encoder and writes their outputs, each to a temporary file renamed into place, so a reader (a
+# worker, another process) finds a whole entry or none.
+
+CACHE_DTYPE = torch.float16
+ID_HASH_CHARS = 12   # hex digits of the sha1 in an id
+
+
+def identity(path):
+    """'<name>-<hash>' of a data file or an encoder folder; the hash covers the absolute path and the
+    size and modification time of the file, or of each file in the folder."""
+    path = os.path.abspath(path)
+    files = [os.path.join(path, n) for n in sorted(os.listdir(path))] if os.path.isdir(path) else [path]
+    stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files if os.path.isfile(f)]
+    digest = hashlib.sha1(repr(stats).encode()).hexdigest()[:ID_HASH_CHARS]
+    return f"{os.path.splitext(os.path.basename(path))[0]}-{digest}"
+
+
+class EncoderCache:
+    """One frozen encoder's outputs under DIR/<kind>-<encoder id>/, one float16 .npy file per key
+    ('<data file id>/<row>' for an image, '<data file id>/<row>-<user turn>' for a question)."""
+
+    def __init__(self, root, kind, encoder_folder):
+        self.folder = os.path.join(root, f"{kind}-{identity(encoder_folder)}")
+
+    def path(self, key):
+        return os.path.join(self.folder, key + ".npy")
+
+    def get(self, key):
+        """The stored (L, D) float16 output, or None."""
+        try:
+            return torch.from_numpy(np.load(self.path(key)))
+        except FileNotFoundError:
+            return None
+
+    def put(self, key, output):
+        """Store one (L, D) output as float16, atomically."""
+        path = self.path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, output.to("cpu", CACHE_DTYPE).numpy())
+        os.replace(tmp, path)
+
+    def put_batch(self, keys, outputs, lengths=None):
+        """Store outputs[b, :lengths[b]] (all of outputs[b] without lengths) under keys[b], for each
+        sample that has a key; the batch is copied to the CPU once."""
+        if all(key is None for key in keys):
+            return
+        outputs = outputs.to("cpu", CACHE_DTYPE)
+        lengths = [None] * len(keys) if lengths is None else lengths.tolist()
+        for key, output, n in zip(keys, outputs, lengths):
+            if key is not None:
+                self.put(key, output[:n])
+
+
 @dataclass
 class Encoders:
     """What the data workers need (CPU-side) and what the training step runs on the device."""
@@ -172,6 +255,8 @@ class Encoders:
     speech_cmvn: Optional[torch.Tensor] = None  # (2, 560) on the CPU, for speech_features
     vision: Optional[torch.nn.Module] = None   # SigLIP2 vision tower, on the device
     image_processor: Optional[object] = None   # SigLIP2 preprocessing (resize 256, normalise)
+    speech_cache: Optional[EncoderCache] = None  # --encoder_cache, with --augment none
+    image_cache: Optional[EncoderCache] = None   # --encoder_cache
 
 
 def load_encoders(rows, args, device):
@@ -183,6 +268,25 @@ def load_encoders(rows, args, device):
     if rows.has_any("image_bytes"):
         enc.vision, enc.image_processor = mo.load_vision_encoder(args.vision_encoder, device)
     return enc
+
+
+def open_caches(enc, args):
+    """--encoder_cache: a cache for each loaded encoder whose inputs are not augmented; returns a line
+    saying what is cached."""
+    cached = []
+    if enc.speech is not None and args.augment == "none":
+        enc.speech_cache = EncoderCache(args.encoder_cache, "speech", args.speech_encoder)
+        cached.append("SenseVoice outputs (question audio)")
+    if enc.vision is not None:
+        enc.image_cache = EncoderCache(args.encoder_cache, "image", args.vision_encoder)
+        cached.append("SigLIP2 outputs (images)")
+    line = f"encoder cache {args.encoder_cache}: " + (" and ".join(cached) or "nothing to cache")
+    if enc.speech is not None and enc.speech_cache is None:
+        line += (f"; question audio is not cached: --augment {args.augment} changes it every epoch "
+                 "(--augment none would cache it)")
+    elif enc.speech is None and enc.vision is None:
+        line += " (no row has question audio or an image)"
+    return line
 
 
 # -----------------------------------------------------------------------------------------------
@@ -201,6 +305,7 @@ class Row:
     """One conversation as Python values (nothing decoded yet but JSON)."""
     file: str
     row: int
+    source: str                  # identity() of the data file: where its --encoder_cache entries are
     conversations: list          # [{role, content}]
     question_audios: list        # audio-file bytes per user turn (may be empty or shorter)
     answer_audios: list          # flattened frame-major codes (np.ndarray) per assistant turn
@@ -235,6 +340,7 @@ class ParquetRows:
             if kind is None or not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
                 raise BadRow(path, "-", "conversations", "missing, or not a text column")
             self.tables.append((path, table))
+        self.sources = [identity(path) for path, _ in self.tables]
         self.starts = np.cumsum([0] + [len(t) for _, t in self.tables])
 
     def __len__(self):
@@ -286,7 +392,7 @@ class ParquetRows:
         image = cell("image_bytes")  # bytes, or a list of bytes of which the first is used
         if isinstance(image, pa.ListScalar):
             image = next(iter(items(image)), None)
-        return Row(file, r, conversations,
+        return Row(file, r, self.sources[f], conversations,
                    question_audios=[a.as_py() for a in items(cell("question_audios"))],
                    answer_audios=[codes(numbers(turn), "answer_audios") for turn in items(cell("answer_audios"))],
                    image=None if image is None else image.as_py(),
@@ -365,6 +471,10 @@ class Sample:
     speech: Optional[torch.Tensor]        # (L, 560) SenseVoice features of the question, or None
     pixels: Optional[torch.Tensor]        # (3, 256, 256) SigLIP2 input, or None
     spk_emb: Optional[torch.Tensor]       # (192,) or None
+    speech_cached: Optional[torch.Tensor] = None  # (L, 512) float16 SenseVoice output from --encoder_cache
+    image_cached: Optional[torch.Tensor] = None   # (64, 768) float16 SigLIP2 output from --encoder_cache
+    speech_key: Optional[str] = None      # a cache miss: the key to store the encoded question under
+    image_key: Optional[str] = None       # the same for the image
     skipped: list = field(default_factory=list)  # the bad row this sample replaces (--skip_bad_rows)
 
 
@@ -417,23 +527,41 @@ class OmniDataset(Dataset):
         users = sum(t["role"] == "user" for t in conversations)
         replies = sum(t["role"] == "assistant" for t in conversations)
 
-        speech = None
-        if 0 < users <= len(row.question_audios) and row.question_audios[users - 1]:
-            speech = self.question_features(row, row.question_audios[users - 1], rng)
-        pixels = self.image_pixels(row) if row.image else None
+        # the question audio (of the last kept user turn) and the image: encoder outputs read from the
+        # cache, or encoder inputs (a miss keeps its key, to store the output once it is encoded)
+        speech = speech_cached = speech_key = pixels = image_cached = image_key = None
+        turn = users - 1
+        if 0 < users <= len(row.question_audios) and row.question_audios[turn]:
+            speech_cached, speech_key = self.lookup(self.encoders.speech_cache, f"{row.source}/{row.row}-{turn}")
+            if speech_cached is None:
+                speech = self.question_features(row, row.question_audios[turn], rng)
+        if row.image:
+            image_cached, image_key = self.lookup(self.encoders.image_cache, f"{row.source}/{row.row}")
+            if image_cached is None:
+                pixels = self.image_pixels(row)
+        question = speech if speech is not None else speech_cached
         answer = row.answer_audios[replies - 1] if 0 < replies <= len(row.answer_audios) else None
 
         input_ids, text_labels, audio_labels = mo.build_sample(
             conversations, self.tok, self.max_len, answer_codes=answer, ref_codes=row.ref_codes,
-            has_spk=row.spk_emb is not None, n_audio_tokens=0 if speech is None else len(speech),
-            has_image=pixels is not None, **variations)
+            has_spk=row.spk_emb is not None, n_audio_tokens=0 if question is None else len(question),
+            has_image=bool(row.image), **variations)
         length = valid_length(text_labels, audio_labels)
         if self.scheduled_sampling > 0:
             noise = torch.Generator().manual_seed(rng.getrandbits(63))
             input_ids = mo.scheduled_sampling(input_ids, text_labels, audio_labels, self.scheduled_sampling,
                                               generator=noise)
         spk = None if row.spk_emb is None else torch.from_numpy(row.spk_emb)
-        return Sample(input_ids, text_labels, audio_labels, length, speech, pixels, spk)
+        return Sample(input_ids, text_labels, audio_labels, length, speech, pixels, spk, speech_cached, image_cached,
+                      speech_key, image_key)
+
+    @staticmethod
+    def lookup(cache, key):
+        """(output, None) on a cache hit; (None, key) on a miss; (None, None) without a cache."""
+        if cache is None:
+            return None, None
+        output = cache.get(key)
+        return output, (key if output is None else None)
 
     def question_features(self, row, audio_bytes, rng):
         """Audio-file bytes of the question -> (L, 560) features (augmented when training asks for it)."""
@@ -487,10 +615,16 @@ class Batch:
     input_ids: torch.Tensor                # (B, 9, T), T = the longest sample
     text_labels: torch.Tensor              # (B, T)
     audio_labels: torch.Tensor             # (B, 8, T)
-    speech: Optional[torch.Tensor]         # (B, L, 560) zero-padded features, or None
-    speech_lengths: Optional[torch.Tensor]  # (B,), 0 where a sample has no question audio
-    pixels: Optional[torch.Tensor]         # (N, 3, 256, 256) for the samples that have an image
-    has_image: Optional[torch.Tensor]      # (B,) bool
+    speech: Optional[torch.Tensor]         # (B, L, 560) zero-padded features of the questions to encode, or None
+    speech_lengths: Optional[torch.Tensor]  # (B,) question lengths (encoded or cached), 0 where there is none
+    encode_speech: Optional[torch.Tensor]  # (B,) bool: the samples whose features are in `speech`
+    speech_cached: Optional[torch.Tensor]  # (B, L', 512) float16 zero-padded outputs from the cache, or None
+    pixels: Optional[torch.Tensor]         # (N, 3, 256, 256) the images to encode, or None
+    has_image: Optional[torch.Tensor]      # (B,) bool: the sample has an image (encoded or cached)
+    encode_image: Optional[torch.Tensor]   # (B,) bool: the N samples whose image is in `pixels`
+    image_cached: Optional[torch.Tensor]   # (B, 64, 768) float16 outputs from the cache (zeros elsewhere), or None
+    speech_keys: list                      # (B,) where to store each encoded question (cache misses), else None
+    image_keys: list                       # (B,) the same for the images
     spk_emb: Optional[torch.Tensor]        # (B, 192), zeros where a sample has none (it has no slot then)
     tokens: int                            # positions up to each sample's valid length
     bad_rows: list                         # messages of rows left out (--skip_bad_rows)
@@ -500,22 +634,42 @@ class Batch:
         return Batch(**{k: move(v) for k, v in vars(self).items()})
 
 
+def pad_cached(outputs, dim):
+    """Per-sample cached outputs ((L_i, dim) float16, or None) -> (B, L, dim) zero-padded, or None if
+    none is cached."""
+    if all(o is None for o in outputs):
+        return None
+    empty = torch.zeros(0, dim, dtype=CACHE_DTYPE)
+    return torch.nn.utils.rnn.pad_sequence([empty if o is None else o for o in outputs], batch_first=True)
+
+
 def collate(samples):
     """Samples -> Batch. Each sample was built at max_len; the batch keeps only the first T positions,
     T = the longest valid length in the batch (not max_len: most samples are much shorter)."""
     T = max(s.length for s in samples)
     stack = lambda name: torch.stack([getattr(s, name)[..., :T] for s in samples])
-    speech = speech_lengths = pixels = has_image = spk = None
-    if any(s.speech is not None for s in samples):
-        speech, speech_lengths = mo.pad_features([s.speech for s in samples], mo.SPEECH_FEAT_DIM, "cpu")
-    if any(s.pixels is not None for s in samples):
-        pixels = torch.stack([s.pixels for s in samples if s.pixels is not None])
-        has_image = torch.tensor([s.pixels is not None for s in samples])
+    speech = speech_lengths = encode_speech = pixels = has_image = encode_image = spk = None
+    questions = [s.speech if s.speech is not None else s.speech_cached for s in samples]  # features or outputs
+    if any(q is not None for q in questions):
+        speech_lengths = torch.tensor([0 if q is None else len(q) for q in questions])
+        encode_speech = torch.tensor([s.speech is not None for s in samples])
+        if encode_speech.any():
+            speech = mo.pad_features([s.speech for s in samples], mo.SPEECH_FEAT_DIM, "cpu")[0]
+    if any(s.pixels is not None or s.image_cached is not None for s in samples):
+        has_image = torch.tensor([s.pixels is not None or s.image_cached is not None for s in samples])
+        encode_image = torch.tensor([s.pixels is not None for s in samples])
+        if encode_image.any():
+            pixels = torch.stack([s.pixels for s in samples if s.pixels is not None])
     if any(s.spk_emb is not None for s in samples):
         spk = torch.stack([s.spk_emb if s.spk_emb is not None else torch.zeros(mo.OmniConfig.spk_emb_size)
                            for s in samples])
-    return Batch(stack("input_ids"), stack("text_labels"), stack("audio_labels"), speech, speech_lengths, pixels,
-                 has_image, spk, sum(s.length for s in samples), sum((s.skipped for s in samples), []))
+    return Batch(stack("input_ids"), stack("text_labels"), stack("audio_labels"),
+                 speech=speech, speech_lengths=speech_lengths, encode_speech=encode_speech,
+                 speech_cached=pad_cached([s.speech_cached for s in samples], mo.SPEECH_EMBED_DIM),
+                 pixels=pixels, has_image=has_image, encode_image=encode_image,
+                 image_cached=pad_cached([s.image_cached for s in samples], mo.IMAGE_EMBED_DIM),
+                 speech_keys=[s.speech_key for s in samples], image_keys=[s.image_key for s in samples],
+                 spk_emb=spk, tokens=sum(s.length for s in samples), bad_rows=sum((s.skipped for s in samples), []))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -667,16 +821,31 @@ def load_resume_state(path, args, world):
 # -----------------------------------------------------------------------------------------------
 
 def encode_inputs(batch, encoders):
-    """Frozen encoders on the device: speech features -> (B, L, 512), pixels -> (B, 64, 768)."""
+    """Frozen encoders on the device: questions -> (B, L, 512), images -> (B, 64, 768). Outputs read
+    from --encoder_cache are used as they are; the other samples go through each encoder in one call,
+    and the outputs of cache misses are stored."""
     audio = image = None
     with torch.no_grad():
-        if batch.speech is not None:
-            has = batch.speech_lengths > 0
-            audio = batch.speech.new_zeros(*batch.speech.shape[:2], mo.SPEECH_EMBED_DIM)
-            audio[has] = run_speech_encoder(encoders.speech, batch.speech[has], batch.speech_lengths[has]).float()
-        if batch.pixels is not None:
-            image = batch.pixels.new_zeros(len(batch.has_image), mo.IMAGE_TOKENS, mo.IMAGE_EMBED_DIM)
-            image[batch.has_image] = encoders.vision(pixel_values=batch.pixels).last_hidden_state.float()
+        if batch.speech_lengths is not None:
+            width = max(x.shape[1] for x in (batch.speech, batch.speech_cached) if x is not None)
+            audio = torch.zeros(len(batch.speech_lengths), width, mo.SPEECH_EMBED_DIM,
+                                device=batch.speech_lengths.device)
+            if batch.speech_cached is not None:
+                audio[:, :batch.speech_cached.shape[1]] = batch.speech_cached
+            if batch.speech is not None:
+                run = batch.encode_speech
+                audio[run, :batch.speech.shape[1]] = run_speech_encoder(
+                    encoders.speech, batch.speech[run], batch.speech_lengths[run]).float()
+            if encoders.speech_cache is not None:
+                encoders.speech_cache.put_batch(batch.speech_keys, audio, batch.speech_lengths)
+        if batch.has_image is not None:
+            image = (batch.image_cached.float() if batch.image_cached is not None else
+                     torch.zeros(len(batch.has_image), mo.IMAGE_TOKENS, mo.IMAGE_EMBED_DIM,
+                                 device=batch.has_image.device))
+            if batch.pixels is not None:
+                image[batch.encode_image] = run_vision_encoder(encoders.vision, batch.pixels).float()
+            if encoders.image_cache is not None:
+                encoders.image_cache.put_batch(batch.image_keys, image)
     return audio, image
 
 
@@ -780,6 +949,8 @@ def train(args):
     if needs and not rows.has_any(needs):
         raise ValueError(f"--mode {args.mode} trains only that projector, but no row of {args.data} has {needs}")
     encoders = load_encoders(rows, args, device)
+    if args.encoder_cache:
+        say(open_caches(encoders, args))
     dataset = OmniDataset(rows, tok, args.max_seq_len, encoders, args.augment, args.scheduled_sampling, args.seed,
                           args.skip_bad_rows)
     n_batches = batches_per_epoch(len(rows), args.batch_size, world)

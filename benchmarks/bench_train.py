@@ -8,24 +8,41 @@ backward, clipping, AdamW) of the full-size model, on the same synthetic T2A sam
     python benchmarks/bench_train.py                                                  # CPU, small shapes
     python benchmarks/bench_train.py --device cuda --batch_size 40 --max_seq_len 512  # the release's shapes
 
+With --encoder_cache it asks instead what train.py --encoder_cache buys: the same step on synthetic
+A2A rows (a spoken question, every second row an image) read and batched by train.py's dataset,
+then encoded by full-size SenseVoiceSmall and SigLIP2 (random weights, the published shapes), three ways:
+
+    no cache      every epoch: decode, fbank, preprocess, both encoders (what train.py does by default)
+    first epoch   the same, and the outputs are written to the cache
+    warm cache    later epochs and stages: the outputs are read back; no decoding, no encoders
+
+    python benchmarks/bench_train.py --encoder_cache                                  # CPU, batch 2
+    python benchmarks/bench_train.py --encoder_cache --mode audio_proj                # the first A2A stage
+
 Random weights; samples are built by minimind_o.build_sample from made-up English questions and
 replies whose speech lasts a log-normal number of seconds (median 8 s, as in spoken-assistant data),
-so lengths vary the way real T2A batches do. Reports samples/s and tokens/s (tokens = positions up to
-each sample's last label: the same useful work in both rows): the median step after warm-up, the two
-variants taking turns, with the GPU synchronised around every timed step.
+so lengths vary the way real T2A batches do. A spoken question lasts its word count at the speaking
+rate (1.6 to 12 s): the committed espeak-ng clip repeated to that length. Reports samples/s and
+tokens/s (tokens = positions up to each sample's last label: the same useful work in both rows): the
+median step after warm-up, the variants taking turns, with the GPU synchronised around every timed step.
 """
 import argparse
 import contextlib
+import io
+import json
 import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import replace
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 import minimind_o as mo  # noqa: E402
 import train  # noqa: E402
 
@@ -35,6 +52,8 @@ SPEECH_MEDIAN_S, SPEECH_SIGMA = 8.0, 0.5   # reply duration: log-normal around 8
 WORDS_PER_S = 2.5                          # speaking rate
 QUESTION_WORDS = (4, 30)
 FRAMES_PER_S = 12.5                        # Mimi
+IMAGE_EVERY = 2                            # --encoder_cache rows: every second one has an image
+IMAGE_SIDE = 384                           # its width and height (SigLIP2 resizes it to 256)
 
 
 def synthetic_samples(tok, n, max_len, seed=0):
@@ -51,6 +70,88 @@ def synthetic_samples(tok, n, max_len, seed=0):
         samples.append(train.Sample(ids, text_labels, audio_labels, train.valid_length(text_labels, audio_labels),
                                     None, None, torch.randn(mo.OmniConfig.spk_emb_size)))
     return samples
+
+
+def write_a2a_rows(path, n, seed=0):
+    """n A2A rows in the release's schema: a spoken question (with an image on every IMAGE_EVERY-th
+    row), a text reply and its Mimi codes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import soundfile as sf
+    from PIL import Image
+    import side_assets
+    rng, np_rng = random.Random(seed), np.random.default_rng(seed)
+    voice = mo.load_audio(side_assets.QUESTION_WAV, mo.SAMPLE_RATE_SPEECH)
+    columns = dict(conversations=[], question_audios=[], answer_audios=[], image_bytes=[])
+    for i in range(n):
+        words = rng.choices(WORDS, k=rng.randint(*QUESTION_WORDS))
+        question = np.resize(voice, round(len(words) / WORDS_PER_S * mo.SAMPLE_RATE_SPEECH))  # repeated
+        audio, image = io.BytesIO(), io.BytesIO()
+        sf.write(audio, question, mo.SAMPLE_RATE_SPEECH, format="WAV")
+        has_image = i % IMAGE_EVERY == 0
+        if has_image:
+            pixels = np_rng.integers(0, 256, (IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(image, format="PNG")
+        seconds = float(np_rng.lognormal(np.log(SPEECH_MEDIAN_S), SPEECH_SIGMA))
+        reply = " ".join(rng.choices(WORDS, k=max(1, round(seconds * WORDS_PER_S)))) + "."
+        columns["conversations"].append(json.dumps([
+            {"role": "user", "content": ("<image>" if has_image else "") + " ".join(words) + "?"},
+            {"role": "assistant", "content": reply}]))
+        columns["question_audios"].append([audio.getvalue()])
+        columns["answer_audios"].append([np_rng.integers(0, mo.CODEBOOK_SIZE, round(seconds * FRAMES_PER_S)
+                                                         * mo.N_CODEBOOKS).tolist()])
+        columns["image_bytes"].append([image.getvalue()] if has_image else [])
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def time_encoder_cache(model, optimizer, tok, device, autocast, batch_size, max_len, warmup, steps):
+    """Median seconds per optimizer step, from rows to the AdamW update, and of its data part (rows to
+    batch), without a cache, while writing it (first epoch) and reading it back (warm); the variants
+    take turns on distinct rows."""
+    import side_assets
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rounds = warmup + steps
+    with tempfile.TemporaryDirectory() as tmp:
+        speech_folder = side_assets.build_sensevoice(tmp, side_assets.FULL_SENSEVOICE)
+        vision_folder = side_assets.build_siglip(tmp, side_assets.FULL_SIGLIP)
+        rows = train.ParquetRows([write_a2a_rows(os.path.join(tmp, "a2a.parquet"), batch_size * rounds)])
+        speech = mo.load_speech_encoder(speech_folder, device)
+        vision, processor = mo.load_vision_encoder(vision_folder, device)
+
+        def dataset(cache):
+            enc = train.Encoders(speech, speech.cmvn.cpu(), vision, processor)
+            if cache:
+                enc.speech_cache = train.EncoderCache(os.path.join(tmp, cache), "speech", speech_folder)
+                enc.image_cache = train.EncoderCache(os.path.join(tmp, cache), "image", vision_folder)
+            return train.OmniDataset(rows, tok, max_len, enc, augment="none")
+
+        variants = {"no cache": dataset(None), "first epoch": dataset("first"), "warm cache": dataset("warm")}
+        batches = [list(range(i * batch_size, (i + 1) * batch_size)) for i in range(rounds)]
+        warm = variants["warm cache"]
+        for rows_of_batch in batches:  # an earlier epoch fills the warm cache
+            train.encode_inputs(train.collate([warm[i] for i in rows_of_batch]).to(device), warm.encoders)
+
+        times = {name: [] for name in variants}
+        for i, rows_of_batch in enumerate(batches):
+            for name, data in variants.items():
+                sync()
+                start = time.perf_counter()
+                batch = train.collate([data[r] for r in rows_of_batch]).to(device)
+                batched = time.perf_counter()
+                train.micro_step(model, batch, data.encoders, autocast, lambda x: x)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                sync()
+                if i >= warmup:
+                    times[name].append((time.perf_counter() - start, batched - start))
+        lengths = [len(warm[r].speech_cached) for r in range(len(rows))]
+        print(f"SenseVoiceSmall {sum(p.numel() for p in speech.parameters()) / 1e6:.0f}M and SigLIP2 "
+              f"{sum(p.numel() for p in vision.parameters()) / 1e6:.0f}M parameters; questions of "
+              f"{min(lengths)}..{max(lengths)} encoder frames ({mo.LFR_N * mo.FBANK_SHIFT_MS} ms each), an image "
+              f"in every {IMAGE_EVERY}")
+    return {name: np.median(t, axis=0).tolist() for name, t in times.items()}
 
 
 def time_steps(model, optimizer, variants, device, autocast, warmup, steps):
@@ -83,7 +184,12 @@ def main():
     p.add_argument("--steps", type=int, help="timed steps per variant (default 10 on cuda, 3 on cpu)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 3 on cuda, 1 on cpu)")
     p.add_argument("--use_moe", action="store_true", help="the MoE model instead of the dense one")
+    p.add_argument("--mode", choices=["all", "audio_proj", "vision_proj"], default="all",
+                   help="what is trained, as train.py --mode (default all)")
     p.add_argument("--tokenizer", help="folder with tokenizer.json (default: as train.py finds it)")
+    p.add_argument("--encoder_cache", action="store_true",
+                   help="time A2A rows through the full-size frozen encoders without, filling and reading "
+                        "train.py's --encoder_cache, instead of the padding comparison")
     args = p.parse_args()
     on_gpu = args.device.startswith("cuda")
     batch_size = args.batch_size or (40 if on_gpu else 2)
@@ -93,19 +199,30 @@ def main():
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
 
     tok = train.find_tokenizer(argparse.Namespace(tokenizer=args.tokenizer))
+    torch.manual_seed(0)
+    model = mo.MiniMindO(mo.OmniConfig(use_moe=args.use_moe)).to(device).train()
+    optimizer = torch.optim.AdamW(train.set_trainable(model, args.mode), lr=1e-4)
+    name = torch.cuda.get_device_name(device) if on_gpu else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{'MoE' if args.use_moe else 'dense'} model {mo.parameter_counts(model)['total']:.2f}M on {name}; "
+          f"batch {batch_size}, max_seq_len {max_len}, bf16 autocast {on_gpu}, --mode {args.mode}; {warmup} warm-up + "
+          f"{steps} timed steps")
+
+    if args.encoder_cache:
+        results = time_encoder_cache(model, optimizer, tok, device, autocast, batch_size, max_len, warmup, steps)
+        for variant, (seconds, data_seconds) in results.items():
+            print(f"  {variant:12s} {seconds * 1000:8.1f} ms/step ({data_seconds * 1000:6.1f} ms of it making the "
+                  f"batch)  {batch_size / seconds:8.2f} samples/s")
+        speed_up = lambda variant: results["no cache"][0] / results[variant][0]
+        print(f"a warm encoder cache is {speed_up('warm cache'):.2f}x faster (the first epoch: "
+              f"{speed_up('first epoch'):.2f}x)")
+        return
+
     samples = synthetic_samples(tok, batch_size * (warmup + steps), max_len)
     lengths = np.array([s.length for s in samples])
     groups = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     variants = {"longest": [train.collate(g) for g in groups],
                 "max_len": [train.collate([replace(s, length=max_len - 1) for s in g]) for g in groups]}
     real_tokens = np.mean([sum(s.length for s in g) for g in groups])
-
-    torch.manual_seed(0)
-    model = mo.MiniMindO(mo.OmniConfig(use_moe=args.use_moe)).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    name = torch.cuda.get_device_name(device) if on_gpu else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{'MoE' if args.use_moe else 'dense'} model {mo.parameter_counts(model)['total']:.2f}M on {name}; "
-          f"batch {batch_size}, max_seq_len {max_len}, bf16 autocast {on_gpu}; {warmup} warm-up + {steps} timed steps")
     print(f"sample lengths: mean {lengths.mean():.0f}, median {np.median(lengths):.0f}, max {lengths.max()} "
           f"(of {max_len - 1}); mean batch width when padded to the longest: "
           f"{np.mean([b.input_ids.shape[-1] for b in variants['longest']]):.0f}")

@@ -275,11 +275,18 @@ def test_two_process_ddp_on_cpu(tmp_path):
     mo.load_model(str(tmp_path / "demo_64.pth"))
 
 
-def test_speech_and_image_rows_train_through_the_frozen_encoders(tmp_path):
-    import side_assets  # random-weight SenseVoice and SigLIP2 in the published folder layouts
-    speech, vision = side_assets.build_sensevoice(tmp_path), side_assets.build_siglip(tmp_path)
+@pytest.fixture(scope="module")
+def encoder_flags(tmp_path_factory):
+    """Random-weight SenseVoice and SigLIP2 in the published folder layouts, as train.py flags."""
+    import side_assets
+    root = tmp_path_factory.mktemp("encoders")
+    return ["--speech_encoder", str(side_assets.build_sensevoice(root)),
+            "--vision_encoder", str(side_assets.build_siglip(root))]
+
+
+def test_speech_and_image_rows_train_through_the_frozen_encoders(tmp_path, encoder_flags):
     flags = ["--data", a2a_file(tmp_path / "a2a.parquet"), "--from_weight", "none", "--mode", "audio_proj",
-             "--speech_encoder", str(speech), "--vision_encoder", str(vision), "--out_dir", str(tmp_path),
+             *encoder_flags, "--out_dir", str(tmp_path),
              "--num_workers", "0", "--max_steps", "1", "--max_seq_len", "256", "--batch_size", "2",
              "--hidden_size", "64", "--num_hidden_layers", "2"]
     summary = train.main(flags)
@@ -288,3 +295,71 @@ def test_speech_and_image_rows_train_through_the_frozen_encoders(tmp_path):
     trained = mo.read_checkpoint(summary["checkpoint"])
     changed = {k for k in start if not torch.equal(start[k], trained[k])}
     assert changed and all(k.startswith("audio_proj.") for k in changed)  # only the speech projector learned
+
+
+# -- encoder cache -------------------------------------------------------------------------------
+
+def test_encoder_cache_ids_follow_the_data_file_and_the_encoder(tmp_path):
+    data = a2a_file(tmp_path / "a2a.parquet")
+    first = train.identity(data)
+    assert first.startswith("a2a-") and train.identity(data) == first
+    os.utime(data, ns=(0, 0))  # the same file, modified at another time: possibly different rows
+    assert train.identity(data) != first
+    folder = tmp_path / "encoder"
+    folder.mkdir()
+    (folder / "model.pt").write_bytes(b"weights")
+    cache = train.EncoderCache(tmp_path / "cache", "speech", folder)
+    assert os.path.basename(cache.folder).startswith("speech-encoder-")
+    (folder / "model.pt").write_bytes(b"other weights")
+    assert train.EncoderCache(tmp_path / "cache", "speech", folder).folder != cache.folder
+
+    output = torch.randn(5, mo.SPEECH_EMBED_DIM)
+    assert cache.get("a2a-x/0-0") is None
+    cache.put("a2a-x/0-0", output)
+    stored = cache.get("a2a-x/0-0")
+    assert stored.dtype == torch.float16 and torch.equal(stored, output.half())
+    assert os.listdir(os.path.dirname(cache.path("a2a-x/0-0"))) == ["0-0.npy"]  # no temporary file left
+
+
+def test_encoder_cache_is_written_then_read_with_the_same_losses(tmp_path, encoder_flags, monkeypatch, capsys):
+    encoded = {"speech": 0, "image": 0}  # samples that went through each encoder
+
+    def counting(kind, run):
+        def counted(encoder, inputs, *rest):
+            encoded[kind] += len(inputs)
+            return run(encoder, inputs, *rest)
+        return counted
+
+    monkeypatch.setattr(train, "run_speech_encoder", counting("speech", train.run_speech_encoder))
+    monkeypatch.setattr(train, "run_vision_encoder", counting("image", train.run_vision_encoder))
+    data, cache = a2a_file(tmp_path / "a2a.parquet"), tmp_path / "cache"
+    epochs = 3
+
+    def run(name, *flags):
+        encoded.update(speech=0, image=0)
+        summary = train.main(["--data", data, "--from_weight", "none", *encoder_flags, "--out_dir",
+                              str(tmp_path / name), "--num_workers", "0", "--epochs", str(epochs), "--max_seq_len",
+                              "256", "--batch_size", "2", "--hidden_size", "64", "--num_hidden_layers", "2",
+                              "--log_every", "1", "--save_every", "0", *flags])
+        return [json.loads(line)["loss"] for line in open(summary["metrics"])], dict(encoded)
+
+    plain, plain_encoded = run("plain", "--augment", "none")
+    assert plain_encoded == dict(speech=2 * epochs, image=epochs)  # two rows with a question, one with an image
+
+    first, first_encoded = run("first", "--augment", "none", "--encoder_cache", str(cache))
+    assert "encoder cache" in capsys.readouterr().out
+    speech_files = sorted(p.name for p in cache.glob("speech-*/a2a-*/*.npy"))
+    image_files = sorted(p.name for p in cache.glob("image-*/a2a-*/*.npy"))
+    # each (row, user turn) and each image is encoded once; over the epochs row 1 asks both its questions
+    assert image_files == ["0.npy"] and speech_files == ["0-0.npy", "1-0.npy", "1-1.npy"]
+    assert first_encoded == dict(speech=3, image=1)
+    assert first[0] == pytest.approx(plain[0], abs=1e-6)  # epoch 1 encodes everything, as without a cache
+    assert first == pytest.approx(plain, rel=1e-4)        # later epochs read the float16 outputs
+
+    again, again_encoded = run("again", "--augment", "none", "--encoder_cache", str(cache))
+    assert again_encoded == dict(speech=0, image=0) and again == pytest.approx(plain, rel=1e-4)
+
+    augmented, augmented_encoded = run("augmented", "--augment", "both", "--encoder_cache", str(tmp_path / "aug"))
+    assert augmented_encoded == dict(speech=2 * epochs, image=1)
+    assert not list((tmp_path / "aug").glob("speech-*")) and len(list((tmp_path / "aug").glob("image-*/*/*"))) == 1
+    assert "question audio is not cached: --augment both" in capsys.readouterr().out
