@@ -218,9 +218,8 @@ class SpeechOut:
         self.player, self.pcm, self.first_audio, self.error = player, [], None, None
         if background is None:
             background = next(mimi.parameters()).device.type == "cpu"
-        self.frames_per_call = frames_per_call
         # Mimi's streaming state lives from here to close(), across threads: hence no `with` block
-        self.decoder = mo.MimiStreamDecoder(mimi, frames_per_call=1).__enter__()
+        self.decoder = mo.MimiStreamDecoder(mimi, frames_per_call, first_call_frames=1).open()
         self.frames = queue.Queue()
         self.thread = threading.Thread(target=self._run, daemon=True) if background else None
         if self.thread:
@@ -242,15 +241,12 @@ class SpeechOut:
     @torch.inference_mode()  # in whichever thread decodes
     def _decode(self, frame=None):
         """One frame in (None: the end of the reply, decode what is buffered)."""
-        from moshi.utils.compile import no_cuda_graph  # on a GPU, moshi would capture CUDA graphs: they
-        with no_cuda_graph():                          # break with a second thread or a shorter last chunk
-            self._emit(self.decoder.push(frame) if frame is not None else self.decoder.flush())
+        self._emit(self.decoder.push(frame) if frame is not None else self.decoder.flush())
 
     def _emit(self, pcm):
         if pcm.size:
             if self.first_audio is None:
                 self.first_audio = time.perf_counter()
-                self.decoder.frames_per_call = self.frames_per_call  # the first sound is out: now save CPU
             self.pcm.append(pcm)
             if self.player:
                 self.player.play(pcm)
@@ -265,7 +261,7 @@ class SpeechOut:
             self.thread.join()
         if not drop_pending and self.error is None:
             self._decode(None)
-        self.decoder.__exit__(None, None, None)
+        self.decoder.close()
         if self.error is not None:
             raise self.error
         return np.concatenate(self.pcm) if self.pcm else np.zeros(0, np.float32)

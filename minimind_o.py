@@ -1313,35 +1313,48 @@ class MimiStreamDecoder:
             play(dec.flush())
 
     Mimi's decoder is causal, so decoding chunk by chunk under moshi's streaming state gives the same samples
-    as decoding the whole sequence. Fewer frames per call = lower latency, more calls = more overhead.
-    While the context is open the whole Mimi model is in streaming mode: do not call encode on it."""
+    as decoding the whole sequence. Fewer frames per call = lower latency, more calls = more overhead;
+    first_call_frames (default: frames_per_call) lets the first sound out sooner. While the decoder is open
+    the whole Mimi model is in streaming mode: do not call encode on it. open()/close() do what the `with`
+    block does, for a decoder that lives across calls or threads."""
 
-    def __init__(self, mimi, frames_per_call=1):
-        if frames_per_call < 1:
-            raise ValueError(f"frames_per_call must be >= 1, got {frames_per_call}")
+    def __init__(self, mimi, frames_per_call=1, first_call_frames=None):
+        if frames_per_call < 1 or (first_call_frames is not None and first_call_frames < 1):
+            raise ValueError(f"frames per decode call must be >= 1, got {frames_per_call} (first {first_call_frames})")
         self.mimi, self.frames_per_call = mimi, frames_per_call
-        self._pending, self._stream = [], None
+        self.first_call_frames = first_call_frames or frames_per_call
+        self._pending, self._stream, self._started = [], None, False
 
-    def __enter__(self):
+    def open(self):
         self._stream = self.mimi.streaming(batch_size=1)   # an ExitStack that resets the state when closed
-        self._pending = []
+        self._pending, self._started = [], False
         return self
 
-    def __exit__(self, *exc):
+    def close(self):
         self._stream.close()
         self._stream = None
 
+    def __enter__(self):
+        return self.open()
+
+    def __exit__(self, *exc):
+        self.close()
+
     @torch.no_grad()
     def _decode(self, frames):
-        codes = torch.stack(frames, dim=1)                                           # (8, n)
-        return self.mimi.decode(codes[None].to(next(self.mimi.parameters()).device))[0, 0].float().cpu().numpy()
+        from moshi.utils.compile import no_cuda_graph  # on a GPU, moshi would capture CUDA graphs, which break
+        codes = torch.stack(frames, dim=1)              # with a shorter last chunk or another thread: (8, n)
+        with no_cuda_graph():
+            pcm = self.mimi.decode(codes[None].to(next(self.mimi.parameters()).device))
+        self._started = True
+        return pcm[0, 0].float().cpu().numpy()
 
     def push(self, frame):
         """Add one frame (8,) of codes; returns the PCM of each full chunk (n * 1920,), possibly empty."""
         if self._stream is None:
             raise RuntimeError("MimiStreamDecoder.push outside its `with` block")
         self._pending.append(torch.as_tensor(frame, dtype=torch.long).reshape(N_CODEBOOKS))
-        if len(self._pending) < self.frames_per_call:
+        if len(self._pending) < (self.frames_per_call if self._started else self.first_call_frames):
             return np.zeros(0, dtype=np.float32)
         frames, self._pending = self._pending, []
         return self._decode(frames)
