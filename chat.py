@@ -22,9 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-# Mimi decodes in a second thread while the model computes: OpenMP threads that spin while they wait for
-# work (the default) would take the cores from each other; passive ones sleep. Set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Mimi decodes in a second thread while the model computes. OpenMP threads that wait for work by spinning
+# (the default: forever) take the cores from that thread; sleeping at once (OMP_WAIT_POLICY=PASSIVE) makes
+# every small op of a decoding step wait to wake its threads (measured: 40 -> 26 steps/s on 2 cores). A
+# short spin, then sleep, keeps both fast. GNU OpenMP, which PyTorch's Linux wheels use; set before torch.
+OPENMP_SPIN_COUNT = "30000"
+os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -307,6 +310,16 @@ class TextStream:
         return piece
 
 
+def int8_linears(model):
+    """CPU speed-up: every Linear layer's weights in int8, activations quantised on the fly (PyTorch's
+    dynamic quantisation). A decoding step reads each weight once and is bound by memory traffic, so
+    weights 4x smaller make steps about 1.5x faster on 2 cores; outputs differ slightly from float32."""
+    import warnings
+    with warnings.catch_warnings():  # deprecated for torchao from torch 2.10 on; moshi pins torch < 2.10
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
 class Chat:
     """The model, the history of the conversation, the voice, and the side modules (loaded on first use)."""
 
@@ -314,6 +327,8 @@ class Chat:
         self.args, self.player = args, player
         self.device = torch.device(args.device)
         self.model = mo.load_model(args.checkpoint, self.device, getattr(torch, args.dtype))
+        if args.int8:
+            self.model = int8_linears(self.model)
         self.tok = mo.load_tokenizer(args.tokenizer)
         self.history = []     # earlier turns: [{"role", "content"}], text only (their speech is not kept)
         self.image = None     # (64, 768) features of the conversation's image (the latest one shown)
@@ -618,8 +633,13 @@ def parse_args(argv=None):
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                      help="model weights (default float32; bfloat16 suits GPUs)")
+    run.add_argument("--int8", action="store_true",
+                     help="CPU only: int8 weights in every Linear layer, about 1.5x faster steps on 2 cores, "
+                          "at a small cost in accuracy")
     run.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: its own choice)")
     args = p.parse_args(argv)
+    if args.int8 and args.device != "cpu":
+        p.error("--int8 is for --device cpu (PyTorch's dynamic int8 kernels run on the CPU)")
     if args.tokenizer is None:
         ckpt = Path(args.checkpoint)
         args.tokenizer = default_path(*([ckpt] if (ckpt / "tokenizer.json").is_file() else []),

@@ -11,8 +11,8 @@ Reports, as the median of --repeats runs after a warm-up run:
   steps/s       model steps per second without Mimi, while the text is being written and after it
   RTF           real-time factor = wall time of the reply / seconds of speech made (model + Mimi decode)
   first audio   from the call to the first decoded PCM: prefill + 8 steps + decoding the first frame
-Goals on 2 CPU cores: RTF <= 0.5 and first audio <= 0.4 s. Like chat.py, it runs with OMP_WAIT_POLICY=PASSIVE
-unless that is set otherwise (with Mimi in a second thread, spinning OpenMP threads steal each other's cores).
+Goals on 2 CPU cores: RTF <= 0.5 and first audio <= 0.4 s. It runs with chat.py's OpenMP setting (a short spin,
+then sleep: see chat.py) unless GOMP_SPINCOUNT is set otherwise; --int8 as chat.py --int8.
 
 Weights are random (speed does not depend on them), but random weights never end the text or the speech
 on their own, so the benchmark model ends its text after --text_steps steps (a reply's text is much
@@ -27,13 +27,11 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as chat.py runs (see there); set before torch loads
-import torch  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import chat  # noqa: E402
+import chat  # noqa: E402  (first: it sets the OpenMP environment before torch loads)
 import minimind_o as mo  # noqa: E402
+import torch  # noqa: E402
 
 TARGET_RTF, TARGET_FIRST_AUDIO_S = 0.5, 0.4
 
@@ -104,6 +102,7 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model weights")
     p.add_argument("--mimi_dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    p.add_argument("--int8", action="store_true", help="int8 Linear weights, as chat.py --int8 (CPU)")
     p.add_argument("--moe", action="store_true", help="the MoE variant instead of the dense model")
     p.add_argument("--prompt_tokens", type=int, default=60)
     p.add_argument("--steps", type=int, default=200, help="steps per reply (200 = 15.4 s of speech)")
@@ -123,6 +122,8 @@ def main(argv=None):
     device = torch.device(args.device)
     model = ScriptedLengths(mo.OmniConfig(use_moe=args.moe)).to(device, getattr(torch, args.dtype)).eval()
     model.text_steps = args.text_steps
+    if args.int8:
+        model = chat.int8_linears(model)
     if args.mimi:
         mimi = mo.load_mimi(args.mimi, device)
     else:
@@ -144,7 +145,7 @@ def main(argv=None):
 
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} "
-                  f"threads", "dtype": args.dtype, "mimi_dtype": args.mimi_dtype, "moe": args.moe,
+                  f"threads", "dtype": "int8 Linear" if args.int8 else args.dtype, "mimi_dtype": args.mimi_dtype, "moe": args.moe,
         "prompt_tokens": args.prompt_tokens, "steps": args.steps, "text_steps": args.text_steps,
         "frames_per_call": args.frames_per_call, "overlap": device.type == "cpu" and not args.serial_decode,
         "prefill_s": median_of(model_only, "prefill_s"),
@@ -152,7 +153,7 @@ def main(argv=None):
         "steps_per_s_after_text": median_of(model_only, "steps_per_s_after_text"),
         "rtf": median_of(with_speech, "rtf"), "first_audio_s": median_of(with_speech, "first_audio_s"),
         "speech_s": with_speech[0]["speech_s"], "other_load_cores": others}
-    print(f"MiniMind-O {'MoE' if args.moe else 'dense'} ({args.dtype}), {result['device']}, Mimi {args.mimi_dtype} "
+    print(f"MiniMind-O {'MoE' if args.moe else 'dense'} ({result['dtype']}), {result['device']}, Mimi {args.mimi_dtype} "
           f"{'overlapped' if result['overlap'] else 'serial'}, {args.frames_per_call} frame(s)/decode call; "
           f"median of {args.repeats}")
     print(f"  prefill {args.prompt_tokens} tokens   {result['prefill_s'] * 1000:7.1f} ms")

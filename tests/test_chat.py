@@ -72,6 +72,13 @@ def test_one_shot_writes_a_24khz_wav_as_long_as_the_frames_made(tmp_path, flags)
     assert np.abs(pcm).max() > 0 and reply.first_audio_s < reply.seconds
 
 
+def test_int8_cpu_reply_has_the_same_shape(tmp_path, flags):
+    reply = chat.main(flags + ["--text", "1+1=", "--int8", "--no_speech"])
+    assert reply.steps == REPLY_STEPS and reply.pcm.size == 0
+    with pytest.raises(SystemExit):
+        chat.main(flags + ["--text", "1+1=", "--int8", "--device", "cuda"])   # int8 kernels are CPU-only
+
+
 def test_a_spoken_question_in_a_cloned_voice(tmp_path, flags):
     reply = chat.main(flags + ["--audio", str(side_assets.QUESTION_WAV), "--voice", str(SPEECH), "--save_voice", "me",
                                "--out", str(tmp_path / "reply.wav")])
