@@ -1187,10 +1187,12 @@ class SpeechEncoder(torch.nn.Module):
         self.register_buffer("cmvn", cmvn)       # (2, 560): row 0 is added (minus the mean), row 1 multiplies
 
 
-def speech_features(encoder, wav16k):
-    """(S,) 16 kHz waveform -> (L, 560) normalised LFR features; L is the encoder's valid length."""
+def speech_features(cmvn, wav16k):
+    """(S,) 16 kHz waveform -> (L, 560) normalised LFR features; L is the encoder's valid length.
+    cmvn: (2, 560), the SpeechEncoder's shift and scale. Plain signal processing, run on the CPU
+    (train.py runs it in its data workers, apart from the encoder)."""
     lfr = stack_lfr(kaldi_fbank(wav16k))
-    return (lfr + encoder.cmvn[0].cpu()) * encoder.cmvn[1].cpu()
+    return (lfr + cmvn[0].cpu()) * cmvn[1].cpu()
 
 
 def load_speech_encoder(folder, device="cpu"):
@@ -1223,7 +1225,7 @@ def encode_speech(encoder, wavs):
     """List of (S_i,) 16 kHz waveforms -> list of (L_i, 512) encoder outputs, in one padded batch."""
     if not wavs:
         return []
-    feats = [speech_features(encoder, w) for w in wavs]                        # each (L_i, 560)
+    feats = [speech_features(encoder.cmvn, w) for w in wavs]                   # each (L_i, 560)
     lengths = torch.tensor([f.size(0) for f in feats])
     device = encoder.cmvn.device
     batch = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).to(device)  # (B, L_max, 560), zeros

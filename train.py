@@ -164,12 +164,6 @@ def parse_args(argv=None):
 # (fbank, LFR stacking, CMVN: plain signal processing) runs in the data workers on the CPU, where the
 # spectrogram augmentation can be applied to its output; the encoder runs on the training device.
 
-def speech_features(cmvn, wav16k):
-    """CPU half of SenseVoice, run in the data workers: 16 kHz wave -> (L, 560) normalised LFR features.
-    cmvn: (2, 560), the shift and scale of the model's am.mvn. L is also the number of placeholders."""
-    return (mo.stack_lfr(mo.kaldi_fbank(wav16k)) + cmvn[0]) * cmvn[1]
-
-
 def run_speech_encoder(encoder, feats, lengths):
     """Device half: (B, L, 560) features, (B,) lengths -> (B, L, 512) SenseVoice outputs."""
     return encoder.encoder(feats, lengths)[0]
@@ -252,7 +246,7 @@ class EncoderCache:
 class Encoders:
     """What the data workers need (CPU-side) and what the training step runs on the device."""
     speech: Optional[torch.nn.Module] = None   # SenseVoice encoder, on the device
-    speech_cmvn: Optional[torch.Tensor] = None  # (2, 560) on the CPU, for speech_features
+    speech_cmvn: Optional[torch.Tensor] = None  # (2, 560) on the CPU, for mo.speech_features
     vision: Optional[torch.nn.Module] = None   # SigLIP2 vision tower, on the device
     image_processor: Optional[object] = None   # SigLIP2 preprocessing (resize 256, normalise)
     speech_cache: Optional[EncoderCache] = None  # --encoder_cache, with --augment none
@@ -571,7 +565,7 @@ class OmniDataset(Dataset):
             raise BadRow(row.file, row.row, "question_audios", str(e)) from None
         if self.wave_augment:
             wav = augment_wave(wav, rng, np.random.default_rng(rng.getrandbits(63)))
-        feats = speech_features(self.encoders.speech_cmvn, wav)
+        feats = mo.speech_features(self.encoders.speech_cmvn, wav)  # the CPU half of SenseVoice
         return augment_features(feats, rng) if self.spec_augment else feats
 
     def image_pixels(self, row):
