@@ -980,12 +980,14 @@ def stream_generate(model, prompt_ids, max_new_tokens=1024, temperature=0.75, to
                     last_only=True, text_logits=not text_done)
         codes = sample_audio(out.audio_logits[0, :, -1], history[:, max(0, n - AUDIO_PENALTY_WINDOW):n], greedy)
         codes = torch.where(started < n, codes, AUDIO_PAD)
+        text = None if text_done else sample_text(out.text_logits[0, -1], seen, temperature, top_p,
+                                                  repetition_penalty, greedy)
+        ids = (codes if text is None else torch.cat([codes, text[None]])).tolist()  # the step's one device->host sync
+        frame_ids = ids[:N_CODEBOOKS]
         if text_done:  # after EOS the text row reads a newline, then padding
-            frame_ids = codes.tolist()  # the step's one device->host sync
             text_id, newline_fed = (TEXT_PAD if newline_fed else NEWLINE), True
         else:
-            text = sample_text(out.text_logits[0, -1], seen, temperature, top_p, repetition_penalty, greedy)
-            *frame_ids, text_id = torch.cat([codes, text[None]]).tolist()  # the step's one device->host sync
+            text_id = ids[TEXT_ROW]
         for i, c in enumerate(frame_ids):
             if stop_at[i] is None and c >= CODEBOOK_SIZE and i < n:
                 stop_at[i] = n
