@@ -399,7 +399,7 @@ class Chat:
         limit = self.model.config.max_position_embeddings - self.args.max_new_tokens
         while True:
             text = mo.render_chat(system + self.history + [turn], add_generation_prompt=True)
-            ids = mo.encode(self.tok, text.replace(mo.IMAGE_MARK, "<|image_pad|>" * mo.IMAGE_TOKENS))
+            ids = mo.encode(self.tok, mo.expand_image_marks(text))
             if len(ids) <= limit:
                 return ids
             if not self.history:

@@ -756,6 +756,11 @@ def place_audio(content, n_tokens, layout):
             "text_blankline_audio": f"{content}\n\n{pads}"}[layout]
 
 
+def expand_image_marks(text):
+    """Each <image> mark becomes the 64 <|image_pad|> tokens its vision features will replace."""
+    return text.replace(IMAGE_MARK, "<|image_pad|>" * IMAGE_TOKENS)
+
+
 def place_image(content, layout):
     text = content.replace(IMAGE_MARK, "").strip()
     return {"image_newline_text": f"{IMAGE_MARK}\n{text}", "image_blankline_text": f"{IMAGE_MARK}\n\n{text}",
@@ -830,7 +835,7 @@ def build_sample(conversations, tok, max_len, answer_codes=None, ref_codes=None,
     if not keep_empty_think:
         text = text.replace(EMPTY_THINK, "")
     if has_image:
-        text = text.replace(IMAGE_MARK, "<|image_pad|>" * IMAGE_TOKENS)
+        text = expand_image_marks(text)
     ids = encode(tok, text)[:max_len]
     ids += [TEXT_PAD] * (max_len - len(ids))
 
