@@ -121,8 +121,7 @@ PARTS = {  # key = the argparse dest of the option that points at the part
     "campplus": Part("speaker encoder (CAM++)", "--campplus", "voice cloning from an audio file",
                      mo.CAMPP_SOURCE + "; `funasr/campplus` on Hugging Face", files=(mo.CAMPP_WEIGHTS,),
                      fetch=hub_file("funasr/campplus", mo.CAMPP_WEIGHTS)),
-    "voices": Part("voices", "--voices", "/voice NAME", "the release's model/speaker/voices.pt (GitHub "
-                   "jingyaogong/minimind-o)", fetch=fetch_voices),
+    "voices": Part("voices", "--voices", "/voice NAME", mo.VOICES_SOURCE, fetch=fetch_voices),
 }
 
 
@@ -738,8 +737,8 @@ def main(argv=None):
     if missing:
         sys.exit(f"chat.py: {missing}")
     player = None if args.no_speech or args.mute else open_player()
-    chat = Chat(args, player)
     try:
+        chat = Chat(args, player)
         if args.voice:
             print(chat.set_voice(args.voice, args.save_voice), file=sys.stderr)
         if args.mic:

@@ -569,6 +569,26 @@ class WeightLayoutError(ValueError):
     """A state dict that does not fit the model: names the keys and shapes that differ."""
 
 
+class DamagedFileError(ValueError):
+    """A published file is there but cannot be read: a git-lfs pointer (a clone without git-lfs), a
+    download cut short, or another file under its name."""
+
+
+@contextlib.contextmanager
+def reading(path, source):
+    """Turn whatever a library raises while reading `path` into one message that names the file and
+    where a good copy comes from (`source`); a missing file stays a FileNotFoundError."""
+    try:
+        yield
+    except (FileNotFoundError, DamagedFileError):
+        raise
+    except Exception as e:
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DamagedFileError(f"cannot read {path} ({type(e).__name__}: {detail}). Is it the published file, "
+                               "whole? A git-lfs pointer (a clone without git-lfs) or an interrupted download "
+                               f"fails like this. Where to get it: {source}") from e
+
+
 def official_key(our_key):
     return "model." + our_key[len("thinker."):] if our_key.startswith("thinker.") else our_key
 
@@ -644,10 +664,11 @@ def read_checkpoint(path):
         path = found[0]
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}; {PUBLISHED_WEIGHTS}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    with reading(path, PUBLISHED_WEIGHTS):
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     return state["model"] if isinstance(state.get("model"), dict) else state  # train.py's resume files nest it
 
 
@@ -730,7 +751,8 @@ def load_tokenizer(path):
     if not os.path.exists(file):
         raise FileNotFoundError(f"tokenizer not found: {file}; it ships with the published model folders "
                                 f"(`minimind-3o`, {PUBLISHED_WEIGHTS.split('under ')[-1]})")
-    return Tokenizer.from_file(file)
+    with reading(file, f"the published model folders (`minimind-3o`, {PUBLISHED_WEIGHTS.split('under ')[-1]})"):
+        return Tokenizer.from_file(file)
 
 
 def encode(tok, text):
@@ -1048,6 +1070,8 @@ FBANK_WINDOW_MS = 25
 FBANK_SHIFT_MS = 10
 FBANK_LOW_HZ = 20.0                 # Kaldi's default lower band edge; the upper edge is Nyquist
 FBANK_PREEMPHASIS = 0.97            # Kaldi default
+FBANK_DITHER = 1.0                  # noise std (int16 scale) added to every frame: funasr's default, kept by the release
+DITHER_SEED = 0                     # the noise comes from this seed, so a clip always gives the same features
 INT16_SCALE = 32768.0               # funasr feeds Kaldi int16-scaled samples, so CMVN stats are on that scale
 LFR_M, LFR_N = 7, 6                 # stack 7 frames, hop 6: 100 Hz -> 16.7 Hz, 80 -> 560 dims
 SPEECH_FEAT_DIM = FBANK_MELS * LFR_M
@@ -1056,6 +1080,7 @@ SENSEVOICE_SOURCE = ("`FunAudioLLM/SenseVoiceSmall` on Hugging Face, or `iic/Sen
                      "`SenseVoiceSmall` (account `gongjy`) on ModelScope")
 
 # SigLIP2 vision tower
+GREY16_PER_GREY8 = 257              # 65535 / 255: a 16-bit grey level per 8-bit one
 SIGLIP_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 SIGLIP_SOURCE = ("`google/siglip2-base-patch32-256` on Hugging Face, or the release's `siglip2-base-p32-256-ve` "
                  "(account `gongjy`) on ModelScope")
@@ -1073,6 +1098,7 @@ CAMPP_SOURCE = ("`iic/speech_campplus_sv_zh-cn_16k-common` on ModelScope (the re
                 "account `gongjy`)")
 
 # voice cloning
+VOICES_SOURCE = "the release's model/speaker/voices.pt (GitHub jingyaogong/minimind-o)"
 MAX_REF_FRAMES = 300                # 24 s of reference codes at most
 MIN_CLONE_SECONDS = 1.0             # shorter clips carry too little of a voice
 MIN_CLONE_RMS_DBFS = -45.0          # quieter than this the codec mostly encodes noise floor
@@ -1121,6 +1147,9 @@ def read_audio(source):
         raise ValueError(f"audio {name} is empty")
     if np.abs(wav).max() < SILENCE_PEAK:
         raise ValueError(f"audio {name} is silent (peak below {SILENCE_PEAK})")
+    if wav.size * 1000 < sr * FBANK_WINDOW_MS:
+        raise ValueError(f"audio {name} lasts {wav.size * 1000 / sr:.1f} ms, less than one {FBANK_WINDOW_MS} ms "
+                         "analysis window: too short to hear")
     return wav, sr
 
 
@@ -1154,12 +1183,13 @@ def _kaldi_mel_banks(n_fft):
     return F.pad(torch.minimum(up, down).clamp(min=0), (0, 1))                # (80, n_fft/2 + 1)
 
 
-def kaldi_fbank(wav16k):
+def kaldi_fbank(wav16k, dither=FBANK_DITHER):
     """(S,) 16 kHz waveform in [-1, 1] -> (T, 80) Kaldi log mel filterbank, as funasr's WavFrontend computes it.
 
-    Written out here because funasr needs torchaudio or kaldi-native-fbank for this step, and neither is a
-    dependency of ours. Settings: 25 ms hamming window, 10 ms shift, no dither (so features are repeatable),
-    DC removal, pre-emphasis 0.97, power spectrum on a 512-point FFT, 20 Hz..Nyquist, snip_edges."""
+    Written out here so each step can be read (funasr hands them to torchaudio or kaldi-native-fbank; the
+    tests compare the two). Settings: 25 ms hamming window, 10 ms shift, Gaussian dither (the release's 1.0, from
+    a fixed seed so the same clip always gives the same features), DC removal, pre-emphasis 0.97, power
+    spectrum on a 512-point FFT, 20 Hz..Nyquist, snip_edges."""
     win = SAMPLE_RATE_SPEECH * FBANK_WINDOW_MS // 1000                          # 400 samples
     hop = SAMPLE_RATE_SPEECH * FBANK_SHIFT_MS // 1000                           # 160 samples
     n_fft = 1 << (win - 1).bit_length()                                        # 512
@@ -1167,6 +1197,9 @@ def kaldi_fbank(wav16k):
     if x.numel() < win:
         raise ValueError(f"speech clip of {x.numel()} samples is shorter than one {FBANK_WINDOW_MS} ms frame")
     frames = x.unfold(0, win, hop)                                             # (T, 400)
+    if dither:  # without it, exact-zero stretches give log(eps) = -15.9, far below anything SenseVoice saw
+        noise = torch.randn(frames.shape, generator=torch.Generator().manual_seed(DITHER_SEED))
+        frames = frames + dither * noise
     frames = frames - frames.mean(dim=1, keepdim=True)
     previous = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)               # Kaldi repeats the first sample
     frames = (frames - FBANK_PREEMPHASIS * previous) * torch.hamming_window(win, periodic=False)
@@ -1209,22 +1242,27 @@ def load_speech_encoder(folder, device="cpu"):
     with _quiet_stdout():
         from funasr.frontends.wav_frontend import load_cmvn
         from funasr.models.sense_voice.model import SenseVoiceEncoderSmall
-    config = yaml.safe_load((folder / "config.yaml").read_text())
-    front = config.get("frontend_conf", {})
+    with reading(folder / "config.yaml", SENSEVOICE_SOURCE):
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        front, encoder_conf = config.get("frontend_conf", {}), config["encoder_conf"]
     expected = dict(fs=SAMPLE_RATE_SPEECH, window="hamming", n_mels=FBANK_MELS, frame_length=FBANK_WINDOW_MS,
                     frame_shift=FBANK_SHIFT_MS, lfr_m=LFR_M, lfr_n=LFR_N)
     if any(front.get(k, v) != v for k, v in expected.items()):
         raise ValueError(f"{folder / 'config.yaml'}: frontend_conf {front} differs from the SenseVoice front end "
                          f"this adapter implements ({expected})")
-    encoder = SenseVoiceEncoderSmall(input_size=SPEECH_FEAT_DIM, **config["encoder_conf"])
-    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)       # funasr checkpoints may wrap the weights once
-    prefix = "encoder."                          # model.pt holds the whole ASR model; we keep its encoder
-    encoder.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    encoder = SenseVoiceEncoderSmall(input_size=SPEECH_FEAT_DIM, **encoder_conf)
+    with reading(folder / "model.pt", SENSEVOICE_SOURCE):
+        state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)   # funasr checkpoints may wrap the weights once
+        prefix = "encoder."                      # model.pt holds the whole ASR model; we keep its encoder
+        encoder.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     if encoder.output_size() != SPEECH_EMBED_DIM:
         raise ValueError(f"{folder / 'model.pt'}: encoder width {encoder.output_size()}, expected {SPEECH_EMBED_DIM}")
-    model = SpeechEncoder(encoder, load_cmvn(str(folder / "am.mvn"))[:, :SPEECH_FEAT_DIM])
-    return model.eval().requires_grad_(False).to(device)
+    with reading(folder / "am.mvn", SENSEVOICE_SOURCE):
+        cmvn = load_cmvn(str(folder / "am.mvn"))[:, :SPEECH_FEAT_DIM]
+        if cmvn.shape != (2, SPEECH_FEAT_DIM):
+            raise ValueError(f"expected a shift and a scale of {SPEECH_FEAT_DIM} values, found {tuple(cmvn.shape)}")
+    return SpeechEncoder(encoder, cmvn).eval().requires_grad_(False).to(device)
 
 
 @torch.no_grad()
@@ -1246,27 +1284,47 @@ def load_vision_encoder(folder, device="cpu"):
     """Published SigLIP2 folder (full model or vision-only) -> (frozen SiglipVisionModel, SiglipImageProcessor)."""
     from transformers import SiglipImageProcessor, SiglipVisionModel
     folder = _require_files(folder, SIGLIP_FILES, SIGLIP_SOURCE)
-    model = SiglipVisionModel.from_pretrained(folder, dtype=torch.float32)  # text tower weights skipped
-    processor = SiglipImageProcessor.from_pretrained(folder)
+    with reading(folder / "config.json", SIGLIP_SOURCE):
+        json.loads((folder / "config.json").read_text())  # so a damaged config is not blamed on the weights
+    with reading(folder / "model.safetensors", SIGLIP_SOURCE):
+        model = SiglipVisionModel.from_pretrained(folder, dtype=torch.float32)  # text tower weights skipped
+    with reading(folder / "preprocessor_config.json", SIGLIP_SOURCE):
+        processor = SiglipImageProcessor.from_pretrained(folder)
     return model.eval().requires_grad_(False).to(device), processor
+
+
+def _rgb(im):
+    """Any PIL image -> 8-bit RGB. 16-bit grey (PIL modes I;16 and I) is scaled to 8 bits first: convert()
+    would clip it, and most of the picture would turn white."""
+    from PIL import Image
+    if im.mode.startswith("I;16") or im.mode == "I":
+        im = Image.fromarray((np.asarray(im, dtype=np.float32) / GREY16_PER_GREY8).clip(0, 255).astype(np.uint8))
+    return im.convert("RGB")    # grayscale, palette, CMYK and RGBA all become 3-channel RGB
 
 
 def _open_image(image):
     from PIL import Image, UnidentifiedImageError
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return _rgb(image)
     name = image if isinstance(image, (str, Path)) else f"<{len(image)} bytes of image>"
     try:
         with Image.open(image if isinstance(image, (str, Path)) else io.BytesIO(image)) as im:
-            return im.convert("RGB")    # grayscale, palette and RGBA all become 3-channel RGB
+            return _rgb(im)
     except (OSError, UnidentifiedImageError) as e:
         raise ValueError(f"cannot read image {name}: {e}") from e
+
+
+def image_pixels(processor, images):
+    """List of images (paths, bytes or PIL) -> (N, 3, 256, 256) SigLIP2 input (RGB, resized, normalised)."""
+    rgb = [_open_image(im) for im in images]
+    # Said outright: an image 1 or 3 pixels tall would otherwise be taken for channels-first.
+    return processor(images=rgb, return_tensors="pt", input_data_format="channels_last")["pixel_values"]
 
 
 @torch.no_grad()
 def encode_images(encoder, processor, images):
     """List of images (paths, bytes or PIL) -> (N, 64, 768) patch tokens (SigLIP's last hidden state)."""
-    pixels = processor(images=[_open_image(im) for im in images], return_tensors="pt")["pixel_values"]
+    pixels = image_pixels(processor, images)                                  # (N, 3, 256, 256)
     out = encoder(pixel_values=pixels.to(encoder.device, encoder.dtype)).last_hidden_state  # (N, 64, 768)
     if out.shape[1:] != (IMAGE_TOKENS, IMAGE_EMBED_DIM):
         raise ValueError(f"vision encoder gave tokens of shape {tuple(out.shape[1:])}, "
@@ -1293,7 +1351,8 @@ def load_mimi(path=None, device="cpu"):
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: expected {MIMI_WEIGHTS} from `{MIMI_HUB_REPO}` on Hugging "
                                 "Face, or the release's `mimi` folder (account `gongjy`) on ModelScope")
-    mimi = loaders.get_mimi(str(path), device=device)
+    with reading(path, f"`{MIMI_HUB_REPO}` on Hugging Face"):
+        mimi = loaders.get_mimi(str(path), device=device)
     mimi.set_num_codebooks(N_CODEBOOKS)   # the release uses the first 8 of Mimi's 32 codebooks
     return mimi.eval().requires_grad_(False)
 
@@ -1401,7 +1460,8 @@ def load_speaker_encoder(folder, device="cpu"):
     with _quiet_stdout():
         from funasr.models.campplus.model import CAMPPlus
     model = CAMPPlus(feat_dim=SPK_MELS, embedding_size=SPK_EMBED_DIM)
-    model.load_state_dict(torch.load(folder / CAMPP_WEIGHTS, map_location="cpu", weights_only=True))
+    with reading(folder / CAMPP_WEIGHTS, CAMPP_SOURCE):
+        model.load_state_dict(torch.load(folder / CAMPP_WEIGHTS, map_location="cpu", weights_only=True))
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -1426,7 +1486,8 @@ def _check_voice(name, voice, where):
 
 def load_voices(path):
     """voices.pt -> dict name -> {'ref_codes': (8, R) int64, 'spk_emb': (192,) float32}."""
-    voices = torch.load(path, map_location="cpu", weights_only=True)
+    with reading(path, VOICES_SOURCE):
+        voices = torch.load(path, map_location="cpu", weights_only=True)
     for name, voice in voices.items():
         _check_voice(name, voice, path)
     return voices

@@ -561,22 +561,19 @@ class OmniDataset(Dataset):
         """Audio-file bytes of the question -> (L, 560) features (augmented when training asks for it)."""
         try:
             wav = mo.load_audio(audio_bytes, SPEECH_RATE)  # any format soundfile reads; stereo -> mono
+            if self.wave_augment:
+                wav = augment_wave(wav, rng, np.random.default_rng(rng.getrandbits(63)))
+            feats = mo.speech_features(self.encoders.speech_cmvn, wav)  # the CPU half of SenseVoice
         except ValueError as e:
             raise BadRow(row.file, row.row, "question_audios", str(e)) from None
-        if self.wave_augment:
-            wav = augment_wave(wav, rng, np.random.default_rng(rng.getrandbits(63)))
-        feats = mo.speech_features(self.encoders.speech_cmvn, wav)  # the CPU half of SenseVoice
         return augment_features(feats, rng) if self.spec_augment else feats
 
     def image_pixels(self, row):
         """Image bytes -> (3, 256, 256) SigLIP2 input (any format PIL reads, made RGB)."""
-        from PIL import Image, UnidentifiedImageError
         try:
-            with Image.open(io.BytesIO(row.image)) as im:
-                image = im.convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
-            raise BadRow(row.file, row.row, "image_bytes", f"cannot decode image ({e})") from None
-        return self.encoders.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+            return mo.image_pixels(self.encoders.image_processor, [row.image])[0]
+        except ValueError as e:
+            raise BadRow(row.file, row.row, "image_bytes", str(e)) from None
 
 
 # -----------------------------------------------------------------------------------------------

@@ -104,6 +104,15 @@ def test_an_image_question_reaches_the_placeholders(tmp_path, flags, monkeypatch
     assert reply.steps > 0
 
 
+def test_a_spoken_question_about_a_picture_with_a_bfloat16_model(tmp_path, flags):
+    """The frozen encoders stay float32; their features meet a bfloat16 model through its projectors."""
+    from PIL import Image
+    picture = tmp_path / "palette.png"
+    Image.new("P", (32, 48), 3).save(picture)
+    reply = chat.main(flags + ["--dtype", "bfloat16", "--audio", str(SPEECH), "--image", str(picture), "--no_speech"])
+    assert reply.steps == REPLY_STEPS
+
+
 @pytest.mark.parametrize("background", [True, False])
 def test_streamed_speech_equals_decoding_the_whole_sequence(parts, background):
     mimi = mo.load_mimi(parts["mimi"])
@@ -194,6 +203,13 @@ def test_missing_parts_are_listed_together_with_where_they_go(tmp_path):
                          ("speech encoder", "--sensevoice")]:
         assert name in message and option in message
     assert str(tmp_path / "sft_omni_768.pth") in message and "--download" in message and "jingyaogong" in message
+
+
+def test_a_damaged_checkpoint_is_named_not_a_traceback(tmp_path, flags):
+    pointer = tmp_path / "sft_omni_768.pth"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 226000000\n")
+    with pytest.raises(SystemExit, match=f"chat.py: cannot read {pointer} .*git-lfs.*jingyaogong"):
+        chat.main(flags + ["--checkpoint", str(pointer), "--text", "hi", "--no_speech"])
 
 
 def test_download_while_offline_says_what_failed_and_what_to_do(tmp_path, monkeypatch):

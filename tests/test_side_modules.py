@@ -1,6 +1,7 @@
 """Tests of the frozen side-module adapters, on random-weight models in the published layouts (side_assets.py)."""
 import io
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -85,21 +86,40 @@ def test_load_audio_bad_inputs_name_the_file(tmp_path):
         sm.load_audio(garbage, sm.SAMPLE_RATE_SPEECH)
     with pytest.raises(FileNotFoundError, match="nowhere.wav"):
         sm.load_audio(tmp_path / "nowhere.wav", sm.SAMPLE_RATE_SPEECH)
+    click = write_wav(tmp_path / "click.wav", np.full(160, 0.5), sm.SAMPLE_RATE_SPEECH)  # 10 ms
+    with pytest.raises(ValueError, match="click.wav lasts 10.0 ms, less than one 25 ms analysis window"):
+        sm.load_audio(click, sm.SAMPLE_RATE_SPEECH)
 
 
 # --- speech encoder ------------------------------------------------------------------------------------------
 
-def test_fbank_matches_funasr_wav_frontend(hello16):
+def funasr_features(wav, dither, lfr=True):
+    """funasr's own SenseVoice front end (WavFrontend with the published settings), without CMVN."""
     with sm._quiet_stdout():
-        import funasr.utils.fbank as backend
         from funasr.frontends.wav_frontend import WavFrontend
-    if not (backend._HAS_TORCHAUDIO or backend._knf is not None):
-        pytest.skip("funasr has no fbank backend here (needs torchaudio or kaldi-native-fbank) to compare with")
     front = WavFrontend(fs=sm.SAMPLE_RATE_SPEECH, window="hamming", n_mels=sm.FBANK_MELS,
                         frame_length=sm.FBANK_WINDOW_MS, frame_shift=sm.FBANK_SHIFT_MS,
-                        lfr_m=sm.LFR_M, lfr_n=sm.LFR_N, dither=0.0)
-    ref, _ = front(torch.from_numpy(hello16)[None], torch.tensor([hello16.size]))
-    torch.testing.assert_close(sm.stack_lfr(sm.kaldi_fbank(hello16)), ref[0], atol=1e-3, rtol=1e-4)
+                        lfr_m=sm.LFR_M if lfr else 1, lfr_n=sm.LFR_N if lfr else 1, dither=dither)
+    return front(torch.from_numpy(wav)[None], torch.tensor([wav.size]))[0][0]
+
+
+def test_fbank_matches_funasr_wav_frontend(hello16):
+    ours = sm.stack_lfr(sm.kaldi_fbank(hello16, dither=0))
+    torch.testing.assert_close(ours, funasr_features(hello16, dither=0.0), atol=1e-3, rtol=1e-4)
+
+
+def test_fbank_dithers_like_the_release_and_repeats(hello16):
+    """funasr dithers by default (the published config keeps it): digital silence, 27% of this clip, then
+    reads as a quiet room, not log(eps). Ours draws the same noise from a fixed seed."""
+    assert torch.equal(sm.kaldi_fbank(hello16), sm.kaldi_fbank(hello16))
+    torch.manual_seed(0)
+    ours, theirs = sm.kaldi_fbank(hello16), funasr_features(hello16, sm.FBANK_DITHER, lfr=False)
+    undithered = sm.kaldi_fbank(hello16, dither=0)
+    assert (ours - theirs).abs().mean() < 0.5 < 4 < (undithered - theirs).abs().mean()
+    silence = np.zeros(3 * sm.SAMPLE_RATE_SPEECH, np.float32)
+    torch.manual_seed(0)  # funasr's noise comes from the global generator (over 30 seeds: at most 0.31 apart)
+    ours, theirs = sm.kaldi_fbank(silence), funasr_features(silence, sm.FBANK_DITHER, lfr=False)
+    torch.testing.assert_close(ours.mean(0), theirs.mean(0), atol=0.4, rtol=0)  # each mel band's level
 
 
 @pytest.mark.parametrize("frames", [1, 5, 6, 7, 12, 13, 191])
@@ -136,6 +156,42 @@ def test_speech_encoder_missing_files(built, tmp_path):
         sm.load_speech_encoder(partial)
 
 
+LFS_POINTER = (b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 936291369\n")
+
+
+@pytest.mark.parametrize("part, file, load, source", [
+    ("sensevoice", "model.pt", sm.load_speech_encoder, "FunAudioLLM/SenseVoiceSmall"),
+    ("sensevoice", "am.mvn", sm.load_speech_encoder, "FunAudioLLM/SenseVoiceSmall"),
+    ("sensevoice", "config.yaml", sm.load_speech_encoder, "FunAudioLLM/SenseVoiceSmall"),
+    ("siglip", "model.safetensors", sm.load_vision_encoder, "google/siglip2-base-patch32-256"),
+    ("mimi", sm.MIMI_WEIGHTS, sm.load_mimi, "kyutai/moshiko-pytorch-bf16"),
+    ("campplus", sm.CAMPP_WEIGHTS, sm.load_speaker_encoder, "iic/speech_campplus_sv_zh-cn_16k-common")])
+def test_damaged_files_are_named_with_where_to_get_them(built, tmp_path, part, file, load, source):
+    """A clone without git-lfs leaves pointer files: the loaders say which file and where a good one is."""
+    folder = tmp_path / part
+    shutil.copytree(built[part] if built[part].is_dir() else built[part].parent, folder)
+    (folder / file).write_bytes(LFS_POINTER)
+    with pytest.raises(sm.DamagedFileError, match=rf"cannot read {folder / file} .*git-lfs.*{source}"):
+        load(folder)
+
+
+def test_damaged_voices_and_tokenizer_are_named(tmp_path):
+    (tmp_path / "voices.pt").write_bytes(LFS_POINTER)
+    with pytest.raises(sm.DamagedFileError, match="voices.pt .*jingyaogong/minimind-o"):
+        sm.load_voices(tmp_path / "voices.pt")
+    (tmp_path / "tokenizer.json").write_bytes(LFS_POINTER)
+    with pytest.raises(sm.DamagedFileError, match="tokenizer.json .*minimind-3o"):
+        sm.load_tokenizer(tmp_path)
+
+
+def test_cmvn_of_the_wrong_size_is_refused(built, tmp_path):
+    folder = tmp_path / "sensevoice"
+    shutil.copytree(built["sensevoice"], folder)
+    (folder / "am.mvn").write_text("<Nnet>\n</Nnet>\n")
+    with pytest.raises(sm.DamagedFileError, match="am.mvn .*a shift and a scale of 560 values"):
+        sm.load_speech_encoder(folder)
+
+
 # --- vision encoder ------------------------------------------------------------------------------------------
 
 def image_inputs(tmp_path):
@@ -155,6 +211,21 @@ def test_images_shape_and_batching(vision, tmp_path):
     assert out.shape == (len(images), sm.IMAGE_TOKENS, sm.IMAGE_EMBED_DIM)
     for i, image in enumerate(images):
         torch.testing.assert_close(sm.encode_images(model, processor, [image])[0], out[i], atol=1e-4, rtol=1e-4)
+
+
+def test_16_bit_grey_and_one_pixel_tall_images(vision, tmp_path):
+    model, processor = vision
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")  # a 16-bit PNG, PIL mode I;16
+    as8 = Image.fromarray((ramp // 257).astype(np.uint8), mode="L")
+    torch.testing.assert_close(sm.image_pixels(processor, [tmp_path / "grey16.png"]),
+                               sm.image_pixels(processor, [as8]), atol=0.01, rtol=0)  # not clipped to white
+    for height in (1, 3):  # shapes transformers would otherwise take for channels-first
+        strip = Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, 500, 3), dtype=np.uint8))
+        pixels = sm.image_pixels(processor, [strip])
+        stretched = np.asarray(strip.resize((256, 256), Image.BILINEAR), np.float32) / 127.5 - 1
+        assert pixels.shape == (1, 3, 256, 256)
+        torch.testing.assert_close(pixels[0], torch.from_numpy(stretched).permute(2, 0, 1), atol=0.02, rtol=0)
 
 
 def test_unreadable_image_names_the_file(vision, tmp_path):

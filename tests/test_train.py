@@ -183,7 +183,7 @@ BAD = {"json": (dict(conversations='[{"role": "user", "content": "Hi"'), "conver
        "role": (dict(conversations=json.dumps([{"role": "robot", "content": "beep"}])), "conversations",
                 "unknown role 'robot'"),
        "audio": (dict(question_audios=[b"RIFF not really a wav"]), "question_audios", "cannot decode audio"),
-       "image": (dict(image_bytes=[b"\x89PNG broken"]), "image_bytes", "cannot decode image")}
+       "image": (dict(image_bytes=[b"\x89PNG broken"]), "image_bytes", "cannot read image")}
 
 
 def bad_file(path, kinds):
