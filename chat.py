@@ -137,11 +137,11 @@ def missing_report(args, keys):
     return MissingParts("\n".join(lines))
 
 
-def download(args):
-    """Fetch every missing part; returns the list of failures (empty when all went well)."""
+def download(args, keys):
+    """Fetch the parts in `keys` that are missing; returns the list of failures (empty when all went well)."""
     failures = []
-    for key, part in PARTS.items():
-        path = Path(getattr(args, key))
+    for key in keys:
+        part, path = PARTS[key], Path(getattr(args, key))
         if part.present(path):
             continue
         print(f"downloading {part.name} into {path} ...", flush=True)
@@ -563,7 +563,7 @@ examples:
   python chat.py --image cat.jpg --text "What is this?"            a question about a picture
   python chat.py --mic                               live: speak, pause, listen; talk over it to interrupt
                                                      (use headphones, or it hears itself)
-  python chat.py --checkpoint out/demo/demo_64.pth --tokenizer ../shared/tokenizer   a train.py checkpoint
+  python chat.py --checkpoint out/demo/demo_64.pth --no_speech   a train.py checkpoint (the demo's: text only)
   python chat.py --download                          fetch the missing published files (online)
 
 interactive commands:
@@ -606,14 +606,15 @@ def parse_args(argv=None):
     parts.add_argument("--checkpoint", default=default_path(MODELS / "minimind-3o", MODELS / "sft_omni_768.pth"),
                        help="released folder or .pth, or a train.py checkpoint (default models/minimind-3o, else "
                             "models/sft_omni_768.pth)")
-    parts.add_argument("--tokenizer", help="folder with tokenizer.json (default: the checkpoint's folder, else "
-                       "models/minimind-3o, else ../shared/tokenizer)")
+    parts.add_argument("--tokenizer", help="folder with tokenizer.json (default: the checkpoint's folder if it has "
+                       "one, else models/minimind-3o)")
     parts.add_argument("--mimi", default=str(MODELS / "mimi"), help=f"folder with {mo.MIMI_WEIGHTS}, or the file")
     parts.add_argument("--sensevoice", default=str(MODELS / "SenseVoiceSmall"), help="SenseVoiceSmall folder")
     parts.add_argument("--siglip", default=str(MODELS / "siglip2-base-p32-256-ve"), help="SigLIP2 folder")
     parts.add_argument("--campplus", default=str(MODELS / "campplus"), help=f"folder with {mo.CAMPP_WEIGHTS}")
-    parts.add_argument("--download", action="store_true", help="first fetch every missing part from Hugging Face "
-                       "(voices.pt from GitHub), then go on")
+    parts.add_argument("--download", action="store_true", help="first fetch the missing parts (those a one-shot "
+                       "question needs, or all for the interactive chat) from Hugging Face (voices.pt from GitHub), "
+                       "then go on")
     gen = p.add_argument_group("generation")
     gen.add_argument("--max_new_tokens", type=int, default=1024, help="steps per reply at most (one step = one "
                      "text token and 80 ms of speech; default 1024)")
@@ -641,8 +642,7 @@ def parse_args(argv=None):
         p.error("--int8 is for --device cpu (PyTorch's dynamic int8 kernels run on the CPU)")
     if args.tokenizer is None:
         ckpt = Path(args.checkpoint)
-        args.tokenizer = default_path(*([ckpt] if (ckpt / "tokenizer.json").is_file() else []),
-                                      MODELS / "minimind-3o", ROOT.parent / "shared" / "tokenizer")
+        args.tokenizer = str(ckpt if (ckpt / "tokenizer.json").is_file() else MODELS / "minimind-3o")
     if args.save_voice and not (args.voice and os.path.isfile(args.voice)):
         p.error("--save_voice NAME needs --voice FILE (an audio clip to clone)")
     if args.no_speech and args.out:
@@ -729,8 +729,9 @@ def main(argv=None):
         torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.download:
-        failures = download(args)
+    if args.download:  # the interactive chat may need any part; a one-shot question only its own
+        interactive = not (args.text or args.audio or args.image or args.mic)
+        failures = download(args, list(PARTS) if interactive else parts_needed(args))
         if failures:
             sys.exit("download failed:\n  " + "\n  ".join(failures))
     missing = missing_report(args, parts_needed(args))

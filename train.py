@@ -27,11 +27,11 @@ A training run writes into --out_dir: `<save_weight>_<hidden>[_moe].pth` (the we
 import argparse
 import contextlib
 import hashlib
-import io
 import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -64,7 +64,8 @@ REAL = dict(from_weight="out/llm_768.pth", out_dir="out", save_weight="sft_omni"
 DEMO = dict(from_weight="none", out_dir="out/demo", save_weight="demo", hidden_size=64, num_hidden_layers=4,
             max_seq_len=96, batch_size=8, learning_rate=2e-3, epochs=6, num_workers=0, log_every=1,
             save_every=50)
-TOKENIZER_PLACES = ("models/minimind-3o", "../shared/tokenizer")  # the release's model folder, a dev checkout
+TOKENIZER_FOLDER = "models/minimind-3o"   # the release's model folder, which holds its tokenizer
+GET_TOKENIZER = f'hf download jingyaogong/minimind-3o --include "tokenizer*" --local-dir {TOKENIZER_FOLDER}'
 
 
 def defaults(name):
@@ -91,8 +92,9 @@ def parse_args(argv=None):
                       help="log and count malformed rows (each is replaced by the next good row) instead of "
                            "stopping at the first one")
     data.add_argument("--num_workers", type=int, help=f"DataLoader processes per GPU ({defaults('num_workers')})")
-    data.add_argument("--tokenizer", help="folder with tokenizer.json (default: the --from_weight folder, else the "
-                                          f"first of {', '.join(TOKENIZER_PLACES)} that exists)")
+    data.add_argument("--tokenizer", help="folder with the released tokenizer.json (default: the --from_weight "
+                                          f"folder if it has one, else {TOKENIZER_FOLDER}; get it with: "
+                                          f"{GET_TOKENIZER})")
     data.add_argument("--speech_encoder", default="models/SenseVoiceSmall",
                       help="SenseVoiceSmall folder, loaded only when the data has question audio "
                            "(default models/SenseVoiceSmall)")
@@ -290,8 +292,9 @@ def open_caches(enc, args):
 class BadRow(ValueError):
     """A row that cannot become a sample; the message says where it is and what is wrong."""
 
-    def __init__(self, file, row, column, problem):
-        super().__init__(f"{file}, row {row}, column {column}: {problem}")
+    @classmethod
+    def at(cls, file, row, column, problem):
+        return cls(f"{file}, row {row}, column {column}: {problem}")
 
 
 @dataclass
@@ -319,6 +322,26 @@ def numbers(cell):
                                                                                       writable=True)
 
 
+def list_of(is_item):
+    """A check of an Arrow type: a list whose items pass is_item (or a list of nulls: every list empty)."""
+    return lambda t: ((pa.types.is_list(t) or pa.types.is_large_list(t))
+                      and (pa.types.is_null(t.value_type) or is_item(t.value_type)))
+
+
+def is_bytes(t):
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+COLUMNS = {  # the release's columns: what each holds, and the Arrow types that can hold it
+    "conversations": ("JSON text", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)),
+    "question_audios": ("a list of audio files (bytes)", list_of(is_bytes)),
+    "answer_audios": ("a list of code lists (integers)", list_of(list_of(pa.types.is_integer))),
+    "image_bytes": ("an image (bytes) or a list of them", lambda t: is_bytes(t) or list_of(is_bytes)(t)),
+    "ref_audios": ("a list of codes (integers)", list_of(pa.types.is_integer)),
+    "spk_emb": ("a list of numbers", list_of(lambda t: pa.types.is_integer(t) or pa.types.is_floating(t))),
+}
+
+
 class ParquetRows:
     """Every row of one or more parquet files, addressed by one index. Columns stay Arrow arrays
     (memory-mapped when the file allows); a row becomes Python values only when it is read."""
@@ -330,9 +353,12 @@ class ParquetRows:
                 raise FileNotFoundError(f"data file not found: {path} (the release's data is `minimind-o_dataset` "
                                         "under `jingyaogong` on Hugging Face / `gongjy` on ModelScope)")
             table = pq.read_table(path, memory_map=True)
-            kind = table.schema.field("conversations").type if "conversations" in table.column_names else None
-            if kind is None or not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-                raise BadRow(path, "-", "conversations", "missing, or not a text column")
+            if "conversations" not in table.column_names:
+                raise BadRow.at(path, "-", "conversations", "missing: every row needs its conversation")
+            for column, (holds, fits) in COLUMNS.items():
+                if column in table.column_names and not fits(table.schema.field(column).type):
+                    raise BadRow.at(path, "-", column, f"of type {table.schema.field(column).type}; it should hold "
+                                                       f"{holds}")
             self.tables.append((path, table))
         self.sources = [identity(path) for path, _ in self.tables]
         self.starts = np.cumsum([0] + [len(t) for _, t in self.tables])
@@ -345,7 +371,7 @@ class ParquetRows:
         for _, table in self.tables:
             if column in table.column_names:
                 col = table.column(column)
-                lengths = pc.list_value_length(col) if pa.types.is_list(col.type) else pc.binary_length(col)
+                lengths = pc.binary_length(col) if is_bytes(col.type) else pc.list_value_length(col)
                 if (pc.max(lengths).as_py() or 0) > 0:
                     return True
         return False
@@ -360,29 +386,29 @@ class ParquetRows:
 
         def codes(values, column):
             if len(values) % mo.N_CODEBOOKS:
-                raise BadRow(file, r, column, f"{len(values)} codes, not a multiple of {mo.N_CODEBOOKS} "
+                raise BadRow.at(file, r, column, f"{len(values)} codes, not a multiple of {mo.N_CODEBOOKS} "
                                               f"(frame-major, {mo.N_CODEBOOKS} codes a frame)")
             if len(values) and not 0 <= values.min() <= values.max() < mo.CODEBOOK_SIZE:
-                raise BadRow(file, r, column, f"codes must be in 0..{mo.CODEBOOK_SIZE - 1}, "
+                raise BadRow.at(file, r, column, f"codes must be in 0..{mo.CODEBOOK_SIZE - 1}, "
                                               f"found {values.min()}..{values.max()}")
             return values
 
         try:
             conversations = json.loads(cell("conversations").as_py())
         except (TypeError, json.JSONDecodeError) as e:
-            raise BadRow(file, r, "conversations", f"malformed JSON ({e})") from None
+            raise BadRow.at(file, r, "conversations", f"malformed JSON ({e})") from None
         if not (isinstance(conversations, list) and conversations and all(isinstance(t, dict) for t in conversations)):
-            raise BadRow(file, r, "conversations", "expected a non-empty JSON list of {role, content} objects")
+            raise BadRow.at(file, r, "conversations", "expected a non-empty JSON list of {role, content} objects")
         for t in conversations:
             if t.get("role") not in mo.ROLES:
-                raise BadRow(file, r, "conversations", f"unknown role {t.get('role')!r} (expected one of "
+                raise BadRow.at(file, r, "conversations", f"unknown role {t.get('role')!r} (expected one of "
                                                        f"{', '.join(mo.ROLES)})")
             if not isinstance(t.get("content"), str):
-                raise BadRow(file, r, "conversations", f"a {t['role']} turn has no text content")
+                raise BadRow.at(file, r, "conversations", f"a {t['role']} turn has no text content")
 
         ref, spk = numbers(cell("ref_audios")), numbers(cell("spk_emb"))  # empty: the row has none
         if len(spk) not in (0, mo.OmniConfig.spk_emb_size):
-            raise BadRow(file, r, "spk_emb", f"{len(spk)} values, expected {mo.OmniConfig.spk_emb_size}")
+            raise BadRow.at(file, r, "spk_emb", f"{len(spk)} values, expected {mo.OmniConfig.spk_emb_size}")
         image = cell("image_bytes")  # bytes, or a list of bytes of which the first is used
         if isinstance(image, pa.ListScalar):
             image = next(iter(items(image)), None)
@@ -469,7 +495,7 @@ class Sample:
     image_cached: Optional[torch.Tensor] = None   # (64, 768) float16 SigLIP2 output from --encoder_cache
     speech_key: Optional[str] = None      # a cache miss: the key to store the encoded question under
     image_key: Optional[str] = None       # the same for the image
-    skipped: list = field(default_factory=list)  # the bad row this sample replaces (--skip_bad_rows)
+    skipped: list = field(default_factory=list)  # the bad rows this sample replaces (--skip_bad_rows)
 
 
 def valid_length(text_labels, audio_labels):
@@ -498,18 +524,19 @@ class OmniDataset(Dataset):
     def __getitem__(self, index):
         """The Sample of row `index`. With skip_bad_rows a bad row is replaced by the next good one and
         its problem travels with that sample to be logged, so every batch keeps its size (and every
-        process the same number of steps)."""
-        problem = None
+        process the same number of steps). Without it the BadRow itself is returned, and the training
+        loop raises it."""
+        problems = []
         for i in (k % len(self) for k in range(index, index + len(self))):
             try:
                 sample = self.make_sample(self.rows.read(i), sample_rng(self.seed, self.epoch, i))
-                sample.skipped = [problem] if problem else []
+                sample.skipped = problems
                 return sample
             except BadRow as e:
                 if not self.skip_bad_rows:
-                    raise
-                problem = problem or str(e)
-        raise ValueError(f"every row of the data is bad, e.g. {problem}")
+                    return e  # raised by the training loop: a DataLoader worker's exception loses its type
+                problems.append(str(e))
+        raise ValueError(f"every row of the data is bad, e.g. {problems[0]}")
 
     def make_sample(self, row, rng):
         """Row -> Sample, every random choice drawn from rng (variations, cut, augmentation, noise)."""
@@ -565,7 +592,7 @@ class OmniDataset(Dataset):
                 wav = augment_wave(wav, rng, np.random.default_rng(rng.getrandbits(63)))
             feats = mo.speech_features(self.encoders.speech_cmvn, wav)  # the CPU half of SenseVoice
         except ValueError as e:
-            raise BadRow(row.file, row.row, "question_audios", str(e)) from None
+            raise BadRow.at(row.file, row.row, "question_audios", str(e)) from None
         return augment_features(feats, rng) if self.spec_augment else feats
 
     def image_pixels(self, row):
@@ -573,7 +600,7 @@ class OmniDataset(Dataset):
         try:
             return mo.image_pixels(self.encoders.image_processor, [row.image])[0]
         except ValueError as e:
-            raise BadRow(row.file, row.row, "image_bytes", str(e)) from None
+            raise BadRow.at(row.file, row.row, "image_bytes", str(e)) from None
 
 
 # -----------------------------------------------------------------------------------------------
@@ -636,7 +663,11 @@ def pad_cached(outputs, dim):
 
 def collate(samples):
     """Samples -> Batch. Each sample was built at max_len; the batch keeps only the first T positions,
-    T = the longest valid length in the batch (not max_len: most samples are much shorter)."""
+    T = the longest valid length in the batch (not max_len: most samples are much shorter).
+    A bad row (without --skip_bad_rows) comes back as its BadRow, for the training loop to raise."""
+    bad = [s for s in samples if isinstance(s, BadRow)]
+    if bad:
+        return bad[0]
     T = max(s.length for s in samples)
     stack = lambda name: torch.stack([getattr(s, name)[..., :T] for s in samples])
     speech = speech_lengths = encode_speech = pixels = has_image = encode_image = spk = None
@@ -745,7 +776,7 @@ def set_trainable(model, mode):
 
 
 def lr_at(step, total, peak):
-    """The release's cosine: peak at step 0, falling to peak/10 at the last step."""
+    """The release's cosine over optimizer steps 1..total: just under peak at the first, peak/10 at the last."""
     return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(total, 1))))
 
 
@@ -758,7 +789,7 @@ def lr_at(step, total, peak):
 # half a checkpoint behind.
 
 RESUME_MUST_MATCH = ("data", "mode", "max_seq_len", "batch_size", "accumulation_steps", "epochs", "max_steps", "seed",
-                     "learning_rate", "augment", "scheduled_sampling")
+                     "learning_rate", "weight_decay", "grad_clip", "augment", "scheduled_sampling")
 
 
 def weight_path(args, cfg):
@@ -769,24 +800,24 @@ def resume_path(args):
     return os.path.join(args.out_dir, f"{args.save_weight}_resume.pt")
 
 
-def rng_states():
+def rng_states(device):
     states = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":  # this process's GPU only: touching the others would give each a context
+        states["cuda"] = torch.cuda.get_rng_state(device)
     return states
 
 
-def set_rng_states(states):
+def set_rng_states(states, device):
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if "cuda" in states and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
-def save_resume_state(path, model, optimizer, scaler, position, args, world):
+def save_resume_state(path, model, optimizer, scaler, position, args, world, device):
     state = dict(model=model.state_dict(), config=model.config.to_dict(), optimizer=optimizer.state_dict(),
-                 scaler=scaler.state_dict(), position=position, rng=rng_states(),
+                 scaler=scaler.state_dict(), position=position, rng=rng_states(device),
                  args={k: getattr(args, k) for k in RESUME_MUST_MATCH}, world=world)
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -814,7 +845,9 @@ def load_resume_state(path, args, world):
 def encode_inputs(batch, encoders):
     """Frozen encoders on the device: questions -> (B, L, 512), images -> (B, 64, 768). Outputs read
     from --encoder_cache are used as they are; the other samples go through each encoder in one call,
-    and the outputs of cache misses are stored."""
+    and the outputs of cache misses are stored. With a cache, fresh outputs are rounded to its float16
+    too, so a step is the same whether they were just computed or read back (and resume stays exact)."""
+    cached = lambda x, cache: x.to(CACHE_DTYPE).float() if cache is not None else x.float()
     audio = image = None
     with torch.no_grad():
         if batch.speech_lengths is not None:
@@ -825,8 +858,8 @@ def encode_inputs(batch, encoders):
                 audio[:, :batch.speech_cached.shape[1]] = batch.speech_cached
             if batch.speech is not None:
                 run = batch.encode_speech
-                audio[run, :batch.speech.shape[1]] = run_speech_encoder(
-                    encoders.speech, batch.speech[run], batch.speech_lengths[run]).float()
+                audio[run, :batch.speech.shape[1]] = cached(run_speech_encoder(
+                    encoders.speech, batch.speech[run], batch.speech_lengths[run]), encoders.speech_cache)
             if encoders.speech_cache is not None:
                 encoders.speech_cache.put_batch(batch.speech_keys, audio, batch.speech_lengths)
         if batch.has_image is not None:
@@ -834,17 +867,34 @@ def encode_inputs(batch, encoders):
                      torch.zeros(len(batch.has_image), mo.IMAGE_TOKENS, mo.IMAGE_EMBED_DIM,
                                  device=batch.has_image.device))
             if batch.pixels is not None:
-                image[batch.encode_image] = run_vision_encoder(encoders.vision, batch.pixels).float()
+                image[batch.encode_image] = cached(run_vision_encoder(encoders.vision, batch.pixels),
+                                                   encoders.image_cache)
             if encoders.image_cache is not None:
                 encoders.image_cache.put_batch(batch.image_keys, image)
     return audio, image
 
 
-def micro_step(model, batch, encoders, autocast, scale):
+def idle_inputs(batch, audio, image, mode):
+    """In --mode audio_proj / vision_proj the projector is all that trains, so it must take part in every
+    step, even when a batch has nothing for it (no question audio, no image): otherwise the loss has no
+    gradient to follow. It is given a zero-length question or a zero image, which injects nothing (the
+    batch has no placeholder for it). In --mode all an idle projector simply gets no gradient, as in
+    the release."""
+    B, device = len(batch.input_ids), batch.input_ids.device
+    lengths = batch.speech_lengths
+    if audio is None and mode == "audio_proj":
+        audio = torch.zeros(B, 1, mo.SPEECH_EMBED_DIM, device=device)
+        lengths = torch.zeros(B, dtype=torch.long, device=device)
+    if image is None and mode == "vision_proj":
+        image = torch.zeros(B, mo.IMAGE_TOKENS, mo.IMAGE_EMBED_DIM, device=device)
+    return audio, lengths, image
+
+
+def micro_step(model, batch, encoders, autocast, scale, mode):
     """Forward and backward of one micro-batch; returns the unscaled (loss, text, audio, aux) values."""
     with autocast:
-        audio, image = encode_inputs(batch, encoders)
-        out = model(batch.input_ids, audio_embeds=audio, audio_lengths=batch.speech_lengths, image_embeds=image,
+        audio, audio_lengths, image = idle_inputs(batch, *encode_inputs(batch, encoders), mode)
+        out = model(batch.input_ids, audio_embeds=audio, audio_lengths=audio_lengths, image_embeds=image,
                     spk_emb=batch.spk_emb)
         text_loss, audio_loss = mo.omni_loss(out, batch.text_labels, batch.audio_labels)
         loss = text_loss + audio_loss + out.aux_loss
@@ -893,15 +943,22 @@ class MetricsLog:
         return png
 
 
-def find_tokenizer(args):
-    """--tokenizer, else the --from_weight folder (release folders ship it), else TOKENIZER_PLACES."""
+def tokenizer_folder(args):
+    """--tokenizer, else the --from_weight folder (release folders ship it), else TOKENIZER_FOLDER."""
+    if args.tokenizer:
+        return args.tokenizer
     start = getattr(args, "from_weight", None)
-    places = [args.tokenizer] if args.tokenizer else (
-        ([start] if start and os.path.isdir(start) else []) + [os.path.join(HERE, p) for p in TOKENIZER_PLACES])
-    for place in places:
-        if os.path.exists(os.path.join(place, "tokenizer.json")):
-            return mo.load_tokenizer(place)
-    return mo.load_tokenizer(places[0])  # raises, saying where the tokenizer comes from
+    if start and os.path.isfile(os.path.join(start, "tokenizer.json")):
+        return start
+    folder = os.path.join(HERE, TOKENIZER_FOLDER)
+    if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        raise FileNotFoundError(f"no tokenizer in {folder}: training needs the released MiniMind tokenizer. Get it "
+                                f"with\n  {GET_TOKENIZER}\nor point --tokenizer at a folder that has tokenizer.json")
+    return folder
+
+
+def find_tokenizer(args):
+    return mo.load_tokenizer(tokenizer_folder(args))
 
 
 def setup_processes(args):
@@ -962,13 +1019,13 @@ def train(args):
     dtype = getattr(torch, args.dtype)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and dtype == torch.float16)  # fp16 needs loss scaling
     autocast = torch.autocast("cuda", dtype=dtype) if cuda and dtype != torch.float32 else contextlib.nullcontext()
-    position = dict(epoch=0, batch=0, step=0, bad_rows=0, seconds=0.0)
+    position = dict(epoch=0, batch=0, step=0, bad_rows=[], seconds=0.0)  # bad_rows: messages of skipped rows
     if resume:
         optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
-        # rank 0 carries on the run's bad-row total (see save()), the others count afresh
-        position = dict(resume["position"], bad_rows=resume["position"]["bad_rows"] if is_main else 0)
-        set_rng_states(resume["rng"])
+        # rank 0 carries on the run's skipped rows (see save()), the others collect afresh
+        position = dict(resume["position"], bad_rows=resume["position"]["bad_rows"] if is_main else [])
+        set_rng_states(resume["rng"], device)
     net = model
     if world > 1:  # a T2A batch leaves the projectors unused, a MoE batch some experts: both are fine
         net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None, find_unused_parameters=True)
@@ -985,23 +1042,34 @@ def train(args):
                      position["step"] if resume else None) if is_main else None
     bar = tqdm(total=total_steps, initial=position["step"], disable=not is_main, dynamic_ncols=True, unit="step")
     started = time.time() - position["seconds"]
-    reduce = (lambda t: dist.all_reduce(t) or t) if world > 1 else (lambda t: t)
+
+    def reduce(t):  # summed over processes, on the device (NCCL reduces CUDA tensors only)
+        if world > 1:
+            t = t.to(device)
+            dist.all_reduce(t)
+        return t.cpu()
+
+    def all_bad_rows():  # every process's skipped rows, each once (rank 0's resume state keeps the union)
+        if world == 1:
+            return position["bad_rows"]
+        gathered = [None] * world
+        dist.all_gather_object(gathered, position["bad_rows"])
+        return sorted(set().union(*gathered))
 
     def save():
-        # every process adds its bad-row count; the total lives in rank 0's resume state
-        bad_total = int(reduce(torch.tensor(float(position["bad_rows"]))).item())
+        bad_rows = all_bad_rows()
         if is_main:
             mo.save_checkpoint(model, weight_path(args, model.config))
             save_resume_state(resume_path(args), model, optimizer, scaler,
-                              dict(position, bad_rows=bad_total, seconds=time.time() - started), args, world)
-        return bad_total
+                              dict(position, bad_rows=bad_rows, seconds=time.time() - started), args, world, device)
+        return len(bad_rows)
 
     while position["epoch"] < args.epochs and position["step"] < total_steps:
         dataset.epoch = position["epoch"]
         sampler = EpochBatches(len(rows), args.batch_size, args.seed, position["epoch"], rank, world, position["batch"])
         loader = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.num_workers))
         while position["batch"] < n_batches and position["step"] < total_steps:
-            lr = lr_at(position["step"], total_steps, args.learning_rate)
+            lr = lr_at(position["step"] + 1, total_steps, args.learning_rate)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             tick = time.time()
@@ -1009,13 +1077,17 @@ def train(args):
             sums = torch.zeros(6)  # loss, text, audio, aux, tokens, samples
             for i in range(group_size):
                 batch = next(loader)
-                for message in batch.bad_rows:  # every process reports its own
-                    tqdm.write(f"skipped bad row: {message}")
-                position["bad_rows"] += len(batch.bad_rows)
+                if isinstance(batch, BadRow):
+                    raise batch
+                for message in batch.bad_rows:  # every process reports its own, once (not again each epoch)
+                    if message not in position["bad_rows"]:
+                        tqdm.write(f"skipped bad row: {message}")
+                        position["bad_rows"].append(message)
                 batch = batch.to(device)
                 last = i == group_size - 1  # DDP averages gradients only after the last micro-batch
                 with contextlib.nullcontext() if last or world == 1 else net.no_sync():
-                    values = micro_step(net, batch, encoders, autocast, lambda x: scaler.scale(x / group_size))
+                    values = micro_step(net, batch, encoders, autocast, lambda x: scaler.scale(x / group_size),
+                                        args.mode)
                 sizes = torch.tensor([batch.tokens, len(batch.input_ids)])
                 sums += torch.cat([values.float().cpu() / group_size, sizes])
             scaler.unscale_(optimizer)
@@ -1043,8 +1115,7 @@ def train(args):
             position.update(epoch=position["epoch"] + 1, batch=0)
     bar.close()
 
-    bad_total = save()
-    summary = dict(steps=position["step"], seconds=time.time() - started, bad_rows=bad_total,
+    summary = dict(steps=position["step"], seconds=time.time() - started, bad_rows=save(),
                    checkpoint=weight_path(args, model.config), resume_state=resume_path(args))
     if is_main:
         records = log.records()
@@ -1068,7 +1139,8 @@ def report(summary, args, demo):
         lines = [f"demo: wrote {args.data[0]} ({DEMO_ROWS} T2A rows in the release's schema) and trained a "
                  f"{args.hidden_size}-wide model on it from random weights."] + lines + [
             "next: ask it something (it knows sums and colours; its 'speech' is made-up codes, so text only):",
-            f'  python chat.py --checkpoint {summary["checkpoint"]} --no_speech --text "What is 3 plus 4?"',
+            f'  python chat.py --checkpoint {summary["checkpoint"]} --tokenizer {tokenizer_folder(args)} --no_speech '
+            '--text "What is 3 plus 4?"',
             "then train the real model: download llm_768.pth and sft_t2a_mini.parquet and run the mini recipe in "
             "README.md, starting with",
             "  python train.py --data dataset/sft_t2a_mini.parquet --from_weight out/llm_768.pth "
@@ -1081,4 +1153,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:  # missing files, bad data or arguments: the message says where
+        sys.exit(f"train.py: {e}")

@@ -105,7 +105,7 @@ def write_a2a_rows(path, n, seed=0):
     return path
 
 
-def time_encoder_cache(model, optimizer, tok, device, autocast, batch_size, max_len, warmup, steps):
+def time_encoder_cache(model, optimizer, tok, device, autocast, batch_size, max_len, warmup, steps, mode):
     """Median seconds per optimizer step, from rows to the AdamW update, and of its data part (rows to
     batch), without a cache, while writing it (first epoch) and reading it back (warm); the variants
     take turns on distinct rows."""
@@ -139,7 +139,7 @@ def time_encoder_cache(model, optimizer, tok, device, autocast, batch_size, max_
                 start = time.perf_counter()
                 batch = train.collate([data[r] for r in rows_of_batch]).to(device)
                 batched = time.perf_counter()
-                train.micro_step(model, batch, data.encoders, autocast, lambda x: x)
+                train.micro_step(model, batch, data.encoders, autocast, lambda x: x, mode)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -154,7 +154,7 @@ def time_encoder_cache(model, optimizer, tok, device, autocast, batch_size, max_
     return {name: np.median(t, axis=0).tolist() for name, t in times.items()}
 
 
-def time_steps(model, optimizer, variants, device, autocast, warmup, steps):
+def time_steps(model, optimizer, variants, device, autocast, warmup, steps, mode):
     """Median seconds per optimizer step of each variant. The variants take turns step by step, so a
     busy machine slows them alike; the first `warmup` rounds are not timed."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -164,7 +164,7 @@ def time_steps(model, optimizer, variants, device, autocast, warmup, steps):
             batch = batches[i % len(batches)].to(device)
             sync()
             start = time.perf_counter()
-            train.micro_step(model, batch, train.Encoders(), autocast, lambda x: x)
+            train.micro_step(model, batch, train.Encoders(), autocast, lambda x: x, mode)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -208,7 +208,8 @@ def main():
           f"{steps} timed steps")
 
     if args.encoder_cache:
-        results = time_encoder_cache(model, optimizer, tok, device, autocast, batch_size, max_len, warmup, steps)
+        results = time_encoder_cache(model, optimizer, tok, device, autocast, batch_size, max_len, warmup, steps,
+                                     args.mode)
         for variant, (seconds, data_seconds) in results.items():
             print(f"  {variant:12s} {seconds * 1000:8.1f} ms/step ({data_seconds * 1000:6.1f} ms of it making the "
                   f"batch)  {batch_size / seconds:8.2f} samples/s")
@@ -228,7 +229,7 @@ def main():
           f"{np.mean([b.input_ids.shape[-1] for b in variants['longest']]):.0f}")
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
-    results = time_steps(model, optimizer, variants, device, autocast, warmup, steps)
+    results = time_steps(model, optimizer, variants, device, autocast, warmup, steps, args.mode)
     for variant, seconds in results.items():
         print(f"  padded to {variant:8s} {seconds * 1000:8.1f} ms/step  {batch_size / seconds:8.1f} samples/s  "
               f"{real_tokens / seconds:9.0f} tokens/s")

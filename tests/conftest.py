@@ -30,3 +30,9 @@ def tiny_config(**kw):
 @pytest.fixture(scope="session")
 def tokenizer():
     return mo.load_tokenizer(shared_path("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_flag():
+    """train.py's --tokenizer for runs in the tests (a clone has none until it downloads the release's)."""
+    return ["--tokenizer", shared_path("tokenizer")]

@@ -27,12 +27,12 @@ def parts(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def demo_checkpoint(tmp_path_factory):
+def demo_checkpoint(tmp_path_factory, tokenizer_flag):
     """train.py's demo run (two steps, tiny model), with its codec head made never to stop early
     (the specials' logits zeroed: random weights would stop at random), so every reply has speech."""
     out = tmp_path_factory.mktemp("demo")
     summary = train.main(["--out_dir", str(out), "--max_steps", "2", "--save_every", "0", "--max_seq_len", "64",
-                          "--batch_size", "4", "--hidden_size", "64", "--num_hidden_layers", "2"])
+                          "--batch_size", "4", "--hidden_size", "64", "--num_hidden_layers", "2", *tokenizer_flag])
     model = mo.load_model(summary["checkpoint"])
     with torch.no_grad():
         for linear in [model.talker.lm_head.base] + [a[2] for a in model.talker.lm_head.adapters]:
@@ -225,6 +225,10 @@ def test_download_while_offline_says_what_failed_and_what_to_do(tmp_path, monkey
     message = str(e.value)
     assert message.startswith("download failed") and message.count("are you online?") == 6
     assert not (tmp_path / "minimind-3o" / "config.json").exists()
+    with pytest.raises(SystemExit) as e:  # a one-shot text question needs only the model, tokenizer and Mimi
+        chat.main(["--download", "--checkpoint", str(tmp_path / "minimind-3o"), "--tokenizer", str(tmp_path / "tok"),
+                   "--mimi", str(tmp_path / "mimi"), "--sensevoice", str(tmp_path / "sv"), "--text", "hi"])
+    assert str(e.value).count("are you online?") == 3 and "speech encoder" not in str(e.value)
 
 
 def test_interactive_commands(flags, monkeypatch, capsys):

@@ -1,5 +1,4 @@
 """The model of minimind_o.py: shapes, the KV cache, injection, the loss, and weights on disk."""
-import os
 
 import pytest
 import torch
