@@ -75,7 +75,7 @@ def defaults(name):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Train MiniMind-O (Thinker-Talker) on parquet rows in the release's schema. Without --data it "
-                    "writes a small demo dataset and trains a tiny model on the CPU in about two minutes.",
+                    "writes a small demo dataset and trains a tiny model in about two minutes, even on a laptop CPU.",
         epilog="The release's recipes (stage order, modes, learning rates, lengths) are in README.md.")
     data = p.add_argument_group("data")
     data.add_argument("--data", nargs="+", metavar="PARQUET",
@@ -257,12 +257,17 @@ class Encoders:
 
 def load_encoders(rows, args, device):
     """Load only the encoders the data needs: T2A data needs neither."""
-    enc = Encoders()
-    if rows.has_any("question_audios"):
-        enc.speech = mo.load_speech_encoder(args.speech_encoder, device)
-        enc.speech_cmvn = enc.speech.cmvn.cpu()
-    if rows.has_any("image_bytes"):
-        enc.vision, enc.image_processor = mo.load_vision_encoder(args.vision_encoder, device)
+    enc, option = Encoders(), None
+    try:
+        if rows.has_any("question_audios"):
+            option = "--speech_encoder"
+            enc.speech = mo.load_speech_encoder(args.speech_encoder, device)
+            enc.speech_cmvn = enc.speech.cmvn.cpu()
+        if rows.has_any("image_bytes"):
+            option = "--vision_encoder"
+            enc.vision, enc.image_processor = mo.load_vision_encoder(args.vision_encoder, device)
+    except (FileNotFoundError, mo.DamagedFileError) as e:  # say which option points there
+        raise type(e)(f"{option}: {e}") from e
     return enc
 
 

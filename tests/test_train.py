@@ -248,6 +248,12 @@ def test_command_line_errors_are_one_line_not_a_traceback(tmp_path, tokenizer_fl
     assert done.stderr.startswith(f"train.py: data file not found: {tmp_path / 'nowhere.parquet'}")
 
 
+def test_a_missing_encoder_names_its_option(tmp_path, tokenizer_flag):
+    with pytest.raises(FileNotFoundError, match=r"--speech_encoder: .*nowhere/config.yaml not found"):
+        train.main(["--data", a2a_file(tmp_path / "a2a.parquet"), "--from_weight", "none", "--speech_encoder",
+                    str(tmp_path / "nowhere"), "--out_dir", str(tmp_path), *TINY_RUN, *tokenizer_flag])
+
+
 def test_without_a_tokenizer_it_says_how_to_get_one(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "HERE", str(tmp_path))  # a fresh clone: nothing in models/
     with pytest.raises(FileNotFoundError, match=r"(?s)hf download jingyaogong/minimind-3o .*--tokenizer"):
