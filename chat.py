@@ -729,9 +729,9 @@ def main(argv=None):
         torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.download:  # the interactive chat may need any part; a one-shot question only its own
-        interactive = not (args.text or args.audio or args.image or args.mic)
-        failures = download(args, list(PARTS) if interactive else parts_needed(args))
+    if args.download:  # the interactive chat may need any part; a one-shot question or --mic only its own
+        one_shot = args.text or args.audio or args.image or args.mic
+        failures = download(args, parts_needed(args) if one_shot else list(PARTS))
         if failures:
             sys.exit("download failed:\n  " + "\n  ".join(failures))
     missing = missing_report(args, parts_needed(args))
