@@ -12,6 +12,7 @@ background thread), `Player` (sound card), `Chat` (one conversation), `Listener`
 """
 import argparse
 import collections
+import itertools
 import os
 import queue
 import shlex
@@ -228,6 +229,8 @@ class SpeechOut:
             self.thread.start()
 
     def put(self, frame):
+        if self.error is not None:  # Mimi failed in its thread: stop the reply now, not after its last step
+            raise self.error
         if self.thread:
             self.frames.put(frame)
         else:
@@ -374,13 +377,13 @@ class Chat:
         return f"voice: {spec}"
 
     def user_turn(self, text, audio, image):
-        """The user's message as prompt text, the same without its speech placeholders (what the history
-        keeps: only the last question's speech can be injected), and the speech features."""
-        text, audio_embeds = text.strip(), None
+        """The user's message -> (prompt text, the same without its speech placeholders (what the history
+        keeps: only the last question's speech can be injected), speech features or None, the image's
+        (64, 768) features or None). Changes nothing in the conversation: a turn that fails leaves no trace."""
+        text, audio_embeds, image_feats = text.replace(mo.IMAGE_MARK, "").strip(), None, None
         if image is not None:  # one image per conversation: a new one replaces the old
             encoder, processor = self.part("siglip")
-            self.image = mo.encode_images(encoder, processor, [image])[0]               # (64, 768)
-            self.history = [dict(t, content=t["content"].replace(mo.IMAGE_MARK, "").strip()) for t in self.history]
+            image_feats = mo.encode_images(encoder, processor, [image])[0]              # (64, 768)
             text = f"{text}\n\n{mo.IMAGE_MARK}" if text else mo.IMAGE_MARK
         content = text
         if audio is not None:  # a file, or a 16 kHz waveform from the microphone
@@ -390,37 +393,43 @@ class Chat:
             audio_embeds = [feats]
         if not content:
             raise ValueError("nothing to answer: give some text, an audio file or an image")
-        return content, text, audio_embeds
+        return content, text, audio_embeds, image_feats
 
-    def prompt_ids(self, turn):
-        """Token ids of system + history + turn + the reply's start; the oldest turns go first when too long."""
+    def prompt(self, history, turn):
+        """Token ids of system + history + turn + the reply's start, and the history they kept: the oldest
+        question and answer go first while the prompt is longer than --max_context."""
         system = [{"role": "system", "content": self.args.system}] if self.args.system else []
-        limit = self.model.config.max_position_embeddings - self.args.max_new_tokens
+        positions = self.model.config.max_position_embeddings - self.args.max_new_tokens
         while True:
-            text = mo.render_chat(system + self.history + [turn], add_generation_prompt=True)
+            text = mo.render_chat(system + history + [turn], add_generation_prompt=True)
             ids = mo.encode(self.tok, mo.expand_image_marks(text))
-            if len(ids) <= limit:
-                return ids
-            if not self.history:
-                raise ValueError(f"the prompt is {len(ids)} tokens: with --max_new_tokens {self.args.max_new_tokens} "
-                                 f"it does not fit the model's {self.model.config.max_position_embeddings} positions")
-            self.history = self.history[2:]  # forget the oldest question and answer
+            if len(ids) <= min(self.args.max_context, positions) or not history:
+                break
+            history = history[2:]
+        if len(ids) > positions:
+            raise ValueError(f"the prompt is {len(ids)} tokens: with --max_new_tokens {self.args.max_new_tokens} "
+                             f"it does not fit the model's {self.model.config.max_position_embeddings} positions")
+        return ids, history
 
     def ask(self, text="", audio=None, image=None, interrupt=lambda: False, on_text=None):
         """Answer one turn, streaming: on_text(piece) as text is decoded, speech to the player as it is made.
         interrupt() is asked after every step; True stops the reply there (barge-in)."""
         start = time.perf_counter()
-        content, remembered, audio_embeds = self.user_turn(text, audio, image)
+        content, remembered, audio_embeds, new_image = self.user_turn(text, audio, image)
+        history, image_feats = self.history, self.image
+        if new_image is not None:  # the old image's marks go: only one image's features can be injected
+            history = [dict(t, content=t["content"].replace(mo.IMAGE_MARK, "").strip()) for t in history]
+            image_feats = new_image
         turn = {"role": "user", "content": content}
-        ids = self.prompt_ids(turn)
-        has_image = any(mo.IMAGE_MARK in t["content"] for t in self.history + [turn])
+        ids, history = self.prompt(history, turn)
+        has_image = any(mo.IMAGE_MARK in t["content"] for t in history + [turn])
         a = self.args
         speech = None if a.no_speech else SpeechOut(self.part("mimi"), a.frames_per_call, self.player)
         voice = self.voice or {}
         steps = mo.stream_generate(
             self.model, ids, a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
             repetition_penalty=a.repetition_penalty, greedy=a.greedy, ref_codes=voice.get("ref_codes"),
-            spk_emb=voice.get("spk_emb"), audio_embeds=audio_embeds, image_embeds=[self.image] if has_image else None)
+            spk_emb=voice.get("spk_emb"), audio_embeds=audio_embeds, image_embeds=[image_feats] if has_image else None)
         text_out, n_steps, n_frames, interrupted = TextStream(self.tok), 0, 0, False
         try:
             for step in steps:
@@ -443,7 +452,9 @@ class Chat:
             pcm = speech.close(drop_pending=interrupted) if speech else np.zeros(0, np.float32)
         if interrupted and self.player:
             self.player.stop()
-        self.history += [{"role": "user", "content": remembered}, {"role": "assistant", "content": text_out.text}]
+        self.image = image_feats
+        self.history = history + [{"role": "user", "content": remembered},
+                                  {"role": "assistant", "content": text_out.text}]
         first = speech.first_audio - start if speech and speech.first_audio else None
         return Reply(text_out.text, n_frames, pcm, n_steps, interrupted, time.perf_counter() - start, first)
 
@@ -522,9 +533,9 @@ class Listener:
                 self.current = None
 
 
-def converse(chat, mic, vad, echo=print):
+def converse(chat, mic, vad, echo=print, on_reply=lambda reply: None):
     """Speak, pause, hear the reply; speaking during a reply stops it and the new question is heard.
-    mic: a MicStream or a RecordedMic. Returns the replies, in order."""
+    mic: a MicStream or a RecordedMic; on_reply(reply) after each reply. Returns the replies, in order."""
     listener, replies = Listener(vad), []
 
     def barge_in():  # called after every model step: take in what the mic heard meanwhile
@@ -541,6 +552,7 @@ def converse(chat, mic, vad, echo=print):
             reply = chat.ask(audio=question, interrupt=barge_in, on_text=lambda s: echo(s, end="", flush=True))
             echo(" [interrupted]" if reply.interrupted else "")
             replies.append(reply)
+            on_reply(reply)
             while chat.player and chat.player.busy and not reply.interrupted:  # the reply is still playing
                 time.sleep(PLAYBACK_POLL_S)
                 if barge_in():
@@ -575,6 +587,12 @@ interactive commands:
   /reset                       forget the conversation
   /quit                        leave (or Ctrl-D); Ctrl-C stops a reply
 """
+
+
+def positive(value):
+    if int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return int(value)
 
 
 def default_path(*candidates):
@@ -616,8 +634,12 @@ def parse_args(argv=None):
                        "question needs, or all for the interactive chat) from Hugging Face (voices.pt from GitHub), "
                        "then go on")
     gen = p.add_argument_group("generation")
-    gen.add_argument("--max_new_tokens", type=int, default=1024, help="steps per reply at most (one step = one "
-                     "text token and 80 ms of speech; default 1024)")
+    gen.add_argument("--max_new_tokens", type=positive, default=1024, help="steps per reply at most (one step = "
+                     "one text token and 80 ms of speech; default 1024)")
+    gen.add_argument("--max_context", type=positive, default=2048,
+                     help="earlier turns are forgotten, oldest first, while the prompt is longer than this many "
+                          "tokens (default 2048; the model was trained on samples of 512-1024, and every reply "
+                          "reads the whole prompt again)")
     gen.add_argument("--temperature", type=float, default=0.75, help="text sampling temperature (default 0.75)")
     gen.add_argument("--top_p", type=float, default=0.9, help="text nucleus sampling (default 0.9)")
     gen.add_argument("--repetition_penalty", type=float, default=1.0, help="text repetition penalty (default 1.0)")
@@ -638,8 +660,12 @@ def parse_args(argv=None):
                           "at a small cost in accuracy")
     run.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: its own choice)")
     args = p.parse_args(argv)
-    if args.int8 and args.device != "cpu":
-        p.error("--int8 is for --device cpu (PyTorch's dynamic int8 kernels run on the CPU)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: PyTorch sees no CUDA GPU here; use --device cpu")
+    if args.int8 and (args.device != "cpu" or args.dtype != "float32"):
+        p.error("--int8 is for --device cpu --dtype float32 (PyTorch's dynamic int8 kernels take float32 on the CPU)")
+    if args.mic and (args.text or args.audio or args.image):
+        p.error("--mic is a spoken conversation: it takes no --text, --audio or --image")
     if args.tokenizer is None:
         ckpt = Path(args.checkpoint)
         args.tokenizer = str(ckpt if (ckpt / "tokenizer.json").is_file() else MODELS / "minimind-3o")
@@ -667,14 +693,18 @@ def numbered(path, n):
 
 
 def parse_line(line):
-    """'/image a.jpg /audio q.wav what is it?' -> {'image': 'a.jpg', 'audio': 'q.wav', 'text': 'what is it?'}."""
-    words, found = shlex.split(line), {}
-    while len(words) >= 2 and words[0] in ("/audio", "/image"):
-        found[words[0][1:]] = words[1]
-        words = words[2:]
-    if words and words[0] in ("/audio", "/image"):
-        raise ValueError(f"{words[0]} needs a file")
-    found["text"] = " ".join(words)
+    """'/image a.jpg /audio q.wav what's it?' -> {'image': 'a.jpg', 'audio': 'q.wav', 'text': "what's it?"}.
+    File names may be quoted ('/audio "my question.wav"'); the question itself is kept exactly as typed."""
+    found, rest = {}, line.strip()
+    while rest.split(maxsplit=1)[:1] in (["/audio"], ["/image"]):
+        words = shlex.shlex(rest, posix=True)
+        words.whitespace_split = True
+        command, file = words.get_token(), words.get_token()
+        if file is None:
+            raise ValueError(f"{command} needs a file")
+        found[command[1:]] = file
+        rest = words.instream.read().strip()  # what follows the file name, untouched
+    found["text"] = rest
     return found
 
 
@@ -685,9 +715,21 @@ def report(reply, out=None):
     print(f"({reply.steps} steps in {reply.seconds:.1f} s{audio}{first}{saved})", file=sys.stderr)
 
 
+def saver(out):
+    """on_reply for a conversation: each reply's speech to a numbered file (with --out), and its report line."""
+    replies = itertools.count(1)
+
+    def save(reply):
+        path = numbered(out, next(replies)) if out and len(reply.pcm) else None
+        if path:
+            write_wav(path, reply.pcm)
+        report(reply, path)
+    return save
+
+
 def interactive(chat, args):
     print("MiniMind-O: type a question, /audio FILE, /image FILE, /voice NAME|FILE, /reset, /quit (--help: more)")
-    turn = 0
+    save = saver(args.out)
     while True:
         try:
             line = input("you: ").strip()
@@ -714,13 +756,13 @@ def interactive(chat, args):
             print("model: ", end="", flush=True)
             reply = chat.ask(**request, on_text=lambda s: print(s, end="", flush=True))
             print(" [stopped]" if reply.interrupted else "")
-            turn += 1
-            out = numbered(args.out, turn) if args.out and len(reply.pcm) else None
-            if out:
-                write_wav(out, reply.pcm)
-            report(reply, out)
+            save(reply)
         except (FileNotFoundError, ValueError) as e:  # a bad file or command: say so, keep chatting
             print(f"\n{e}")
+        except KeyboardInterrupt:  # Ctrl-C while a question is still being heard or seen
+            print("\n(stopped)")
+        except Exception as e:  # e.g. Mimi failing mid-reply: the conversation so far is kept
+            print(f"\nerror: {type(e).__name__}: {e} (the conversation goes on; /reset to start afresh)")
 
 
 def main(argv=None):
@@ -748,7 +790,7 @@ def main(argv=None):
             except Exception as e:  # OSError without PortAudio, sounddevice.PortAudioError without a microphone
                 sys.exit(f"chat.py: --mic needs a microphone ({e})")
             print("listening: speak, then pause (Ctrl-C to leave)", file=sys.stderr)
-            return converse(chat, mic, mo.VoiceActivity())
+            return converse(chat, mic, mo.VoiceActivity(), on_reply=saver(args.out))
         if args.text or args.audio or args.image:
             reply = chat.ask(args.text or "", args.audio, args.image, on_text=lambda s: print(s, end="", flush=True))
             print()

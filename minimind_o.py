@@ -990,6 +990,10 @@ def stream_generate(model, prompt_ids, max_new_tokens=1024, temperature=0.75, to
     placeholders (a list with one (L, 512) / (64, 768) tensor). Batch size 1: this is a conversation."""
     device = next(model.parameters()).device
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long).view(-1)
+    positions = model.config.max_position_embeddings
+    if max_new_tokens < 1 or len(prompt) + max_new_tokens > positions:
+        raise ValueError(f"a prompt of {len(prompt)} tokens and max_new_tokens {max_new_tokens}: need at least one "
+                         f"new token and at most {positions} positions (the model's max_position_embeddings)")
     audio_rows = voice_prompt_rows(len(prompt), ref_codes, has_speaker=spk_emb is not None)
     column = torch.cat([audio_rows, prompt[None]]).to(device)[None]                # (1, 9, P)
     spk = None if spk_emb is None else torch.as_tensor(spk_emb, dtype=torch.float32, device=device).view(1, -1)

@@ -185,11 +185,79 @@ def test_speaking_during_a_reply_stops_it_and_the_new_question_is_heard(flags):
     ask = session.ask
     session.ask = lambda **kw: heard.append(len(kw["audio"])) or ask(**kw)
     mic = chat.RecordedMic(np.concatenate([speech16k(0.5, 1.2), speech16k(0.0, 1.0)]))
-    replies = chat.converse(session, mic, mo.VoiceActivity(), echo=lambda *a, **k: None)
-    assert len(replies) == 2
+    saved = []
+    replies = chat.converse(session, mic, mo.VoiceActivity(), echo=lambda *a, **k: None, on_reply=saved.append)
+    assert len(replies) == 2 and saved == replies
     assert replies[0].interrupted and replies[0].steps < 80      # the second sentence starts ~40 steps in
     assert not replies[1].interrupted and replies[1].steps == 120
     assert heard[1] >= len(speech16k())                          # heard from its first word
+
+
+def test_mic_replies_are_saved_with_out(tmp_path):
+    save = chat.saver(str(tmp_path / "reply.wav"))
+    for steps in (3, 5):
+        save(chat.Reply("hi", 1, np.zeros(mo.MIMI_FRAME_SAMPLES, np.float32), steps, False, 0.1, 0.05))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reply_01.wav", "reply_02.wav"]
+
+
+# -- a turn that fails, long conversations, argument checks ----------------------------------------
+
+def test_a_failed_turn_leaves_the_conversation_as_it_was(tmp_path, flags):
+    from PIL import Image
+    session = chat.Chat(chat.parse_args(flags + ["--no_speech"]))
+    picture = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(picture)
+    session.ask("What is this?", image=str(picture))
+    history, image = list(session.history), session.image
+    with pytest.raises(FileNotFoundError):
+        session.ask("And this?", image=str(picture), audio=str(tmp_path / "missing.wav"))
+    assert session.history == history and session.image is image
+
+
+def test_old_turns_are_forgotten_beyond_max_context(flags):
+    session = chat.Chat(chat.parse_args(flags + ["--no_speech", "--max_context", "160"]))
+    for i in range(8):
+        session.ask(f"Question number {i}: what is {i} plus {i}?")
+        ids, kept = session.prompt(session.history, {"role": "user", "content": "next?"})
+        assert len(ids) <= 160 or not kept
+    assert 0 < len(session.history) < 16 and "Question number 7" in session.history[-2]["content"]
+    history = list(session.history)
+    with pytest.raises(ValueError, match="does not fit the model's"):
+        session.ask("word " * session.model.config.max_position_embeddings)
+    assert session.history == history  # a question too long for the model does not wipe the conversation
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--int8", "--dtype", "bfloat16"], "--int8 is for --device cpu --dtype float32"),
+    (["--mic", "--text", "hi"], "--mic is a spoken conversation"),
+    (["--max_new_tokens", "0"], "0 is not a positive number"),
+])
+def test_arguments_that_cannot_work_together_are_refused(flags, capsys, extra, message):
+    with pytest.raises(SystemExit):
+        chat.parse_args(flags + extra)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused(flags, capsys):
+    with pytest.raises(SystemExit):
+        chat.parse_args(flags + ["--device", "cuda"])
+    assert "PyTorch sees no CUDA GPU here; use --device cpu" in capsys.readouterr().err
+
+
+def test_a_mimi_failure_stops_the_reply_at_once_and_the_chat_goes_on(flags, monkeypatch, capsys):
+    def broken(self, frame):
+        raise RuntimeError("Mimi broke")
+    monkeypatch.setattr(mo.MimiStreamDecoder, "push", broken)
+    steps = []
+    session = chat.Chat(chat.parse_args(flags + ["--max_new_tokens", "60"]))
+    with pytest.raises(RuntimeError, match="Mimi broke"):
+        session.ask("1+1=", interrupt=lambda: steps.append(1) and False)
+    assert len(steps) < 60 and session.history == []  # stopped within a few frames; no half turn kept
+    lines = iter(["1+1=", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    chat.main(flags + ["--max_new_tokens", "60"])
+    assert "error: RuntimeError: Mimi broke (the conversation goes on" in capsys.readouterr().out
 
 
 # -- parts, download, interactive ------------------------------------------------------------------
@@ -245,6 +313,9 @@ def test_interactive_commands(flags, monkeypatch, capsys):
 def test_parse_line_and_text_stream(tokenizer):
     assert chat.parse_line('/image "my cat.jpg" /audio q.wav what is it?') == {
         "image": "my cat.jpg", "audio": "q.wav", "text": "what is it?"}
+    typed = 'what\'s "C:\\temp" for?'   # apostrophes, quotes and backslashes in a question stay as typed
+    assert chat.parse_line(typed) == {"text": typed}
+    assert chat.parse_line(f"/audio q.wav {typed}") == {"audio": "q.wav", "text": typed}
     stream = chat.TextStream(tokenizer)
     text = "你好, world"
     pieces = [stream.add(i) for i in mo.encode(tokenizer, text)]

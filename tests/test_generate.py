@@ -107,3 +107,11 @@ def test_voice_prompt_and_encoder_features_go_in_at_prefill_only(model):
     assert torch.equal(first["spk_emb"][0], spk) and all(torch.equal(k["spk_emb"][0], spk) for _, k in later)
     assert first["audio_embeds"] is speech and first["image_embeds"] is image
     assert all(k["audio_embeds"] is None and k["image_embeds"] is None for _, k in later)
+
+
+def test_a_reply_that_cannot_fit_the_positions_is_refused_up_front(model):
+    positions = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"at most {positions} positions"):
+        mo.generate(model, torch.ones(positions - 4, dtype=torch.long), max_new_tokens=5)
+    with pytest.raises(ValueError, match="at least one new token"):
+        mo.generate(model, torch.ones(3, dtype=torch.long), max_new_tokens=0)

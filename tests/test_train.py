@@ -262,13 +262,15 @@ def test_without_a_tokenizer_it_says_how_to_get_one(tmp_path, monkeypatch):
 
 def test_missing_start_weights_say_where_the_published_ones_are(tmp_path, demo_file, tokenizer_flag):
     with pytest.raises(FileNotFoundError, match="llm_768.pth.*minimind-3o-pytorch"):
-        train.main(["--data", demo_file, "--from_weight", str(tmp_path / "llm_768.pth"), "--out_dir", str(tmp_path), *tokenizer_flag])
+        train.main(["--data", demo_file, "--from_weight", str(tmp_path / "llm_768.pth"), "--out_dir", str(tmp_path),
+                    *tokenizer_flag])
 
 
 # -- runs ----------------------------------------------------------------------------------------
 
 def test_demo_run_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path, tokenizer_flag):
-    summary = train.main(["--out_dir", str(tmp_path), "--max_steps", "6", "--save_every", "0", *TINY_RUN, *tokenizer_flag])
+    summary = train.main(["--out_dir", str(tmp_path), "--max_steps", "6", "--save_every", "0", *TINY_RUN,
+                          *tokenizer_flag])
     assert summary["last_loss"] < 0.9 * summary["first_loss"]
     lrs = [r["lr"] for r in map(json.loads, open(summary["metrics"]))]
     peak = train.DEMO["learning_rate"]
@@ -283,7 +285,8 @@ def test_demo_run_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path, toke
 
 
 def test_killed_run_resumes_with_the_same_losses(tmp_path, tokenizer_flag):
-    flags = ["--max_steps", "6", "--save_every", "1", "--num_workers", "0", *TINY_RUN, "--batch_size", "2", *tokenizer_flag]
+    flags = ["--max_steps", "6", "--save_every", "1", "--num_workers", "0", *TINY_RUN, "--batch_size", "2",
+             *tokenizer_flag]
     whole = train.main(["--out_dir", str(tmp_path / "whole"), *flags])
     killed = tmp_path / "killed"
     metrics = killed / "demo_metrics.jsonl"
@@ -312,7 +315,8 @@ def test_two_process_ddp_on_cpu(tmp_path, tokenizer_flag):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "train.py", "--device", "cpu", "--out_dir", str(tmp_path), "--max_steps", "2",
-                           "--accumulation_steps", "2", *TINY_RUN, *tokenizer_flag], cwd=ROOT, env=env, capture_output=True, text=True,
+                           "--accumulation_steps", "2", *TINY_RUN, *tokenizer_flag], cwd=ROOT, env=env,
+                          capture_output=True, text=True,
                           timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 steps of 4x2x2 samples" in done.stdout
@@ -382,7 +386,8 @@ def test_encoder_cache_ids_follow_the_data_file_and_the_encoder(tmp_path):
     assert os.listdir(os.path.dirname(cache.path("a2a-x/0-0"))) == ["0-0.npy"]  # no temporary file left
 
 
-def test_encoder_cache_is_written_then_read_with_the_same_losses(tmp_path, encoder_flags, monkeypatch, capsys, tokenizer_flag):
+def test_encoder_cache_is_written_then_read_with_the_same_losses(tmp_path, encoder_flags, monkeypatch, capsys,
+                                                                 tokenizer_flag):
     encoded = {"speech": 0, "image": 0}  # samples that went through each encoder
 
     def counting(kind, run):
