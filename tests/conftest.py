@@ -14,7 +14,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def shared_path(*parts):
-    """A file under ../shared, or a skip that says why (CI always has ../shared)."""
+    """A file under ../shared (the released voices), or a skip that says why (CI always has ../shared)."""
     path = os.path.join(SHARED, *parts)
     if not os.path.exists(path):
         pytest.skip(f"{path} is absent: the released tokenizer/voices live in ../shared beside the project")
@@ -27,12 +27,24 @@ def tiny_config(**kw):
     return mo.OmniConfig(**base)
 
 
+def tokenizer_folder():
+    """The released tokenizer's folder: $MINIMIND_TOKENIZER, else models/minimind-3o (where the README's
+    `hf download` puts it), else ../shared/tokenizer (CI); a skip that says how to get it when none has it."""
+    places = [os.environ.get("MINIMIND_TOKENIZER"), os.path.join(ROOT, "models", "minimind-3o"),
+              os.path.join(SHARED, "tokenizer")]
+    found = next((p for p in places if p and os.path.exists(os.path.join(p, "tokenizer.json"))), None)
+    if found is None:
+        pytest.skip("needs the released tokenizer: hf download jingyaogong/minimind-3o --include 'tokenizer*' "
+                    "--local-dir models/minimind-3o (or set MINIMIND_TOKENIZER; CI has ../shared/tokenizer)")
+    return found
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
-    return mo.load_tokenizer(shared_path("tokenizer"))
+    return mo.load_tokenizer(tokenizer_folder())
 
 
 @pytest.fixture(scope="session")
 def tokenizer_flag():
-    """train.py's --tokenizer for runs in the tests (a clone has none until it downloads the release's)."""
-    return ["--tokenizer", shared_path("tokenizer")]
+    """train.py's and chat.py's --tokenizer for runs in the tests."""
+    return ["--tokenizer", tokenizer_folder()]

@@ -11,7 +11,6 @@ import torch
 import chat
 import minimind_o as mo
 import train
-from conftest import shared_path
 
 side_assets = pytest.importorskip("side_assets", reason="tests/side_assets.py builds the side modules")
 
@@ -43,8 +42,8 @@ def demo_checkpoint(tmp_path_factory, tokenizer_flag):
 
 
 @pytest.fixture
-def flags(tmp_path, parts, demo_checkpoint):
-    return ["--checkpoint", str(demo_checkpoint), "--tokenizer", shared_path("tokenizer"), "--mimi", str(parts["mimi"]),
+def flags(tmp_path, parts, demo_checkpoint, tokenizer_flag):
+    return ["--checkpoint", str(demo_checkpoint), *tokenizer_flag, "--mimi", str(parts["mimi"]),
             "--campplus", str(parts["campplus"]), "--sensevoice", str(parts["sensevoice"]), "--siglip", str(parts["siglip"]),
             "--voices", str(tmp_path / "voices.pt"), "--max_new_tokens", str(REPLY_STEPS), "--seed", "0", "--mute"]
 

@@ -1,8 +1,8 @@
 """The tutorial notebooks (tutorial/*.ipynb) run from top to bottom, offline, on CPU, within a time budget.
 
 Each notebook is executed by a fresh Jupyter kernel (nbclient), working directory tutorial/, as a reader would
-run it; any cell that raises fails its test. Notebooks that need the released tokenizer skip, with the reason,
-when ../shared is not beside the project.
+run it; any cell that raises fails its test. Notebooks that need the released tokenizer skip, saying how to
+get it, when it is in none of the places conftest.tokenizer_folder looks.
 """
 import glob
 import os
@@ -11,17 +11,16 @@ import time
 
 import pytest
 
+from conftest import tokenizer_folder
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUTORIAL = os.path.join(ROOT, "tutorial")
-SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 NOTEBOOKS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(TUTORIAL, "*.ipynb")))
 
-# What a notebook cannot run without (under ../shared); the others run anywhere.
-NEEDS_SHARED = {"06_sequence_format.ipynb": "tokenizer/tokenizer.json",
-                "08_training_lab.ipynb": "tokenizer/tokenizer.json"}
+NEEDS_TOKENIZER = ("06_sequence_format.ipynb", "08_training_lab.ipynb")  # the others run anywhere
 CELL_TIMEOUT_S = 120      # one cell; the slowest (notebook 8's training loop) takes ~10 s on 2 cores
 NOTEBOOK_BUDGET_S = 60    # one notebook, kernel start included; each is written to finish in well under 30 s
 
@@ -33,9 +32,8 @@ def test_tutorial_is_there():
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_executes(name, monkeypatch):
-    needed = NEEDS_SHARED.get(name)
-    if needed and not os.path.exists(os.path.join(SHARED, needed)):
-        pytest.skip(f"{name} needs ../shared/{needed} (the released tokenizer beside the project), which is absent")
+    if name in NEEDS_TOKENIZER:  # the notebook looks in the same places; this also skips, saying how to get it
+        monkeypatch.setenv("MINIMIND_TOKENIZER", tokenizer_folder())
     # The notebooks use tiny models: extra threads only add synchronisation overhead, and on a busy machine
     # oversubscribed threads make small ops many times slower. The kernel inherits this environment.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
