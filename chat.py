@@ -63,9 +63,12 @@ class Part:
     needed_for: str
     source: str                     # where the published files come from
     files: tuple = ()               # for a folder: the files that must be in it
-    fetch: Optional[Callable] = None  # fetch(path): download into path (None: `fetch_checkpoint` decides)
+    fetch: Optional[Callable] = None  # fetch(path): download into path
+    is_there: Optional[Callable] = None  # is_there(path), when the files alone cannot tell
 
     def present(self, path):
+        if self.is_there:
+            return self.is_there(path)
         path = Path(path)
         return path.is_file() or (all((path / f).is_file() for f in self.files) if self.files else path.exists())
 
@@ -107,7 +110,8 @@ def fetch_checkpoint(path):
 PARTS = {  # key = the argparse dest of the option that points at the part
     "checkpoint": Part("MiniMind-O weights", "--checkpoint", "everything",
                        f"`{HUB}/minimind-3o` (folder) or `{HUB}/minimind-3o-pytorch` (sft_omni_768.pth) on Hugging "
-                       "Face, `gongjy` on ModelScope; or a checkpoint made by train.py", fetch=fetch_checkpoint),
+                       "Face, `gongjy` on ModelScope; or a checkpoint made by train.py", fetch=fetch_checkpoint,
+                       is_there=lambda path: mo.weights_file(str(path)) is not None),  # not just a tokenizer
     "tokenizer": Part("tokenizer", "--tokenizer", "everything",
                       f"tokenizer.json, in the `{HUB}/minimind-3o` folder", files=("tokenizer.json",),
                       fetch=hub_folder(f"{HUB}/minimind-3o", ["tokenizer*.json", "*.txt"])),
@@ -294,19 +298,22 @@ class Reply:
 
 
 class TextStream:
-    """Token ids in, printable text pieces out (a character can span several byte-level tokens)."""
+    """Token ids in, printable text pieces out (a character can span several byte-level tokens). An empty
+    think block at the start of the reply is not shown: the prompt already ends with one, and the chat
+    text puts it back before every reply in the history."""
 
     def __init__(self, tok):
         self.tok, self.ids, self.shown = tok, [], ""
 
     @property
     def text(self):
-        return self.tok.decode(self.ids, skip_special_tokens=True)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        return text[len(mo.EMPTY_THINK):] if text.startswith(mo.EMPTY_THINK) else text
 
     def add(self, token_id):
         self.ids.append(token_id)
         text = self.text
-        if text.endswith("\ufffd"):  # half a character so far
+        if text.endswith("\ufffd") or mo.EMPTY_THINK.startswith(text):  # half a character, or maybe a think block
             return ""
         piece, self.shown = text[len(self.shown):], text
         return piece
@@ -595,9 +602,9 @@ def positive(value):
     return int(value)
 
 
-def default_path(*candidates):
-    """The first candidate that exists, else the first (reported as missing where it matters)."""
-    return next((str(c) for c in candidates if Path(c).exists()), str(candidates[0]))
+def default_checkpoint(*candidates):
+    """The first candidate that holds weights, else the first (reported as missing where it matters)."""
+    return next((str(c) for c in candidates if mo.weights_file(str(c))), str(candidates[0]))
 
 
 def parse_args(argv=None):
@@ -621,7 +628,7 @@ def parse_args(argv=None):
                        "under NAME")
     voice.add_argument("--voices", default=str(MODELS / "voices.pt"), help="voices file (default models/voices.pt)")
     parts = p.add_argument_group("published files (see --download)")
-    parts.add_argument("--checkpoint", default=default_path(MODELS / "minimind-3o", MODELS / "sft_omni_768.pth"),
+    parts.add_argument("--checkpoint", default=default_checkpoint(MODELS / "minimind-3o", MODELS / "sft_omni_768.pth"),
                        help="released folder or .pth, or a train.py checkpoint (default models/minimind-3o, else "
                             "models/sft_omni_768.pth)")
     parts.add_argument("--tokenizer", help="folder with tokenizer.json (default: the checkpoint's folder if it has "

@@ -653,17 +653,26 @@ def start_from_text_model(model, state_dict):
     load_official_state_dict(model, full)
 
 
+def weights_file(path):
+    """The file holding a checkpoint's weights: `path` itself, or in a release folder the first of
+    model.safetensors, pytorch_model.bin, *.pth; None when there is none."""
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        return None
+    candidates = ["model.safetensors", "pytorch_model.bin"] + sorted(f for f in os.listdir(path) if f.endswith(".pth"))
+    return next((os.path.join(path, f) for f in candidates if os.path.isfile(os.path.join(path, f))), None)
+
+
 def read_checkpoint(path):
     """A state dict from a .pth/.bin/.safetensors file, or from a release folder. Clear error if missing."""
-    if os.path.isdir(path):
-        candidates = ["model.safetensors", "pytorch_model.bin"] + sorted(f for f in os.listdir(path) if f.endswith(".pth"))
-        found = [os.path.join(path, f) for f in candidates if os.path.exists(os.path.join(path, f))]
-        if not found:
-            raise FileNotFoundError(f"no weights in folder {path} (looked for model.safetensors, pytorch_model.bin, "
-                                    f"*.pth); {PUBLISHED_WEIGHTS}")
-        path = found[0]
-    if not os.path.exists(path):
+    found = weights_file(path)
+    if found is None and os.path.isdir(path):
+        raise FileNotFoundError(f"no weights in folder {path} (looked for model.safetensors, pytorch_model.bin, "
+                                f"*.pth); {PUBLISHED_WEIGHTS}")
+    if found is None:
         raise FileNotFoundError(f"checkpoint not found: {path}; {PUBLISHED_WEIGHTS}")
+    path = found
     with reading(path, PUBLISHED_WEIGHTS):
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file

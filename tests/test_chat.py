@@ -1,6 +1,8 @@
 """chat.py end to end, offline: a train.py demo checkpoint, and Mimi, CAM++ and SenseVoice with random weights
 saved in their published formats and loaded through the real loaders (tests/side_assets.py)."""
 import collections
+import os
+import shutil
 import threading
 
 import numpy as np
@@ -315,7 +317,19 @@ def test_parse_line_and_text_stream(tokenizer):
     typed = 'what\'s "C:\\temp" for?'   # apostrophes, quotes and backslashes in a question stay as typed
     assert chat.parse_line(typed) == {"text": typed}
     assert chat.parse_line(f"/audio q.wav {typed}") == {"audio": "q.wav", "text": typed}
-    stream = chat.TextStream(tokenizer)
-    text = "你好, world"
-    pieces = [stream.add(i) for i in mo.encode(tokenizer, text)]
-    assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
+    for text in ("你好, world", "<b>bold</b> and <think>"):
+        stream = chat.TextStream(tokenizer)
+        pieces = [stream.add(i) for i in mo.encode(tokenizer, text)]
+        assert "".join(pieces) == stream.text == text and all("\ufffd" not in p for p in pieces)
+    stream = chat.TextStream(tokenizer)  # a repeated empty think block is not the reply
+    pieces = [stream.add(i) for i in mo.encode(tokenizer, mo.EMPTY_THINK + "Blue.")]
+    assert "".join(pieces) == stream.text == "Blue."
+
+
+def test_a_model_folder_with_only_the_tokenizer_still_lacks_the_weights(tmp_path, tokenizer_flag):
+    folder = tmp_path / "minimind-3o"  # what the README's tokenizer download leaves
+    folder.mkdir()
+    shutil.copy(os.path.join(tokenizer_flag[1], "tokenizer.json"), folder)
+    with pytest.raises(SystemExit) as e:
+        chat.main(["--checkpoint", str(folder), "--no_speech", "--text", "hi"])
+    assert "MiniMind-O weights" in str(e.value) and "tokenizer (for" not in str(e.value)
