@@ -64,6 +64,8 @@ REAL = dict(from_weight="out/llm_768.pth", out_dir="out", save_weight="sft_omni"
 DEMO = dict(from_weight="none", out_dir="out/demo", save_weight="demo", hidden_size=64, num_hidden_layers=4,
             max_seq_len=96, batch_size=8, learning_rate=2e-3, epochs=6, num_workers=0, log_every=1,
             save_every=50)
+PUBLISHED_DATA = ("the release's data is `minimind-o_dataset` under `jingyaogong` on Hugging Face / `gongjy` on "
+                  "ModelScope")
 TOKENIZER_FOLDER = "models/minimind-3o"   # the release's model folder, which holds its tokenizer
 GET_TOKENIZER = f'hf download jingyaogong/minimind-3o --include "tokenizer*" --local-dir {TOKENIZER_FOLDER}'
 
@@ -355,8 +357,7 @@ class ParquetRows:
         self.tables = []
         for path in paths:
             if not os.path.exists(path):
-                raise FileNotFoundError(f"data file not found: {path} (the release's data is `minimind-o_dataset` "
-                                        "under `jingyaogong` on Hugging Face / `gongjy` on ModelScope)")
+                raise FileNotFoundError(f"data file not found: {path} ({PUBLISHED_DATA})")
             table = pq.read_table(path, memory_map=True)
             if "conversations" not in table.column_names:
                 raise BadRow.at(path, "-", "conversations", "missing: every row needs its conversation")
@@ -962,6 +963,20 @@ def tokenizer_folder(args):
     return folder
 
 
+def missing_inputs(args):
+    """Every input file that is not there (tokenizer, data, start weights), as one message, or None: a
+    first run learns all it has to download at once, not one file per attempt."""
+    missing = []
+    try:
+        tokenizer_folder(args)
+    except FileNotFoundError as e:
+        missing.append(str(e))
+    missing += [f"data file not found: {p} ({PUBLISHED_DATA})" for p in args.data if not os.path.exists(p)]
+    if args.from_weight != "none" and not args.resume and mo.weights_file(args.from_weight) is None:
+        missing.append(f"--from_weight {args.from_weight} not found; {mo.PUBLISHED_WEIGHTS}")
+    return "\n".join(missing) or None
+
+
 def find_tokenizer(args):
     return mo.load_tokenizer(tokenizer_folder(args))
 
@@ -994,6 +1009,9 @@ def train(args):
         args.data = [data_file]
 
     # Data
+    missing = missing_inputs(args)
+    if missing:
+        raise FileNotFoundError(missing)
     tok = find_tokenizer(args)
     rows = ParquetRows(args.data)
     if len(rows) < world:
@@ -1143,11 +1161,13 @@ def report(summary, args, demo):
     if demo:
         lines = [f"demo: wrote {args.data[0]} ({DEMO_ROWS} T2A rows in the release's schema) and trained a "
                  f"{args.hidden_size}-wide model on it from random weights."] + lines + [
-            "next: ask it something (it knows sums and colours; its 'speech' is made-up codes, so text only):",
+            "next: ask it what it was taught. It gets the colours right; sums come out in the right form but "
+            "mostly wrong (a tiny model learns the format in two minutes, not arithmetic). Its 'speech' is "
+            "made-up codes, so ask for text only:",
             f'  python chat.py --checkpoint {summary["checkpoint"]} --tokenizer {tokenizer_folder(args)} --no_speech '
-            '--text "What is 3 plus 4?"',
-            "then train the real model: download llm_768.pth and sft_t2a_mini.parquet and run the mini recipe in "
-            "README.md, starting with",
+            '--greedy --text "What colour is the sky?"',
+            "then train the real model: download llm_768.pth and sft_t2a_mini.parquet (README.md, 'Training "
+            "recipes', has the commands) and run the mini recipe, starting with",
             "  python train.py --data dataset/sft_t2a_mini.parquet --from_weight out/llm_768.pth "
             "--save_weight sft_zero --batch_size 40 --max_seq_len 512"]
     tqdm.write("\n".join(lines))

@@ -115,6 +115,9 @@ def main(argv=None):
     p.add_argument("--mimi", help="Mimi weights (file or folder); default: random weights")
     p.add_argument("--json", help="also append the result as one JSON line to this file")
     args = p.parse_args(argv)
+    if not 0 < args.text_steps < args.steps - mo.N_CODEBOOKS:
+        p.error(f"--text_steps {args.text_steps} must leave speech-only steps in --steps {args.steps} (the rates "
+                f"after the text are measured on them): use --steps above {args.text_steps + mo.N_CODEBOOKS}")
 
     if args.threads:
         torch.set_num_threads(args.threads)

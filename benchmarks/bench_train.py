@@ -198,7 +198,10 @@ def main():
     device = torch.device(args.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
 
-    tok = train.find_tokenizer(argparse.Namespace(tokenizer=args.tokenizer))
+    try:
+        tok = train.find_tokenizer(argparse.Namespace(tokenizer=args.tokenizer))
+    except FileNotFoundError as e:
+        sys.exit(f"bench_train.py: {e}")
     torch.manual_seed(0)
     model = mo.MiniMindO(mo.OmniConfig(use_moe=args.use_moe)).to(device).train()
     optimizer = torch.optim.AdamW(train.set_trainable(model, args.mode), lr=1e-4)

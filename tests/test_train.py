@@ -248,6 +248,16 @@ def test_command_line_errors_are_one_line_not_a_traceback(tmp_path, tokenizer_fl
     assert done.stderr.startswith(f"train.py: data file not found: {tmp_path / 'nowhere.parquet'}")
 
 
+def test_missing_inputs_are_listed_together(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "HERE", str(tmp_path))  # a fresh clone: no tokenizer in models/
+    with pytest.raises(FileNotFoundError) as e:
+        train.main(["--data", str(tmp_path / "sft_t2a_mini.parquet"), "--from_weight", str(tmp_path / "llm_768.pth"),
+                    "--out_dir", str(tmp_path)])
+    message = str(e.value)
+    for what in ("no tokenizer", "sft_t2a_mini.parquet", "minimind-o_dataset", "llm_768.pth", "minimind-3o-pytorch"):
+        assert what in message
+
+
 def test_a_missing_encoder_names_its_option(tmp_path, tokenizer_flag):
     with pytest.raises(FileNotFoundError, match=r"--speech_encoder: .*nowhere/config.yaml not found"):
         train.main(["--data", a2a_file(tmp_path / "a2a.parquet"), "--from_weight", "none", "--speech_encoder",
