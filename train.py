@@ -1060,6 +1060,8 @@ def train(args):
         f"training {sum(p.numel() for p in params) / 1e6:.2f}M ({args.mode}); data: {len(rows)} rows in "
         f"{len(args.data)} file(s); {total_steps} steps of {args.batch_size}x{args.accumulation_steps}x{world} samples "
         f"on {device}" + (f"; resuming after step {position['step']}" if resume else ""))
+    if position["step"] >= total_steps:
+        say(f"--resume: this run already finished all {total_steps} steps; nothing left to train")
 
     log = MetricsLog(os.path.join(args.out_dir, f"{args.save_weight}_metrics.jsonl"),
                      position["step"] if resume else None) if is_main else None

@@ -294,7 +294,7 @@ def test_demo_run_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path, toke
     assert {"loss", "text", "audio", "aux", "lr", "samples_per_s", "tokens_per_s"} <= set(records[0])
 
 
-def test_killed_run_resumes_with_the_same_losses(tmp_path, tokenizer_flag):
+def test_killed_run_resumes_with_the_same_losses(tmp_path, tokenizer_flag, capsys):
     flags = ["--max_steps", "6", "--save_every", "1", "--num_workers", "0", *TINY_RUN, "--batch_size", "2",
              *tokenizer_flag]
     whole = train.main(["--out_dir", str(tmp_path / "whole"), *flags])
@@ -319,6 +319,10 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path, tokenizer_flag):
     assert read(resumed["metrics"]) == pytest.approx(read(whole["metrics"]), abs=1e-5)
     with pytest.raises(ValueError, match="different run.*--batch_size 2 -> 3"):
         train.main(["--out_dir", str(killed), "--resume", *flags, "--batch_size", "3"])
+    capsys.readouterr()
+    again = train.main(["--out_dir", str(killed), "--resume", *flags])  # resuming a finished run trains nothing
+    assert "nothing left to train" in capsys.readouterr().out
+    assert again["steps"] == 6 and read(again["metrics"]) == read(resumed["metrics"])
 
 
 def test_two_process_ddp_on_cpu(tmp_path, tokenizer_flag):
