@@ -23,8 +23,9 @@ Read top to bottom, in the order data flows:
                                     11. streaming generation
                                     12. thin adapters to the frozen side modules
 
-The binding facts (weight layout, token layout, delays, sampling, loss) are in the release's
-format, checked by ../shared/checks/conformance.py against the public reference implementation.
+The binding facts (weight layout, token layout, delays, sampling, loss) are written down in
+../shared/spec/conformance.md and checked by ../shared/checks/conformance.py against fixtures from the
+public reference implementation.
 """
 import contextlib
 import functools
@@ -56,6 +57,7 @@ NEWLINE = 234           # "\n": the text input right after EOS (what the trainin
 # Audio ids: Mimi codes 0..2047, then a few specials, in a vocabulary of 2112.
 N_CODEBOOKS = 8         # Mimi codebook layers we model (rows 0-7 of a sample)
 TEXT_ROW = N_CODEBOOKS  # row 8 of a sample is the text
+N_ROWS = N_CODEBOOKS + 1  # nine rows per column
 CODEBOOK_SIZE = 2048    # ids >= this are not sound
 AUDIO_PAD = 2049        # "no audio here"
 AUDIO_STOP = 2050       # the end of a layer's speech
@@ -93,7 +95,7 @@ class OmniConfig:
     num_talker_hidden_layers: int = 4
     audio_hidden_size: int = SPEECH_EMBED_DIM
     image_hidden_size: int = IMAGE_EMBED_DIM
-    image_token_len: int = IMAGE_TOKENS
+    image_token_len: int = IMAGE_TOKENS      # kept for the release's config.json; the code uses IMAGE_TOKENS
     audio_vocab_size: int = AUDIO_VOCAB
     spk_emb_size: int = SPK_EMBED_DIM
     bridge_layer: Optional[int] = None       # default num_hidden_layers // 2 - 1
@@ -136,17 +138,26 @@ class BlockShape:
     aux_loss_coef: float
 
 
+def shared_shape(cfg):
+    """What the Thinker's and the Talker's blocks have in common: the norm's eps and the FFN kind."""
+    return dict(eps=cfg.rms_norm_eps, use_moe=cfg.use_moe, num_experts=cfg.num_experts,
+                experts_per_tok=cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
+                aux_loss_coef=cfg.router_aux_loss_coef)
+
+
 def thinker_shape(cfg):
-    return BlockShape(cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
-                      cfg.head_dim, cfg.intermediate_size, cfg.rms_norm_eps, cfg.use_moe, cfg.num_experts,
-                      cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.router_aux_loss_coef)
+    return BlockShape(dim=cfg.hidden_size, n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
+                      n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, ffn_dim=cfg.intermediate_size,
+                      **shared_shape(cfg))
+
+
+TALKER_HEADS, TALKER_KV_HEADS = 8, 4  # the release builds the Talker from a default MiniMind config of width d
 
 
 def talker_shape(cfg):
-    # The release builds the Talker from a default MiniMind config of width d: 8 heads, 4 kv heads.
     d = cfg.talker_hidden_size
-    return BlockShape(d, cfg.num_talker_hidden_layers, 8, 4, d // 8, ffn_width(d), cfg.rms_norm_eps, cfg.use_moe,
-                      cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.router_aux_loss_coef)
+    return BlockShape(dim=d, n_layers=cfg.num_talker_hidden_layers, n_heads=TALKER_HEADS, n_kv_heads=TALKER_KV_HEADS,
+                      head_dim=d // TALKER_HEADS, ffn_dim=ffn_width(d), **shared_shape(cfg))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -160,7 +171,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # In float32 even under bf16: the mean of squares overflows/underflows easily in half precision.
+        # In float32 whatever the model's dtype: x^2 overflows in float16, and bfloat16's 8-bit mantissa
+        # makes the mean of squares inaccurate.
         xf = x.float()
         return (self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps))).type_as(x)
 
@@ -195,11 +207,11 @@ class KVCache:
     A decoding step writes its new column in place; nothing is concatenated or copied, so a step
     costs the same at position 10 as at position 1000 (apart from attention itself)."""
 
-    def __init__(self, model, batch_size, max_len, device=None, dtype=None):
+    def __init__(self, model, batch_size, max_len):
         p = next(model.parameters())
-        device, dtype = device or p.device, dtype or p.dtype
-        attns = [m for m in model.modules() if isinstance(m, Attention)]
-        self.keys = [torch.zeros(batch_size, a.n_kv_heads, max_len, a.head_dim, device=device, dtype=dtype) for a in attns]
+        attns = sorted((m for m in model.modules() if isinstance(m, Attention)), key=lambda a: a.cache_slot)
+        self.keys = [torch.zeros(batch_size, a.n_kv_heads, max_len, a.head_dim, device=p.device, dtype=p.dtype)
+                     for a in attns]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.max_len = max_len
         self.length = 0  # positions already stored (advanced by MiniMindO.forward)
@@ -466,7 +478,7 @@ class Talker(BlockStack):
 
 @dataclass
 class OmniOutput:
-    text_logits: Optional[torch.Tensor]  # (B, T, vocab); None when run with text_logits=False
+    text_logits: Optional[torch.Tensor]  # (B, T, vocab); None when run with need_text=False
     audio_logits: torch.Tensor           # (B, 8, T, audio_vocab)
     aux_loss: torch.Tensor               # MoE load-balance loss (0 for the dense model or in eval)
 
@@ -484,13 +496,13 @@ class MiniMindO(nn.Module):
         self.apply(init_weights)
 
     def forward(self, input_ids, audio_embeds=None, image_embeds=None, spk_emb=None, cache=None,
-                audio_lengths=None, last_only=False, text_logits=True):
+                audio_lengths=None, last_only=False, need_text=True):
         """input_ids: (B, 9, T), rows 0-7 audio layers, row 8 text.
 
         audio_embeds: speech-encoder output per sample, a list of (L_i, 512) tensors or None, or a
         padded (B, L, 512) tensor with `audio_lengths` (B,). image_embeds: a list of (64, 768) or
         None, or (B, 64, 768). Both are only used at prefill (an empty cache). spk_emb: (B, 192).
-        Generation shortcuts: last_only gives logits for the last position only; text_logits=False
+        Generation shortcuts: last_only gives logits for the last position only; need_text=False
         (once the reply's text has ended) runs the Thinker only up to the bridge and returns None
         as text_logits: the Talker still needs the bridge, nothing needs the later blocks."""
         codes, text = input_ids[:, :N_CODEBOOKS], input_ids[:, TEXT_ROW]
@@ -498,7 +510,7 @@ class MiniMindO(nn.Module):
         if cache is None or cache.length == 0:
             h = self.inject_features(h, text, audio_embeds, image_embeds, audio_lengths)
         hidden, bridge, aux = self.thinker.run(h, cache, keep_layer=self.config.bridge_layer,
-                                               stop_at_keep=not text_logits)
+                                               stop_at_keep=not need_text)
         audio_logits, talker_aux = self.talker(bridge, codes, spk_emb, cache, last_only)
         if cache is not None:
             cache.length += input_ids.shape[-1]
@@ -560,9 +572,9 @@ def omni_loss(out, text_labels, audio_labels, stop_weight=10.0):
 # float16 .pth files (`sft_omni_768.pth`, `sft_omni_768_moe.pth`, the text-only start `llm_768.pth`)
 # or Transformers-format folders (config.json + weights, the tied lm_head.weight may be absent).
 
+RELEASE_ACCOUNTS = "`jingyaogong` on Hugging Face and `gongjy` on ModelScope"
 PUBLISHED_WEIGHTS = ("the published files are `minimind-3o-pytorch` (sft_omni_768.pth, sft_omni_768_moe.pth, "
-                     "llm_768.pth) and the folders `minimind-3o` / `minimind-3o-moe`, under `jingyaogong` on "
-                     "Hugging Face and `gongjy` on ModelScope")
+                     f"llm_768.pth) and the folders `minimind-3o` / `minimind-3o-moe`, under {RELEASE_ACCOUNTS}")
 
 
 class WeightLayoutError(ValueError):
@@ -638,11 +650,12 @@ def start_from_text_model(model, state_dict):
     if unexpected:
         raise WeightLayoutError(f"not a text-only MiniMind checkpoint; unexpected keys: {_listing(unexpected)}")
     full = official_state_dict(model, dtype=torch.float32)
-    missing = [k for k in full if (k.startswith("model.") or k == "lm_head.weight") and k not in thinker
-               and k != "lm_head.weight"]
+    missing = [k for k in full if k.startswith("model.") and k not in thinker]
     if missing:
         raise WeightLayoutError(f"text-only checkpoint is missing Thinker keys: {_listing(missing)}")
     full.update(thinker)
+    if "lm_head.weight" not in thinker:  # tied to the embedding, so a checkpoint may leave it out
+        full["lm_head.weight"] = full["model.embed_tokens.weight"]
     cfg = model.config
     if cfg.talker_hidden_size == cfg.hidden_size:
         offset = cfg.num_hidden_layers - cfg.num_talker_hidden_layers
@@ -746,6 +759,9 @@ SYSTEM_PROMPTS = [  # the release draws one of these for 20% of conversations wi
     "You are a friendly chatbot. Please answer the user's questions carefully.",
     "You are a knowledgeable AI. Try your best to provide accurate information.",
     "You are minimind, a small but useful language model."]
+P_SYSTEM_PROMPT = 0.2     # a conversation without a system turn gets one of SYSTEM_PROMPTS
+P_KEEP_EMPTY_THINK = 0.2  # the reply keeps its empty think block
+P_USE_REF = 0.5           # the voice prompt's reference frames are kept (else only the speaker slot)
 AUDIO_LAYOUTS = {"audio_only": 0.4, "text_only": 0.2, "audio_blankline_text": 0.2, "text_blankline_audio": 0.2}
 IMAGE_LAYOUTS = {"image_newline_text": 0.2, "image_blankline_text": 0.2, "text_newline_image": 0.2,
                  "text_blankline_image": 0.4}
@@ -759,8 +775,8 @@ def load_tokenizer(path):
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if not os.path.exists(file):
         raise FileNotFoundError(f"tokenizer not found: {file}; it ships with the published model folders "
-                                f"(`minimind-3o`, {PUBLISHED_WEIGHTS.split('under ')[-1]})")
-    with reading(file, f"the published model folders (`minimind-3o`, {PUBLISHED_WEIGHTS.split('under ')[-1]})"):
+                                f"(`minimind-3o`, under {RELEASE_ACCOUNTS})")
+    with reading(file, f"the published model folders (`minimind-3o`, under {RELEASE_ACCOUNTS})"):
         return Tokenizer.from_file(file)
 
 
@@ -901,9 +917,10 @@ def build_sample(conversations, tok, max_len, answer_codes=None, ref_codes=None,
 def draw_variations(rng, has_system_turn=False):
     """The per-sample variations with the release's probabilities; rng is a random.Random."""
     pick = lambda table: rng.choices(list(table), weights=list(table.values()))[0]
-    return dict(system_prompt=rng.choice(SYSTEM_PROMPTS) if not has_system_turn and rng.random() < 0.2 else None,
-                keep_empty_think=rng.random() < 0.2, audio_layout=pick(AUDIO_LAYOUTS), image_layout=pick(IMAGE_LAYOUTS),
-                use_ref=rng.random() < 0.5)
+    add_system = not has_system_turn and rng.random() < P_SYSTEM_PROMPT
+    return dict(system_prompt=rng.choice(SYSTEM_PROMPTS) if add_system else None,
+                keep_empty_think=rng.random() < P_KEEP_EMPTY_THINK, audio_layout=pick(AUDIO_LAYOUTS),
+                image_layout=pick(IMAGE_LAYOUTS), use_ref=rng.random() < P_USE_REF)
 
 
 def cut_conversation(conversations, reply_index, tok, max_len, margin=100):
@@ -954,17 +971,21 @@ class GenStep:
     frame: Optional[list]        # a complete frame of 8 Mimi codes, or None
 
 
+def penalized(logits, penalty):
+    """The repetition penalty's rule: positive logits divided by it, negative ones multiplied."""
+    return torch.where(logits > 0, logits / penalty, logits * penalty)
+
+
 def penalize(logits, ids, penalty):
-    """Repetition penalty at `ids` (last dim): positive logits divided by it, negative multiplied."""
-    picked = logits.gather(-1, ids)
-    return logits.scatter(-1, ids, torch.where(picked > 0, picked / penalty, picked * penalty))
+    """The repetition penalty applied at `ids` (last dim)."""
+    return logits.scatter(-1, ids, penalized(logits.gather(-1, ids), penalty))
 
 
 def sample_text(logits, seen, temperature, top_p, repetition_penalty, greedy):
     """logits (V,), seen (V,) bool: every token of the prompt and reply so far -> 0-d token tensor."""
     logits = logits.float()
     if repetition_penalty != 1.0:
-        logits = torch.where(seen, torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty), logits)
+        logits = torch.where(seen, penalized(logits, repetition_penalty), logits)
     if greedy:
         return logits.argmax()
     logits = logits / (temperature + 1e-9)
@@ -1010,19 +1031,20 @@ def stream_generate(model, prompt_ids, max_new_tokens=1024, temperature=0.75, to
     seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
     seen[prompt.to(device)] = True
     history = torch.full((N_CODEBOOKS, max_new_tokens), AUDIO_PAD, device=device)  # ids emitted, per step
-    started = torch.arange(N_CODEBOOKS, device=device)                              # layer i starts at step i + 1
+    first_step = torch.arange(1, N_CODEBOOKS + 1, device=device)                    # layer i starts at step i + 1
     emitted, stop_at = [], [None] * N_CODEBOOKS                                      # host copies
     text_done = newline_fed = False
     for n in range(max_new_tokens):
         # Logits of the last position only; once the text has ended, the Thinker stops at the bridge.
         out = model(column, audio_embeds=audio_embeds if n == 0 else None,
                     image_embeds=image_embeds if n == 0 else None, spk_emb=spk, cache=cache,
-                    last_only=True, text_logits=not text_done)
+                    last_only=True, need_text=not text_done)
         codes = sample_audio(out.audio_logits[0, :, -1], history[:, max(0, n - AUDIO_PENALTY_WINDOW):n], greedy)
-        codes = torch.where(started < n, codes, AUDIO_PAD)
+        codes = torch.where(first_step <= n, codes, AUDIO_PAD)
         text = None if text_done else sample_text(out.text_logits[0, -1], seen, temperature, top_p,
                                                   repetition_penalty, greedy)
-        ids = (codes if text is None else torch.cat([codes, text[None]])).tolist()  # the step's one device->host sync
+        # The step's device->host sync (a MoE layer adds one of its own, to split tokens among experts).
+        ids = (codes if text is None else torch.cat([codes, text[None]])).tolist()
         frame_ids = ids[:N_CODEBOOKS]
         if text_done:  # after EOS the text row reads a newline, then padding
             text_id, newline_fed = (TEXT_PAD if newline_fed else NEWLINE), True
@@ -1043,7 +1065,7 @@ def stream_generate(model, prompt_ids, max_new_tokens=1024, temperature=0.75, to
         yield GenStep(None if text_done else text_id, frame)
         text_done = text_done or text_id == eos_token_id
         seen[text_id] = True
-        column = torch.tensor(frame_ids + [text_id], device=device).view(1, TEXT_ROW + 1, 1)
+        column = torch.tensor(frame_ids + [text_id], device=device).view(1, N_ROWS, 1)
 
 
 def generate(model, prompt_ids, max_new_tokens=1024, **kwargs):

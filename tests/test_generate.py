@@ -77,7 +77,7 @@ def test_text_sampling_top_p_and_repetition_penalty():
 
 
 def test_decode_shortcuts_change_nothing(model):
-    """last_only and text_logits=False (used once the text has ended) give the same audio logits."""
+    """last_only and need_text=False (used once the text has ended) give the same audio logits."""
     torch.manual_seed(0)
     ids = torch.cat([torch.randint(0, mo.CODEBOOK_SIZE, (1, 8, 10)), torch.randint(20, 6400, (1, 1, 10))], 1)
     full = model(ids)
@@ -86,7 +86,7 @@ def test_decode_shortcuts_change_nothing(model):
     torch.testing.assert_close(prefill.text_logits, full.text_logits[:, 5:6])
     torch.testing.assert_close(prefill.audio_logits, full.audio_logits[:, :, 5:6])
     for t in range(6, 10):
-        out = model(ids[..., t:t + 1], cache=cache, last_only=True, text_logits=False)
+        out = model(ids[..., t:t + 1], cache=cache, last_only=True, need_text=False)
         assert out.text_logits is None
         torch.testing.assert_close(out.audio_logits, full.audio_logits[:, :, t:t + 1], atol=1e-4, rtol=1e-4)
 

@@ -150,6 +150,17 @@ def test_text_only_start_copies_last_thinker_blocks_into_talker(tmp_path):
     assert torch.equal(inferred.talker.layers[0].mlp.up_proj.weight, llm["model.layers.0.mlp.up_proj.weight"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_text_only_start_without_lm_head_keeps_the_embedding(dtype):
+    """lm_head is tied to the embedding, so a checkpoint may leave it out; the embedding must still load
+    (into a model of any dtype: the model's own random lm_head must not be copied over it)."""
+    llm = {k: v for k, v in mo.official_state_dict(mo.MiniMindO(tiny_config()), torch.float32).items()
+           if k.startswith("model.")}
+    model = mo.MiniMindO(tiny_config()).to(dtype)
+    mo.start_from_text_model(model, llm)
+    assert torch.equal(model.thinker.embed_tokens.weight, llm["model.embed_tokens.weight"].to(dtype))
+
+
 def test_transformers_folder_with_config(tmp_path):
     import json
     from safetensors.torch import save_file
