@@ -116,7 +116,7 @@ PARTS = {  # key = the argparse dest of the option that points at the part
                       f"tokenizer.json, in the `{HUB}/minimind-3o` folder", files=("tokenizer.json",),
                       fetch=hub_folder(f"{HUB}/minimind-3o", ["tokenizer*.json", "*.txt"])),
     "mimi": Part("Mimi codec", "--mimi", "speech out and voice cloning",
-                 f"{mo.MIMI_WEIGHTS} in `{mo.MIMI_HUB_REPO}` on Hugging Face", files=(mo.MIMI_WEIGHTS,),
+                 mo.MIMI_SOURCE, files=(mo.MIMI_WEIGHTS,),
                  fetch=hub_file(mo.MIMI_HUB_REPO, mo.MIMI_WEIGHTS)),
     "sensevoice": Part("speech encoder (SenseVoice-Small)", "--sensevoice", "speech in (/audio, --audio, --mic)",
                        mo.SENSEVOICE_SOURCE, files=mo.SENSEVOICE_FILES,

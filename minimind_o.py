@@ -752,7 +752,7 @@ def parameter_counts(model):
 EMPTY_THINK = "<think>\n\n</think>\n\n"  # the reply's (empty) reasoning block
 THINK_END = "</think>\n\n"
 IMAGE_MARK = "<image>"                   # where an image goes in the released conversations
-SYSTEM_PROMPTS = [  # the release draws one of these for 20% of conversations without a system turn
+SYSTEM_PROMPTS = [  # the release's; see P_SYSTEM_PROMPT
     "你是一个知识丰富的AI，尽力为用户提供准确的信息。", "你是minimind，一个小巧但有用的语言模型。",
     "你是一个专业的AI助手，请提供有价值的回答。", "你是minimind，请尽力帮助用户解决问题。", "你是一个可靠的AI，请给出准确的回答。",
     "You are a helpful AI assistant.", "You are minimind, a lightweight intelligent assistant.",
@@ -773,10 +773,10 @@ def load_tokenizer(path):
     """The released MiniMind tokenizer (a folder with tokenizer.json, or the file itself)."""
     from tokenizers import Tokenizer
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    source = f"the published model folders (`minimind-3o`, under {RELEASE_ACCOUNTS})"
     if not os.path.exists(file):
-        raise FileNotFoundError(f"tokenizer not found: {file}; it ships with the published model folders "
-                                f"(`minimind-3o`, under {RELEASE_ACCOUNTS})")
-    with reading(file, f"the published model folders (`minimind-3o`, under {RELEASE_ACCOUNTS})"):
+        raise FileNotFoundError(f"tokenizer not found: {file}; it ships with {source}")
+    with reading(file, source):
         return Tokenizer.from_file(file)
 
 
@@ -1096,6 +1096,8 @@ SAMPLE_RATE_MIMI = 24000
 MIMI_FRAME_SAMPLES = 1920           # 24 kHz / 12.5 Hz
 MIMI_WEIGHTS = "tokenizer-e351c8d8-checkpoint125.safetensors"   # what moshi.models.loaders fetches
 MIMI_HUB_REPO = "kyutai/moshiko-pytorch-bf16"
+MIMI_SOURCE = (f"{MIMI_WEIGHTS} in `{MIMI_HUB_REPO}` on Hugging Face, or the release's `mimi` folder (account "
+               "`gongjy`) on ModelScope")
 
 SILENCE_PEAK = 1e-4                 # a file whose loudest sample is below -80 dBFS holds no speech
 
@@ -1377,16 +1379,14 @@ def load_mimi(path=None, device="cpu"):
         try:
             path = hf_hub_download(MIMI_HUB_REPO, MIMI_WEIGHTS)
         except Exception as e:   # offline, gated or missing: all end in the same advice
-            raise FileNotFoundError(f"could not download {MIMI_WEIGHTS} from {MIMI_HUB_REPO} ({e}); download it "
-                                    "(or the release's `mimi` folder, account `gongjy` on ModelScope) and pass "
-                                    "its path") from e
+            raise FileNotFoundError(f"could not download {MIMI_WEIGHTS} ({e}); download {MIMI_SOURCE} "
+                                    "and pass its path") from e
     path = Path(path)
     if path.is_dir():
         path = path / MIMI_WEIGHTS
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: expected {MIMI_WEIGHTS} from `{MIMI_HUB_REPO}` on Hugging "
-                                "Face, or the release's `mimi` folder (account `gongjy`) on ModelScope")
-    with reading(path, f"`{MIMI_HUB_REPO}` on Hugging Face"):
+        raise FileNotFoundError(f"{path} not found: expected {MIMI_SOURCE}")
+    with reading(path, MIMI_SOURCE):
         mimi = loaders.get_mimi(str(path), device=device)
     mimi.set_num_codebooks(N_CODEBOOKS)   # the release uses the first 8 of Mimi's 32 codebooks
     return mimi.eval().requires_grad_(False)
@@ -1574,18 +1574,12 @@ class VoiceActivity:
         from silero_vad import VADIterator, load_silero_vad
         self._vad = VADIterator(load_silero_vad(), threshold=threshold, sampling_rate=SAMPLE_RATE_SPEECH,
                                 min_silence_duration_ms=min_silence_ms)
-        self.speaking = False
 
     def __call__(self, chunk):
         chunk = torch.as_tensor(chunk, dtype=torch.float32)
         if chunk.shape != (VAD_CHUNK,):
             raise ValueError(f"VoiceActivity takes chunks of {VAD_CHUNK} samples at 16 kHz, got {tuple(chunk.shape)}")
-        event = self._vad(chunk)
+        event = self._vad(chunk)  # None, {"start": sample} or {"end": sample}
         if not event:
             return None
-        self.speaking = "start" in event
-        return "start" if self.speaking else "end"
-
-    def reset(self):
-        self._vad.reset_states()
-        self.speaking = False
+        return "start" if "start" in event else "end"

@@ -517,9 +517,9 @@ def sample_rng(seed, epoch, index):
 
 
 class OmniDataset(Dataset):
-    def __init__(self, rows, tok, max_len, encoders=Encoders(), augment="both", scheduled_sampling=0.05, seed=0,
+    def __init__(self, rows, tok, max_len, encoders=None, augment="both", scheduled_sampling=0.05, seed=0,
                  skip_bad_rows=False):
-        self.rows, self.tok, self.max_len, self.encoders = rows, tok, max_len, encoders
+        self.rows, self.tok, self.max_len, self.encoders = rows, tok, max_len, encoders or Encoders()
         self.wave_augment, self.spec_augment = augment in ("both", "wave"), augment in ("both", "spec")
         self.scheduled_sampling, self.seed, self.skip_bad_rows = scheduled_sampling, seed, skip_bad_rows
         self.epoch = 0  # set before each epoch's DataLoader starts its workers
@@ -853,7 +853,7 @@ def encode_inputs(batch, encoders):
     from --encoder_cache are used as they are; the other samples go through each encoder in one call,
     and the outputs of cache misses are stored. With a cache, fresh outputs are rounded to its float16
     too, so a step is the same whether they were just computed or read back (and resume stays exact)."""
-    cached = lambda x, cache: x.to(CACHE_DTYPE).float() if cache is not None else x.float()
+    as_stored = lambda x, cache: x.to(CACHE_DTYPE).float() if cache is not None else x.float()
     audio = image = None
     with torch.no_grad():
         if batch.speech_lengths is not None:
@@ -864,7 +864,7 @@ def encode_inputs(batch, encoders):
                 audio[:, :batch.speech_cached.shape[1]] = batch.speech_cached
             if batch.speech is not None:
                 run = batch.encode_speech
-                audio[run, :batch.speech.shape[1]] = cached(run_speech_encoder(
+                audio[run, :batch.speech.shape[1]] = as_stored(run_speech_encoder(
                     encoders.speech, batch.speech[run], batch.speech_lengths[run]), encoders.speech_cache)
             if encoders.speech_cache is not None:
                 encoders.speech_cache.put_batch(batch.speech_keys, audio, batch.speech_lengths)
@@ -873,8 +873,8 @@ def encode_inputs(batch, encoders):
                      torch.zeros(len(batch.has_image), mo.IMAGE_TOKENS, mo.IMAGE_EMBED_DIM,
                                  device=batch.has_image.device))
             if batch.pixels is not None:
-                image[batch.encode_image] = cached(run_vision_encoder(encoders.vision, batch.pixels),
-                                                   encoders.image_cache)
+                image[batch.encode_image] = as_stored(run_vision_encoder(encoders.vision, batch.pixels),
+                                                      encoders.image_cache)
             if encoders.image_cache is not None:
                 encoders.image_cache.put_batch(batch.image_keys, image)
     return audio, image
