@@ -33,6 +33,7 @@ import io
 import json
 import math
 import os
+import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -730,12 +731,27 @@ def load_model(path, device="cpu", dtype=torch.float32, config=None):
     return model.to(device, dtype).eval()
 
 
+@contextlib.contextmanager
+def atomic_path(path):
+    """Write to the yielded temporary path; it replaces `path` in one rename only when the block succeeds.
+    A crash, a kill or a full disk leaves the previous file whole. The temporary name is unique (two
+    writers never share it) and keeps the extension, for writers that go by it (soundfile)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_checkpoint(model, path):
     """Save in the release's layout (float16 .pth), atomically: a crash never leaves half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(official_state_dict(model), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(official_state_dict(model), tmp)
 
 
 def parameter_counts(model):
