@@ -13,6 +13,7 @@ background thread), `Player` (sound card), `Chat` (one conversation), `Listener`
 import argparse
 import collections
 import itertools
+import math
 import os
 import queue
 import shlex
@@ -58,13 +59,16 @@ class MissingParts(FileNotFoundError):
 
 @dataclass
 class Part:
-    name: str                       # what it is, for people
+    key: str                        # its row in mo.PUBLISHED: what it is, where it is published, how to get it
     option: str                     # the command-line option that points at it
     needed_for: str
-    source: str                     # where the published files come from
     files: tuple = ()               # for a folder: the files that must be in it
     fetch: Optional[Callable] = None  # fetch(path): download into path
     is_there: Optional[Callable] = None  # is_there(path), when the files alone cannot tell
+
+    @property
+    def name(self):
+        return mo.PUBLISHED[self.key].name
 
     def present(self, path):
         if self.is_there:
@@ -107,26 +111,20 @@ def fetch_checkpoint(path):
                             "so --download cannot fetch it")
 
 
-PARTS = {  # key = the argparse dest of the option that points at the part
-    "checkpoint": Part("MiniMind-O weights", "--checkpoint", "everything",
-                       f"`{HUB}/minimind-3o` (folder) or `{HUB}/minimind-3o-pytorch` (sft_omni_768.pth) on Hugging "
-                       "Face, `gongjy` on ModelScope; or a checkpoint made by train.py", fetch=fetch_checkpoint,
+PARTS = {  # key = the argparse dest of the option that points at the part, and its row in mo.PUBLISHED
+    "checkpoint": Part("checkpoint", "--checkpoint", "everything", fetch=fetch_checkpoint,
                        is_there=lambda path: mo.weights_file(str(path)) is not None),  # not just a tokenizer
-    "tokenizer": Part("tokenizer", "--tokenizer", "everything",
-                      f"tokenizer.json, in the `{HUB}/minimind-3o` folder", files=("tokenizer.json",),
+    "tokenizer": Part("tokenizer", "--tokenizer", "everything", files=("tokenizer.json",),
                       fetch=hub_folder(f"{HUB}/minimind-3o", ["tokenizer*.json", "*.txt"])),
-    "mimi": Part("Mimi codec", "--mimi", "speech out and voice cloning",
-                 mo.MIMI_SOURCE, files=(mo.MIMI_WEIGHTS,),
-                 fetch=hub_file(mo.MIMI_HUB_REPO, mo.MIMI_WEIGHTS)),
-    "sensevoice": Part("speech encoder (SenseVoice-Small)", "--sensevoice", "speech in (/audio, --audio, --mic)",
-                       mo.SENSEVOICE_SOURCE, files=mo.SENSEVOICE_FILES,
+    "mimi": Part("mimi", "--mimi", "speech out and voice cloning", files=(mo.MIMI_WEIGHTS,),
+                 fetch=hub_file("kyutai/moshiko-pytorch-bf16", mo.MIMI_WEIGHTS)),
+    "sensevoice": Part("sensevoice", "--sensevoice", "speech in (/audio, --audio, --mic)", files=mo.SENSEVOICE_FILES,
                        fetch=hub_folder("FunAudioLLM/SenseVoiceSmall", mo.SENSEVOICE_FILES)),
-    "siglip": Part("vision encoder (SigLIP2)", "--siglip", "images (/image, --image)", mo.SIGLIP_SOURCE,
-                   files=mo.SIGLIP_FILES, fetch=hub_folder(f"{HUB}/siglip2-base-p32-256-ve", mo.SIGLIP_FILES)),
-    "campplus": Part("speaker encoder (CAM++)", "--campplus", "voice cloning from an audio file",
-                     mo.CAMPP_SOURCE + "; `funasr/campplus` on Hugging Face", files=(mo.CAMPP_WEIGHTS,),
+    "siglip": Part("siglip", "--siglip", "images (/image, --image)", files=mo.SIGLIP_FILES,
+                   fetch=hub_folder(f"{HUB}/siglip2-base-p32-256-ve", mo.SIGLIP_FILES)),
+    "campplus": Part("campplus", "--campplus", "voice cloning from an audio file", files=(mo.CAMPP_WEIGHTS,),
                      fetch=hub_file("funasr/campplus", mo.CAMPP_WEIGHTS)),
-    "voices": Part("voices", "--voices", "/voice NAME", mo.VOICES_SOURCE, fetch=fetch_voices),
+    "voices": Part("voices", "--voices", "/voice NAME", fetch=fetch_voices),
 }
 
 
@@ -138,7 +136,9 @@ def missing_report(args, keys):
     lines = ["missing parts (put each where shown, point elsewhere with its option, or run with --download):"]
     for k in missing:
         p = PARTS[k]
-        lines.append(f"  {p.name} (for {p.needed_for}): {getattr(args, k)}  [{p.option}]\n      get it from {p.source}")
+        published = mo.PUBLISHED[k]
+        lines.append(f"  {p.name} (for {p.needed_for}): {getattr(args, k)}  [{p.option}]\n"
+                     f"      get it with `{published.download}` (published: {published.source})")
     return MissingParts("\n".join(lines))
 
 
@@ -154,8 +154,161 @@ def download(args, keys):
             part.fetch(path)
         except Exception as e:  # offline, unknown repo, refused: all end in the same advice
             failures.append(f"{part.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                            f"(are you online? or get it by hand from {part.source} into {path})")
+                            f"(are you online? or get it by hand: {mo.PUBLISHED[key].download})")
     return failures
+
+
+# -----------------------------------------------------------------------------------------------
+# Streaming Mimi decoding, voices, voice activity: the side-module parts only the chat uses
+# -----------------------------------------------------------------------------------------------
+
+MAX_REF_FRAMES = 300                # 24 s of reference codes at most
+MIN_CLONE_SECONDS = 1.0             # shorter clips carry too little of a voice
+MIN_CLONE_RMS_DBFS = -45.0          # quieter than this the codec mostly encodes noise floor
+CLIP_LEVEL = 0.999                  # a sample at or above this magnitude sits on the rail
+MAX_CLIPPED_FRACTION = 1e-3         # more than 0.1% of samples on the rail = audibly clipped
+VAD_CHUNK = 512                     # samples per call at 16 kHz (32 ms), what Silero was trained on
+
+
+class MimiStreamDecoder:
+    """Frames in, 24 kHz PCM out, as the Talker produces them. Use as a context manager:
+
+        with MimiStreamDecoder(mimi, frames_per_call=2) as dec:
+            for frame in frames:            # each (8,) codes
+                play(dec.push(frame))       # PCM once 2 frames are buffered, else empty
+            play(dec.flush())
+
+    Mimi's decoder is causal, so decoding chunk by chunk under moshi's streaming state gives the same samples
+    as decoding the whole sequence. Fewer frames per call = lower latency, more calls = more overhead;
+    first_call_frames (default: frames_per_call) lets the first sound out sooner. While the decoder is open
+    the whole Mimi model is in streaming mode: do not call encode on it. open()/close() do what the `with`
+    block does, for a decoder that lives across calls or threads."""
+
+    def __init__(self, mimi, frames_per_call=1, first_call_frames=None):
+        if frames_per_call < 1 or (first_call_frames is not None and first_call_frames < 1):
+            raise ValueError(f"frames per decode call must be >= 1, got {frames_per_call} (first {first_call_frames})")
+        self.mimi, self.frames_per_call = mimi, frames_per_call
+        self.first_call_frames = first_call_frames or frames_per_call
+        self._pending, self._stream, self._started = [], None, False
+
+    def open(self):
+        self._stream = self.mimi.streaming(batch_size=1)   # an ExitStack that resets the state when closed
+        self._pending, self._started = [], False
+        return self
+
+    def close(self):
+        self._stream.close()
+        self._stream = None
+
+    def __enter__(self):
+        return self.open()
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @torch.no_grad()
+    def _decode(self, frames):
+        from moshi.utils.compile import no_cuda_graph  # on a GPU, moshi would capture CUDA graphs, which break
+        codes = torch.stack(frames, dim=1)              # with a shorter last chunk or another thread: (8, n)
+        with no_cuda_graph():
+            pcm = self.mimi.decode(codes[None].to(next(self.mimi.parameters()).device))
+        self._started = True
+        return pcm[0, 0].float().cpu().numpy()
+
+    def push(self, frame):
+        """Add one frame (8,) of codes; returns the PCM of each full chunk (n * 1920,), possibly empty."""
+        if self._stream is None:
+            raise RuntimeError("MimiStreamDecoder.push outside its `with` block")
+        self._pending.append(torch.as_tensor(frame, dtype=torch.long).reshape(mo.N_CODEBOOKS))
+        if len(self._pending) < (self.frames_per_call if self._started else self.first_call_frames):
+            return np.zeros(0, dtype=np.float32)
+        frames, self._pending = self._pending, []
+        return self._decode(frames)
+
+    def flush(self):
+        """Decode whatever frames are still buffered (end of an utterance)."""
+        if not self._pending:
+            return np.zeros(0, dtype=np.float32)
+        frames, self._pending = self._pending, []
+        return self._decode(frames)
+
+
+# Voices: name -> {'ref_codes': (8, R) int64, 'spk_emb': (192,) float32}, the release's voices.pt format
+
+def _check_voice(name, voice, where):
+    codes, emb = voice.get("ref_codes"), voice.get("spk_emb")
+    ok = (isinstance(codes, torch.Tensor) and codes.dtype == torch.long and codes.dim() == 2
+          and codes.size(0) == mo.N_CODEBOOKS and isinstance(emb, torch.Tensor)
+          and emb.shape == (mo.SPK_EMBED_DIM,))
+    if not ok:
+        raise ValueError(f"voice {name!r} in {where}: expected ref_codes ({mo.N_CODEBOOKS}, R) int64 and "
+                         f"spk_emb ({mo.SPK_EMBED_DIM},)")
+
+
+def load_voices(path):
+    """voices.pt -> dict name -> {'ref_codes': (8, R) int64, 'spk_emb': (192,) float32}."""
+    voices = torch.load(path, map_location="cpu", weights_only=True)
+    for name, voice in voices.items():
+        _check_voice(name, voice, path)
+    return voices
+
+
+def check_clone_clip(wav, sr, name):
+    """Raise ValueError when a reference clip is too short, too quiet or clipped to make a usable voice."""
+    seconds = wav.size / sr
+    if seconds < MIN_CLONE_SECONDS:
+        raise ValueError(f"voice clip {name} is {seconds:.2f} s long; at least {MIN_CLONE_SECONDS} s is needed")
+    rms_dbfs = 20 * math.log10(float(np.sqrt(np.mean(wav ** 2))))
+    if rms_dbfs < MIN_CLONE_RMS_DBFS:
+        raise ValueError(f"voice clip {name} is too quiet ({rms_dbfs:.1f} dBFS RMS, "
+                         f"need at least {MIN_CLONE_RMS_DBFS} dBFS)")
+    clipped = float(np.mean(np.abs(wav) >= CLIP_LEVEL))
+    if clipped > MAX_CLIPPED_FRACTION:
+        raise ValueError(f"voice clip {name} is clipped ({clipped:.2%} of samples at full scale); "
+                         "record it again at a lower level")
+
+
+def clone_voice(wav_path, mimi, campp):
+    """A speech clip -> voice dict: its first <= 300 Mimi frames as ref_codes and its CAM++ embedding."""
+    wav, sr = mo.read_audio(wav_path)
+    check_clone_clip(wav, sr, wav_path)     # judged at the file's own rate, before resampling smooths clipping
+    wav24 = mo.resample(wav, sr, mo.SAMPLE_RATE_MIMI)[:MAX_REF_FRAMES * mo.MIMI_FRAME_SAMPLES]
+    voice = {"ref_codes": mo.encode_audio_codes(mimi, wav24).cpu(),                            # (8, <= 300)
+             "spk_emb": mo.speaker_embedding(campp, mo.resample(wav24, mo.SAMPLE_RATE_MIMI, mo.SAMPLE_RATE_SPEECH))}
+    _check_voice(Path(wav_path).stem, voice, wav_path)
+    return voice
+
+
+def save_voice(voices_path, name, voice):
+    """Add (or replace) one voice in a voices.pt file, creating the file if needed."""
+    _check_voice(name, voice, "save_voice")
+    voices_path = Path(voices_path)
+    voices = load_voices(voices_path) if voices_path.exists() else {}
+    voices[name] = {"ref_codes": voice["ref_codes"].long().cpu(), "spk_emb": voice["spk_emb"].float().cpu()}
+    with mo.atomic_path(voices_path) as tmp:  # a failure midway leaves every stored voice as it was
+        torch.save(voices, tmp)
+
+
+# Voice activity: Silero VAD (the silero_vad package ships its weights)
+
+class VoiceActivity:
+    """Feed 16 kHz mic chunks of 512 samples; returns 'start' when speech begins, 'end' when it stops, else None.
+
+    chat.py uses 'start' to interrupt the model's reply (barge-in)."""
+
+    def __init__(self, threshold=0.5, min_silence_ms=300):
+        from silero_vad import VADIterator, load_silero_vad
+        self._vad = VADIterator(load_silero_vad(), threshold=threshold, sampling_rate=mo.SAMPLE_RATE_SPEECH,
+                                min_silence_duration_ms=min_silence_ms)
+
+    def __call__(self, chunk):
+        chunk = torch.as_tensor(chunk, dtype=torch.float32)
+        if chunk.shape != (VAD_CHUNK,):
+            raise ValueError(f"VoiceActivity takes chunks of {VAD_CHUNK} samples at 16 kHz, got {tuple(chunk.shape)}")
+        event = self._vad(chunk)  # None, {"start": sample} or {"end": sample}
+        if not event:
+            return None
+        return "start" if "start" in event else "end"
 
 
 # -----------------------------------------------------------------------------------------------
@@ -226,7 +379,7 @@ class SpeechOut:
         if background is None:
             background = next(mimi.parameters()).device.type == "cpu"
         # Mimi's streaming state lives from here to close(), across threads: hence no `with` block
-        self.decoder = mo.MimiStreamDecoder(mimi, frames_per_call, first_call_frames=1).open()
+        self.decoder = MimiStreamDecoder(mimi, frames_per_call, first_call_frames=1).open()
         self.frames = queue.Queue()
         self.thread = threading.Thread(target=self._run, daemon=True) if background else None
         if self.thread:
@@ -335,10 +488,12 @@ class Chat:
     def __init__(self, args, player=None):
         self.args, self.player = args, player
         self.device = torch.device(args.device)
-        self.model = mo.load_model(args.checkpoint, self.device, getattr(torch, args.dtype))
+        with mo.loading("checkpoint", args.checkpoint):
+            self.model = mo.load_model(args.checkpoint, self.device, getattr(torch, args.dtype))
         if args.int8:
             self.model = int8_linears(self.model)
-        self.tok = mo.load_tokenizer(args.tokenizer)
+        with mo.loading("tokenizer", args.tokenizer):
+            self.tok = mo.load_tokenizer(args.tokenizer)
         self.history = []     # earlier turns: [{"role", "content"}], text only (their speech is not kept)
         self.image = None     # (64, 768) features of the conversation's image (the latest one shown)
         self.voice = None     # {"ref_codes": (8, R), "spk_emb": (192,)} or None: the model's own voice
@@ -354,8 +509,9 @@ class Chat:
             load = {"mimi": lambda: mo.load_mimi(path, device),
                     "campplus": lambda: mo.load_speaker_encoder(path, device),
                     "sensevoice": lambda: mo.load_speech_encoder(path, device),
-                    "siglip": lambda: mo.load_vision_encoder(path, device), "voices": lambda: mo.load_voices(path)}
-            self.parts[key] = load[key]()
+                    "siglip": lambda: mo.load_vision_encoder(path, device), "voices": lambda: load_voices(path)}
+            with mo.loading(key, path):
+                self.parts[key] = load[key]()
         return self.parts[key]
 
     def reset(self):
@@ -367,9 +523,9 @@ class Chat:
             self.voice = None
             return "voice: the model's own (no voice prompt)"
         if os.path.isfile(spec):
-            voice = mo.clone_voice(spec, self.part("mimi"), self.part("campplus"))
+            voice = clone_voice(spec, self.part("mimi"), self.part("campplus"))
             if save_as:
-                mo.save_voice(self.args.voices, save_as, voice)
+                save_voice(self.args.voices, save_as, voice)
                 self.parts.pop("voices", None)  # reload with the new voice next time
             self.voice = voice
             saved = f", saved as {save_as!r} in {self.args.voices}" if save_as else ""
@@ -478,7 +634,7 @@ class MicStream:
         import sounddevice as sd
         self.chunks = queue.Queue()
         self.stream = sd.InputStream(samplerate=mo.SAMPLE_RATE_SPEECH, channels=1, dtype="float32",
-                                     blocksize=mo.VAD_CHUNK,
+                                     blocksize=VAD_CHUNK,
                                      callback=lambda data, *_: self.chunks.put(data[:, 0].copy()))
         self.stream.start()
 
@@ -498,8 +654,8 @@ class RecordedMic:
     order; poll() gives one chunk per call, i.e. during a reply 32 ms of sound arrive per model step."""
 
     def __init__(self, wav16k):
-        n = len(wav16k) // mo.VAD_CHUNK
-        self.chunks = list(np.asarray(wav16k[:n * mo.VAD_CHUNK], dtype=np.float32).reshape(n, mo.VAD_CHUNK))
+        n = len(wav16k) // VAD_CHUNK
+        self.chunks = list(np.asarray(wav16k[:n * VAD_CHUNK], dtype=np.float32).reshape(n, VAD_CHUNK))
         self.position = 0
 
     def __iter__(self):
@@ -797,7 +953,7 @@ def main(argv=None):
             except Exception as e:  # OSError without PortAudio, sounddevice.PortAudioError without a microphone
                 sys.exit(f"chat.py: --mic needs a microphone ({e})")
             print("listening: speak, then pause (Ctrl-C to leave)", file=sys.stderr)
-            return converse(chat, mic, mo.VoiceActivity(), on_reply=saver(args.out))
+            return converse(chat, mic, VoiceActivity(), on_reply=saver(args.out))
         if args.text or args.audio or args.image:
             reply = chat.ask(args.text or "", args.audio, args.image, on_text=lambda s: print(s, end="", flush=True))
             print()

@@ -15,21 +15,20 @@ images enter the Thinker through frozen encoders (SenseVoice, SigLIP2) whose fea
 placeholder tokens. Speech leaves through the Mimi codec, one 80 ms frame of 8 codes at a time.
 
 Read top to bottom, in the order data flows:
-  1. ids and config                 6. projectors and placeholder injection
-  2. RMSNorm, RoPE, KV cache         7. Talker (codec embedding/head, bridge, speaker slot)
-  3. attention                       8. MiniMindO forward and the loss
-  4. SwiGLU FFN and MoE              9. weights in the published layout
-  5. block and Thinker              10. tokenizer, chat text and the nine-row sample
-                                    11. streaming generation
-                                    12. thin adapters to the frozen side modules
+  1. ids and config                  7. Talker (codec embedding/head, bridge, speaker slot)
+  2. RMSNorm, RoPE, KV cache         8. MiniMindO: training forward, decode step, and the loss
+  3. attention                       9. weights in the published layout
+  4. SwiGLU FFN and MoE             10. tokenizer, chat text and the nine-row sample
+  5. block and Thinker              11. streaming generation
+  6. projectors and injection       12. thin adapters to the frozen side modules
 
 The binding facts (weight layout, token layout, delays, sampling, loss) are written down in
 ../shared/spec/conformance.md and checked by ../shared/checks/conformance.py against fixtures from the
 public reference implementation.
 """
 import contextlib
-import functools
 import io
+import itertools
 import json
 import math
 import os
@@ -160,7 +159,6 @@ def talker_shape(cfg):
     return BlockShape(dim=d, n_layers=cfg.num_talker_hidden_layers, n_heads=TALKER_HEADS, n_kv_heads=TALKER_KV_HEADS,
                       head_dim=d // TALKER_HEADS, ffn_dim=ffn_width(d), **shared_shape(cfg))
 
-
 # -----------------------------------------------------------------------------------------------
 # 2. RMSNorm, rotary positions, KV cache
 # -----------------------------------------------------------------------------------------------
@@ -202,29 +200,29 @@ def apply_rope(x, cos, sin):
     return (x * cos + rotated * sin).type_as(x)
 
 
-class KVCache:
-    """Keys and values of every attention layer (Thinker and Talker), preallocated to max_len.
+class KVCache(nn.Module):
+    """One attention layer's keys and values for one conversation, preallocated to max_len positions.
 
-    A decoding step writes its new column in place; nothing is concatenated or copied, so a step
-    costs the same at position 10 as at position 1000 (apart from attention itself)."""
+    A step writes its new position in place: nothing is concatenated or copied, a step costs the same
+    at position 10 as at position 1000 (apart from attention itself), and the shapes never change, so
+    a compiled decode step (CUDA graphs) can be replayed. Buffers, not parameters: never saved."""
 
-    def __init__(self, model, batch_size, max_len):
-        p = next(model.parameters())
-        attns = sorted((m for m in model.modules() if isinstance(m, Attention)), key=lambda a: a.cache_slot)
-        self.keys = [torch.zeros(batch_size, a.n_kv_heads, max_len, a.head_dim, device=p.device, dtype=p.dtype)
-                     for a in attns]
-        self.values = [torch.zeros_like(k) for k in self.keys]
-        self.max_len = max_len
-        self.length = 0  # positions already stored (advanced by MiniMindO.forward)
+    def __init__(self, n_kv_heads, head_dim, max_len, dtype, device):
+        super().__init__()
+        shape = (1, n_kv_heads, max_len, head_dim)
+        self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("values", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("slots", torch.arange(max_len, device=device), persistent=False)
 
-    def append(self, slot, k, v):
-        """k, v: (B, kv_heads, T, head_dim) for the new positions -> all keys/values so far."""
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
-        self.keys[slot][:, :, self.length:end] = k
-        self.values[slot][:, :, self.length:end] = v
-        return self.keys[slot][:, :, :end], self.values[slot][:, :, :end]
+    def update(self, pos, k, v):
+        """k, v: (1, kv_heads, T, head_dim) at positions pos (T,) -> every slot's keys and values."""
+        self.keys.index_copy_(2, pos, k)
+        self.values.index_copy_(2, pos, v)
+        return self.keys, self.values                                 # (1, kv_heads, max_len, head_dim)
+
+    def visible(self, pos):
+        """(T, max_len) mask: a query at pos sees the slots up to its own (later ones are not written yet)."""
+        return self.slots[None] <= pos[:, None]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -232,10 +230,9 @@ class KVCache:
 # -----------------------------------------------------------------------------------------------
 
 class Attention(nn.Module):
-    def __init__(self, s: BlockShape, cache_slot):
+    def __init__(self, s: BlockShape):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = s.n_heads, s.n_kv_heads, s.head_dim
-        self.cache_slot = cache_slot  # which KVCache entry is ours
         self.q_proj = nn.Linear(s.dim, s.n_heads * s.head_dim, bias=False)
         self.k_proj = nn.Linear(s.dim, s.n_kv_heads * s.head_dim, bias=False)
         self.v_proj = nn.Linear(s.dim, s.n_kv_heads * s.head_dim, bias=False)
@@ -243,22 +240,23 @@ class Attention(nn.Module):
         # Normalising q and k per head keeps attention logits bounded (stable training at small size).
         self.q_norm = RMSNorm(s.head_dim, s.eps)
         self.k_norm = RMSNorm(s.head_dim, s.eps)
+        self.kv_cache = None  # a KVCache while generating (MiniMindO.setup_caches)
 
-    def forward(self, x, cos, sin, cache=None):
+    def forward(self, x, cos, sin, pos=None):
+        """x: (B, T, dim) -> (B, T, dim). pos (T,) only when generating: this layer's cache keeps the
+        new keys and values at those positions."""
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, h, T, hd)
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)  # (B, kvh, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        start = 0
-        if cache is not None:
-            start = cache.length
-            k, v = cache.append(self.cache_slot, k, v)  # (B, kvh, start + T, hd)
-        if start == 0 or T == 1:  # a whole prompt, or one new position that may see everything
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0 and T > 1, enable_gqa=True)
-        else:  # a chunk after cached positions: causal, shifted by `start`
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        if pos is not None:
+            keys, values = self.kv_cache.update(pos, k, v)
+        if pos is None or T > 1:  # training, or a whole prompt (it starts at position 0): causal over itself
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:                     # one new position: it sees every position cached so far
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.kv_cache.visible(pos),
+                                                 enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -312,15 +310,16 @@ class MoEFeedForward(nn.Module):
 # -----------------------------------------------------------------------------------------------
 
 class Block(nn.Module):
-    def __init__(self, s: BlockShape, cache_slot):
+    def __init__(self, s: BlockShape):
         super().__init__()
         self.input_layernorm = RMSNorm(s.dim, s.eps)
-        self.self_attn = Attention(s, cache_slot)
+        self.self_attn = Attention(s)
         self.post_attention_layernorm = RMSNorm(s.dim, s.eps)
         self.mlp = MoEFeedForward(s) if s.use_moe else FeedForward(s.dim, s.ffn_dim)
 
-    def forward(self, h, cos, sin, cache=None):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache)
+    def forward(self, h, cos, sin, pos=None):
+        """h: (B, T, dim) -> (B, T, dim), and the MoE load-balance loss (0 for a dense block)."""
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, pos)
         if isinstance(self.mlp, MoEFeedForward):
             out, aux = self.mlp(self.post_attention_layernorm(h))
             return h + out, aux
@@ -330,35 +329,40 @@ class Block(nn.Module):
 class BlockStack(nn.Module):
     """n blocks with their own RoPE table and final norm. The Thinker and the Talker are each one."""
 
-    def __init__(self, s: BlockShape, cfg: OmniConfig, first_cache_slot):
+    def __init__(self, s: BlockShape, cfg: OmniConfig):
         super().__init__()
-        self.layers = nn.ModuleList(Block(s, first_cache_slot + i) for i in range(s.n_layers))
+        self.layers = nn.ModuleList(Block(s) for _ in range(s.n_layers))
         self.norm = RMSNorm(s.dim, s.eps)
         cos, sin = rope_tables(s.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.inference_rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_pos, head_dim)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def run(self, h, cache=None, keep_layer=None, stop_at_keep=False):
-        """h: (B, T, dim) -> (normed final hidden, hidden after block `keep_layer` (un-normed), aux loss).
-
-        stop_at_keep: return right after block `keep_layer`, with None as the final hidden."""
-        start = cache.length if cache is not None else 0
-        cos, sin = self.rope_cos[start:start + h.shape[1]], self.rope_sin[start:start + h.shape[1]]
-        kept, aux = None, h.new_zeros(())
-        for i, layer in enumerate(self.layers):
-            h, layer_aux = layer(h, cos, sin, cache)
-            aux = aux + layer_aux
-            if i == keep_layer:
-                kept = h
-                if stop_at_keep:
-                    return None, kept, aux
-        return self.norm(h), kept, aux
+    def run(self, h, blocks, pos=None):
+        """h: (B, T, dim) through `blocks` (some of self.layers) -> (h, summed MoE loss). pos (T,): the
+        positions when generating (cached); None: a whole sequence from position 0 (training)."""
+        positions = torch.arange(h.shape[1], device=h.device) if pos is None else pos
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        aux = h.new_zeros(())
+        for block in blocks:
+            h, block_aux = block(h, cos, sin, pos)
+            aux = aux + block_aux
+        return h, aux
 
 
 class Thinker(BlockStack):
     def __init__(self, cfg: OmniConfig):
-        super().__init__(thinker_shape(cfg), cfg, first_cache_slot=0)
+        super().__init__(thinker_shape(cfg), cfg)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.bridge_layer = cfg.bridge_layer
+
+    def lower(self, h, pos=None):
+        """Blocks 0..bridge_layer -> the bridge the Talker reads (before any norm), MoE loss."""
+        return self.run(h, self.layers[:self.bridge_layer + 1], pos)
+
+    def upper(self, bridge, pos=None):
+        """The remaining blocks and the final norm -> the hidden state the text head reads, MoE loss."""
+        h, aux = self.run(bridge, self.layers[self.bridge_layer + 1:], pos)
+        return self.norm(h), aux
 
 
 # -----------------------------------------------------------------------------------------------
@@ -437,7 +441,7 @@ class CodecHead(nn.Module):
         self.adapters = nn.ModuleList(
             nn.Sequential(nn.Linear(dim, rank, bias=False), nn.GELU(), nn.Linear(rank, vocab, bias=False)) for _ in range(N_CODEBOOKS))
 
-    def forward(self, h):  # (B, T, d) -> (B, 8, T, vocab)
+    def forward(self, h):  # (B, ..., d) -> (B, 8, ..., vocab)
         shared = self.base(h)
         return torch.stack([shared + adapter(h) for adapter in self.adapters], dim=1)
 
@@ -450,7 +454,7 @@ def mlp_to_norm(in_dim, mid_dim, out_dim, eps):
 class Talker(BlockStack):
     def __init__(self, cfg: OmniConfig):
         s = talker_shape(cfg)
-        super().__init__(s, cfg, first_cache_slot=cfg.num_hidden_layers)
+        super().__init__(s, cfg)
         d, H = s.dim, cfg.hidden_size
         self.embed_tokens = CodecEmbedding(cfg.audio_vocab_size, d)
         self.lm_head = CodecHead(d, cfg.audio_vocab_size)
@@ -461,27 +465,31 @@ class Talker(BlockStack):
         self.audio_scale = nn.Parameter(torch.tensor(1.0))
         self.spk_proj = nn.Linear(cfg.spk_emb_size, d, bias=False)
 
-    def forward(self, bridge, codes, spk_emb=None, cache=None, last_only=False):
-        """bridge: (B, T, H) Thinker middle layer; codes: (B, 8, T) -> audio logits (B, 8, T, vocab), aux.
-        last_only: logits of the last position only (B, 8, 1, vocab), what generation samples from."""
+    def forward(self, bridge, codes, spk_emb=None, pos=None):
+        """bridge: (B, T, H) Thinker middle layer; codes: (B, 8, T) -> hidden (B, T, d) for the codec
+        head, MoE loss. spk_emb: (B, 192), put where layer 0 holds the speaker slot id."""
         codec = self.embed_tokens(codes)                                       # (B, T, d)
         if spk_emb is not None:  # the speaker slot carries the voice's embedding instead of a code
             slot = (codes[:, 0] == SPEAKER_SLOT)[..., None]
             codec = torch.where(slot, self.spk_proj(spk_emb.to(codec.dtype))[:, None], codec)
         h = self.embed_proj(bridge) * self.text_scale + self.codec_proj(codec) * self.audio_scale
-        h, _, aux = self.run(h, cache)
-        return self.lm_head(h[:, -1:] if last_only else h), aux
+        h, aux = self.run(h, self.layers, pos)
+        return self.norm(h), aux
 
 
 # -----------------------------------------------------------------------------------------------
-# 8. The whole model, and the loss
+# 8. The whole model: the training forward, the decode step, and the loss
 # -----------------------------------------------------------------------------------------------
+# Training runs whole sequences through `forward`. Generation runs `prefill` once on the prompt, then
+# one column per step through `step` (text and speech) or, once the text has ended, `speech_step`
+# (the Thinker stops at the bridge: nothing reads its later blocks any more). Both are tensor-only:
+# every attention layer keeps its own KVCache, set up for one conversation by `setup_caches`.
 
 @dataclass
 class OmniOutput:
-    text_logits: Optional[torch.Tensor]  # (B, T, vocab); None when run with need_text=False
-    audio_logits: torch.Tensor           # (B, 8, T, audio_vocab)
-    aux_loss: torch.Tensor               # MoE load-balance loss (0 for the dense model or in eval)
+    text_logits: torch.Tensor   # (B, T, vocab)
+    audio_logits: torch.Tensor  # (B, 8, T, audio_vocab)
+    aux_loss: torch.Tensor      # MoE load-balance loss (0 for the dense model or in eval)
 
 
 class MiniMindO(nn.Module):
@@ -496,43 +504,67 @@ class MiniMindO(nn.Module):
         self.vision_proj = Projector(cfg.image_hidden_size, cfg.hidden_size)
         self.apply(init_weights)
 
-    def forward(self, input_ids, audio_embeds=None, image_embeds=None, spk_emb=None, cache=None,
-                audio_lengths=None, last_only=False, need_text=True):
-        """input_ids: (B, 9, T), rows 0-7 audio layers, row 8 text.
+    def forward(self, input_ids, audio_embeds=None, image_embeds=None, spk_emb=None, audio_lengths=None):
+        """input_ids: (B, 9, T), rows 0-7 audio layers, row 8 text -> OmniOutput for every position.
 
         audio_embeds: speech-encoder output per sample, a list of (L_i, 512) tensors or None, or a
         padded (B, L, 512) tensor with `audio_lengths` (B,). image_embeds: a list of (64, 768) or
-        None, or (B, 64, 768). Both are only used at prefill (an empty cache). spk_emb: (B, 192).
-        Generation shortcuts: last_only gives logits for the last position only; need_text=False
-        (once the reply's text has ended) runs the Thinker only up to the bridge and returns None
-        as text_logits: the Talker still needs the bridge, nothing needs the later blocks."""
+        None, or (B, 64, 768). spk_emb: (B, 192)."""
         codes, text = input_ids[:, :N_CODEBOOKS], input_ids[:, TEXT_ROW]
-        h = self.thinker.embed_tokens(text)                                    # (B, T, H)
-        if cache is None or cache.length == 0:
-            h = self.inject_features(h, text, audio_embeds, image_embeds, audio_lengths)
-        hidden, bridge, aux = self.thinker.run(h, cache, keep_layer=self.config.bridge_layer,
-                                               stop_at_keep=not need_text)
-        audio_logits, talker_aux = self.talker(bridge, codes, spk_emb, cache, last_only)
-        if cache is not None:
-            cache.length += input_ids.shape[-1]
-        text_out = None if hidden is None else self.lm_head(hidden[:, -1:] if last_only else hidden)
-        return OmniOutput(text_out, audio_logits, aux + talker_aux)
+        h = self.embed(text, audio_embeds, image_embeds, audio_lengths)       # (B, T, H)
+        bridge, lower_aux = self.thinker.lower(h)
+        hidden, upper_aux = self.thinker.upper(bridge)
+        talk, talker_aux = self.talker(bridge, codes, spk_emb)
+        return OmniOutput(self.lm_head(hidden), self.talker.lm_head(talk), lower_aux + upper_aux + talker_aux)
 
-    def inject_features(self, h, text, audio_embeds, image_embeds, audio_lengths=None):
-        cfg = self.config
+    def embed(self, text, audio_embeds=None, image_embeds=None, audio_lengths=None):
+        """Text ids (B, T) -> (B, T, H) embeddings, encoder features put on their placeholders."""
+        h = self.thinker.embed_tokens(text)
         if audio_embeds is not None:
             if isinstance(audio_embeds, (list, tuple)):
-                audio_embeds, audio_lengths = pad_features(audio_embeds, cfg.audio_hidden_size, h.device)
+                audio_embeds, audio_lengths = pad_features(audio_embeds, self.config.audio_hidden_size, h.device)
             feats = self.audio_proj(audio_embeds.to(h.device, next(self.audio_proj.parameters()).dtype))
             h = inject(h, text, AUDIO_PLACEHOLDER, feats, audio_lengths.to(h.device))
         if image_embeds is not None:
             if isinstance(image_embeds, (list, tuple)):
-                image_embeds, image_lengths = pad_features(image_embeds, cfg.image_hidden_size, h.device)
+                image_embeds, lengths = pad_features(image_embeds, self.config.image_hidden_size, h.device)
             else:
-                image_lengths = torch.full((h.shape[0],), image_embeds.shape[1], device=h.device)
+                lengths = torch.full((h.shape[0],), image_embeds.shape[1], device=h.device)
             feats = self.vision_proj(image_embeds.to(h.device, next(self.vision_proj.parameters()).dtype))
-            h = inject(h, text, IMAGE_PLACEHOLDER, feats, image_lengths)
+            h = inject(h, text, IMAGE_PLACEHOLDER, feats, lengths)
         return h
+
+    def setup_caches(self, max_len):
+        """Give every attention layer (Thinker and Talker) a KV cache for one conversation of max_len
+        positions; max_len=None frees them. One generation at a time per model."""
+        dtype, device = self.thinker.embed_tokens.weight.dtype, self.thinker.embed_tokens.weight.device
+        for attn in (m for m in self.modules() if isinstance(m, Attention)):
+            attn.kv_cache = None if max_len is None else KVCache(attn.n_kv_heads, attn.head_dim, max_len, dtype, device)
+
+    def prefill(self, input_ids, spk_emb=None, audio_embeds=None, image_embeds=None):
+        """The prompt (1, 9, P), from position 0, into the caches -> text logits (1, vocab) and audio
+        logits (1, 8, audio_vocab) of its last position."""
+        pos = torch.arange(input_ids.shape[-1], device=input_ids.device)
+        h = self.embed(input_ids[:, TEXT_ROW], audio_embeds, image_embeds)
+        return self.decode(h, input_ids[:, :N_CODEBOOKS], spk_emb, pos)
+
+    def step(self, column, pos, spk_emb=None):
+        """One column (1, 9, 1) at position pos (1,) -> text logits (1, vocab), audio logits (1, 8, audio_vocab)."""
+        return self.decode(self.thinker.embed_tokens(column[:, TEXT_ROW]), column[:, :N_CODEBOOKS], spk_emb, pos)
+
+    def speech_step(self, column, pos, spk_emb=None):
+        """A step once the text has ended -> audio logits (1, 8, audio_vocab) only."""
+        bridge, _ = self.thinker.lower(self.thinker.embed_tokens(column[:, TEXT_ROW]), pos)
+        return self.speak(bridge, column[:, :N_CODEBOOKS], spk_emb, pos)
+
+    def decode(self, h, codes, spk_emb, pos):
+        bridge, _ = self.thinker.lower(h, pos)
+        hidden, _ = self.thinker.upper(bridge, pos)
+        return self.lm_head(hidden[:, -1]), self.speak(bridge, codes, spk_emb, pos)
+
+    def speak(self, bridge, codes, spk_emb, pos):
+        talk, _ = self.talker(bridge, codes, spk_emb, pos)
+        return self.talker.lm_head(talk[:, -1])                                 # (1, 8, audio_vocab)
 
     # weight loading/saving in the published layout: see section 9
     def load_official_state_dict(self, state_dict):
@@ -573,35 +605,6 @@ def omni_loss(out, text_labels, audio_labels, stop_weight=10.0):
 # float16 .pth files (`sft_omni_768.pth`, `sft_omni_768_moe.pth`, the text-only start `llm_768.pth`)
 # or Transformers-format folders (config.json + weights, the tied lm_head.weight may be absent).
 
-RELEASE_ACCOUNTS = "`jingyaogong` on Hugging Face and `gongjy` on ModelScope"
-PUBLISHED_WEIGHTS = ("the published files are `minimind-3o-pytorch` (sft_omni_768.pth, sft_omni_768_moe.pth, "
-                     f"llm_768.pth) and the folders `minimind-3o` / `minimind-3o-moe`, under {RELEASE_ACCOUNTS}")
-
-
-class WeightLayoutError(ValueError):
-    """A state dict that does not fit the model: names the keys and shapes that differ."""
-
-
-class DamagedFileError(ValueError):
-    """A published file is there but cannot be read: a git-lfs pointer (a clone without git-lfs), a
-    download cut short, or another file under its name."""
-
-
-@contextlib.contextmanager
-def reading(path, source):
-    """Turn whatever a library raises while reading `path` into one message that names the file and
-    where a good copy comes from (`source`); a missing file stays a FileNotFoundError."""
-    try:
-        yield
-    except (FileNotFoundError, DamagedFileError):
-        raise
-    except Exception as e:
-        detail = (str(e).strip().splitlines() or [""])[0][:200]
-        raise DamagedFileError(f"cannot read {path} ({type(e).__name__}: {detail}). Is it the published file, "
-                               "whole? A git-lfs pointer (a clone without git-lfs) or an interrupted download "
-                               f"fails like this. Where to get it: {source}") from e
-
-
 def official_key(our_key):
     return "model." + our_key[len("thinker."):] if our_key.startswith("thinker.") else our_key
 
@@ -615,30 +618,13 @@ def official_state_dict(model, dtype=torch.float16):
     return {official_key(k): v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
 
 
-def _listing(keys, limit=8):
-    keys = sorted(keys)
-    return ", ".join(keys[:limit]) + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
-
-
 def load_official_state_dict(model, state_dict):
-    """Load release-named weights strictly: a missing, unexpected or mis-shaped key is an error."""
-    ours = model.state_dict()
-    theirs = {our_key(k): v for k, v in state_dict.items()}
-    if "lm_head.weight" not in theirs and "thinker.embed_tokens.weight" in theirs:
-        theirs["lm_head.weight"] = theirs["thinker.embed_tokens.weight"]  # tied; folders may omit it
-    missing = [official_key(k) for k in ours if k not in theirs]
-    unexpected = [official_key(k) for k in theirs if k not in ours]
-    if missing or unexpected:
-        raise WeightLayoutError("state dict does not match the model"
-                                + (f"; missing keys: {_listing(missing)}" if missing else "")
-                                + (f"; unexpected keys: {_listing(unexpected)}" if unexpected else ""))
-    for k, p in ours.items():
-        if theirs[k].shape != p.shape:
-            raise WeightLayoutError(f"shape mismatch for {official_key(k)}: checkpoint {tuple(theirs[k].shape)}, "
-                                    f"model {tuple(p.shape)}")
-    with torch.no_grad():
-        for k, p in ours.items():
-            p.copy_(theirs[k])
+    """Load release-named weights strictly: PyTorch names every missing, unexpected or mis-shaped key
+    (under our names: `thinker.` for the release's `model.`)."""
+    ours = {our_key(k): v for k, v in state_dict.items()}
+    if "lm_head.weight" not in ours and "thinker.embed_tokens.weight" in ours:
+        ours["lm_head.weight"] = ours["thinker.embed_tokens.weight"]  # tied; folders may leave it out
+    model.load_state_dict(ours)
 
 
 def start_from_text_model(model, state_dict):
@@ -646,25 +632,20 @@ def start_from_text_model(model, state_dict):
 
     The Thinker loads strictly. When the widths match, Talker block i starts as a copy of Thinker
     block n_thinker - n_talker + i: the last Thinker blocks already know how to read the text."""
-    thinker = {k: v for k, v in state_dict.items() if k.startswith("model.") or k == "lm_head.weight"}
-    unexpected = [k for k in state_dict if k not in thinker]
-    if unexpected:
-        raise WeightLayoutError(f"not a text-only MiniMind checkpoint; unexpected keys: {_listing(unexpected)}")
-    full = official_state_dict(model, dtype=torch.float32)
-    missing = [k for k in full if k.startswith("model.") and k not in thinker]
-    if missing:
-        raise WeightLayoutError(f"text-only checkpoint is missing Thinker keys: {_listing(missing)}")
-    full.update(thinker)
-    if "lm_head.weight" not in thinker:  # tied to the embedding, so a checkpoint may leave it out
-        full["lm_head.weight"] = full["model.embed_tokens.weight"]
+    other = [k for k in state_dict if not k.startswith("model.") and k != "lm_head.weight"]
+    if other:
+        raise ValueError(f"not a MiniMind checkpoint: it has {other[0]!r} and {len(other) - 1} more keys that are "
+                         "neither model.* (the Thinker) nor talker.*")
+    thinker = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+    model.thinker.load_state_dict(thinker)
+    if "lm_head.weight" in state_dict:  # tied to the embedding, so a checkpoint may leave it out
+        with torch.no_grad():
+            model.lm_head.weight.copy_(state_dict["lm_head.weight"])
     cfg = model.config
     if cfg.talker_hidden_size == cfg.hidden_size:
         offset = cfg.num_hidden_layers - cfg.num_talker_hidden_layers
-        for k in list(full):
-            if k.startswith("talker.layers."):
-                i, rest = k[len("talker.layers."):].split(".", 1)
-                full[k] = full[f"model.layers.{int(i) + offset}.{rest}"]
-    load_official_state_dict(model, full)
+        for i, block in enumerate(model.talker.layers):
+            block.load_state_dict(model.thinker.layers[offset + i].state_dict())
 
 
 def weights_file(path):
@@ -679,19 +660,15 @@ def weights_file(path):
 
 
 def read_checkpoint(path):
-    """A state dict from a .pth/.bin/.safetensors file, or from a release folder. Clear error if missing."""
+    """A state dict from a .pth/.bin/.safetensors file, or from a release folder."""
     found = weights_file(path)
-    if found is None and os.path.isdir(path):
-        raise FileNotFoundError(f"no weights in folder {path} (looked for model.safetensors, pytorch_model.bin, "
-                                f"*.pth); {PUBLISHED_WEIGHTS}")
     if found is None:
-        raise FileNotFoundError(f"checkpoint not found: {path}; {PUBLISHED_WEIGHTS}")
-    path = found
-    with reading(path, PUBLISHED_WEIGHTS):
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            return load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(f"no weights at {path} (a file, or a folder with model.safetensors, "
+                                "pytorch_model.bin or *.pth)")
+    if found.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(found)
+    state = torch.load(found, map_location="cpu", weights_only=True)
     return state["model"] if isinstance(state.get("model"), dict) else state  # train.py's resume files nest it
 
 
@@ -699,10 +676,9 @@ def config_from_state_dict(state_dict):
     """Model shape read off the weights themselves, so any checkpoint file loads without a config."""
     layers = lambda prefix: len({k.split(".")[2] for k in state_dict if k.startswith(prefix)})
     embed = state_dict["model.embed_tokens.weight"]
-    talker = "talker.norm.weight" in state_dict
     cfg = dict(vocab_size=embed.shape[0], hidden_size=embed.shape[1], num_hidden_layers=layers("model.layers."),
                use_moe=any(".mlp.experts." in k for k in state_dict))
-    if talker:
+    if "talker.norm.weight" in state_dict:
         cfg.update(talker_hidden_size=state_dict["talker.norm.weight"].shape[0],
                    num_talker_hidden_layers=layers("talker.layers."))
     else:  # a text-only start: a Talker as wide as the Thinker, so it can start from its last blocks
@@ -715,15 +691,11 @@ def load_model(path, device="cpu", dtype=torch.float32, config=None):
     the text-only MiniMind start. The shape comes from `config`, else the folder's config.json,
     else the weights themselves."""
     state = read_checkpoint(path)
-    config_file = os.path.join(path, "config.json") if os.path.isdir(path) else None
-    if config is not None:
-        cfg = config
-    elif config_file and os.path.exists(config_file):
+    config_file = os.path.join(path, "config.json")
+    if config is None and os.path.isfile(config_file):
         with open(config_file) as f:
-            cfg = OmniConfig.from_dict(json.load(f))
-    else:
-        cfg = config_from_state_dict(state)
-    model = MiniMindO(cfg)
+            config = OmniConfig.from_dict(json.load(f))
+    model = MiniMindO(config or config_from_state_dict(state))
     if any(k.startswith("talker.") for k in state):
         load_official_state_dict(model, state)
     else:
@@ -761,6 +733,59 @@ def parameter_counts(model):
             "projectors": count(model.audio_proj) + count(model.vision_proj), "total": count(model)}
 
 
+MIMI_WEIGHTS = "tokenizer-e351c8d8-checkpoint125.safetensors"  # what moshi.models.loaders fetches
+CAMPP_WEIGHTS = "campplus_cn_common.bin"
+
+
+@dataclass
+class PublishedPart:
+    name: str        # what it is, for people
+    source: str      # where it is published
+    download: str    # the command that puts it where the entry points look by default
+
+
+HF = "hf download"
+PUBLISHED = {
+    "checkpoint": PublishedPart("MiniMind-O weights", "`jingyaogong/minimind-3o` (or `minimind-3o-moe`, or the .pth "
+                                "files of `minimind-3o-pytorch`) on Hugging Face, `gongjy` on ModelScope",
+                                f"{HF} jingyaogong/minimind-3o --local-dir models/minimind-3o"),
+    "tokenizer": PublishedPart("tokenizer", "tokenizer.json in the `jingyaogong/minimind-3o` folder",
+                               f"{HF} jingyaogong/minimind-3o --include 'tokenizer*' --local-dir models/minimind-3o"),
+    "sensevoice": PublishedPart("speech encoder (SenseVoice-Small)", "`FunAudioLLM/SenseVoiceSmall` on Hugging Face",
+                                f"{HF} FunAudioLLM/SenseVoiceSmall --local-dir models/SenseVoiceSmall"),
+    "siglip": PublishedPart("vision encoder (SigLIP2)", "the release's `jingyaogong/siglip2-base-p32-256-ve`",
+                            f"{HF} jingyaogong/siglip2-base-p32-256-ve --local-dir models/siglip2-base-p32-256-ve"),
+    "mimi": PublishedPart("Mimi codec", f"{MIMI_WEIGHTS} in `kyutai/moshiko-pytorch-bf16` on Hugging Face",
+                          f"{HF} kyutai/moshiko-pytorch-bf16 {MIMI_WEIGHTS} --local-dir models/mimi"),
+    "campplus": PublishedPart("speaker encoder (CAM++)", "`funasr/campplus` on Hugging Face, "
+                              "`iic/speech_campplus_sv_zh-cn_16k-common` on ModelScope",
+                              f"{HF} funasr/campplus {CAMPP_WEIGHTS} --local-dir models/campplus"),
+    "voices": PublishedPart("voices", "the release's model/speaker/voices.pt (GitHub jingyaogong/minimind-o)",
+                            "curl -L -o models/voices.pt https://raw.githubusercontent.com/jingyaogong/minimind-o/"
+                            "master/model/speaker/voices.pt"),
+}
+
+
+class DamagedPartError(ValueError):
+    """A published part is there but cannot be read (a git-lfs pointer, a cut download, another file)."""
+
+
+@contextlib.contextmanager
+def loading(part, path):
+    """Around the loading of PUBLISHED[part] from `path`: a failure becomes one message naming the file
+    and how to get it (a missing file stays a FileNotFoundError)."""
+    p = PUBLISHED[part]
+    try:
+        yield
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{p.name}: {e}. Get it with `{p.download}` (published: {p.source})") from e
+    except Exception as e:
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DamagedPartError(f"cannot read the {p.name} at {path} ({type(e).__name__}: {detail}). Is it the "
+                               "published file, whole? A git-lfs pointer (a clone without git-lfs) or a cut "
+                               f"download fails like this. Get it with `{p.download}` (published: {p.source})") from e
+
+
 # -----------------------------------------------------------------------------------------------
 # 10. Tokenizer, chat text, and the nine-row training sample
 # -----------------------------------------------------------------------------------------------
@@ -768,19 +793,6 @@ def parameter_counts(model):
 EMPTY_THINK = "<think>\n\n</think>\n\n"  # the reply's (empty) reasoning block
 THINK_END = "</think>\n\n"
 IMAGE_MARK = "<image>"                   # where an image goes in the released conversations
-SYSTEM_PROMPTS = [  # the release's; see P_SYSTEM_PROMPT
-    "你是一个知识丰富的AI，尽力为用户提供准确的信息。", "你是minimind，一个小巧但有用的语言模型。",
-    "你是一个专业的AI助手，请提供有价值的回答。", "你是minimind，请尽力帮助用户解决问题。", "你是一个可靠的AI，请给出准确的回答。",
-    "You are a helpful AI assistant.", "You are minimind, a lightweight intelligent assistant.",
-    "You are a friendly chatbot. Please answer the user's questions carefully.",
-    "You are a knowledgeable AI. Try your best to provide accurate information.",
-    "You are minimind, a small but useful language model."]
-P_SYSTEM_PROMPT = 0.2     # a conversation without a system turn gets one of SYSTEM_PROMPTS
-P_KEEP_EMPTY_THINK = 0.2  # the reply keeps its empty think block
-P_USE_REF = 0.5           # the voice prompt's reference frames are kept (else only the speaker slot)
-AUDIO_LAYOUTS = {"audio_only": 0.4, "text_only": 0.2, "audio_blankline_text": 0.2, "text_blankline_audio": 0.2}
-IMAGE_LAYOUTS = {"image_newline_text": 0.2, "image_blankline_text": 0.2, "text_newline_image": 0.2,
-                 "text_blankline_image": 0.4}
 ROLES = ("system", "user", "assistant")
 REPLY_SEARCH = 50  # how far after the reply start to look for "</think>\n\n"
 
@@ -789,11 +801,9 @@ def load_tokenizer(path):
     """The released MiniMind tokenizer (a folder with tokenizer.json, or the file itself)."""
     from tokenizers import Tokenizer
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-    source = f"the published model folders (`minimind-3o`, under {RELEASE_ACCOUNTS})"
-    if not os.path.exists(file):
-        raise FileNotFoundError(f"tokenizer not found: {file}; it ships with {source}")
-    with reading(file, source):
-        return Tokenizer.from_file(file)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"tokenizer not found: {file}")
+    return Tokenizer.from_file(file)
 
 
 def encode(tok, text):
@@ -885,6 +895,24 @@ def build_sample(conversations, tok, max_len, answer_codes=None, ref_codes=None,
     last reply and of the voice prompt; n_audio_tokens: speech-encoder frames of the last question.
     The other arguments are the per-sample variations (drawn by `draw_variations` in training).
     Returns input_ids (9, max_len-1), text_labels (max_len-1,), audio_labels (8, max_len-1)."""
+    text = render_sample(conversations, n_audio_tokens, has_image, system_prompt, keep_empty_think, audio_layout,
+                         image_layout)
+    ids = encode(tok, text)[:max_len]
+    ids += [TEXT_PAD] * (max_len - len(ids))
+    spans = reply_spans(ids, tok)
+    text_labels = torch.full((max_len,), IGNORE)
+    if spans:  # the last reply, through its <|im_end|>\n (earlier replies are context only)
+        start, end = spans[-1]
+        end = min(end + len(encode(tok, "<|im_end|>\n")), max_len)
+        text_labels[start:end] = torch.tensor(ids[start:end])
+    audio, audio_labels = audio_rows(ids, spans, tok, answer_codes, ref_codes if use_ref else None, has_spk)
+    input_ids = torch.cat([audio[:, :-1], torch.tensor(ids[:-1])[None]])  # (9, max_len-1): predict the next column
+    return input_ids, text_labels[1:], audio_labels[:, 1:]
+
+
+def render_sample(conversations, n_audio_tokens, has_image, system_prompt, keep_empty_think, audio_layout,
+                  image_layout):
+    """The conversation as chat text, with the sample's variations and its placeholders."""
     turns = [dict(t) for t in conversations]
     if system_prompt and turns[0]["role"] != "system":
         turns.insert(0, {"role": "system", "content": system_prompt})
@@ -897,73 +925,29 @@ def build_sample(conversations, tok, max_len, answer_codes=None, ref_codes=None,
     text = render_chat(turns)
     if not keep_empty_think:
         text = text.replace(EMPTY_THINK, "")
-    if has_image:
-        text = expand_image_marks(text)
-    ids = encode(tok, text)[:max_len]
-    ids += [TEXT_PAD] * (max_len - len(ids))
+    return expand_image_marks(text) if has_image else text
 
-    # Text labels: the last reply, through its <|im_end|>\n (earlier replies are context only).
-    text_labels = torch.full((max_len,), IGNORE)
-    spans = reply_spans(ids, tok)
-    if spans:
-        start, end = spans[-1]
-        end = min(end + len(encode(tok, "<|im_end|>\n")), max_len)
-        text_labels[start:end] = torch.tensor(ids[start:end])
 
+def audio_rows(ids, spans, tok, answer_codes, ref_codes, has_spk):
+    """Audio inputs and labels (8, max_len) for text ids: the voice prompt before the last reply's start,
+    then its answer codes, layer i delayed i + 1 steps, each layer ending with a stop id."""
+    max_len = len(ids)
     audio = torch.full((N_CODEBOOKS, max_len), AUDIO_PAD)
-    audio_labels = torch.full((N_CODEBOOKS, max_len), IGNORE)
+    labels = torch.full((N_CODEBOOKS, max_len), IGNORE)
     answer = frames_of(answer_codes if answer_codes is not None else [])
-    if spans and answer.shape[1] > 0:
-        start, end = spans[-1]
-        think_end = find(ids, encode(tok, THINK_END), start, min(end, start + REPLY_SEARCH))
-        s = min(think_end + len(encode(tok, THINK_END)) if think_end >= 0 else start, max_len)  # reply start
-        audio[:, :s] = voice_prompt_rows(s, ref_codes if use_ref else None, has_spk)
-        # Answer: layer i is delayed i + 1 steps after the reply start, and ends with a stop id.
-        answer = torch.cat([answer, torch.full((N_CODEBOOKS, 1), AUDIO_STOP)], dim=1)
-        for i in range(N_CODEBOOKS):
-            first = s + 1 + i
-            n = max(0, min(answer.shape[1], max_len - first))
-            audio[i, first:first + n] = answer[i, :n]
-            audio_labels[i, first:first + n] = answer[i, :n]
-
-    input_ids = torch.cat([audio[:, :-1], torch.tensor(ids[:-1])[None]])  # (9, max_len-1): predict the next column
-    return input_ids, text_labels[1:], audio_labels[:, 1:]
-
-
-def draw_variations(rng, has_system_turn=False):
-    """The per-sample variations with the release's probabilities; rng is a random.Random."""
-    pick = lambda table: rng.choices(list(table), weights=list(table.values()))[0]
-    add_system = not has_system_turn and rng.random() < P_SYSTEM_PROMPT
-    return dict(system_prompt=rng.choice(SYSTEM_PROMPTS) if add_system else None,
-                keep_empty_think=rng.random() < P_KEEP_EMPTY_THINK, audio_layout=pick(AUDIO_LAYOUTS),
-                image_layout=pick(IMAGE_LAYOUTS), use_ref=rng.random() < P_USE_REF)
-
-
-def cut_conversation(conversations, reply_index, tok, max_len, margin=100):
-    """Multi-turn rows: keep turns through the reply_index-th assistant turn, backing off to earlier
-    replies while the rendered text plus `margin` tokens would not fit in max_len."""
-    replies = [i for i, t in enumerate(conversations) if t["role"] == "assistant"]
-    for r in range(reply_index, -1, -1):
-        kept = conversations[:replies[r] + 1]
-        if len(encode(tok, render_chat(kept))) + margin < max_len:
-            break
-    return kept
-
-
-def scheduled_sampling(input_ids, text_labels, audio_labels, p=0.05, text_vocab=TEXT_VOCAB, audio_vocab=AUDIO_VOCAB,
-                       generator=None):
-    """Training only: replace a few ground-truth inputs by random ids, so the model learns to recover
-    from its own mistakes at generation time. input_ids (B, 9, T) or (9, T); returns a new tensor."""
-    ids = input_ids.clone()
-    rand = lambda *shape: torch.rand(shape, generator=generator, device=ids.device)
-    audio_pos = (audio_labels != IGNORE).any(-2) & (rand(*ids.shape[:-2], ids.shape[-1]) < p)         # (..., T)
-    noise = torch.randint(0, audio_vocab, ids[..., :N_CODEBOOKS, :].shape, generator=generator, device=ids.device)
-    ids[..., :N_CODEBOOKS, :] = torch.where(audio_pos[..., None, :], noise, ids[..., :N_CODEBOOKS, :])
-    text = ids[..., TEXT_ROW, :]
-    text_pos = (text_labels != IGNORE) & (text != IMAGE_PLACEHOLDER) & (rand(*text.shape) < p)
-    noise = torch.randint(0, text_vocab, text.shape, generator=generator, device=ids.device)
-    ids[..., TEXT_ROW, :] = torch.where(text_pos, noise, text)
-    return ids
+    if not spans or answer.shape[1] == 0:
+        return audio, labels
+    start, end = spans[-1]
+    think_end = find(ids, encode(tok, THINK_END), start, min(end, start + REPLY_SEARCH))
+    s = min(think_end + len(encode(tok, THINK_END)) if think_end >= 0 else start, max_len)  # reply start
+    audio[:, :s] = voice_prompt_rows(s, ref_codes, has_spk)
+    answer = torch.cat([answer, torch.full((N_CODEBOOKS, 1), AUDIO_STOP)], dim=1)
+    for i in range(N_CODEBOOKS):
+        first = s + 1 + i
+        n = max(0, min(answer.shape[1], max_len - first))
+        audio[i, first:first + n] = answer[i, :n]
+        labels[i, first:first + n] = answer[i, :n]
+    return audio, labels
 
 
 # -----------------------------------------------------------------------------------------------
@@ -973,7 +957,8 @@ def scheduled_sampling(input_ids, text_labels, audio_labels, p=0.05, text_vocab=
 # layer, layer i starting i + 1 steps after the reply starts. So at step n, layer i emits the code
 # of frame n - 1 - i, and frame f is complete once layer 7 has emitted it: frame n - 8 completes
 # at step n. Speech therefore starts 8 steps (640 ms of tokens, not of wall time) into the reply,
-# long before the text is done.
+# long before the text is done. After the text's EOS, the text inputs are forced: a newline (what the
+# training data has there), then padding, while the Talker finishes speaking.
 
 AUDIO_TEMPERATURE = 0.2     # audio is sampled sharp: codes must be right, not creative
 AUDIO_TOP_K = 50
@@ -1025,63 +1010,81 @@ def sample_audio(logits, recent, greedy):
     return idx.gather(-1, torch.multinomial(top.softmax(-1), 1))[:, 0]
 
 
-@torch.inference_mode()
-def stream_generate(model, prompt_ids, max_new_tokens=1024, temperature=0.75, top_p=0.9, repetition_penalty=1.0,
-                    greedy=False, ref_codes=None, spk_emb=None, audio_embeds=None, image_embeds=None,
-                    eos_token_id=IM_END):
-    """Yield a GenStep per step: the text token as soon as it is sampled, each frame once complete.
+class SpeechSchedule:
+    """The delay pattern, on the host: where each layer stopped, and whether a frame is complete."""
 
-    prompt_ids: (P,) or (1, P) text ids ending with the generation prompt. ref_codes (8, R) and
-    spk_emb (192,) give the voice; audio_embeds / image_embeds are encoder outputs for the prompt's
-    placeholders (a list with one (L, 512) / (64, 768) tensor). Batch size 1: this is a conversation."""
-    device = next(model.parameters()).device
+    def __init__(self):
+        self.stops = [None] * N_CODEBOOKS   # the step of each layer's first id >= CODEBOOK_SIZE
+
+    def record(self, n, codes):
+        """codes: the 8 ids emitted at step n (layer i only counts once it has started, at step i + 1)."""
+        for i, code in enumerate(codes):
+            if self.stops[i] is None and code >= CODEBOOK_SIZE and i < n:
+                self.stops[i] = n
+
+    def frame(self, n, frame_codes):
+        """The frame completed at step n (layer i emitted its code at step n - 7 + i), or None."""
+        if n < N_CODEBOOKS:
+            return None
+        emitted_at = [n - N_CODEBOOKS + 1 + i for i in range(N_CODEBOOKS)]
+        return frame_codes if all(s is None or at < s for at, s in zip(emitted_at, self.stops)) else None
+
+    @property
+    def done(self):
+        return all(s is not None for s in self.stops)
+
+
+def prompt_columns(model, prompt_ids, max_new_tokens, ref_codes, has_speaker):
+    """Prompt text ids (P,) -> (1, 9, P) columns: the voice prompt in the audio rows."""
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long).view(-1)
     positions = model.config.max_position_embeddings
     if max_new_tokens < 1 or len(prompt) + max_new_tokens > positions:
         raise ValueError(f"a prompt of {len(prompt)} tokens and max_new_tokens {max_new_tokens}: need at least one "
                          f"new token and at most {positions} positions (the model's max_position_embeddings)")
-    audio_rows = voice_prompt_rows(len(prompt), ref_codes, has_speaker=spk_emb is not None)
-    column = torch.cat([audio_rows, prompt[None]]).to(device)[None]                # (1, 9, P)
+    return torch.cat([voice_prompt_rows(len(prompt), ref_codes, has_speaker), prompt[None]])[None]
+
+
+@torch.inference_mode()
+def stream_generate(model, prompt_ids, max_new_tokens=1024, temperature=0.75, top_p=0.9, repetition_penalty=1.0,
+                    greedy=False, ref_codes=None, spk_emb=None, audio_embeds=None, image_embeds=None,
+                    eos_token_id=IM_END):
+    """Yield a GenStep per step: the text token as soon as it is sampled, each frame once complete.
+    prompt_ids: (P,) text ids ending with the generation prompt; ref_codes (8, R) and spk_emb (192,): the
+    voice; audio_embeds / image_embeds: [(L, 512)] / [(64, 768)] encoder outputs for the prompt's placeholders."""
+    device = next(model.parameters()).device
     spk = None if spk_emb is None else torch.as_tensor(spk_emb, dtype=torch.float32, device=device).view(1, -1)
-    cache = KVCache(model, 1, len(prompt) + max_new_tokens)
+    column = prompt_columns(model, prompt_ids, max_new_tokens, ref_codes, spk is not None).to(device)  # (1, 9, P)
+    positions = torch.arange(column.shape[-1], column.shape[-1] + max_new_tokens, device=device)
     seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
-    seen[prompt.to(device)] = True
-    history = torch.full((N_CODEBOOKS, max_new_tokens), AUDIO_PAD, device=device)  # ids emitted, per step
-    first_step = torch.arange(1, N_CODEBOOKS + 1, device=device)                    # layer i starts at step i + 1
-    emitted, stop_at = [], [None] * N_CODEBOOKS                                      # host copies
-    text_done = newline_fed = False
-    for n in range(max_new_tokens):
-        # Logits of the last position only; once the text has ended, the Thinker stops at the bridge.
-        out = model(column, audio_embeds=audio_embeds if n == 0 else None,
-                    image_embeds=image_embeds if n == 0 else None, spk_emb=spk, cache=cache,
-                    last_only=True, need_text=not text_done)
-        codes = sample_audio(out.audio_logits[0, :, -1], history[:, max(0, n - AUDIO_PENALTY_WINDOW):n], greedy)
-        codes = torch.where(first_step <= n, codes, AUDIO_PAD)
-        text = None if text_done else sample_text(out.text_logits[0, -1], seen, temperature, top_p,
-                                                  repetition_penalty, greedy)
-        # The step's device->host sync (a MoE layer adds one of its own, to split tokens among experts).
-        ids = (codes if text is None else torch.cat([codes, text[None]])).tolist()
-        frame_ids = ids[:N_CODEBOOKS]
-        if text_done:  # after EOS the text row reads a newline, then padding
-            text_id, newline_fed = (TEXT_PAD if newline_fed else NEWLINE), True
-        else:
-            text_id = ids[TEXT_ROW]
-        for i, c in enumerate(frame_ids):
-            if stop_at[i] is None and c >= CODEBOOK_SIZE and i < n:
-                stop_at[i] = n
-        if text_done and all(s is not None for s in stop_at):
-            return
-        history[:, n] = codes
-        emitted.append(frame_ids)
-        frame = None
-        if n >= N_CODEBOOKS:  # frame n - 8 just completed: layer i emitted it at step n - 7 + i
-            at = [n - N_CODEBOOKS + 1 + i for i in range(N_CODEBOOKS)]
-            if all(stop_at[i] is None or at[i] < stop_at[i] for i in range(N_CODEBOOKS)):
-                frame = [emitted[at[i]][i] for i in range(N_CODEBOOKS)]
-        yield GenStep(None if text_done else text_id, frame)
-        text_done = text_done or text_id == eos_token_id
-        seen[text_id] = True
-        column = torch.tensor(frame_ids + [text_id], device=device).view(1, N_ROWS, 1)
+    seen[column[0, TEXT_ROW]] = True                        # the text penalty counts the prompt too
+    codes = torch.full((N_CODEBOOKS, max_new_tokens), AUDIO_PAD, device=device)  # every id emitted, per step
+    layer = torch.arange(N_CODEBOOKS, device=device)
+    speech, forced = SpeechSchedule(), None                  # forced: the text inputs after EOS
+    model.setup_caches(column.shape[-1] + max_new_tokens)
+    try:
+        for n in range(max_new_tokens):
+            if n == 0:
+                text_logits, audio_logits = model.prefill(column, spk, audio_embeds, image_embeds)
+            elif forced is None:
+                text_logits, audio_logits = model.step(column, positions[n - 1:n], spk)
+            else:  # the text has ended: only the Talker's logits are needed
+                audio_logits = model.speech_step(column, positions[n - 1:n], spk)
+            recent = codes[:, max(0, n - AUDIO_PENALTY_WINDOW):n]
+            codes[:, n] = torch.where(layer < n, sample_audio(audio_logits[0], recent, greedy), AUDIO_PAD)
+            text = (sample_text(text_logits[0], seen, temperature, top_p, repetition_penalty, greedy) if forced is None
+                    else torch.tensor(next(forced), device=device))
+            frame = codes[layer, (n - N_CODEBOOKS + 1 + layer).clamp(min=0)]   # the frame step n may complete
+            text_id, *ids = torch.cat([text[None], codes[:, n], frame]).tolist()  # the step's one host sync
+            speech.record(n, ids[:N_CODEBOOKS])
+            if forced is not None and speech.done:
+                return
+            yield GenStep(text_id if forced is None else None, speech.frame(n, ids[N_CODEBOOKS:]))
+            if forced is None and text_id == eos_token_id:
+                forced = itertools.chain([NEWLINE], itertools.repeat(TEXT_PAD))
+            seen[text] = True
+            column = torch.cat([codes[:, n], text[None]]).view(1, N_ROWS, 1)      # the next step's input
+    finally:
+        model.setup_caches(None)
 
 
 def generate(model, prompt_ids, max_new_tokens=1024, **kwargs):
@@ -1099,119 +1102,68 @@ def generate(model, prompt_ids, max_new_tokens=1024, **kwargs):
 # 12. Thin adapters to the frozen side modules
 # -----------------------------------------------------------------------------------------------
 # MiniMind-O never trains these; it only needs their outputs in the exact form the release used:
-#   SenseVoice-Small encoder  speech (16 kHz)      -> (L, 512) frames, L = number of LFR frames
-#   SigLIP2 base-patch32-256  image                -> (64, 768) patch tokens
-#   Mimi codec                speech (24 kHz)     <-> (8, F) codes, 1920 samples a frame
-#   CAM++                     speech (16 kHz)      -> (192,) speaker embedding
-#   Silero VAD                16 kHz mic chunks    -> speech start / end events (barge-in)
-# Heavy libraries (funasr, moshi, transformers, silero_vad, soundfile, soxr, librosa, PIL) are imported
-# inside the functions that need them, so importing this file costs only torch and numpy.
+#   SenseVoice-Small encoder  speech (16 kHz)   -> (L, 512) frames, L = number of LFR frames (funasr)
+#   SigLIP2 base-patch32-256  image             -> (64, 768) patch tokens (transformers)
+#   Mimi codec                speech (24 kHz)  <-> (8, F) codes, 1920 samples a frame (moshi)
+#   CAM++                     speech (16 kHz)   -> (192,) speaker embedding (funasr)
+# Their libraries are imported inside the functions that need them: importing this file costs only
+# torch and numpy. The loaders raise what the libraries raise; the entry points (chat.py, train.py)
+# wrap each published part they load in `loading`, which turns any failure into one message that
+# says how to get the part, from the table below.
 
-SAMPLE_RATE_SPEECH = 16000          # SenseVoice, CAM++ and Silero VAD all take 16 kHz
+SAMPLE_RATE_SPEECH = 16000          # SenseVoice and CAM++ take 16 kHz
 SAMPLE_RATE_MIMI = 24000
 MIMI_FRAME_SAMPLES = 1920           # 24 kHz / 12.5 Hz
-MIMI_WEIGHTS = "tokenizer-e351c8d8-checkpoint125.safetensors"   # what moshi.models.loaders fetches
-MIMI_HUB_REPO = "kyutai/moshiko-pytorch-bf16"
-MIMI_SOURCE = (f"{MIMI_WEIGHTS} in `{MIMI_HUB_REPO}` on Hugging Face, or the release's `mimi` folder (account "
-               "`gongjy`) on ModelScope")
-
-SILENCE_PEAK = 1e-4                 # a file whose loudest sample is below -80 dBFS holds no speech
-
-# SenseVoice front end (spec: Kaldi fbank 80 mels, 25 ms hamming, 10 ms shift, LFR 7/6, CMVN from am.mvn)
-FBANK_MELS = 80
-FBANK_WINDOW_MS = 25
-FBANK_SHIFT_MS = 10
-FBANK_LOW_HZ = 20.0                 # Kaldi's default lower band edge; the upper edge is Nyquist
-FBANK_PREEMPHASIS = 0.97            # Kaldi default
-FBANK_DITHER = 1.0                  # noise std (int16 scale) on every frame: funasr's default, which the release keeps
-DITHER_SEED = 0                     # the noise comes from this seed, so a clip always gives the same features
-INT16_SCALE = 32768.0               # funasr feeds Kaldi int16-scaled samples, so CMVN stats are on that scale
-LFR_M, LFR_N = 7, 6                 # stack 7 frames, hop 6: 100 Hz -> 16.7 Hz, 80 -> 560 dims
-SPEECH_FEAT_DIM = FBANK_MELS * LFR_M
 SENSEVOICE_FILES = ("config.yaml", "model.pt", "am.mvn")
-SENSEVOICE_SOURCE = ("`FunAudioLLM/SenseVoiceSmall` on Hugging Face, or `iic/SenseVoiceSmall` / the release's "
-                     "`SenseVoiceSmall` (account `gongjy`) on ModelScope")
-
-# SigLIP2 vision tower
-GREY16_PER_GREY8 = 257              # 65535 / 255: a 16-bit grey level per 8-bit one
+SPEECH_FEAT_DIM = 560               # what the encoder reads: 80 fbank mels x 7 stacked frames
 SIGLIP_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
-SIGLIP_SOURCE = ("`google/siglip2-base-patch32-256` on Hugging Face, or the release's `siglip2-base-p32-256-ve` "
-                 "(account `gongjy`) on ModelScope")
-
-# CAM++ speaker encoder (spec: 80-mel log spectrogram, n_fft 512, window 400, hop 160, 20-7600 Hz, slaney,
-# mean-normalised over time)
-SPK_MELS = 80
-SPK_N_FFT = 512
-SPK_WINDOW = 400
-SPK_HOP = 160
-SPK_FMIN, SPK_FMAX = 20.0, 7600.0
+GREY16_PER_GREY8 = 257              # 65535 / 255: a 16-bit grey level per 8-bit one
+SILENCE_PEAK = 1e-4                 # a file whose loudest sample is below -80 dBFS holds no speech
+SHORTEST_CLIP_S = 0.025             # one 25 ms analysis window of the speech front end
+DITHER = 1.0 / 32768                # funasr's fbank dither: noise of 1 int16 step, against log(0) on silence
+DITHER_SEED = 0
+SPK_MEL = dict(n_fft=512, win=400, hop=160, n_mels=80, fmin=20.0, fmax=7600.0)  # CAM++'s input (spec §1)
 SPK_LOG_FLOOR = 1e-6                # keeps log() finite on digital silence
-CAMPP_WEIGHTS = "campplus_cn_common.bin"
-CAMPP_SOURCE = ("`iic/speech_campplus_sv_zh-cn_16k-common` on ModelScope (the release's copy: `campplus`, "
-                "account `gongjy`)")
 
-# voice cloning
-VOICES_SOURCE = "the release's model/speaker/voices.pt (GitHub jingyaogong/minimind-o)"
-MAX_REF_FRAMES = 300                # 24 s of reference codes at most
-MIN_CLONE_SECONDS = 1.0             # shorter clips carry too little of a voice
-MIN_CLONE_RMS_DBFS = -45.0          # quieter than this the codec mostly encodes noise floor
-CLIP_LEVEL = 0.999                  # a sample at or above this magnitude sits on the rail
-MAX_CLIPPED_FRACTION = 1e-3         # more than 0.1% of samples on the rail = audibly clipped
 
-# Silero VAD
-VAD_CHUNK = 512                     # samples per call at 16 kHz (32 ms), what Silero was trained on
+def need_files(folder, names):
+    folder = Path(folder)
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder / missing[0]} not found")
+    return folder
 
 
 @contextlib.contextmanager
-def _quiet_stdout():
-    # funasr prints an ffmpeg notice to stdout when first imported; chat.py's terminal is not its to write on
+def quiet_stdout():  # funasr prints an ffmpeg notice when first imported; chat.py's terminal is not its to write on
     with contextlib.redirect_stdout(io.StringIO()):
         yield
 
 
-def _require_files(folder, names, source):
-    """Raise FileNotFoundError naming the first missing file and where the published one comes from."""
-    folder = Path(folder)
-    for name in names:
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} not found: expected the published folder from {source}")
-    return folder
-
-
-def _source_name(source):
-    return source if isinstance(source, (str, Path)) else f"<{len(source)} bytes of audio>"
-
-
-# ---- audio I/O
-
 def read_audio(source):
-    """Decode an audio file (path or bytes) -> (mono float32 numpy (S,), sample rate), untouched otherwise."""
+    """An audio file (path or bytes) -> (mono float32 numpy (S,), its sample rate)."""
     import soundfile as sf
-    name = _source_name(source)
+    name = source if isinstance(source, (str, Path)) else f"<{len(source)} bytes of audio>"
     if isinstance(source, (str, Path)) and not Path(source).is_file():
         raise FileNotFoundError(f"audio file {name} not found")
     try:
-        data, sr = sf.read(source if isinstance(source, (str, Path)) else io.BytesIO(source),
-                           dtype="float32", always_2d=True)                    # (S, channels)
+        data, sr = sf.read(source if isinstance(source, (str, Path)) else io.BytesIO(source), dtype="float32",
+                           always_2d=True)                                     # (S, channels)
     except Exception as e:      # libsndfile reports undecodable data in several exception types
         raise ValueError(f"cannot decode audio {name}: {e}") from e
     wav = data.mean(axis=1)     # stereo -> mono by averaging, which keeps both speakers of a 2-channel call
-    if wav.size == 0:
-        raise ValueError(f"audio {name} is empty")
+    if wav.size < sr * SHORTEST_CLIP_S:
+        raise ValueError(f"audio {name} lasts {wav.size * 1000 / sr:.1f} ms, less than one "
+                         f"{SHORTEST_CLIP_S * 1000:.0f} ms analysis window: too short to hear")
     if np.abs(wav).max() < SILENCE_PEAK:
         raise ValueError(f"audio {name} is silent (peak below {SILENCE_PEAK})")
-    if wav.size * 1000 < sr * FBANK_WINDOW_MS:
-        raise ValueError(f"audio {name} lasts {wav.size * 1000 / sr:.1f} ms, less than one {FBANK_WINDOW_MS} ms "
-                         "analysis window: too short to hear")
     return wav, sr
 
 
 def resample(wav, sr_in, sr_out):
     """(S,) float32 at sr_in -> (S',) float32 at sr_out (soxr's high-quality polyphase filter)."""
     import soxr
-    if sr_in == sr_out:
-        return wav
-    return soxr.resample(wav, sr_in, sr_out).astype(np.float32)
+    return wav if sr_in == sr_out else soxr.resample(wav, sr_in, sr_out).astype(np.float32)
 
 
 def load_audio(source, target_sr):
@@ -1220,102 +1172,43 @@ def load_audio(source, target_sr):
     return resample(wav, sr, target_sr)
 
 
-# ---- speech encoder: SenseVoice-Small (funasr)
+class SpeechEncoder(nn.Module):
+    """SenseVoice-Small: funasr's front end (fbank, LFR 7/6, the model's CMVN) and its encoder."""
 
-@functools.lru_cache(maxsize=None)
-def _kaldi_mel_banks(n_fft):
-    """Kaldi's triangular mel filters (80, n_fft//2 + 1) on its 1127 ln(1 + f/700) scale, Nyquist bin zero."""
-    mel = lambda hz: 1127.0 * torch.log1p(hz / 700.0)
-    nyquist = SAMPLE_RATE_SPEECH / 2
-    lo, hi = mel(torch.tensor(FBANK_LOW_HZ)), mel(torch.tensor(nyquist))
-    delta = (hi - lo) / (FBANK_MELS + 1)
-    left = lo + delta * torch.arange(FBANK_MELS)[:, None]                      # (80, 1)
-    centre, right = left + delta, left + 2 * delta
-    bins = mel(torch.arange(n_fft // 2) * (SAMPLE_RATE_SPEECH / n_fft))[None]  # (1, n_fft/2)
-    up, down = (bins - left) / (centre - left), (right - bins) / (right - centre)
-    return F.pad(torch.minimum(up, down).clamp(min=0), (0, 1))                # (80, n_fft/2 + 1)
-
-
-def kaldi_fbank(wav16k, dither=FBANK_DITHER):
-    """(S,) 16 kHz waveform in [-1, 1] -> (T, 80) Kaldi log mel filterbank, as funasr's WavFrontend computes it.
-
-    Written out here so each step can be read (funasr hands them to torchaudio or kaldi-native-fbank; the
-    tests compare the two). Settings: 25 ms hamming window, 10 ms shift, Gaussian dither (the release's 1.0, from
-    a fixed seed so the same clip always gives the same features), DC removal, pre-emphasis 0.97, power
-    spectrum on a 512-point FFT, 20 Hz..Nyquist, snip_edges."""
-    win = SAMPLE_RATE_SPEECH * FBANK_WINDOW_MS // 1000                          # 400 samples
-    hop = SAMPLE_RATE_SPEECH * FBANK_SHIFT_MS // 1000                           # 160 samples
-    n_fft = 1 << (win - 1).bit_length()                                        # 512
-    x = torch.as_tensor(wav16k, dtype=torch.float32) * INT16_SCALE
-    if x.numel() < win:
-        raise ValueError(f"speech clip of {x.numel()} samples is shorter than one {FBANK_WINDOW_MS} ms frame")
-    frames = x.unfold(0, win, hop)                                             # (T, 400)
-    if dither:  # without it, exact-zero stretches give log(eps) = -15.9, far below anything SenseVoice saw
-        noise = torch.randn(frames.shape, generator=torch.Generator().manual_seed(DITHER_SEED))
-        frames = frames + dither * noise
-    frames = frames - frames.mean(dim=1, keepdim=True)
-    previous = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)               # Kaldi repeats the first sample
-    frames = (frames - FBANK_PREEMPHASIS * previous) * torch.hamming_window(win, periodic=False)
-    power = torch.fft.rfft(frames, n=n_fft).abs().pow(2)                       # (T, 257)
-    mel = power @ _kaldi_mel_banks(n_fft).T                                    # (T, 80)
-    return mel.clamp(min=torch.finfo(torch.float32).eps).log()
-
-
-def stack_lfr(feats):
-    """Low frame rate: (T, 80) -> (ceil(T/6), 560), frame i = frames 6i-3 .. 6i+3 (edges repeated), as funasr."""
-    T = feats.size(0)
-    L = math.ceil(T / LFR_N)
-    left = (LFR_M - 1) // 2                                                    # 3 copies of the first frame
-    padded = torch.cat([feats[:1].expand(left, -1), feats, feats[-1:].expand(LFR_M, -1)])
-    idx = torch.arange(L)[:, None] * LFR_N + torch.arange(LFR_M)[None]        # (L, 7)
-    return padded[idx].reshape(L, SPEECH_FEAT_DIM)
-
-
-class SpeechEncoder(torch.nn.Module):
-    """SenseVoice-Small's encoder and the CMVN of its front end; see speech_features / encode_speech."""
-
-    def __init__(self, encoder, cmvn):
+    def __init__(self, frontend, encoder):
         super().__init__()
-        self.encoder = encoder                   # funasr SenseVoiceEncoderSmall
-        self.register_buffer("cmvn", cmvn)       # (2, 560): row 0 is added (minus the mean), row 1 multiplies
-
-
-def speech_features(cmvn, wav16k):
-    """(S,) 16 kHz waveform -> (L, 560) normalised LFR features; L is the encoder's valid length.
-    cmvn: (2, 560), the SpeechEncoder's shift and scale. Plain signal processing, run on the CPU
-    (train.py runs it in its data workers, apart from the encoder)."""
-    lfr = stack_lfr(kaldi_fbank(wav16k))
-    return (lfr + cmvn[0].cpu()) * cmvn[1].cpu()
+        self.frontend, self.encoder = frontend, encoder
 
 
 def load_speech_encoder(folder, device="cpu"):
     """Published SenseVoiceSmall folder (config.yaml, model.pt, am.mvn) -> frozen SpeechEncoder."""
     import yaml
-    folder = _require_files(folder, SENSEVOICE_FILES, SENSEVOICE_SOURCE)
-    with _quiet_stdout():
-        from funasr.frontends.wav_frontend import load_cmvn
+    with quiet_stdout():
+        from funasr.frontends.wav_frontend import WavFrontend
         from funasr.models.sense_voice.model import SenseVoiceEncoderSmall
-    with reading(folder / "config.yaml", SENSEVOICE_SOURCE):
-        config = yaml.safe_load((folder / "config.yaml").read_text())
-        front, encoder_conf = config.get("frontend_conf", {}), config["encoder_conf"]
-    expected = dict(fs=SAMPLE_RATE_SPEECH, window="hamming", n_mels=FBANK_MELS, frame_length=FBANK_WINDOW_MS,
-                    frame_shift=FBANK_SHIFT_MS, lfr_m=LFR_M, lfr_n=LFR_N)
-    if any(front.get(k, v) != v for k, v in expected.items()):
-        raise ValueError(f"{folder / 'config.yaml'}: frontend_conf {front} differs from the SenseVoice front end "
-                         f"this adapter implements ({expected})")
-    encoder = SenseVoiceEncoderSmall(input_size=SPEECH_FEAT_DIM, **encoder_conf)
-    with reading(folder / "model.pt", SENSEVOICE_SOURCE):
-        state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)   # funasr checkpoints may wrap the weights once
-        prefix = "encoder."                      # model.pt holds the whole ASR model; we keep its encoder
-        encoder.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    folder = need_files(folder, SENSEVOICE_FILES)
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    frontend = WavFrontend(cmvn_file=str(folder / "am.mvn"), **dict(config["frontend_conf"], dither=0.0))
+    if frontend.cmvn.shape != (2, frontend.output_size()):
+        raise ValueError(f"{folder / 'am.mvn'}: expected a shift and a scale of {frontend.output_size()} values")
+    encoder = SenseVoiceEncoderSmall(input_size=frontend.output_size(), **config["encoder_conf"])
+    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)   # model.pt holds the whole ASR model; we keep its encoder
+    encoder.load_state_dict({k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")})
     if encoder.output_size() != SPEECH_EMBED_DIM:
         raise ValueError(f"{folder / 'model.pt'}: encoder width {encoder.output_size()}, expected {SPEECH_EMBED_DIM}")
-    with reading(folder / "am.mvn", SENSEVOICE_SOURCE):
-        cmvn = load_cmvn(str(folder / "am.mvn"))[:, :SPEECH_FEAT_DIM]
-        if cmvn.shape != (2, SPEECH_FEAT_DIM):
-            raise ValueError(f"expected a shift and a scale of {SPEECH_FEAT_DIM} values, found {tuple(cmvn.shape)}")
-    return SpeechEncoder(encoder, cmvn).eval().requires_grad_(False).to(device)
+    return SpeechEncoder(frontend, encoder).eval().requires_grad_(False).to(device)
+
+
+def speech_features(frontend, wav16k):
+    """(S,) 16 kHz waveform -> (L, 560) features the encoder reads (L = its valid length), on the CPU.
+
+    funasr dithers each frame with fresh noise; here the same noise level comes from a fixed seed, so
+    a clip always gives the same features (train.py's encoder cache and exact resume rely on that)."""
+    wav = torch.as_tensor(wav16k, dtype=torch.float32)
+    wav = wav + DITHER * torch.randn(wav.shape, generator=torch.Generator().manual_seed(DITHER_SEED))
+    feats, _ = frontend(wav[None], torch.tensor([wav.numel()]))               # (1, L, 560)
+    return feats[0]
 
 
 @torch.no_grad()
@@ -1323,279 +1216,100 @@ def encode_speech(encoder, wavs):
     """List of (S_i,) 16 kHz waveforms -> list of (L_i, 512) encoder outputs, in one padded batch."""
     if not wavs:
         return []
-    feats = [speech_features(encoder.cmvn, w) for w in wavs]                   # each (L_i, 560)
+    feats = [speech_features(encoder.frontend, w) for w in wavs]              # each (L_i, 560)
     lengths = torch.tensor([f.size(0) for f in feats])
-    device = encoder.cmvn.device
-    batch = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).to(device)  # (B, L_max, 560), zeros
-    out, _ = encoder.encoder(batch, lengths.to(device))                       # (B, L_max, 512); padding masked
+    device = next(encoder.parameters()).device
+    batch = nn.utils.rnn.pad_sequence(feats, batch_first=True).to(device)     # (B, L_max, 560), zeros
+    out, _ = encoder.encoder(batch, lengths.to(device))                      # (B, L_max, 512); padding masked
     return [o[:n] for o, n in zip(out, lengths.tolist())]
 
 
-# ---- vision encoder: SigLIP2 base-patch32-256 (transformers)
-
 def load_vision_encoder(folder, device="cpu"):
-    """Published SigLIP2 folder (full model or vision-only) -> (frozen SiglipVisionModel, SiglipImageProcessor)."""
+    """Published SigLIP2 folder (full model or vision-only) -> (frozen SiglipVisionModel, its image processor)."""
     from transformers import SiglipImageProcessor, SiglipVisionModel
-    folder = _require_files(folder, SIGLIP_FILES, SIGLIP_SOURCE)
-    with reading(folder / "config.json", SIGLIP_SOURCE):
-        json.loads((folder / "config.json").read_text())  # so a damaged config is not blamed on the weights
-    with reading(folder / "model.safetensors", SIGLIP_SOURCE):
-        model = SiglipVisionModel.from_pretrained(folder, dtype=torch.float32)  # text tower weights skipped
-    with reading(folder / "preprocessor_config.json", SIGLIP_SOURCE):
-        processor = SiglipImageProcessor.from_pretrained(folder)
-    return model.eval().requires_grad_(False).to(device), processor
+    folder = need_files(folder, SIGLIP_FILES)
+    model = SiglipVisionModel.from_pretrained(folder, dtype=torch.float32)   # a text tower's weights are skipped
+    return model.eval().requires_grad_(False).to(device), SiglipImageProcessor.from_pretrained(folder)
 
 
-def _rgb(im):
-    """Any PIL image -> 8-bit RGB. 16-bit grey (PIL modes I;16 and I) is scaled to 8 bits first: convert()
-    would clip it, and most of the picture would turn white."""
+def open_image(image):
+    """A path, bytes or PIL image -> 8-bit RGB PIL image. 16-bit grey is scaled to 8 bits first:
+    convert() would clip it, and most of the picture would turn white."""
     from PIL import Image
-    if im.mode.startswith("I;16") or im.mode == "I":
-        im = Image.fromarray((np.asarray(im, dtype=np.float32) / GREY16_PER_GREY8).clip(0, 255).astype(np.uint8))
-    return im.convert("RGB")    # grayscale, palette, CMYK and RGBA all become 3-channel RGB
-
-
-def _open_image(image):
-    from PIL import Image, UnidentifiedImageError
-    if isinstance(image, Image.Image):
-        return _rgb(image)
-    name = image if isinstance(image, (str, Path)) else f"<{len(image)} bytes of image>"
+    name = image if isinstance(image, (str, Path)) else "<image bytes>"
     try:
-        with Image.open(image if isinstance(image, (str, Path)) else io.BytesIO(image)) as im:
-            return _rgb(im)
-    except (OSError, UnidentifiedImageError) as e:
+        im = image if isinstance(image, Image.Image) else Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
+        if im.mode.startswith("I;16") or im.mode == "I":
+            grey = np.asarray(im, dtype=np.float32) / GREY16_PER_GREY8
+            im = Image.fromarray(grey.clip(0, 255).astype(np.uint8))
+        return im.convert("RGB")
+    except OSError as e:        # PIL's UnidentifiedImageError is an OSError
         raise ValueError(f"cannot read image {name}: {e}") from e
 
 
 def image_pixels(processor, images):
-    """List of images (paths, bytes or PIL) -> (N, 3, 256, 256) SigLIP2 input (RGB, resized, normalised)."""
-    rgb = [_open_image(im) for im in images]
-    # Said outright: an image 1 or 3 pixels tall would otherwise be taken for channels-first.
+    """List of images (paths, bytes or PIL) -> (N, 3, 256, 256) SigLIP2 input. channels_last is said
+    outright: an image 1 or 3 pixels tall would otherwise be taken for channels-first."""
+    rgb = [open_image(im) for im in images]
     return processor(images=rgb, return_tensors="pt", input_data_format="channels_last")["pixel_values"]
 
 
 @torch.no_grad()
 def encode_images(encoder, processor, images):
     """List of images (paths, bytes or PIL) -> (N, 64, 768) patch tokens (SigLIP's last hidden state)."""
-    pixels = image_pixels(processor, images)                                  # (N, 3, 256, 256)
-    out = encoder(pixel_values=pixels.to(encoder.device, encoder.dtype)).last_hidden_state  # (N, 64, 768)
-    if out.shape[1:] != (IMAGE_TOKENS, IMAGE_EMBED_DIM):
-        raise ValueError(f"vision encoder gave tokens of shape {tuple(out.shape[1:])}, "
-                         f"expected ({IMAGE_TOKENS}, {IMAGE_EMBED_DIM})")
-    return out
+    pixels = image_pixels(processor, images).to(encoder.device, encoder.dtype)
+    return encoder(pixel_values=pixels).last_hidden_state
 
 
-# ---- Mimi codec (moshi)
-
-def load_mimi(path=None, device="cpu"):
-    """Mimi from a local safetensors file (or a folder holding it); None downloads it from the hub."""
+def load_mimi(path, device="cpu"):
+    """Mimi from the published safetensors file (or a folder holding it), using its first 8 codebooks."""
     from moshi.models import loaders
-    if path is None:
-        from huggingface_hub import hf_hub_download
-        try:
-            path = hf_hub_download(MIMI_HUB_REPO, MIMI_WEIGHTS)
-        except Exception as e:   # offline, gated or missing: all end in the same advice
-            raise FileNotFoundError(f"could not download {MIMI_WEIGHTS} ({e}); download {MIMI_SOURCE} "
-                                    "and pass its path") from e
-    path = Path(path)
-    if path.is_dir():
-        path = path / MIMI_WEIGHTS
+    path = Path(path) / MIMI_WEIGHTS if Path(path).is_dir() else Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: expected {MIMI_SOURCE}")
-    with reading(path, MIMI_SOURCE):
-        mimi = loaders.get_mimi(str(path), device=device)
-    mimi.set_num_codebooks(N_CODEBOOKS)   # the release uses the first 8 of Mimi's 32 codebooks
+        raise FileNotFoundError(f"{path} not found")
+    mimi = loaders.get_mimi(str(path), device=device)
+    mimi.set_num_codebooks(N_CODEBOOKS)
     return mimi.eval().requires_grad_(False)
 
 
 @torch.no_grad()
 def encode_audio_codes(mimi, wav24k):
     """(S,) 24 kHz waveform -> (8, ceil(S / 1920)) int64 codes (the last frame zero-padded)."""
-    device = next(mimi.parameters()).device
-    wav = torch.as_tensor(wav24k, dtype=torch.float32, device=device)[None, None]   # (1, 1, S)
-    return mimi.encode(wav)[0].long()                                               # (8, F)
+    wav = torch.as_tensor(wav24k, dtype=torch.float32, device=next(mimi.parameters()).device)
+    return mimi.encode(wav[None, None])[0].long()
 
 
 @torch.no_grad()
 def decode_audio_codes(mimi, codes):
-    """(8, F) codes -> (F * 1920,) float32 numpy 24 kHz waveform, whole sequence at once."""
-    device = next(mimi.parameters()).device
-    return mimi.decode(torch.as_tensor(codes, device=device)[None])[0, 0].float().cpu().numpy()
-
-
-class MimiStreamDecoder:
-    """Frames in, 24 kHz PCM out, as the Talker produces them. Use as a context manager:
-
-        with MimiStreamDecoder(mimi, frames_per_call=2) as dec:
-            for frame in frames:            # each (8,) codes
-                play(dec.push(frame))       # PCM once 2 frames are buffered, else empty
-            play(dec.flush())
-
-    Mimi's decoder is causal, so decoding chunk by chunk under moshi's streaming state gives the same samples
-    as decoding the whole sequence. Fewer frames per call = lower latency, more calls = more overhead;
-    first_call_frames (default: frames_per_call) lets the first sound out sooner. While the decoder is open
-    the whole Mimi model is in streaming mode: do not call encode on it. open()/close() do what the `with`
-    block does, for a decoder that lives across calls or threads."""
-
-    def __init__(self, mimi, frames_per_call=1, first_call_frames=None):
-        if frames_per_call < 1 or (first_call_frames is not None and first_call_frames < 1):
-            raise ValueError(f"frames per decode call must be >= 1, got {frames_per_call} (first {first_call_frames})")
-        self.mimi, self.frames_per_call = mimi, frames_per_call
-        self.first_call_frames = first_call_frames or frames_per_call
-        self._pending, self._stream, self._started = [], None, False
-
-    def open(self):
-        self._stream = self.mimi.streaming(batch_size=1)   # an ExitStack that resets the state when closed
-        self._pending, self._started = [], False
-        return self
-
-    def close(self):
-        self._stream.close()
-        self._stream = None
-
-    def __enter__(self):
-        return self.open()
-
-    def __exit__(self, *exc):
-        self.close()
-
-    @torch.no_grad()
-    def _decode(self, frames):
-        from moshi.utils.compile import no_cuda_graph  # on a GPU, moshi would capture CUDA graphs, which break
-        codes = torch.stack(frames, dim=1)              # with a shorter last chunk or another thread: (8, n)
-        with no_cuda_graph():
-            pcm = self.mimi.decode(codes[None].to(next(self.mimi.parameters()).device))
-        self._started = True
-        return pcm[0, 0].float().cpu().numpy()
-
-    def push(self, frame):
-        """Add one frame (8,) of codes; returns the PCM of each full chunk (n * 1920,), possibly empty."""
-        if self._stream is None:
-            raise RuntimeError("MimiStreamDecoder.push outside its `with` block")
-        self._pending.append(torch.as_tensor(frame, dtype=torch.long).reshape(N_CODEBOOKS))
-        if len(self._pending) < (self.frames_per_call if self._started else self.first_call_frames):
-            return np.zeros(0, dtype=np.float32)
-        frames, self._pending = self._pending, []
-        return self._decode(frames)
-
-    def flush(self):
-        """Decode whatever frames are still buffered (end of an utterance)."""
-        if not self._pending:
-            return np.zeros(0, dtype=np.float32)
-        frames, self._pending = self._pending, []
-        return self._decode(frames)
-
-
-# ---- speaker encoder: CAM++ (funasr)
-
-@functools.lru_cache(maxsize=None)
-def _slaney_mel_banks():
-    import librosa
-    banks = librosa.filters.mel(sr=SAMPLE_RATE_SPEECH, n_fft=SPK_N_FFT, n_mels=SPK_MELS, fmin=SPK_FMIN,
-                                fmax=SPK_FMAX, htk=False, norm="slaney")     # slaney scale and area norm
-    return torch.from_numpy(banks)                                           # (80, 257)
-
-
-def speaker_features(wav16k):
-    """(S,) 16 kHz waveform -> (T, 80) log mel spectrogram, minus its mean over time (per the spec)."""
-    wav = torch.as_tensor(wav16k, dtype=torch.float32)
-    spec = torch.stft(wav, n_fft=SPK_N_FFT, hop_length=SPK_HOP, win_length=SPK_WINDOW,
-                      window=torch.hann_window(SPK_WINDOW), return_complex=True).abs().pow(2)  # (257, T)
-    logmel = (_slaney_mel_banks() @ spec).clamp(min=SPK_LOG_FLOOR).log().T   # (T, 80)
-    return logmel - logmel.mean(dim=0, keepdim=True)    # removes the channel (microphone) colouring
+    """(8, F) codes -> (F * 1920,) float32 numpy 24 kHz waveform, the whole sequence at once."""
+    codes = torch.as_tensor(codes, device=next(mimi.parameters()).device)
+    return mimi.decode(codes[None])[0, 0].float().cpu().numpy()
 
 
 def load_speaker_encoder(folder, device="cpu"):
     """Published CAM++ folder (campplus_cn_common.bin) -> frozen funasr CAMPPlus (80 mels -> 192)."""
-    folder = _require_files(folder, (CAMPP_WEIGHTS,), CAMPP_SOURCE)
-    with _quiet_stdout():
+    with quiet_stdout():
         from funasr.models.campplus.model import CAMPPlus
-    model = CAMPPlus(feat_dim=SPK_MELS, embedding_size=SPK_EMBED_DIM)
-    with reading(folder / CAMPP_WEIGHTS, CAMPP_SOURCE):
-        model.load_state_dict(torch.load(folder / CAMPP_WEIGHTS, map_location="cpu", weights_only=True))
+    folder = need_files(folder, (CAMPP_WEIGHTS,))
+    model = CAMPPlus(feat_dim=SPK_MEL["n_mels"], embedding_size=SPK_EMBED_DIM)
+    model.load_state_dict(torch.load(folder / CAMPP_WEIGHTS, map_location="cpu", weights_only=True))
     return model.eval().requires_grad_(False).to(device)
+
+
+def speaker_features(wav16k):
+    """(S,) 16 kHz waveform -> (T, 80) log mel spectrogram (slaney), minus its mean over time."""
+    import librosa
+    m = SPK_MEL
+    banks = librosa.filters.mel(sr=SAMPLE_RATE_SPEECH, n_fft=m["n_fft"], n_mels=m["n_mels"], fmin=m["fmin"],
+                                fmax=m["fmax"], htk=False, norm="slaney")                   # (80, 257)
+    spec = torch.stft(torch.as_tensor(wav16k, dtype=torch.float32), n_fft=m["n_fft"], hop_length=m["hop"],
+                      win_length=m["win"], window=torch.hann_window(m["win"]), return_complex=True).abs().pow(2)
+    logmel = (torch.from_numpy(banks) @ spec).clamp(min=SPK_LOG_FLOOR).log().T             # (T, 80)
+    return logmel - logmel.mean(dim=0, keepdim=True)    # removes the channel (microphone) colouring
 
 
 @torch.no_grad()
 def speaker_embedding(model, wav16k):
     """(S,) 16 kHz waveform -> (192,) float32 CAM++ embedding (not length-normalised, as in voices.pt)."""
-    feats = speaker_features(wav16k)[None].to(next(model.parameters()).device)  # (1, T, 80)
+    feats = speaker_features(wav16k)[None].to(next(model.parameters()).device)              # (1, T, 80)
     return model(feats)[0].float().cpu()
-
-
-# ---- voices: name -> {'ref_codes': (8, R) int64, 'spk_emb': (192,) float32}, the release's voices.pt format
-
-def _check_voice(name, voice, where):
-    codes, emb = voice.get("ref_codes"), voice.get("spk_emb")
-    ok = (isinstance(codes, torch.Tensor) and codes.dtype == torch.long and codes.dim() == 2
-          and codes.size(0) == N_CODEBOOKS and isinstance(emb, torch.Tensor)
-          and emb.shape == (SPK_EMBED_DIM,))
-    if not ok:
-        raise ValueError(f"voice {name!r} in {where}: expected ref_codes ({N_CODEBOOKS}, R) int64 and "
-                         f"spk_emb ({SPK_EMBED_DIM},)")
-
-
-def load_voices(path):
-    """voices.pt -> dict name -> {'ref_codes': (8, R) int64, 'spk_emb': (192,) float32}."""
-    with reading(path, VOICES_SOURCE):
-        voices = torch.load(path, map_location="cpu", weights_only=True)
-    for name, voice in voices.items():
-        _check_voice(name, voice, path)
-    return voices
-
-
-def check_clone_clip(wav, sr, name):
-    """Raise ValueError when a reference clip is too short, too quiet or clipped to make a usable voice."""
-    seconds = wav.size / sr
-    if seconds < MIN_CLONE_SECONDS:
-        raise ValueError(f"voice clip {name} is {seconds:.2f} s long; at least {MIN_CLONE_SECONDS} s is needed")
-    rms_dbfs = 20 * math.log10(float(np.sqrt(np.mean(wav ** 2))))
-    if rms_dbfs < MIN_CLONE_RMS_DBFS:
-        raise ValueError(f"voice clip {name} is too quiet ({rms_dbfs:.1f} dBFS RMS, "
-                         f"need at least {MIN_CLONE_RMS_DBFS} dBFS)")
-    clipped = float(np.mean(np.abs(wav) >= CLIP_LEVEL))
-    if clipped > MAX_CLIPPED_FRACTION:
-        raise ValueError(f"voice clip {name} is clipped ({clipped:.2%} of samples at full scale); "
-                         "record it again at a lower level")
-
-
-def clone_voice(wav_path, mimi, campp):
-    """A speech clip -> voice dict: its first <= 300 Mimi frames as ref_codes and its CAM++ embedding."""
-    wav, sr = read_audio(wav_path)
-    check_clone_clip(wav, sr, wav_path)     # judged at the file's own rate, before resampling smooths clipping
-    wav24 = resample(wav, sr, SAMPLE_RATE_MIMI)[:MAX_REF_FRAMES * MIMI_FRAME_SAMPLES]
-    voice = {"ref_codes": encode_audio_codes(mimi, wav24).cpu(),                            # (8, <= 300)
-             "spk_emb": speaker_embedding(campp, resample(wav24, SAMPLE_RATE_MIMI, SAMPLE_RATE_SPEECH))}
-    _check_voice(Path(wav_path).stem, voice, wav_path)
-    return voice
-
-
-def save_voice(voices_path, name, voice):
-    """Add (or replace) one voice in a voices.pt file, creating the file if needed."""
-    _check_voice(name, voice, "save_voice")
-    voices_path = Path(voices_path)
-    voices = load_voices(voices_path) if voices_path.exists() else {}
-    voices[name] = {"ref_codes": voice["ref_codes"].long().cpu(), "spk_emb": voice["spk_emb"].float().cpu()}
-    torch.save(voices, voices_path)
-
-
-# ---- voice activity: Silero VAD (the silero_vad package ships its weights)
-
-class VoiceActivity:
-    """Feed 16 kHz mic chunks of 512 samples; returns 'start' when speech begins, 'end' when it stops, else None.
-
-    chat.py uses 'start' to interrupt the model's reply (barge-in)."""
-
-    def __init__(self, threshold=0.5, min_silence_ms=300):
-        from silero_vad import VADIterator, load_silero_vad
-        self._vad = VADIterator(load_silero_vad(), threshold=threshold, sampling_rate=SAMPLE_RATE_SPEECH,
-                                min_silence_duration_ms=min_silence_ms)
-
-    def __call__(self, chunk):
-        chunk = torch.as_tensor(chunk, dtype=torch.float32)
-        if chunk.shape != (VAD_CHUNK,):
-            raise ValueError(f"VoiceActivity takes chunks of {VAD_CHUNK} samples at 16 kHz, got {tuple(chunk.shape)}")
-        event = self._vad(chunk)  # None, {"start": sample} or {"end": sample}
-        if not event:
-            return None
-        return "start" if "start" in event else "end"

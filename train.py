@@ -250,7 +250,7 @@ class EncoderCache:
 class Encoders:
     """What the data workers need (CPU-side) and what the training step runs on the device."""
     speech: Optional[torch.nn.Module] = None   # SenseVoice encoder, on the device
-    speech_cmvn: Optional[torch.Tensor] = None  # (2, 560) on the CPU, for mo.speech_features
+    speech_frontend: Optional[torch.nn.Module] = None  # funasr's front end (CPU), for mo.speech_features
     vision: Optional[torch.nn.Module] = None   # SigLIP2 vision tower, on the device
     image_processor: Optional[object] = None   # SigLIP2 preprocessing (resize 256, normalise)
     speech_cache: Optional[EncoderCache] = None  # --encoder_cache, with --augment none
@@ -263,12 +263,14 @@ def load_encoders(rows, args, device):
     try:
         if rows.has_any("question_audios"):
             option = "--speech_encoder"
-            enc.speech = mo.load_speech_encoder(args.speech_encoder, device)
-            enc.speech_cmvn = enc.speech.cmvn.cpu()
+            with mo.loading("sensevoice", args.speech_encoder):
+                enc.speech = mo.load_speech_encoder(args.speech_encoder, device)
+            enc.speech_frontend = enc.speech.frontend
         if rows.has_any("image_bytes"):
             option = "--vision_encoder"
-            enc.vision, enc.image_processor = mo.load_vision_encoder(args.vision_encoder, device)
-    except (FileNotFoundError, mo.DamagedFileError) as e:  # say which option points there
+            with mo.loading("siglip", args.vision_encoder):
+                enc.vision, enc.image_processor = mo.load_vision_encoder(args.vision_encoder, device)
+    except (FileNotFoundError, mo.DamagedPartError) as e:  # say which option points there
         raise type(e)(f"{option}: {e}") from e
     return enc
 
@@ -488,6 +490,60 @@ def augment_features(feats, rng):
 # 5. One training sample
 # -----------------------------------------------------------------------------------------------
 
+# The release's per-sample variations (spec §2) and scheduled sampling (spec §3): what the sample
+# builder mo.build_sample takes as arguments, drawn here for each sample.
+
+SYSTEM_PROMPTS = [  # the release's; see P_SYSTEM_PROMPT
+    "你是一个知识丰富的AI，尽力为用户提供准确的信息。", "你是minimind，一个小巧但有用的语言模型。",
+    "你是一个专业的AI助手，请提供有价值的回答。", "你是minimind，请尽力帮助用户解决问题。", "你是一个可靠的AI，请给出准确的回答。",
+    "You are a helpful AI assistant.", "You are minimind, a lightweight intelligent assistant.",
+    "You are a friendly chatbot. Please answer the user's questions carefully.",
+    "You are a knowledgeable AI. Try your best to provide accurate information.",
+    "You are minimind, a small but useful language model."]
+P_SYSTEM_PROMPT = 0.2     # a conversation without a system turn gets one of SYSTEM_PROMPTS
+P_KEEP_EMPTY_THINK = 0.2  # the reply keeps its empty think block
+P_USE_REF = 0.5           # the voice prompt's reference frames are kept (else only the speaker slot)
+AUDIO_LAYOUTS = {"audio_only": 0.4, "text_only": 0.2, "audio_blankline_text": 0.2, "text_blankline_audio": 0.2}
+IMAGE_LAYOUTS = {"image_newline_text": 0.2, "image_blankline_text": 0.2, "text_newline_image": 0.2,
+                 "text_blankline_image": 0.4}
+
+
+def draw_variations(rng, has_system_turn=False):
+    """The per-sample variations with the release's probabilities; rng is a random.Random."""
+    pick = lambda table: rng.choices(list(table), weights=list(table.values()))[0]
+    add_system = not has_system_turn and rng.random() < P_SYSTEM_PROMPT
+    return dict(system_prompt=rng.choice(SYSTEM_PROMPTS) if add_system else None,
+                keep_empty_think=rng.random() < P_KEEP_EMPTY_THINK, audio_layout=pick(AUDIO_LAYOUTS),
+                image_layout=pick(IMAGE_LAYOUTS), use_ref=rng.random() < P_USE_REF)
+
+
+def cut_conversation(conversations, reply_index, tok, max_len, margin=100):
+    """Multi-turn rows: keep turns through the reply_index-th assistant turn, backing off to earlier
+    replies while the rendered text plus `margin` tokens would not fit in max_len."""
+    replies = [i for i, t in enumerate(conversations) if t["role"] == "assistant"]
+    for r in range(reply_index, -1, -1):
+        kept = conversations[:replies[r] + 1]
+        if len(mo.encode(tok, mo.render_chat(kept))) + margin < max_len:
+            break
+    return kept
+
+
+def scheduled_sampling(input_ids, text_labels, audio_labels, p=0.05, text_vocab=mo.TEXT_VOCAB, audio_vocab=mo.AUDIO_VOCAB,
+                       generator=None):
+    """Training only: replace a few ground-truth inputs by random ids, so the model learns to recover
+    from its own mistakes at generation time. input_ids (B, 9, T) or (9, T); returns a new tensor."""
+    ids = input_ids.clone()
+    rand = lambda *shape: torch.rand(shape, generator=generator, device=ids.device)
+    audio_pos = (audio_labels != mo.IGNORE).any(-2) & (rand(*ids.shape[:-2], ids.shape[-1]) < p)         # (..., T)
+    noise = torch.randint(0, audio_vocab, ids[..., :mo.N_CODEBOOKS, :].shape, generator=generator, device=ids.device)
+    ids[..., :mo.N_CODEBOOKS, :] = torch.where(audio_pos[..., None, :], noise, ids[..., :mo.N_CODEBOOKS, :])
+    text = ids[..., mo.TEXT_ROW, :]
+    text_pos = (text_labels != mo.IGNORE) & (text != mo.IMAGE_PLACEHOLDER) & (rand(*text.shape) < p)
+    noise = torch.randint(0, text_vocab, text.shape, generator=generator, device=ids.device)
+    ids[..., mo.TEXT_ROW, :] = torch.where(text_pos, noise, text)
+    return ids
+
+
 @dataclass
 class Sample:
     input_ids: torch.Tensor               # (9, max_len-1)
@@ -547,10 +603,10 @@ class OmniDataset(Dataset):
     def make_sample(self, row, rng):
         """Row -> Sample, every random choice drawn from rng (variations, cut, augmentation, noise)."""
         conversations = row.conversations
-        variations = mo.draw_variations(rng, has_system_turn=conversations[0]["role"] == "system")
+        variations = draw_variations(rng, has_system_turn=conversations[0]["role"] == "system")
         replies = sum(t["role"] == "assistant" for t in conversations)
         if replies > 1:  # multi-turn: learn one randomly chosen reply, with everything before it as context
-            conversations = mo.cut_conversation(conversations, rng.randrange(replies), self.tok, self.max_len)
+            conversations = cut_conversation(conversations, rng.randrange(replies), self.tok, self.max_len)
         users = sum(t["role"] == "user" for t in conversations)
         replies = sum(t["role"] == "assistant" for t in conversations)
 
@@ -576,7 +632,7 @@ class OmniDataset(Dataset):
         length = valid_length(text_labels, audio_labels)
         if self.scheduled_sampling > 0:
             noise = torch.Generator().manual_seed(rng.getrandbits(63))
-            input_ids = mo.scheduled_sampling(input_ids, text_labels, audio_labels, self.scheduled_sampling,
+            input_ids = scheduled_sampling(input_ids, text_labels, audio_labels, self.scheduled_sampling,
                                               generator=noise)
         spk = None if row.spk_emb is None else torch.from_numpy(row.spk_emb)
         return Sample(input_ids, text_labels, audio_labels, length, speech, pixels, spk, speech_cached, image_cached,
@@ -596,7 +652,7 @@ class OmniDataset(Dataset):
             wav = mo.load_audio(audio_bytes, SPEECH_RATE)  # any format soundfile reads; stereo -> mono
             if self.wave_augment:
                 wav = augment_wave(wav, rng, np.random.default_rng(rng.getrandbits(63)))
-            feats = mo.speech_features(self.encoders.speech_cmvn, wav)  # the CPU half of SenseVoice
+            feats = mo.speech_features(self.encoders.speech_frontend, wav)  # the CPU half of SenseVoice
         except ValueError as e:
             raise BadRow.at(row.file, row.row, "question_audios", str(e)) from None
         return augment_features(feats, rng) if self.spec_augment else feats
@@ -973,7 +1029,8 @@ def missing_inputs(args):
         missing.append(str(e))
     missing += [f"data file not found: {p} ({PUBLISHED_DATA})" for p in args.data if not os.path.exists(p)]
     if args.from_weight != "none" and not args.resume and mo.weights_file(args.from_weight) is None:
-        missing.append(f"--from_weight {args.from_weight} not found; {mo.PUBLISHED_WEIGHTS}")
+        missing.append(f"--from_weight {args.from_weight} not found; get the published weights with "
+                       f"`{mo.PUBLISHED['checkpoint'].download}` ({mo.PUBLISHED['checkpoint'].source})")
     return "\n".join(missing) or None
 
 

@@ -42,15 +42,18 @@ class ScriptedLengths(mo.MiniMindO):
 
     text_steps = 0
 
-    def forward(self, *args, **kwargs):
-        out = super().forward(*args, **kwargs)
-        out.audio_logits[..., mo.CODEBOOK_SIZE:] = float("-inf")
-        if out.text_logits is not None:
-            self.steps_seen += 1
-            if self.steps_seen > self.text_steps:
-                out.text_logits[..., :] = float("-inf")
-                out.text_logits[..., mo.IM_END] = 0.0
-        return out
+    def decode(self, *args):  # the prefill and the steps while the text is being written
+        text_logits, audio_logits = super().decode(*args)
+        self.steps_seen += 1
+        if self.steps_seen > self.text_steps:
+            text_logits = torch.full_like(text_logits, float("-inf"))
+            text_logits[..., mo.IM_END] = 0.0
+        return text_logits, audio_logits
+
+    def speak(self, *args):   # every step's audio logits
+        audio_logits = super().speak(*args)
+        audio_logits[..., mo.CODEBOOK_SIZE:] = float("-inf")
+        return audio_logits
 
 
 def busy_cores():

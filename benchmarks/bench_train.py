@@ -66,7 +66,7 @@ def synthetic_samples(tok, n, max_len, seed=0):
         codes = np_rng.integers(0, mo.CODEBOOK_SIZE, round(seconds * FRAMES_PER_S) * mo.N_CODEBOOKS)
         conversation = [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
         ids, text_labels, audio_labels = mo.build_sample(conversation, tok, max_len, answer_codes=codes,
-                                                         has_spk=True, **mo.draw_variations(rng))
+                                                         has_spk=True, **train.draw_variations(rng))
         samples.append(train.Sample(ids, text_labels, audio_labels, train.valid_length(text_labels, audio_labels),
                                     None, None, torch.randn(mo.OmniConfig.spk_emb_size)))
     return samples
@@ -120,7 +120,7 @@ def time_encoder_cache(model, optimizer, tok, device, autocast, batch_size, max_
         vision, processor = mo.load_vision_encoder(vision_folder, device)
 
         def dataset(cache):
-            enc = train.Encoders(speech, speech.cmvn.cpu(), vision, processor)
+            enc = train.Encoders(speech, speech.frontend, vision, processor)
             if cache:
                 enc.speech_cache = train.EncoderCache(os.path.join(tmp, cache), "speech", speech_folder)
                 enc.image_cache = train.EncoderCache(os.path.join(tmp, cache), "image", vision_folder)
@@ -149,7 +149,7 @@ def time_encoder_cache(model, optimizer, tok, device, autocast, batch_size, max_
         lengths = [len(warm[r].speech_cached) for r in range(len(rows))]
         print(f"SenseVoiceSmall {sum(p.numel() for p in speech.parameters()) / 1e6:.0f}M and SigLIP2 "
               f"{sum(p.numel() for p in vision.parameters()) / 1e6:.0f}M parameters; questions of "
-              f"{min(lengths)}..{max(lengths)} encoder frames ({mo.LFR_N * mo.FBANK_SHIFT_MS} ms each), an image "
+              f"{min(lengths)}..{max(lengths)} encoder frames (60 ms each), an image "
               f"in every {IMAGE_EVERY}")
     return {name: np.median(t, axis=0).tolist() for name, t in times.items()}
 

@@ -46,10 +46,16 @@ HELLO_TEXT = "Hello, how are you today?"
 QUESTION_TEXT = "What time is it in Paris?"
 
 
+# SenseVoiceSmall's published front end (config.yaml's frontend_conf): Kaldi fbank of 80 mels, 25 ms
+# hamming windows every 10 ms, 7 frames stacked every 6 (low frame rate).
+FRONTEND_CONF = dict(fs=sm.SAMPLE_RATE_SPEECH, window="hamming", n_mels=80, frame_length=25, frame_shift=10,
+                     lfr_m=7, lfr_n=6)
+
+
 def build_sensevoice(root, encoder_conf=TINY_SENSEVOICE):
     """Random SenseVoiceSmall (funasr's class) saved as model.pt + config.yaml + am.mvn; returns the folder."""
     import yaml
-    with sm._quiet_stdout():
+    with sm.quiet_stdout():
         from funasr.models.sense_voice.model import SenseVoiceSmall
     folder = Path(root) / "SenseVoiceSmall"
     folder.mkdir(parents=True, exist_ok=True)
@@ -59,9 +65,7 @@ def build_sensevoice(root, encoder_conf=TINY_SENSEVOICE):
     torch.save(model.state_dict(), folder / "model.pt")
     config = {"encoder": "SenseVoiceEncoderSmall", "encoder_conf": encoder_conf, "model": "SenseVoiceSmall",
               "frontend": "WavFrontend",
-              "frontend_conf": dict(fs=sm.SAMPLE_RATE_SPEECH, window="hamming", n_mels=sm.FBANK_MELS,
-                                    frame_length=sm.FBANK_WINDOW_MS, frame_shift=sm.FBANK_SHIFT_MS,
-                                    lfr_m=sm.LFR_M, lfr_n=sm.LFR_N, cmvn_file=None)}
+              "frontend_conf": FRONTEND_CONF}
     (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     write_am_mvn(folder / "am.mvn", HELLO_WAV)
     return folder
@@ -69,7 +73,10 @@ def build_sensevoice(root, encoder_conf=TINY_SENSEVOICE):
 
 def write_am_mvn(path, wav_path):
     """Kaldi-nnet CMVN file in am.mvn's format, with real statistics of one clip's LFR features."""
-    lfr = sm.stack_lfr(sm.kaldi_fbank(sm.load_audio(wav_path, sm.SAMPLE_RATE_SPEECH)))   # (L, 560)
+    with sm.quiet_stdout():
+        from funasr.frontends.wav_frontend import WavFrontend
+    wav = torch.from_numpy(sm.load_audio(wav_path, sm.SAMPLE_RATE_SPEECH))
+    lfr = WavFrontend(**dict(FRONTEND_CONF, dither=0.0))(wav[None], torch.tensor([wav.numel()]))[0][0]  # (L, 560)
     shift, scale = -lfr.mean(0), 1.0 / lfr.std(0).clamp(min=1e-3)
     vec = lambda v: " ".join(f"{x:.6f}" for x in v.tolist())
     dim = sm.SPEECH_FEAT_DIM
@@ -111,16 +118,16 @@ def build_mimi(root):
 
 def build_campplus(root):
     """funasr's CAM++ with random weights in the published layout; returns the folder."""
-    with sm._quiet_stdout():
+    with sm.quiet_stdout():
         from funasr.models.campplus.model import CAMPPlus
     folder = Path(root) / "campplus"
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED)
-    model = CAMPPlus(feat_dim=sm.SPK_MELS, embedding_size=sm.SPK_EMBED_DIM)
+    model = CAMPPlus(feat_dim=sm.SPK_MEL["n_mels"], embedding_size=sm.SPK_EMBED_DIM)
     torch.save(model.state_dict(), folder / sm.CAMPP_WEIGHTS)
     meta = {"framework": "pytorch", "task": "speaker-verification",
             "model": {"type": "cam++-sv", "pretrained_model": sm.CAMPP_WEIGHTS,
-                      "model_config": {"sample_rate": sm.SAMPLE_RATE_SPEECH, "fbank_dim": sm.SPK_MELS,
+                      "model_config": {"sample_rate": sm.SAMPLE_RATE_SPEECH, "fbank_dim": sm.SPK_MEL["n_mels"],
                                        "emb_size": sm.SPK_EMBED_DIM}}}
     (folder / "configuration.json").write_text(json.dumps(meta, indent=2))
     return folder

@@ -84,7 +84,7 @@ def test_a_spoken_question_in_a_cloned_voice(tmp_path, flags):
     reply = chat.main(flags + ["--audio", str(side_assets.QUESTION_WAV), "--voice", str(SPEECH), "--save_voice", "me",
                                "--out", str(tmp_path / "reply.wav")])
     assert len(reply.pcm) == reply.frames * mo.MIMI_FRAME_SAMPLES > 0
-    assert set(mo.load_voices(tmp_path / "voices.pt")) == {"me"}
+    assert set(chat.load_voices(tmp_path / "voices.pt")) == {"me"}
 
 
 def test_an_image_question_reaches_the_placeholders(tmp_path, flags, monkeypatch):
@@ -155,8 +155,8 @@ def test_cloning_keeps_at_most_300_frames_and_a_192_d_embedding(tmp_path, flags)
     long_clip = write(tmp_path / "long.wav", np.tile(speech16k(0.2, 0.2), 12))       # about 26 s
     print(session.set_voice(long_clip, save_as="long"))
     session.set_voice(str(SPEECH), save_as="short")
-    voices = mo.load_voices(tmp_path / "voices.pt")
-    assert voices["long"]["ref_codes"].shape == (mo.N_CODEBOOKS, mo.MAX_REF_FRAMES)
+    voices = chat.load_voices(tmp_path / "voices.pt")
+    assert voices["long"]["ref_codes"].shape == (mo.N_CODEBOOKS, chat.MAX_REF_FRAMES)
     seconds = len(speech16k()) / mo.SAMPLE_RATE_SPEECH
     assert voices["short"]["ref_codes"].shape[1] == pytest.approx(seconds * 12.5, abs=1)
     assert all(v["spk_emb"].shape == (192,) for v in voices.values())
@@ -187,7 +187,7 @@ def test_speaking_during_a_reply_stops_it_and_the_new_question_is_heard(flags):
     session.ask = lambda **kw: heard.append(len(kw["audio"])) or ask(**kw)
     mic = chat.RecordedMic(np.concatenate([speech16k(0.5, 1.2), speech16k(0.0, 1.0)]))
     saved = []
-    replies = chat.converse(session, mic, mo.VoiceActivity(), echo=lambda *a, **k: None, on_reply=saved.append)
+    replies = chat.converse(session, mic, chat.VoiceActivity(), echo=lambda *a, **k: None, on_reply=saved.append)
     assert len(replies) == 2 and saved == replies
     assert replies[0].interrupted and replies[0].steps < 80      # the second sentence starts ~40 steps in
     assert not replies[1].interrupted and replies[1].steps == 120
@@ -249,7 +249,7 @@ def test_cuda_without_a_gpu_is_refused(flags, capsys):
 def test_a_mimi_failure_stops_the_reply_at_once_and_the_chat_goes_on(flags, monkeypatch, capsys):
     def broken(self, frame):
         raise RuntimeError("Mimi broke")
-    monkeypatch.setattr(mo.MimiStreamDecoder, "push", broken)
+    monkeypatch.setattr(chat.MimiStreamDecoder, "push", broken)
     steps = []
     session = chat.Chat(chat.parse_args(flags + ["--max_new_tokens", "60"]))
     with pytest.raises(RuntimeError, match="Mimi broke"):
@@ -277,7 +277,7 @@ def test_missing_parts_are_listed_together_with_where_they_go(tmp_path):
 def test_a_damaged_checkpoint_is_named_not_a_traceback(tmp_path, flags):
     pointer = tmp_path / "sft_omni_768.pth"
     pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 226000000\n")
-    with pytest.raises(SystemExit, match=f"chat.py: cannot read {pointer} .*git-lfs.*jingyaogong"):
+    with pytest.raises(SystemExit, match=f"chat.py: cannot read the MiniMind-O weights at {pointer} .*git-lfs.*hf download jingyaogong"):
         chat.main(flags + ["--checkpoint", str(pointer), "--text", "hi", "--no_speech"])
 
 
@@ -286,7 +286,7 @@ def test_download_while_offline_says_what_failed_and_what_to_do(tmp_path, monkey
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     voices = tmp_path / "voices.pt"
-    mo.save_voice(voices, "x", {"ref_codes": torch.zeros(8, 2, dtype=torch.long), "spk_emb": torch.zeros(192)})
+    chat.save_voice(voices, "x", {"ref_codes": torch.zeros(8, 2, dtype=torch.long), "spk_emb": torch.zeros(192)})
     with pytest.raises(SystemExit) as e:
         chat.main(["--download", "--checkpoint", str(tmp_path / "minimind-3o"), "--tokenizer", str(tmp_path / "tok"),
                    "--mimi", str(tmp_path / "mimi"), "--sensevoice", str(tmp_path / "sv"), "--siglip",
@@ -304,7 +304,7 @@ def test_interactive_commands(flags, monkeypatch, capsys):
     lines = iter(["/voice", "1+1=", "/voice nobody", "/audio", "/reset", "/frobnicate", "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     voices = flags[flags.index("--voices") + 1]
-    mo.save_voice(voices, "bob", {"ref_codes": torch.zeros(8, 3, dtype=torch.long), "spk_emb": torch.zeros(192)})
+    chat.save_voice(voices, "bob", {"ref_codes": torch.zeros(8, 3, dtype=torch.long), "spk_emb": torch.zeros(192)})
     chat.main(flags + ["--no_speech"])
     out = capsys.readouterr().out
     assert "voices: bob" in out and "model: " in out and "no voice 'nobody'" in out

@@ -76,37 +76,23 @@ def test_text_sampling_top_p_and_repetition_penalty():
     assert picks == {0}  # token 0 alone holds more than half the probability
 
 
-def test_decode_shortcuts_change_nothing(model):
-    """last_only and need_text=False (used once the text has ended) give the same audio logits."""
-    torch.manual_seed(0)
-    ids = torch.cat([torch.randint(0, mo.CODEBOOK_SIZE, (1, 8, 10)), torch.randint(20, 6400, (1, 1, 10))], 1)
-    full = model(ids)
-    cache = mo.KVCache(model, 1, 10)
-    prefill = model(ids[..., :6], cache=cache, last_only=True)
-    torch.testing.assert_close(prefill.text_logits, full.text_logits[:, 5:6])
-    torch.testing.assert_close(prefill.audio_logits, full.audio_logits[:, :, 5:6])
-    for t in range(6, 10):
-        out = model(ids[..., t:t + 1], cache=cache, last_only=True, need_text=False)
-        assert out.text_logits is None
-        torch.testing.assert_close(out.audio_logits, full.audio_logits[:, :, t:t + 1], atol=1e-4, rtol=1e-4)
-
-
-def test_voice_prompt_and_encoder_features_go_in_at_prefill_only(model):
+def test_voice_prompt_and_encoder_features_go_in_at_prefill_only(model, monkeypatch):
     calls = []
-    hook = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append((args[0].clone(), kwargs)),
-                                           with_kwargs=True)
+    for name in ("prefill", "step", "speech_step"):
+        def record(*args, _name=name, _method=getattr(model, name), **kwargs):
+            calls.append((_name, args))
+            return _method(*args, **kwargs)
+        monkeypatch.setattr(model, name, record)
     ref, spk = torch.randint(0, mo.CODEBOOK_SIZE, (8, 5)), torch.randn(192)
     speech, image = [torch.randn(4, 512)], [torch.randn(64, 768)]
-    try:
-        mo.generate(model, PROMPT, 3, greedy=True, ref_codes=ref, spk_emb=spk, audio_embeds=speech, image_embeds=image)
-    finally:
-        hook.remove()
-    (prefill, first), later = calls[0], calls[1:]
-    assert torch.equal(prefill[0, :8, -5:], ref)                          # reference codes end the prompt
-    assert (prefill[0, :8, -6] == mo.SPEAKER_SLOT).all() and (prefill[0, :8, :-6] == mo.AUDIO_PAD).all()
-    assert torch.equal(first["spk_emb"][0], spk) and all(torch.equal(k["spk_emb"][0], spk) for _, k in later)
-    assert first["audio_embeds"] is speech and first["image_embeds"] is image
-    assert all(k["audio_embeds"] is None and k["image_embeds"] is None for _, k in later)
+    mo.generate(model, PROMPT, 3, greedy=True, ref_codes=ref, spk_emb=spk, audio_embeds=speech, image_embeds=image)
+    (first, (prompt, first_spk, audio_embeds, image_embeds)), later = calls[0], calls[1:]
+    assert first == "prefill" and [name for name, _ in later] == ["step", "step"]
+    assert torch.equal(prompt[0, :8, -5:], ref)                          # reference codes end the prompt
+    assert (prompt[0, :8, -6] == mo.SPEAKER_SLOT).all() and (prompt[0, :8, :-6] == mo.AUDIO_PAD).all()
+    assert torch.equal(first_spk[0], spk) and all(torch.equal(args[2][0], spk) for _, args in later)
+    assert audio_embeds is speech and image_embeds is image
+    assert [args[1].tolist() for _, args in later] == [[len(PROMPT)], [len(PROMPT) + 1]]  # one position per step
 
 
 def test_a_reply_that_cannot_fit_the_positions_is_refused_up_front(model):

@@ -24,20 +24,30 @@ def test_forward_shapes(use_moe):
 
 
 @pytest.mark.parametrize("use_moe", [False, True])
-def test_kv_cache_matches_full_forward(use_moe):
+def test_decode_steps_through_the_cache_match_the_full_forward(use_moe):
+    """prefill, then one column at a time through each layer's KV cache, gives the logits of the whole
+    sequence run at once (speaker slot included); speech_step gives the same audio logits as step."""
     torch.manual_seed(0)
     model = mo.MiniMindO(tiny_config(use_moe=use_moe)).eval()
     ids, spk = random_ids(1, 12), torch.randn(1, 192)
     ids[0, :, 3] = mo.SPEAKER_SLOT
     full = model(ids, spk_emb=spk)
-    cache = mo.KVCache(model, 1, 12)
-    pieces = [model(ids[..., :5], spk_emb=spk, cache=cache)]                  # a prefill chunk
-    pieces.append(model(ids[..., 5:8], spk_emb=spk, cache=cache))             # a chunk after cached positions
-    pieces += [model(ids[..., t:t + 1], spk_emb=spk, cache=cache) for t in range(8, 12)]  # single steps
-    torch.testing.assert_close(torch.cat([p.text_logits for p in pieces], 1), full.text_logits, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(torch.cat([p.audio_logits for p in pieces], 2), full.audio_logits, atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match="KV cache full"):
-        model(ids[..., :1], cache=cache)
+    with torch.no_grad():
+        model.setup_caches(12)
+        text, audio = model.prefill(ids[..., :5], spk)
+        torch.testing.assert_close(text, full.text_logits[:, 4], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(audio, full.audio_logits[:, :, 4], atol=1e-4, rtol=1e-4)
+        for t in range(5, 12):
+            text, audio = model.step(ids[..., t:t + 1], torch.tensor([t]), spk)
+            torch.testing.assert_close(text, full.text_logits[:, t], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(audio, full.audio_logits[:, :, t], atol=1e-4, rtol=1e-4)
+        model.setup_caches(12)
+        model.prefill(ids[..., :5], spk)
+        for t in range(5, 12):  # once the text has ended the Thinker stops at the bridge: the Talker is unchanged
+            audio = model.speech_step(ids[..., t:t + 1], torch.tensor([t]), spk)
+            torch.testing.assert_close(audio, full.audio_logits[:, :, t], atol=1e-4, rtol=1e-4)
+    model.setup_caches(None)
+    assert not any(k.endswith(("keys", "values", "slots")) for k in model.state_dict())  # caches are never saved
 
 
 def test_injection_targets_first_placeholder_run_only():
@@ -114,26 +124,32 @@ def test_save_load_round_trip_is_exact(tmp_path):
 
 
 def test_loader_names_missing_unexpected_and_misshaped_keys():
+    """Strict loading (nn.Module.load_state_dict) names each key, under our names (thinker. for model.)."""
     model = mo.MiniMindO(tiny_config())
     sd = mo.official_state_dict(model)
     missing = dict(sd)
     del missing["talker.layers.1.mlp.up_proj.weight"]
-    with pytest.raises(mo.WeightLayoutError, match=r"missing keys: talker\.layers\.1\.mlp\.up_proj\.weight"):
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\).*"talker\.layers\.1\.mlp\.up_proj\.weight"'):
         model.load_official_state_dict(missing)
-    with pytest.raises(mo.WeightLayoutError, match=r"unexpected keys: talker\.extra"):
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\).*"talker\.extra"'):
         model.load_official_state_dict({**sd, "talker.extra": torch.zeros(1)})
     bad = {**sd, "model.norm.weight": torch.zeros(65)}
-    with pytest.raises(mo.WeightLayoutError, match=r"model\.norm\.weight: checkpoint \(65,\), model \(64,\)"):
+    with pytest.raises(RuntimeError, match=r"size mismatch for thinker\.norm\.weight.*\[65\].*\[64\]"):
         model.load_official_state_dict(bad)
     tied_absent = {k: v for k, v in sd.items() if k != "lm_head.weight"}   # Transformers folders omit it
     model.load_official_state_dict(tied_absent)
 
 
-def test_missing_checkpoint_says_where_the_published_one_is(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nothing\.pth.*minimind-3o-pytorch.*jingyaogong"):
+def test_missing_or_damaged_checkpoint_says_how_to_get_the_published_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no weights at .*nothing\.pth"):
         mo.load_model(str(tmp_path / "nothing.pth"))
-    with pytest.raises(FileNotFoundError, match=r"no weights in folder"):
-        mo.load_model(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"MiniMind-O weights: no weights at .*hf download jingyaogong/minimind-3o"):
+        with mo.loading("checkpoint", tmp_path):
+            mo.load_model(str(tmp_path))
+    (tmp_path / "cut.pth").write_bytes(b"version https://git-lfs.github.com/spec/v1\n")
+    with pytest.raises(mo.DamagedPartError, match=r"cannot read the MiniMind-O weights at .*cut\.pth.*hf download"):
+        with mo.loading("checkpoint", tmp_path / "cut.pth"):
+            mo.load_model(str(tmp_path / "cut.pth"))
 
 
 def test_text_only_start_copies_last_thinker_blocks_into_talker(tmp_path):

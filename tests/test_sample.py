@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import minimind_o as mo
+import train
 
 CONV = [{"role": "user", "content": "What is the capital of France?"},
         {"role": "assistant", "content": "The capital of France is Paris."}]
@@ -66,21 +67,21 @@ def test_audio_and_image_layouts(tokenizer):
 
 def test_draw_variations_follows_published_probabilities():
     rng = random.Random(0)
-    draws = [mo.draw_variations(rng) for _ in range(4000)]
+    draws = [train.draw_variations(rng) for _ in range(4000)]
     share = lambda key, value: sum(d[key] == value for d in draws) / len(draws)
     assert abs(share("audio_layout", "audio_only") - 0.4) < 0.03
     assert abs(share("image_layout", "text_blankline_image") - 0.4) < 0.03
     assert abs(share("keep_empty_think", True) - 0.2) < 0.03
     assert abs(share("use_ref", True) - 0.5) < 0.03
     assert abs(1 - share("system_prompt", None) - 0.2) < 0.03
-    assert all(d["system_prompt"] is None for d in (mo.draw_variations(rng, has_system_turn=True) for _ in range(50)))
+    assert all(d["system_prompt"] is None for d in (train.draw_variations(rng, has_system_turn=True) for _ in range(50)))
 
 
 def test_cut_conversation_backs_off_to_fit(tokenizer):
     conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
             {"role": "user", "content": "tell me " * 100}, {"role": "assistant", "content": "ok " * 100}]
-    assert mo.cut_conversation(conv, 1, tokenizer, 1000) == conv
-    assert mo.cut_conversation(conv, 1, tokenizer, 200) == conv[:2]   # the second reply does not fit
+    assert train.cut_conversation(conv, 1, tokenizer, 1000) == conv
+    assert train.cut_conversation(conv, 1, tokenizer, 200) == conv[:2]   # the second reply does not fit
 
 
 def test_scheduled_sampling_touches_only_labelled_positions():
@@ -92,7 +93,7 @@ def test_scheduled_sampling_touches_only_labelled_positions():
     text_labels[:, 5:30] = 1
     audio_labels = torch.full((4, 8, 50), mo.IGNORE)
     audio_labels[:, 3, 30:40] = 1
-    out = mo.scheduled_sampling(ids, text_labels, audio_labels, p=0.5, generator=g)
+    out = train.scheduled_sampling(ids, text_labels, audio_labels, p=0.5, generator=g)
     changed = out != ids
     assert changed[:, :8, 30:40].any() and not changed[:, :8, :30].any() and not changed[:, :8, 40:].any()
     assert changed[:, mo.TEXT_ROW, 5:10].any() and changed[:, mo.TEXT_ROW, 20:30].any()

@@ -17,6 +17,7 @@ import soundfile as sf
 import torch
 
 import minimind_o as mo
+import side_assets
 import train
 from conftest import ROOT, tiny_config
 
@@ -67,8 +68,10 @@ def a2a_file(path):
         spk_emb=[np.linspace(-1, 1, 192).tolist(), []]), FULL_TYPES)
 
 
-def fake_speech_cmvn():
-    return torch.stack([torch.zeros(mo.SPEECH_FEAT_DIM), torch.ones(mo.SPEECH_FEAT_DIM)])
+def speech_frontend():
+    """funasr's SenseVoice front end with the published settings (no CMVN file: the features unnormalised)."""
+    from funasr.frontends.wav_frontend import WavFrontend
+    return WavFrontend(**side_assets.FRONTEND_CONF, dither=0.0)
 
 
 def image_processor():
@@ -113,7 +116,7 @@ def test_sample_is_build_sample_with_drawn_variations(tokenizer, tmp_path):
     sample = data.make_sample(row, random.Random(7))
     expected = mo.build_sample(row.conversations, tokenizer, 128, answer_codes=row.answer_audios[0],
                                ref_codes=row.ref_codes, has_spk=True,
-                               **mo.draw_variations(random.Random(7), has_system_turn=False))
+                               **train.draw_variations(random.Random(7), has_system_turn=False))
     for got, want in zip((sample.input_ids, sample.text_labels, sample.audio_labels), expected):
         assert torch.equal(got, want)
     # the valid length ends at the last label: the last layer's stop id
@@ -124,7 +127,7 @@ def test_sample_is_build_sample_with_drawn_variations(tokenizer, tmp_path):
 
 def test_question_audio_and_image_become_encoder_inputs(tokenizer, tmp_path):
     rows = train.ParquetRows([a2a_file(tmp_path / "a.parquet")])
-    enc = train.Encoders(speech_cmvn=fake_speech_cmvn(), image_processor=image_processor())
+    enc = train.Encoders(speech_frontend=speech_frontend(), image_processor=image_processor())
     plain = train.OmniDataset(rows, tokenizer, 256, enc, augment="none")
     s = plain[0]
     # 1 s at 24 kHz stereo -> 16 kHz mono: 98 fbank frames of 10 ms -> ceil(98 / 6) = 17 stacked frames
@@ -195,7 +198,7 @@ def bad_file(path, kinds):
 @pytest.mark.parametrize("kind", sorted(BAD))
 def test_bad_row_error_names_file_row_and_column(tokenizer, tmp_path, kind):
     path = bad_file(tmp_path / f"bad_{kind}.parquet", [kind])
-    enc = train.Encoders(speech_cmvn=fake_speech_cmvn(), image_processor=image_processor())
+    enc = train.Encoders(speech_frontend=speech_frontend(), image_processor=image_processor())
     data = train.OmniDataset(train.ParquetRows([path]), tokenizer, 64, enc)
     data[0], data[2]  # the good rows around it are fine
     _, column, problem = BAD[kind]
