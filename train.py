@@ -227,12 +227,8 @@ class EncoderCache:
 
     def put(self, key, output):
         """Store one (L, D) output as float16, atomically."""
-        path = self.path(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            np.save(f, output.to("cpu", CACHE_DTYPE).numpy())
-        os.replace(tmp, path)
+        with mo.atomic_path(self.path(key)) as tmp:  # a reader finds a whole entry or none
+            np.save(tmp, output.to("cpu", CACHE_DTYPE).numpy())
 
     def put_batch(self, keys, outputs, lengths=None):
         """Store outputs[b, :lengths[b]] (all of outputs[b] without lengths) under keys[b], for each
@@ -745,8 +741,8 @@ def write_demo_data(path, rows=DEMO_ROWS, seed=0):
         columns["spk_emb"].append(voices[v][1].tolist())
     schema = pa.schema([("conversations", pa.string()), ("answer_audios", pa.list_(pa.list_(pa.int32()))),
                         ("ref_audios", pa.list_(pa.int32())), ("spk_emb", pa.list_(pa.float32()))])
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    pq.write_table(pa.table(columns, schema=schema), path)
+    with mo.atomic_path(path) as tmp:
+        pq.write_table(pa.table(columns, schema=schema), tmp)
     return path
 
 
@@ -825,8 +821,8 @@ def save_resume_state(path, model, optimizer, scaler, position, args, world, dev
     state = dict(model=model.state_dict(), config=model.config.to_dict(), optimizer=optimizer.state_dict(),
                  scaler=scaler.state_dict(), position=position, rng=rng_states(device),
                  args={k: getattr(args, k) for k in RESUME_MUST_MATCH}, world=world)
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with mo.atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_resume_state(path, args, world):
@@ -918,7 +914,7 @@ class MetricsLog:
         if resume_step is not None and os.path.exists(path):
             with open(path) as f:
                 kept = [line for line in f if json.loads(line)["step"] <= resume_step]
-        with open(path, "w") as f:
+        with mo.atomic_path(path) as tmp, open(tmp, "w") as f:
             f.writelines(kept)
 
     def write(self, record):
@@ -944,7 +940,8 @@ class MetricsLog:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(png, dpi=120)
+        with mo.atomic_path(png) as tmp:  # the format follows the extension, which tmp keeps
+            fig.savefig(tmp, dpi=120)
         plt.close(fig)
         return png
 
@@ -975,10 +972,6 @@ def missing_inputs(args):
     if args.from_weight != "none" and not args.resume and mo.weights_file(args.from_weight) is None:
         missing.append(f"--from_weight {args.from_weight} not found; {mo.PUBLISHED_WEIGHTS}")
     return "\n".join(missing) or None
-
-
-def find_tokenizer(args):
-    return mo.load_tokenizer(tokenizer_folder(args))
 
 
 def setup_processes(args):
@@ -1012,7 +1005,7 @@ def train(args):
     missing = missing_inputs(args)
     if missing:
         raise FileNotFoundError(missing)
-    tok = find_tokenizer(args)
+    tok = mo.load_tokenizer(tokenizer_folder(args))
     rows = ParquetRows(args.data)
     if len(rows) < world:
         raise ValueError(f"{len(rows)} rows cannot be shared by {world} processes")

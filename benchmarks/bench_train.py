@@ -199,7 +199,7 @@ def main():
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
 
     try:
-        tok = train.find_tokenizer(argparse.Namespace(tokenizer=args.tokenizer))
+        tok = mo.load_tokenizer(train.tokenizer_folder(argparse.Namespace(tokenizer=args.tokenizer)))
     except FileNotFoundError as e:
         sys.exit(f"bench_train.py: {e}")
     torch.manual_seed(0)
