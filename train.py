@@ -33,8 +33,8 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field, is_dataclass, replace
+from typing import NamedTuple, Optional
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork after tokenizing
 
@@ -240,6 +240,21 @@ class EncoderCache:
         for key, output, n in zip(keys, outputs, lengths):
             if key is not None:
                 self.put(key, output[:n])
+
+
+class Cached(NamedTuple):
+    """An input's --encoder_cache entry: the encoder's stored output (a hit), else the key to store the
+    output under once it is encoded (a miss). Cached() without a cache."""
+    output: Optional[torch.Tensor] = None   # (L, 512) / (64, 768) float16
+    key: Optional[str] = None
+
+
+def look_up(cache, key):
+    """The Cached entry of `key` in `cache` (an EncoderCache or None)."""
+    if cache is None:
+        return Cached()
+    output = cache.get(key)
+    return Cached(output, key if output is None else None)
 
 
 @dataclass
@@ -490,13 +505,11 @@ class Sample:
     text_labels: torch.Tensor             # (max_len-1,)
     audio_labels: torch.Tensor            # (8, max_len-1)
     length: int                           # 1 + the last labelled position: the batch is cut there
-    speech: Optional[torch.Tensor]        # (L, 560) SenseVoice features of the question, or None
-    pixels: Optional[torch.Tensor]        # (3, 256, 256) SigLIP2 input, or None
+    speech: Optional[torch.Tensor]        # (L, 560) SenseVoice features of the question to encode, or None
+    pixels: Optional[torch.Tensor]        # (3, 256, 256) SigLIP2 input of the image to encode, or None
     spk_emb: Optional[torch.Tensor]       # (192,) or None
-    speech_cached: Optional[torch.Tensor] = None  # (L, 512) float16 SenseVoice output from --encoder_cache
-    image_cached: Optional[torch.Tensor] = None   # (64, 768) float16 SigLIP2 output from --encoder_cache
-    speech_key: Optional[str] = None      # a cache miss: the key to store the encoded question under
-    image_key: Optional[str] = None       # the same for the image
+    speech_cached: Cached = Cached()      # --encoder_cache: the question's stored output (then speech is None)
+    image_cached: Cached = Cached()       # the same for the image (then pixels is None)
     skipped: list = field(default_factory=list)  # the bad rows this sample replaces (--skip_bad_rows)
 
 
@@ -552,17 +565,18 @@ class OmniDataset(Dataset):
 
         # the question audio (of the last kept user turn) and the image: encoder outputs read from the
         # cache, or encoder inputs (a miss keeps its key, to store the output once it is encoded)
-        speech = speech_cached = speech_key = pixels = image_cached = image_key = None
+        speech = pixels = None
+        speech_cached = image_cached = Cached()
         turn = users - 1
         if 0 < users <= len(row.question_audios) and row.question_audios[turn]:
-            speech_cached, speech_key = self.lookup(self.encoders.speech_cache, f"{row.source}/{row.row}-{turn}")
-            if speech_cached is None:
+            speech_cached = look_up(self.encoders.speech_cache, f"{row.source}/{row.row}-{turn}")
+            if speech_cached.output is None:
                 speech = self.question_features(row, row.question_audios[turn], rng)
         if row.image:
-            image_cached, image_key = self.lookup(self.encoders.image_cache, f"{row.source}/{row.row}")
-            if image_cached is None:
+            image_cached = look_up(self.encoders.image_cache, f"{row.source}/{row.row}")
+            if image_cached.output is None:
                 pixels = self.image_pixels(row)
-        question = speech if speech is not None else speech_cached
+        question = speech if speech is not None else speech_cached.output
         answer = row.answer_audios[replies - 1] if 0 < replies <= len(row.answer_audios) else None
 
         input_ids, text_labels, audio_labels = mo.build_sample(
@@ -575,16 +589,7 @@ class OmniDataset(Dataset):
             input_ids = mo.scheduled_sampling(input_ids, text_labels, audio_labels, self.scheduled_sampling,
                                               generator=noise)
         spk = None if row.spk_emb is None else torch.from_numpy(row.spk_emb)
-        return Sample(input_ids, text_labels, audio_labels, length, speech, pixels, spk, speech_cached, image_cached,
-                      speech_key, image_key)
-
-    @staticmethod
-    def lookup(cache, key):
-        """(output, None) on a cache hit; (None, key) on a miss; (None, None) without a cache."""
-        if cache is None:
-            return None, None
-        output = cache.get(key)
-        return output, (key if output is None else None)
+        return Sample(input_ids, text_labels, audio_labels, length, speech, pixels, spk, speech_cached, image_cached)
 
     def question_features(self, row, audio_bytes, rng):
         """Audio-file bytes of the question -> (L, 560) features (augmented when training asks for it)."""
@@ -631,36 +636,63 @@ def batches_per_epoch(n_rows, batch_size, world):
 
 
 @dataclass
+class EncoderWork:
+    """A batch's work for one frozen encoder: the inputs it has to encode, and what --encoder_cache
+    holds for the other samples, with the keys to store the new outputs under."""
+    inputs: Optional[torch.Tensor]  # (N, L, 560) zero-padded features or (N, 3, 256, 256) pixels; None: all stored
+    encode: torch.Tensor            # (B,) bool: the N samples whose inputs are in `inputs`
+    stored: Optional[torch.Tensor]  # (B, L', D) float16 zero-padded outputs read from the cache, or None
+    keys: list                      # (B,) where to store each newly encoded output (a cache miss), else None
+
+
+@dataclass
 class Batch:
-    input_ids: torch.Tensor                # (B, 9, T), T = the longest sample
-    text_labels: torch.Tensor              # (B, T)
-    audio_labels: torch.Tensor             # (B, 8, T)
-    speech: Optional[torch.Tensor]         # (B, L, 560) zero-padded features of the questions to encode, or None
-    speech_lengths: Optional[torch.Tensor]  # (B,) question lengths (encoded or cached), 0 where there is none
-    encode_speech: Optional[torch.Tensor]  # (B,) bool: the samples whose features are in `speech`
-    speech_cached: Optional[torch.Tensor]  # (B, L', 512) float16 zero-padded outputs from the cache, or None
-    pixels: Optional[torch.Tensor]         # (N, 3, 256, 256) the images to encode, or None
-    has_image: Optional[torch.Tensor]      # (B,) bool: the sample has an image (encoded or cached)
-    encode_image: Optional[torch.Tensor]   # (B,) bool: the N samples whose image is in `pixels`
-    image_cached: Optional[torch.Tensor]   # (B, 64, 768) float16 outputs from the cache (zeros elsewhere), or None
-    speech_keys: list                      # (B,) where to store each encoded question (cache misses), else None
-    image_keys: list                       # (B,) the same for the images
-    spk_emb: Optional[torch.Tensor]        # (B, 192), zeros where a sample has none (it has no slot then)
-    tokens: int                            # positions up to each sample's valid length
-    bad_rows: list                         # messages of rows left out (--skip_bad_rows)
+    input_ids: torch.Tensor                 # (B, 9, T), T = the longest sample
+    text_labels: torch.Tensor               # (B, T)
+    audio_labels: torch.Tensor              # (B, 8, T)
+    speech: Optional[EncoderWork]           # the questions, for SenseVoice; None when no sample has one
+    speech_lengths: Optional[torch.Tensor]  # (B,) question lengths (encoded or stored), 0 where there is none
+    image: Optional[EncoderWork]            # the images, for SigLIP2; None when no sample has one
+    spk_emb: Optional[torch.Tensor]         # (B, 192), zeros where a sample has none (it has no slot then)
+    tokens: int                             # positions up to each sample's valid length
+    bad_rows: list                          # messages of rows left out (--skip_bad_rows)
 
     def to(self, device):
-        move = lambda x: x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
-        return Batch(**{k: move(v) for k, v in vars(self).items()})
+        return moved(self, device)
 
 
-def pad_cached(outputs, dim):
-    """Per-sample cached outputs ((L_i, dim) float16, or None) -> (B, L, dim) zero-padded, or None if
-    none is cached."""
-    if all(o is None for o in outputs):
+def moved(x, device):
+    """x with every tensor in it on `device`: a tensor, or a dataclass (Batch, EncoderWork) field by field."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if is_dataclass(x):
+        return replace(x, **{k: moved(v, device) for k, v in vars(x).items()})
+    return x
+
+
+def encoder_work(inputs, cached, batch_inputs):
+    """One encoder's EncoderWork from each sample's input to encode (or None) and its Cached entry;
+    None when no sample has anything for this encoder. batch_inputs: the N inputs -> one tensor."""
+    stored = [c.output for c in cached]
+    encode = torch.tensor([x is not None for x in inputs])
+    if not encode.any() and all(o is None for o in stored):
         return None
-    empty = torch.zeros(0, dim, dtype=CACHE_DTYPE)
-    return torch.nn.utils.rnn.pad_sequence([empty if o is None else o for o in outputs], batch_first=True)
+    return EncoderWork(inputs=batch_inputs([x for x in inputs if x is not None]) if encode.any() else None,
+                       encode=encode, stored=pad_stored(stored), keys=[c.key for c in cached])
+
+
+def pad_stored(outputs):
+    """Per-sample outputs read from the cache ((L_i, D) float16, or None) -> (B, L, D) zero-padded, kept
+    in float16 (half the bytes to move to the device), or None when none was stored."""
+    found = [o for o in outputs if o is not None]
+    if not found:
+        return None
+    return mo.pad_features(outputs, found[0].shape[-1], "cpu")[0].to(CACHE_DTYPE)
+
+
+def pad_speech(feats):
+    """(L_i, 560) features -> (N, L, 560) zero-padded."""
+    return mo.pad_features(feats, mo.SPEECH_FEAT_DIM, "cpu")[0]
 
 
 def collate(samples):
@@ -672,27 +704,15 @@ def collate(samples):
         return bad[0]
     T = max(s.length for s in samples)
     stack = lambda name: torch.stack([getattr(s, name)[..., :T] for s in samples])
-    speech = speech_lengths = encode_speech = pixels = has_image = encode_image = spk = None
-    questions = [s.speech if s.speech is not None else s.speech_cached for s in samples]  # features or outputs
-    if any(q is not None for q in questions):
-        speech_lengths = torch.tensor([0 if q is None else len(q) for q in questions])
-        encode_speech = torch.tensor([s.speech is not None for s in samples])
-        if encode_speech.any():
-            speech = mo.pad_features([s.speech for s in samples], mo.SPEECH_FEAT_DIM, "cpu")[0]
-    if any(s.pixels is not None or s.image_cached is not None for s in samples):
-        has_image = torch.tensor([s.pixels is not None or s.image_cached is not None for s in samples])
-        encode_image = torch.tensor([s.pixels is not None for s in samples])
-        if encode_image.any():
-            pixels = torch.stack([s.pixels for s in samples if s.pixels is not None])
+    speech = encoder_work([s.speech for s in samples], [s.speech_cached for s in samples], pad_speech)
+    questions = [s.speech if s.speech is not None else s.speech_cached.output for s in samples]  # features or outputs
+    spk = None
     if any(s.spk_emb is not None for s in samples):
         spk = torch.stack([s.spk_emb if s.spk_emb is not None else torch.zeros(mo.OmniConfig.spk_emb_size)
                            for s in samples])
-    return Batch(stack("input_ids"), stack("text_labels"), stack("audio_labels"),
-                 speech=speech, speech_lengths=speech_lengths, encode_speech=encode_speech,
-                 speech_cached=pad_cached([s.speech_cached for s in samples], mo.SPEECH_EMBED_DIM),
-                 pixels=pixels, has_image=has_image, encode_image=encode_image,
-                 image_cached=pad_cached([s.image_cached for s in samples], mo.IMAGE_EMBED_DIM),
-                 speech_keys=[s.speech_key for s in samples], image_keys=[s.image_key for s in samples],
+    return Batch(stack("input_ids"), stack("text_labels"), stack("audio_labels"), speech=speech,
+                 speech_lengths=None if speech is None else torch.tensor([0 if q is None else len(q) for q in questions]),
+                 image=encoder_work([s.pixels for s in samples], [s.image_cached for s in samples], torch.stack),
                  spk_emb=spk, tokens=sum(s.length for s in samples), bad_rows=sum((s.skipped for s in samples), []))
 
 
@@ -845,35 +865,40 @@ def load_resume_state(path, args, world):
 # -----------------------------------------------------------------------------------------------
 
 def encode_inputs(batch, encoders):
-    """Frozen encoders on the device: questions -> (B, L, 512), images -> (B, 64, 768). Outputs read
-    from --encoder_cache are used as they are; the other samples go through each encoder in one call,
-    and the outputs of cache misses are stored. With a cache, fresh outputs are rounded to its float16
-    too, so a step is the same whether they were just computed or read back (and resume stays exact)."""
-    as_stored = lambda x, cache: x.to(CACHE_DTYPE).float() if cache is not None else x.float()
+    """Frozen encoders on the device: questions -> (B, L, 512), images -> (B, 64, 768); None where the
+    batch has none."""
     audio = image = None
     with torch.no_grad():
-        if batch.speech_lengths is not None:
-            width = max(x.shape[1] for x in (batch.speech, batch.speech_cached) if x is not None)
-            audio = torch.zeros(len(batch.speech_lengths), width, mo.SPEECH_EMBED_DIM,
-                                device=batch.speech_lengths.device)
-            if batch.speech_cached is not None:
-                audio[:, :batch.speech_cached.shape[1]] = batch.speech_cached
-            if batch.speech is not None:
-                run = batch.encode_speech
-                audio[run, :batch.speech.shape[1]] = as_stored(run_speech_encoder(
-                    encoders.speech, batch.speech[run], batch.speech_lengths[run]), encoders.speech_cache)
-            if encoders.speech_cache is not None:
-                encoders.speech_cache.put_batch(batch.speech_keys, audio, batch.speech_lengths)
-        if batch.has_image is not None:
-            image = (batch.image_cached.float() if batch.image_cached is not None else
-                     torch.zeros(len(batch.has_image), mo.IMAGE_TOKENS, mo.IMAGE_EMBED_DIM,
-                                 device=batch.has_image.device))
-            if batch.pixels is not None:
-                image[batch.encode_image] = as_stored(run_vision_encoder(encoders.vision, batch.pixels),
-                                                      encoders.image_cache)
-            if encoders.image_cache is not None:
-                encoders.image_cache.put_batch(batch.image_keys, image)
+        if batch.speech is not None:
+            lengths = batch.speech_lengths
+            audio = encoder_outputs(batch.speech, mo.SPEECH_EMBED_DIM, encoders.speech_cache, lengths,
+                                    lambda x: run_speech_encoder(encoders.speech, x, lengths[batch.speech.encode]))
+        if batch.image is not None:
+            image = encoder_outputs(batch.image, mo.IMAGE_EMBED_DIM, encoders.image_cache, None,
+                                    lambda x: run_vision_encoder(encoders.vision, x))
     return audio, image
+
+
+def encoder_outputs(work, dim, cache, lengths, encode):
+    """(B, L, dim) outputs of one frozen encoder: those read from --encoder_cache as they are, the
+    others from one call encode(work.inputs), then stored where the cache missed (outputs[b, :lengths[b]];
+    all of outputs[b] without lengths)."""
+    fresh = None if work.inputs is None else as_stored(encode(work.inputs), cache)
+    width = max(x.shape[1] for x in (fresh, work.stored) if x is not None)
+    outputs = torch.zeros(len(work.encode), width, dim, device=work.encode.device)
+    if work.stored is not None:
+        outputs[:, :work.stored.shape[1]] = work.stored
+    if fresh is not None:
+        outputs[work.encode, :fresh.shape[1]] = fresh
+    if cache is not None:
+        cache.put_batch(work.keys, outputs, lengths)
+    return outputs
+
+
+def as_stored(outputs, cache):
+    """Fresh outputs as float32; with a cache first rounded to its float16, so a step is the same
+    whether they were just computed or read back (and resume stays exact)."""
+    return outputs.to(CACHE_DTYPE).float() if cache is not None else outputs.float()
 
 
 def idle_inputs(batch, audio, image, mode):

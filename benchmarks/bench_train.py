@@ -146,7 +146,7 @@ def time_encoder_cache(model, optimizer, tok, device, autocast, batch_size, max_
                 sync()
                 if i >= warmup:
                     times[name].append((time.perf_counter() - start, batched - start))
-        lengths = [len(warm[r].speech_cached) for r in range(len(rows))]
+        lengths = [len(warm[r].speech_cached.output) for r in range(len(rows))]
         print(f"SenseVoiceSmall {sum(p.numel() for p in speech.parameters()) / 1e6:.0f}M and SigLIP2 "
               f"{sum(p.numel() for p in vision.parameters()) / 1e6:.0f}M parameters; questions of "
               f"{min(lengths)}..{max(lengths)} encoder frames ({mo.LFR_N * mo.FBANK_SHIFT_MS} ms each), an image "
