@@ -79,7 +79,19 @@ def parse_args(argv=None):
         description="Train MiniMind-O (Thinker-Talker) on parquet rows in the release's schema. Without --data it "
                     "writes a small demo dataset and trains a tiny model in about two minutes, even on a laptop CPU.",
         epilog="The release's recipes (stage order, modes, learning rates, lengths) are in README.md.")
-    data = p.add_argument_group("data")
+    data_flags(p.add_argument_group("data"))
+    model_flags(p.add_argument_group("model"))
+    optimisation_flags(p.add_argument_group("optimisation"))
+    output_flags(p.add_argument_group("output"))
+    args = p.parse_args(argv)
+    preset = DEMO if args.data is None else REAL
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def data_flags(data):
     data.add_argument("--data", nargs="+", metavar="PARQUET",
                       help="one or more parquet files (columns: conversations, question_audios, answer_audios, "
                            "image_bytes, ref_audios, spk_emb); omitted: run the demo")
@@ -110,7 +122,9 @@ def parse_args(argv=None):
                            "is cached only with --augment none. Entries are keyed by data file (path, size, "
                            "modification time), row, user turn and encoder folder, so a changed file or "
                            "encoder is never served stale outputs (default: no cache)")
-    model = p.add_argument_group("model")
+
+
+def model_flags(model):
     model.add_argument("--from_weight",
                        help="where training starts: the text-only MiniMind (llm_768.pth), a previous stage's .pth "
                             f"or folder, or 'none' for random weights ({defaults('from_weight')})")
@@ -123,7 +137,9 @@ def parse_args(argv=None):
     model.add_argument("--num_hidden_layers", type=int,
                        help="Thinker blocks, with --from_weight none; the Talker gets half as many "
                             f"({defaults('num_hidden_layers')})")
-    opt = p.add_argument_group("optimisation")
+
+
+def optimisation_flags(opt):
     opt.add_argument("--epochs", type=int, help=f"passes over the data ({defaults('epochs')})")
     opt.add_argument("--max_steps", type=int, help="stop after this many optimizer steps (the lr schedule ends there)")
     opt.add_argument("--batch_size", type=int, help=f"samples per GPU per micro-batch ({defaults('batch_size')})")
@@ -143,7 +159,9 @@ def parse_args(argv=None):
                      help="cuda or cpu (default: cuda when available); under torchrun each process takes its GPU")
     opt.add_argument("--seed", type=int, default=42,
                      help="seeds the weights, the data order and every per-sample random choice (default 42)")
-    out = p.add_argument_group("output")
+
+
+def output_flags(out):
     out.add_argument("--out_dir", help=f"where checkpoints and logs go ({defaults('out_dir')})")
     out.add_argument("--save_weight", help="checkpoint name: <out_dir>/<save_weight>_<hidden>[_moe].pth "
                                            f"({defaults('save_weight')})")
@@ -153,12 +171,6 @@ def parse_args(argv=None):
     out.add_argument("--resume", action="store_true",
                      help="continue from <out_dir>/<save_weight>_resume.pt: weights, optimizer, loss scaler, step, "
                           "data position and random states, exactly as when it was written")
-    args = p.parse_args(argv)
-    preset = DEMO if args.data is None else REAL
-    for name, value in preset.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    return args
 
 
 # -----------------------------------------------------------------------------------------------
@@ -802,6 +814,45 @@ def lr_at(step, total, peak):
     return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(total, 1))))
 
 
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+@dataclass
+class Learner:
+    """The model and what trains it."""
+    model: mo.MiniMindO              # its weights are what is saved
+    net: torch.nn.Module             # what a step calls: the model, wrapped by DDP and/or torch.compile
+    params: list                     # the trainable parameters (--mode)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler     # loss scaling, enabled for float16 only
+    autocast: object                 # the GPU's bf16/fp16 autocast context, or a null context
+
+
+def build_learner(args, procs, resume):
+    """The Learner, fresh (see build_model) or as the resume state left it, and the position to start
+    from (resuming also restores the random states)."""
+    model = build_model(args) if resume is None else resumed_model(resume)
+    model.to(procs.device).train()
+    params = set_trainable(model, args.mode)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    cuda, dtype = procs.device.type == "cuda", getattr(torch, args.dtype)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and dtype == torch.float16)  # fp16 needs loss scaling
+    autocast = torch.autocast("cuda", dtype=dtype) if cuda and dtype != torch.float32 else contextlib.nullcontext()
+    learner = Learner(model, model, params, optimizer, scaler, autocast)
+    position = dict(epoch=0, batch=0, step=0, bad_rows=[], seconds=0.0)  # bad_rows: messages of skipped rows
+    if resume is not None:
+        position = restore(learner, resume, procs)
+    if procs.world > 1:  # a T2A batch leaves the projectors unused, a MoE batch some experts: both are fine
+        learner.net = DistributedDataParallel(model, device_ids=[procs.device.index] if cuda else None,
+                                              find_unused_parameters=True)
+    if args.compile:
+        learner.net = torch.compile(learner.net)
+    return learner, position
+
+
 # -----------------------------------------------------------------------------------------------
 # 9. Checkpoints and exact resume
 # -----------------------------------------------------------------------------------------------
@@ -814,12 +865,17 @@ RESUME_MUST_MATCH = ("data", "mode", "max_seq_len", "batch_size", "accumulation_
                      "learning_rate", "weight_decay", "grad_clip", "augment", "scheduled_sampling")
 
 
+def run_file(args, name):
+    """<out_dir>/<save_weight>_<name>: where each file of this run goes."""
+    return os.path.join(args.out_dir, f"{args.save_weight}_{name}")
+
+
 def weight_path(args, cfg):
-    return os.path.join(args.out_dir, f"{args.save_weight}_{cfg.hidden_size}{'_moe' if cfg.use_moe else ''}.pth")
+    return run_file(args, f"{cfg.hidden_size}{'_moe' if cfg.use_moe else ''}.pth")
 
 
 def resume_path(args):
-    return os.path.join(args.out_dir, f"{args.save_weight}_resume.pt")
+    return run_file(args, "resume.pt")
 
 
 def rng_states(device):
@@ -837,10 +893,11 @@ def set_rng_states(states, device):
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-def save_resume_state(path, model, optimizer, scaler, position, args, world, device):
-    state = dict(model=model.state_dict(), config=model.config.to_dict(), optimizer=optimizer.state_dict(),
-                 scaler=scaler.state_dict(), position=position, rng=rng_states(device),
-                 args={k: getattr(args, k) for k in RESUME_MUST_MATCH}, world=world)
+def save_resume_state(path, learner, position, args, procs):
+    model = learner.model
+    state = dict(model=model.state_dict(), config=model.config.to_dict(), optimizer=learner.optimizer.state_dict(),
+                 scaler=learner.scaler.state_dict(), position=position, rng=rng_states(procs.device),
+                 args={k: getattr(args, k) for k in RESUME_MUST_MATCH}, world=procs.world)
     with mo.atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -858,6 +915,32 @@ def load_resume_state(path, args, world):
         raise ValueError(f"--resume: {path} belongs to a different run ({'; '.join(changed)}); resume with the "
                          "original settings, or start afresh without --resume")
     return state
+
+
+def resumed_model(resume):
+    model = mo.MiniMindO(mo.OmniConfig(**resume["config"]))
+    model.load_state_dict(resume["model"])
+    return model
+
+
+def restore(learner, resume, procs):
+    """Put the optimizer, the loss scaler and the random states back as the resume state holds them;
+    returns the position it was written at."""
+    learner.optimizer.load_state_dict(resume["optimizer"])
+    learner.scaler.load_state_dict(resume["scaler"])
+    set_rng_states(resume["rng"], procs.device)
+    # rank 0 carries on the run's skipped rows (see save()), the others collect afresh
+    return dict(resume["position"], bad_rows=resume["position"]["bad_rows"] if procs.is_main else [])
+
+
+def save(args, procs, learner, position, seconds):
+    """Write the weights and the resume state (rank 0, with every process's skipped rows); returns how
+    many rows were skipped. seconds(): the run's time so far."""
+    bad_rows = procs.union(position["bad_rows"])
+    if procs.is_main:
+        mo.save_checkpoint(learner.model, weight_path(args, learner.model.config))
+        save_resume_state(resume_path(args), learner, dict(position, bad_rows=bad_rows, seconds=seconds()), args, procs)
+    return len(bad_rows)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -929,6 +1012,48 @@ def micro_step(model, batch, encoders, autocast, scale, mode):
     return torch.stack([loss, text_loss, audio_loss, out.aux_loss]).detach()
 
 
+def optimizer_step(learner, batches, group_size, encoders, args, world):
+    """One optimizer step: forward and backward of group_size micro-batches from `batches`, their
+    gradients summed, then clipping and the update. Returns the step's (6,) sums on the CPU: loss,
+    text, audio and aux (each the mean over the micro-batches), tokens and samples."""
+    sums = torch.zeros(6)
+    for i in range(group_size):
+        batch = next(batches)
+        last = i == group_size - 1  # DDP averages gradients only after the last micro-batch
+        with contextlib.nullcontext() if last or world == 1 else learner.net.no_sync():
+            values = micro_step(learner.net, batch, encoders, learner.autocast,
+                                lambda x: learner.scaler.scale(x / group_size), args.mode)
+        sizes = torch.tensor([batch.tokens, len(batch.input_ids)])
+        sums += torch.cat([values.float().cpu() / group_size, sizes])
+    learner.scaler.unscale_(learner.optimizer)
+    torch.nn.utils.clip_grad_norm_(learner.params, args.grad_clip)
+    learner.scaler.step(learner.optimizer)
+    learner.scaler.update()
+    learner.optimizer.zero_grad(set_to_none=True)
+    return sums
+
+
+def epoch_batches(dataset, args, procs, position):
+    """This process's batches of the position's epoch, from its batch on, checked and on the device."""
+    dataset.epoch = position["epoch"]  # before the DataLoader starts its workers
+    sampler = EpochBatches(len(dataset), args.batch_size, args.seed, position["epoch"], procs.rank, procs.world,
+                           position["batch"])
+    loader = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.num_workers))
+    return (checked(batch, position).to(procs.device) for batch in loader)
+
+
+def checked(batch, position):
+    """The batch, unless it is a bad row's BadRow: that stops the run. Rows it skipped instead
+    (--skip_bad_rows) are reported once and kept in position["bad_rows"]."""
+    if isinstance(batch, BadRow):
+        raise batch
+    for message in batch.bad_rows:  # every process reports its own, once (not again each epoch)
+        if message not in position["bad_rows"]:
+            tqdm.write(f"skipped bad row: {message}")
+            position["bad_rows"].append(message)
+    return batch
+
+
 class MetricsLog:
     """One JSON line per logged step; on resume, lines after the resumed step are dropped (they
     will be written again)."""
@@ -971,6 +1096,33 @@ class MetricsLog:
         return png
 
 
+class Progress:
+    """The run's clock, and on rank 0 its progress bar and metrics file."""
+
+    def __init__(self, args, procs, position, total_steps, resuming):
+        self.procs = procs
+        metrics = run_file(args, "metrics.jsonl")
+        self.log = MetricsLog(metrics, position["step"] if resuming else None) if procs.is_main else None
+        self.bar = tqdm(total=total_steps, initial=position["step"], disable=not procs.is_main, dynamic_ncols=True,
+                        unit="step")
+        self.started = time.time() - position["seconds"]
+
+    def seconds(self):
+        return time.time() - self.started
+
+    def record(self, sums, position, lr, tick):
+        """One metrics line and the bar's numbers, from a step's (6,) sums (see optimizer_step) of every
+        process; tick: when the step began."""
+        sums = self.procs.sum(sums)
+        loss, text, audio, aux = (sums[:4] / self.procs.world).tolist()
+        seconds = time.time() - tick
+        if self.procs.is_main:
+            self.log.write(dict(step=position["step"], epoch=position["epoch"], loss=loss, text=text, audio=audio,
+                                aux=aux, lr=lr, samples_per_s=sums[5].item() / seconds,
+                                tokens_per_s=sums[4].item() / seconds, elapsed_s=self.seconds()))
+            self.bar.set_postfix(loss=f"{loss:.3f}", text=f"{text:.3f}", audio=f"{audio:.3f}", lr=f"{lr:.2e}")
+
+
 def tokenizer_folder(args):
     """--tokenizer, else the --from_weight folder (release folders ship it), else TOKENIZER_FOLDER."""
     if args.tokenizer:
@@ -999,173 +1151,138 @@ def missing_inputs(args):
     return "\n".join(missing) or None
 
 
-def setup_processes(args):
-    """(rank, world, device). Under torchrun each process joins the group and takes its own GPU."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(args.device)
-    cuda = args.device.startswith("cuda")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def train(args):
-    """Run one training stage; returns a summary dict (also printed)."""
-    rank, world, device = setup_processes(args)
-    is_main = rank == 0
-    say = tqdm.write if is_main else (lambda *_: None)
-    os.makedirs(args.out_dir, exist_ok=True)
-    demo = args.data is None
-    if demo:
-        data_file = os.path.join(args.out_dir, "demo_t2a.parquet")
-        if is_main:
-            write_demo_data(data_file)
-        if world > 1:
-            dist.barrier()  # the others wait for the file
-        args.data = [data_file]
-
-    # Data
+def prepare_data(args, procs):
+    """The OmniDataset of --data: every input file checked first, then the rows, the encoders they need
+    and (--encoder_cache) their caches."""
     missing = missing_inputs(args)
     if missing:
         raise FileNotFoundError(missing)
     tok = mo.load_tokenizer(tokenizer_folder(args))
     rows = ParquetRows(args.data)
-    if len(rows) < world:
-        raise ValueError(f"{len(rows)} rows cannot be shared by {world} processes")
+    if len(rows) < procs.world:
+        raise ValueError(f"{len(rows)} rows cannot be shared by {procs.world} processes")
     needs = {"audio_proj": "question_audios", "vision_proj": "image_bytes"}.get(args.mode)
     if needs and not rows.has_any(needs):
         raise ValueError(f"--mode {args.mode} trains only that projector, but no row of {args.data} has {needs}")
-    encoders = load_encoders(rows, args, device)
+    encoders = load_encoders(rows, args, procs.device)
     if args.encoder_cache:
-        say(open_caches(encoders, args))
-    dataset = OmniDataset(rows, tok, args.max_seq_len, encoders, args.augment, args.scheduled_sampling, args.seed,
-                          args.skip_bad_rows)
-    n_batches = batches_per_epoch(len(rows), args.batch_size, world)
-    steps_per_epoch = math.ceil(n_batches / args.accumulation_steps)
-    total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
+        procs.say(open_caches(encoders, args))
+    return OmniDataset(rows, tok, args.max_seq_len, encoders, args.augment, args.scheduled_sampling, args.seed,
+                       args.skip_bad_rows)
 
-    # Model and optimizer (or everything from the resume state)
-    resume = load_resume_state(resume_path(args), args, world) if args.resume else None
-    if resume:
-        model = mo.MiniMindO(mo.OmniConfig(**resume["config"]))
-        model.load_state_dict(resume["model"])
-    else:
-        model = build_model(args)
-    model.to(device).train()
-    params = set_trainable(model, args.mode)
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
-    cuda = device.type == "cuda"
-    dtype = getattr(torch, args.dtype)
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and dtype == torch.float16)  # fp16 needs loss scaling
-    autocast = torch.autocast("cuda", dtype=dtype) if cuda and dtype != torch.float32 else contextlib.nullcontext()
-    position = dict(epoch=0, batch=0, step=0, bad_rows=[], seconds=0.0)  # bad_rows: messages of skipped rows
-    if resume:
-        optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
-        # rank 0 carries on the run's skipped rows (see save()), the others collect afresh
-        position = dict(resume["position"], bad_rows=resume["position"]["bad_rows"] if is_main else [])
-        set_rng_states(resume["rng"], device)
-    net = model
-    if world > 1:  # a T2A batch leaves the projectors unused, a MoE batch some experts: both are fine
-        net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None, find_unused_parameters=True)
-    if args.compile:
-        net = torch.compile(net)
 
-    counts = mo.parameter_counts(model)
-    say(f"model: {counts['total']:.2f}M parameters (Thinker {counts['thinker']:.2f}M, Talker {counts['talker']:.2f}M), "
-        f"training {sum(p.numel() for p in params) / 1e6:.2f}M ({args.mode}); data: {len(rows)} rows in "
-        f"{len(args.data)} file(s); {total_steps} steps of {args.batch_size}x{args.accumulation_steps}x{world} samples "
-        f"on {device}" + (f"; resuming after step {position['step']}" if resume else ""))
-    if position["step"] >= total_steps:
-        say(f"--resume: this run already finished all {total_steps} steps; nothing left to train")
+def demo_data(args, procs):
+    """The demo's parquet file in --out_dir: rank 0 writes it, the others wait for it."""
+    path = os.path.join(args.out_dir, "demo_t2a.parquet")
+    if procs.is_main:
+        write_demo_data(path)
+    if procs.world > 1:
+        dist.barrier()
+    return path
 
-    log = MetricsLog(os.path.join(args.out_dir, f"{args.save_weight}_metrics.jsonl"),
-                     position["step"] if resume else None) if is_main else None
-    bar = tqdm(total=total_steps, initial=position["step"], disable=not is_main, dynamic_ncols=True, unit="step")
-    started = time.time() - position["seconds"]
 
-    def reduce(t):  # summed over processes, on the device (NCCL reduces CUDA tensors only)
-        if world > 1:
-            t = t.to(device)
+@dataclass
+class Processes:
+    """This process's place in the run: its rank of `world` processes (1 without torchrun), its device."""
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def say(self, line):
+        if self.is_main:
+            tqdm.write(line)
+
+    def sum(self, t):
+        """t summed over the processes, on the device (NCCL reduces CUDA tensors only); returned on the CPU."""
+        if self.world > 1:
+            t = t.to(self.device)
             dist.all_reduce(t)
         return t.cpu()
 
-    def all_bad_rows():  # every process's skipped rows, each once (rank 0's resume state keeps the union)
-        if world == 1:
-            return position["bad_rows"]
-        gathered = [None] * world
-        dist.all_gather_object(gathered, position["bad_rows"])
+    def union(self, items):
+        """Every process's items, each once (rank 0's resume state keeps the union)."""
+        if self.world == 1:
+            return items
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, items)
         return sorted(set().union(*gathered))
 
-    def save():
-        bad_rows = all_bad_rows()
-        if is_main:
-            mo.save_checkpoint(model, weight_path(args, model.config))
-            save_resume_state(resume_path(args), model, optimizer, scaler,
-                              dict(position, bad_rows=bad_rows, seconds=time.time() - started), args, world, device)
-        return len(bad_rows)
+
+def setup_processes(args):
+    """Under torchrun each process joins the group and takes its own GPU."""
+    if "RANK" not in os.environ:
+        return Processes(0, 1, torch.device(args.device))
+    cuda = args.device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return Processes(dist.get_rank(), dist.get_world_size(), device)
+
+
+def describe(learner, dataset, total_steps, args, procs):
+    counts = mo.parameter_counts(learner.model)
+    return (f"model: {counts['total']:.2f}M parameters (Thinker {counts['thinker']:.2f}M, Talker "
+            f"{counts['talker']:.2f}M), training {sum(p.numel() for p in learner.params) / 1e6:.2f}M ({args.mode}); "
+            f"data: {len(dataset)} rows in {len(args.data)} file(s); {total_steps} steps of "
+            f"{args.batch_size}x{args.accumulation_steps}x{procs.world} samples on {procs.device}")
+
+
+def train(args):
+    """Run one training stage; returns a summary dict (also printed)."""
+    procs = setup_processes(args)
+    os.makedirs(args.out_dir, exist_ok=True)
+    demo = args.data is None
+    if demo:
+        args.data = [demo_data(args, procs)]
+    dataset = prepare_data(args, procs)
+    n_batches = batches_per_epoch(len(dataset), args.batch_size, procs.world)
+    total_steps = min(math.ceil(n_batches / args.accumulation_steps) * args.epochs, args.max_steps or math.inf)
+    resume = load_resume_state(resume_path(args), args, procs.world) if args.resume else None
+    learner, position = build_learner(args, procs, resume)
+    procs.say(describe(learner, dataset, total_steps, args, procs)
+              + (f"; resuming after step {position['step']}" if resume else ""))
+    if position["step"] >= total_steps:
+        procs.say(f"--resume: this run already finished all {total_steps} steps; nothing left to train")
+    progress = Progress(args, procs, position, total_steps, resume is not None)
 
     while position["epoch"] < args.epochs and position["step"] < total_steps:
-        dataset.epoch = position["epoch"]
-        sampler = EpochBatches(len(rows), args.batch_size, args.seed, position["epoch"], rank, world, position["batch"])
-        loader = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.num_workers))
+        batches = epoch_batches(dataset, args, procs, position)
         while position["batch"] < n_batches and position["step"] < total_steps:
-            lr = lr_at(position["step"] + 1, total_steps, args.learning_rate)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = set_lr(learner.optimizer, lr_at(position["step"] + 1, total_steps, args.learning_rate))
             tick = time.time()
             group_size = min(args.accumulation_steps, n_batches - position["batch"])
-            sums = torch.zeros(6)  # loss, text, audio, aux, tokens, samples
-            for i in range(group_size):
-                batch = next(loader)
-                if isinstance(batch, BadRow):
-                    raise batch
-                for message in batch.bad_rows:  # every process reports its own, once (not again each epoch)
-                    if message not in position["bad_rows"]:
-                        tqdm.write(f"skipped bad row: {message}")
-                        position["bad_rows"].append(message)
-                batch = batch.to(device)
-                last = i == group_size - 1  # DDP averages gradients only after the last micro-batch
-                with contextlib.nullcontext() if last or world == 1 else net.no_sync():
-                    values = micro_step(net, batch, encoders, autocast, lambda x: scaler.scale(x / group_size),
-                                        args.mode)
-                sizes = torch.tensor([batch.tokens, len(batch.input_ids)])
-                sums += torch.cat([values.float().cpu() / group_size, sizes])
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            sums = optimizer_step(learner, batches, group_size, dataset.encoders, args, procs.world)
             position["batch"] += group_size
             position["step"] += 1
-
             step = position["step"]
             if step % args.log_every == 0 or step == total_steps:
-                sums = reduce(sums)
-                loss, text, audio, aux = (sums[:4] / world).tolist()
-                seconds = time.time() - tick
-                if is_main:
-                    log.write(dict(step=step, epoch=position["epoch"], loss=loss, text=text, audio=audio, aux=aux,
-                                   lr=lr, samples_per_s=sums[5].item() / seconds, tokens_per_s=sums[4].item() / seconds,
-                                   elapsed_s=time.time() - started))
-                    bar.set_postfix(loss=f"{loss:.3f}", text=f"{text:.3f}", audio=f"{audio:.3f}", lr=f"{lr:.2e}")
-            bar.update(1)
+                progress.record(sums, position, lr, tick)
+            progress.bar.update(1)
             if args.save_every and step % args.save_every == 0 and step < total_steps:
-                save()
+                save(args, procs, learner, position, progress.seconds)
         if position["batch"] >= n_batches:
             position.update(epoch=position["epoch"] + 1, batch=0)
-    bar.close()
+    return finish(args, procs, learner, position, progress, demo)
 
-    summary = dict(steps=position["step"], seconds=time.time() - started, bad_rows=save(),
-                   checkpoint=weight_path(args, model.config), resume_state=resume_path(args))
-    if is_main:
+
+def finish(args, procs, learner, position, progress, demo):
+    """The last save, then on rank 0 the loss plot and the report; returns the summary."""
+    progress.bar.close()
+    summary = dict(steps=position["step"], seconds=progress.seconds(),
+                   bad_rows=save(args, procs, learner, position, progress.seconds),
+                   checkpoint=weight_path(args, learner.model.config), resume_state=resume_path(args))
+    if procs.is_main:
+        log = progress.log
         records = log.records()
-        summary.update(first_loss=records[0]["loss"], last_loss=records[-1]["loss"],
-                       metrics=log.path, plot=log.plot(os.path.join(args.out_dir, f"{args.save_weight}_loss.png")))
+        summary.update(first_loss=records[0]["loss"], last_loss=records[-1]["loss"], metrics=log.path,
+                       plot=log.plot(run_file(args, "loss.png")))
         report(summary, args, demo)
-    if world > 1:
+    if procs.world > 1:
         dist.destroy_process_group()
     return summary
 
