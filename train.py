@@ -33,8 +33,8 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field, is_dataclass, replace
+from typing import NamedTuple, Optional
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork after tokenizing
 
@@ -79,7 +79,19 @@ def parse_args(argv=None):
         description="Train MiniMind-O (Thinker-Talker) on parquet rows in the release's schema. Without --data it "
                     "writes a small demo dataset and trains a tiny model in about two minutes, even on a laptop CPU.",
         epilog="The release's recipes (stage order, modes, learning rates, lengths) are in README.md.")
-    data = p.add_argument_group("data")
+    data_flags(p.add_argument_group("data"))
+    model_flags(p.add_argument_group("model"))
+    optimisation_flags(p.add_argument_group("optimisation"))
+    output_flags(p.add_argument_group("output"))
+    args = p.parse_args(argv)
+    preset = DEMO if args.data is None else REAL
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def data_flags(data):
     data.add_argument("--data", nargs="+", metavar="PARQUET",
                       help="one or more parquet files (columns: conversations, question_audios, answer_audios, "
                            "image_bytes, ref_audios, spk_emb); omitted: run the demo")
@@ -110,7 +122,9 @@ def parse_args(argv=None):
                            "is cached only with --augment none. Entries are keyed by data file (path, size, "
                            "modification time), row, user turn and encoder folder, so a changed file or "
                            "encoder is never served stale outputs (default: no cache)")
-    model = p.add_argument_group("model")
+
+
+def model_flags(model):
     model.add_argument("--from_weight",
                        help="where training starts: the text-only MiniMind (llm_768.pth), a previous stage's .pth "
                             f"or folder, or 'none' for random weights ({defaults('from_weight')})")
@@ -123,7 +137,9 @@ def parse_args(argv=None):
     model.add_argument("--num_hidden_layers", type=int,
                        help="Thinker blocks, with --from_weight none; the Talker gets half as many "
                             f"({defaults('num_hidden_layers')})")
-    opt = p.add_argument_group("optimisation")
+
+
+def optimisation_flags(opt):
     opt.add_argument("--epochs", type=int, help=f"passes over the data ({defaults('epochs')})")
     opt.add_argument("--max_steps", type=int, help="stop after this many optimizer steps (the lr schedule ends there)")
     opt.add_argument("--batch_size", type=int, help=f"samples per GPU per micro-batch ({defaults('batch_size')})")
@@ -143,7 +159,9 @@ def parse_args(argv=None):
                      help="cuda or cpu (default: cuda when available); under torchrun each process takes its GPU")
     opt.add_argument("--seed", type=int, default=42,
                      help="seeds the weights, the data order and every per-sample random choice (default 42)")
-    out = p.add_argument_group("output")
+
+
+def output_flags(out):
     out.add_argument("--out_dir", help=f"where checkpoints and logs go ({defaults('out_dir')})")
     out.add_argument("--save_weight", help="checkpoint name: <out_dir>/<save_weight>_<hidden>[_moe].pth "
                                            f"({defaults('save_weight')})")
@@ -153,12 +171,6 @@ def parse_args(argv=None):
     out.add_argument("--resume", action="store_true",
                      help="continue from <out_dir>/<save_weight>_resume.pt: weights, optimizer, loss scaler, step, "
                           "data position and random states, exactly as when it was written")
-    args = p.parse_args(argv)
-    preset = DEMO if args.data is None else REAL
-    for name, value in preset.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    return args
 
 
 # -----------------------------------------------------------------------------------------------
@@ -227,12 +239,8 @@ class EncoderCache:
 
     def put(self, key, output):
         """Store one (L, D) output as float16, atomically."""
-        path = self.path(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            np.save(f, output.to("cpu", CACHE_DTYPE).numpy())
-        os.replace(tmp, path)
+        with mo.atomic_path(self.path(key)) as tmp:  # a reader finds a whole entry or none
+            np.save(tmp, output.to("cpu", CACHE_DTYPE).numpy())
 
     def put_batch(self, keys, outputs, lengths=None):
         """Store outputs[b, :lengths[b]] (all of outputs[b] without lengths) under keys[b], for each
@@ -244,6 +252,21 @@ class EncoderCache:
         for key, output, n in zip(keys, outputs, lengths):
             if key is not None:
                 self.put(key, output[:n])
+
+
+class Cached(NamedTuple):
+    """An input's --encoder_cache entry: the encoder's stored output (a hit), else the key to store the
+    output under once it is encoded (a miss). Cached() without a cache."""
+    output: Optional[torch.Tensor] = None   # (L, 512) / (64, 768) float16
+    key: Optional[str] = None
+
+
+def look_up(cache, key):
+    """The Cached entry of `key` in `cache` (an EncoderCache or None)."""
+    if cache is None:
+        return Cached()
+    output = cache.get(key)
+    return Cached(output, key if output is None else None)
 
 
 @dataclass
@@ -550,13 +573,11 @@ class Sample:
     text_labels: torch.Tensor             # (max_len-1,)
     audio_labels: torch.Tensor            # (8, max_len-1)
     length: int                           # 1 + the last labelled position: the batch is cut there
-    speech: Optional[torch.Tensor]        # (L, 560) SenseVoice features of the question, or None
-    pixels: Optional[torch.Tensor]        # (3, 256, 256) SigLIP2 input, or None
+    speech: Optional[torch.Tensor]        # (L, 560) SenseVoice features of the question to encode, or None
+    pixels: Optional[torch.Tensor]        # (3, 256, 256) SigLIP2 input of the image to encode, or None
     spk_emb: Optional[torch.Tensor]       # (192,) or None
-    speech_cached: Optional[torch.Tensor] = None  # (L, 512) float16 SenseVoice output from --encoder_cache
-    image_cached: Optional[torch.Tensor] = None   # (64, 768) float16 SigLIP2 output from --encoder_cache
-    speech_key: Optional[str] = None      # a cache miss: the key to store the encoded question under
-    image_key: Optional[str] = None       # the same for the image
+    speech_cached: Cached = Cached()      # --encoder_cache: the question's stored output (then speech is None)
+    image_cached: Cached = Cached()       # the same for the image (then pixels is None)
     skipped: list = field(default_factory=list)  # the bad rows this sample replaces (--skip_bad_rows)
 
 
@@ -612,17 +633,18 @@ class OmniDataset(Dataset):
 
         # the question audio (of the last kept user turn) and the image: encoder outputs read from the
         # cache, or encoder inputs (a miss keeps its key, to store the output once it is encoded)
-        speech = speech_cached = speech_key = pixels = image_cached = image_key = None
+        speech = pixels = None
+        speech_cached = image_cached = Cached()
         turn = users - 1
         if 0 < users <= len(row.question_audios) and row.question_audios[turn]:
-            speech_cached, speech_key = self.lookup(self.encoders.speech_cache, f"{row.source}/{row.row}-{turn}")
-            if speech_cached is None:
+            speech_cached = look_up(self.encoders.speech_cache, f"{row.source}/{row.row}-{turn}")
+            if speech_cached.output is None:
                 speech = self.question_features(row, row.question_audios[turn], rng)
         if row.image:
-            image_cached, image_key = self.lookup(self.encoders.image_cache, f"{row.source}/{row.row}")
-            if image_cached is None:
+            image_cached = look_up(self.encoders.image_cache, f"{row.source}/{row.row}")
+            if image_cached.output is None:
                 pixels = self.image_pixels(row)
-        question = speech if speech is not None else speech_cached
+        question = speech if speech is not None else speech_cached.output
         answer = row.answer_audios[replies - 1] if 0 < replies <= len(row.answer_audios) else None
 
         input_ids, text_labels, audio_labels = mo.build_sample(
@@ -635,16 +657,7 @@ class OmniDataset(Dataset):
             input_ids = scheduled_sampling(input_ids, text_labels, audio_labels, self.scheduled_sampling,
                                               generator=noise)
         spk = None if row.spk_emb is None else torch.from_numpy(row.spk_emb)
-        return Sample(input_ids, text_labels, audio_labels, length, speech, pixels, spk, speech_cached, image_cached,
-                      speech_key, image_key)
-
-    @staticmethod
-    def lookup(cache, key):
-        """(output, None) on a cache hit; (None, key) on a miss; (None, None) without a cache."""
-        if cache is None:
-            return None, None
-        output = cache.get(key)
-        return output, (key if output is None else None)
+        return Sample(input_ids, text_labels, audio_labels, length, speech, pixels, spk, speech_cached, image_cached)
 
     def question_features(self, row, audio_bytes, rng):
         """Audio-file bytes of the question -> (L, 560) features (augmented when training asks for it)."""
@@ -691,36 +704,63 @@ def batches_per_epoch(n_rows, batch_size, world):
 
 
 @dataclass
+class EncoderWork:
+    """A batch's work for one frozen encoder: the inputs it has to encode, and what --encoder_cache
+    holds for the other samples, with the keys to store the new outputs under."""
+    inputs: Optional[torch.Tensor]  # (N, L, 560) zero-padded features or (N, 3, 256, 256) pixels; None: all stored
+    encode: torch.Tensor            # (B,) bool: the N samples whose inputs are in `inputs`
+    stored: Optional[torch.Tensor]  # (B, L', D) float16 zero-padded outputs read from the cache, or None
+    keys: list                      # (B,) where to store each newly encoded output (a cache miss), else None
+
+
+@dataclass
 class Batch:
-    input_ids: torch.Tensor                # (B, 9, T), T = the longest sample
-    text_labels: torch.Tensor              # (B, T)
-    audio_labels: torch.Tensor             # (B, 8, T)
-    speech: Optional[torch.Tensor]         # (B, L, 560) zero-padded features of the questions to encode, or None
-    speech_lengths: Optional[torch.Tensor]  # (B,) question lengths (encoded or cached), 0 where there is none
-    encode_speech: Optional[torch.Tensor]  # (B,) bool: the samples whose features are in `speech`
-    speech_cached: Optional[torch.Tensor]  # (B, L', 512) float16 zero-padded outputs from the cache, or None
-    pixels: Optional[torch.Tensor]         # (N, 3, 256, 256) the images to encode, or None
-    has_image: Optional[torch.Tensor]      # (B,) bool: the sample has an image (encoded or cached)
-    encode_image: Optional[torch.Tensor]   # (B,) bool: the N samples whose image is in `pixels`
-    image_cached: Optional[torch.Tensor]   # (B, 64, 768) float16 outputs from the cache (zeros elsewhere), or None
-    speech_keys: list                      # (B,) where to store each encoded question (cache misses), else None
-    image_keys: list                       # (B,) the same for the images
-    spk_emb: Optional[torch.Tensor]        # (B, 192), zeros where a sample has none (it has no slot then)
-    tokens: int                            # positions up to each sample's valid length
-    bad_rows: list                         # messages of rows left out (--skip_bad_rows)
+    input_ids: torch.Tensor                 # (B, 9, T), T = the longest sample
+    text_labels: torch.Tensor               # (B, T)
+    audio_labels: torch.Tensor              # (B, 8, T)
+    speech: Optional[EncoderWork]           # the questions, for SenseVoice; None when no sample has one
+    speech_lengths: Optional[torch.Tensor]  # (B,) question lengths (encoded or stored), 0 where there is none
+    image: Optional[EncoderWork]            # the images, for SigLIP2; None when no sample has one
+    spk_emb: Optional[torch.Tensor]         # (B, 192), zeros where a sample has none (it has no slot then)
+    tokens: int                             # positions up to each sample's valid length
+    bad_rows: list                          # messages of rows left out (--skip_bad_rows)
 
     def to(self, device):
-        move = lambda x: x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
-        return Batch(**{k: move(v) for k, v in vars(self).items()})
+        return moved(self, device)
 
 
-def pad_cached(outputs, dim):
-    """Per-sample cached outputs ((L_i, dim) float16, or None) -> (B, L, dim) zero-padded, or None if
-    none is cached."""
-    if all(o is None for o in outputs):
+def moved(x, device):
+    """x with every tensor in it on `device`: a tensor, or a dataclass (Batch, EncoderWork) field by field."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if is_dataclass(x):
+        return replace(x, **{k: moved(v, device) for k, v in vars(x).items()})
+    return x
+
+
+def encoder_work(inputs, cached, batch_inputs):
+    """One encoder's EncoderWork from each sample's input to encode (or None) and its Cached entry;
+    None when no sample has anything for this encoder. batch_inputs: the N inputs -> one tensor."""
+    stored = [c.output for c in cached]
+    encode = torch.tensor([x is not None for x in inputs])
+    if not encode.any() and all(o is None for o in stored):
         return None
-    empty = torch.zeros(0, dim, dtype=CACHE_DTYPE)
-    return torch.nn.utils.rnn.pad_sequence([empty if o is None else o for o in outputs], batch_first=True)
+    return EncoderWork(inputs=batch_inputs([x for x in inputs if x is not None]) if encode.any() else None,
+                       encode=encode, stored=pad_stored(stored), keys=[c.key for c in cached])
+
+
+def pad_stored(outputs):
+    """Per-sample outputs read from the cache ((L_i, D) float16, or None) -> (B, L, D) zero-padded, kept
+    in float16 (half the bytes to move to the device), or None when none was stored."""
+    found = [o for o in outputs if o is not None]
+    if not found:
+        return None
+    return mo.pad_features(outputs, found[0].shape[-1], "cpu")[0].to(CACHE_DTYPE)
+
+
+def pad_speech(feats):
+    """(L_i, 560) features -> (N, L, 560) zero-padded."""
+    return mo.pad_features(feats, mo.SPEECH_FEAT_DIM, "cpu")[0]
 
 
 def collate(samples):
@@ -732,27 +772,15 @@ def collate(samples):
         return bad[0]
     T = max(s.length for s in samples)
     stack = lambda name: torch.stack([getattr(s, name)[..., :T] for s in samples])
-    speech = speech_lengths = encode_speech = pixels = has_image = encode_image = spk = None
-    questions = [s.speech if s.speech is not None else s.speech_cached for s in samples]  # features or outputs
-    if any(q is not None for q in questions):
-        speech_lengths = torch.tensor([0 if q is None else len(q) for q in questions])
-        encode_speech = torch.tensor([s.speech is not None for s in samples])
-        if encode_speech.any():
-            speech = mo.pad_features([s.speech for s in samples], mo.SPEECH_FEAT_DIM, "cpu")[0]
-    if any(s.pixels is not None or s.image_cached is not None for s in samples):
-        has_image = torch.tensor([s.pixels is not None or s.image_cached is not None for s in samples])
-        encode_image = torch.tensor([s.pixels is not None for s in samples])
-        if encode_image.any():
-            pixels = torch.stack([s.pixels for s in samples if s.pixels is not None])
+    speech = encoder_work([s.speech for s in samples], [s.speech_cached for s in samples], pad_speech)
+    questions = [s.speech if s.speech is not None else s.speech_cached.output for s in samples]  # features or outputs
+    spk = None
     if any(s.spk_emb is not None for s in samples):
         spk = torch.stack([s.spk_emb if s.spk_emb is not None else torch.zeros(mo.OmniConfig.spk_emb_size)
                            for s in samples])
-    return Batch(stack("input_ids"), stack("text_labels"), stack("audio_labels"),
-                 speech=speech, speech_lengths=speech_lengths, encode_speech=encode_speech,
-                 speech_cached=pad_cached([s.speech_cached for s in samples], mo.SPEECH_EMBED_DIM),
-                 pixels=pixels, has_image=has_image, encode_image=encode_image,
-                 image_cached=pad_cached([s.image_cached for s in samples], mo.IMAGE_EMBED_DIM),
-                 speech_keys=[s.speech_key for s in samples], image_keys=[s.image_key for s in samples],
+    return Batch(stack("input_ids"), stack("text_labels"), stack("audio_labels"), speech=speech,
+                 speech_lengths=None if speech is None else torch.tensor([0 if q is None else len(q) for q in questions]),
+                 image=encoder_work([s.pixels for s in samples], [s.image_cached for s in samples], torch.stack),
                  spk_emb=spk, tokens=sum(s.length for s in samples), bad_rows=sum((s.skipped for s in samples), []))
 
 
@@ -801,8 +829,8 @@ def write_demo_data(path, rows=DEMO_ROWS, seed=0):
         columns["spk_emb"].append(voices[v][1].tolist())
     schema = pa.schema([("conversations", pa.string()), ("answer_audios", pa.list_(pa.list_(pa.int32()))),
                         ("ref_audios", pa.list_(pa.int32())), ("spk_emb", pa.list_(pa.float32()))])
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    pq.write_table(pa.table(columns, schema=schema), path)
+    with mo.atomic_path(path) as tmp:
+        pq.write_table(pa.table(columns, schema=schema), tmp)
     return path
 
 
@@ -842,6 +870,45 @@ def lr_at(step, total, peak):
     return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(total, 1))))
 
 
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+@dataclass
+class Learner:
+    """The model and what trains it."""
+    model: mo.MiniMindO              # its weights are what is saved
+    net: torch.nn.Module             # what a step calls: the model, wrapped by DDP and/or torch.compile
+    params: list                     # the trainable parameters (--mode)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler     # loss scaling, enabled for float16 only
+    autocast: object                 # the GPU's bf16/fp16 autocast context, or a null context
+
+
+def build_learner(args, procs, resume):
+    """The Learner, fresh (see build_model) or as the resume state left it, and the position to start
+    from (resuming also restores the random states)."""
+    model = build_model(args) if resume is None else resumed_model(resume)
+    model.to(procs.device).train()
+    params = set_trainable(model, args.mode)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    cuda, dtype = procs.device.type == "cuda", getattr(torch, args.dtype)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and dtype == torch.float16)  # fp16 needs loss scaling
+    autocast = torch.autocast("cuda", dtype=dtype) if cuda and dtype != torch.float32 else contextlib.nullcontext()
+    learner = Learner(model, model, params, optimizer, scaler, autocast)
+    position = dict(epoch=0, batch=0, step=0, bad_rows=[], seconds=0.0)  # bad_rows: messages of skipped rows
+    if resume is not None:
+        position = restore(learner, resume, procs)
+    if procs.world > 1:  # a T2A batch leaves the projectors unused, a MoE batch some experts: both are fine
+        learner.net = DistributedDataParallel(model, device_ids=[procs.device.index] if cuda else None,
+                                              find_unused_parameters=True)
+    if args.compile:
+        learner.net = torch.compile(learner.net)
+    return learner, position
+
+
 # -----------------------------------------------------------------------------------------------
 # 9. Checkpoints and exact resume
 # -----------------------------------------------------------------------------------------------
@@ -854,12 +921,17 @@ RESUME_MUST_MATCH = ("data", "mode", "max_seq_len", "batch_size", "accumulation_
                      "learning_rate", "weight_decay", "grad_clip", "augment", "scheduled_sampling")
 
 
+def run_file(args, name):
+    """<out_dir>/<save_weight>_<name>: where each file of this run goes."""
+    return os.path.join(args.out_dir, f"{args.save_weight}_{name}")
+
+
 def weight_path(args, cfg):
-    return os.path.join(args.out_dir, f"{args.save_weight}_{cfg.hidden_size}{'_moe' if cfg.use_moe else ''}.pth")
+    return run_file(args, f"{cfg.hidden_size}{'_moe' if cfg.use_moe else ''}.pth")
 
 
 def resume_path(args):
-    return os.path.join(args.out_dir, f"{args.save_weight}_resume.pt")
+    return run_file(args, "resume.pt")
 
 
 def rng_states(device):
@@ -877,12 +949,13 @@ def set_rng_states(states, device):
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-def save_resume_state(path, model, optimizer, scaler, position, args, world, device):
-    state = dict(model=model.state_dict(), config=model.config.to_dict(), optimizer=optimizer.state_dict(),
-                 scaler=scaler.state_dict(), position=position, rng=rng_states(device),
-                 args={k: getattr(args, k) for k in RESUME_MUST_MATCH}, world=world)
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+def save_resume_state(path, learner, position, args, procs):
+    model = learner.model
+    state = dict(model=model.state_dict(), config=model.config.to_dict(), optimizer=learner.optimizer.state_dict(),
+                 scaler=learner.scaler.state_dict(), position=position, rng=rng_states(procs.device),
+                 args={k: getattr(args, k) for k in RESUME_MUST_MATCH}, world=procs.world)
+    with mo.atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_resume_state(path, args, world):
@@ -900,40 +973,71 @@ def load_resume_state(path, args, world):
     return state
 
 
+def resumed_model(resume):
+    model = mo.MiniMindO(mo.OmniConfig(**resume["config"]))
+    model.load_state_dict(resume["model"])
+    return model
+
+
+def restore(learner, resume, procs):
+    """Put the optimizer, the loss scaler and the random states back as the resume state holds them;
+    returns the position it was written at."""
+    learner.optimizer.load_state_dict(resume["optimizer"])
+    learner.scaler.load_state_dict(resume["scaler"])
+    set_rng_states(resume["rng"], procs.device)
+    # rank 0 carries on the run's skipped rows (see save()), the others collect afresh
+    return dict(resume["position"], bad_rows=resume["position"]["bad_rows"] if procs.is_main else [])
+
+
+def save(args, procs, learner, position, seconds):
+    """Write the weights and the resume state (rank 0, with every process's skipped rows); returns how
+    many rows were skipped. seconds(): the run's time so far."""
+    bad_rows = procs.union(position["bad_rows"])
+    if procs.is_main:
+        mo.save_checkpoint(learner.model, weight_path(args, learner.model.config))
+        save_resume_state(resume_path(args), learner, dict(position, bad_rows=bad_rows, seconds=seconds()), args, procs)
+    return len(bad_rows)
+
+
 # -----------------------------------------------------------------------------------------------
 # 10. The training loop
 # -----------------------------------------------------------------------------------------------
 
 def encode_inputs(batch, encoders):
-    """Frozen encoders on the device: questions -> (B, L, 512), images -> (B, 64, 768). Outputs read
-    from --encoder_cache are used as they are; the other samples go through each encoder in one call,
-    and the outputs of cache misses are stored. With a cache, fresh outputs are rounded to its float16
-    too, so a step is the same whether they were just computed or read back (and resume stays exact)."""
-    as_stored = lambda x, cache: x.to(CACHE_DTYPE).float() if cache is not None else x.float()
+    """Frozen encoders on the device: questions -> (B, L, 512), images -> (B, 64, 768); None where the
+    batch has none."""
     audio = image = None
     with torch.no_grad():
-        if batch.speech_lengths is not None:
-            width = max(x.shape[1] for x in (batch.speech, batch.speech_cached) if x is not None)
-            audio = torch.zeros(len(batch.speech_lengths), width, mo.SPEECH_EMBED_DIM,
-                                device=batch.speech_lengths.device)
-            if batch.speech_cached is not None:
-                audio[:, :batch.speech_cached.shape[1]] = batch.speech_cached
-            if batch.speech is not None:
-                run = batch.encode_speech
-                audio[run, :batch.speech.shape[1]] = as_stored(run_speech_encoder(
-                    encoders.speech, batch.speech[run], batch.speech_lengths[run]), encoders.speech_cache)
-            if encoders.speech_cache is not None:
-                encoders.speech_cache.put_batch(batch.speech_keys, audio, batch.speech_lengths)
-        if batch.has_image is not None:
-            image = (batch.image_cached.float() if batch.image_cached is not None else
-                     torch.zeros(len(batch.has_image), mo.IMAGE_TOKENS, mo.IMAGE_EMBED_DIM,
-                                 device=batch.has_image.device))
-            if batch.pixels is not None:
-                image[batch.encode_image] = as_stored(run_vision_encoder(encoders.vision, batch.pixels),
-                                                      encoders.image_cache)
-            if encoders.image_cache is not None:
-                encoders.image_cache.put_batch(batch.image_keys, image)
+        if batch.speech is not None:
+            lengths = batch.speech_lengths
+            audio = encoder_outputs(batch.speech, mo.SPEECH_EMBED_DIM, encoders.speech_cache, lengths,
+                                    lambda x: run_speech_encoder(encoders.speech, x, lengths[batch.speech.encode]))
+        if batch.image is not None:
+            image = encoder_outputs(batch.image, mo.IMAGE_EMBED_DIM, encoders.image_cache, None,
+                                    lambda x: run_vision_encoder(encoders.vision, x))
     return audio, image
+
+
+def encoder_outputs(work, dim, cache, lengths, encode):
+    """(B, L, dim) outputs of one frozen encoder: those read from --encoder_cache as they are, the
+    others from one call encode(work.inputs), then stored where the cache missed (outputs[b, :lengths[b]];
+    all of outputs[b] without lengths)."""
+    fresh = None if work.inputs is None else as_stored(encode(work.inputs), cache)
+    width = max(x.shape[1] for x in (fresh, work.stored) if x is not None)
+    outputs = torch.zeros(len(work.encode), width, dim, device=work.encode.device)
+    if work.stored is not None:
+        outputs[:, :work.stored.shape[1]] = work.stored
+    if fresh is not None:
+        outputs[work.encode, :fresh.shape[1]] = fresh
+    if cache is not None:
+        cache.put_batch(work.keys, outputs, lengths)
+    return outputs
+
+
+def as_stored(outputs, cache):
+    """Fresh outputs as float32; with a cache first rounded to its float16, so a step is the same
+    whether they were just computed or read back (and resume stays exact)."""
+    return outputs.to(CACHE_DTYPE).float() if cache is not None else outputs.float()
 
 
 def idle_inputs(batch, audio, image, mode):
@@ -964,6 +1068,48 @@ def micro_step(model, batch, encoders, autocast, scale, mode):
     return torch.stack([loss, text_loss, audio_loss, out.aux_loss]).detach()
 
 
+def optimizer_step(learner, batches, group_size, encoders, args, world):
+    """One optimizer step: forward and backward of group_size micro-batches from `batches`, their
+    gradients summed, then clipping and the update. Returns the step's (6,) sums on the CPU: loss,
+    text, audio and aux (each the mean over the micro-batches), tokens and samples."""
+    sums = torch.zeros(6)
+    for i in range(group_size):
+        batch = next(batches)
+        last = i == group_size - 1  # DDP averages gradients only after the last micro-batch
+        with contextlib.nullcontext() if last or world == 1 else learner.net.no_sync():
+            values = micro_step(learner.net, batch, encoders, learner.autocast,
+                                lambda x: learner.scaler.scale(x / group_size), args.mode)
+        sizes = torch.tensor([batch.tokens, len(batch.input_ids)])
+        sums += torch.cat([values.float().cpu() / group_size, sizes])
+    learner.scaler.unscale_(learner.optimizer)
+    torch.nn.utils.clip_grad_norm_(learner.params, args.grad_clip)
+    learner.scaler.step(learner.optimizer)
+    learner.scaler.update()
+    learner.optimizer.zero_grad(set_to_none=True)
+    return sums
+
+
+def epoch_batches(dataset, args, procs, position):
+    """This process's batches of the position's epoch, from its batch on, checked and on the device."""
+    dataset.epoch = position["epoch"]  # before the DataLoader starts its workers
+    sampler = EpochBatches(len(dataset), args.batch_size, args.seed, position["epoch"], procs.rank, procs.world,
+                           position["batch"])
+    loader = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.num_workers))
+    return (checked(batch, position).to(procs.device) for batch in loader)
+
+
+def checked(batch, position):
+    """The batch, unless it is a bad row's BadRow: that stops the run. Rows it skipped instead
+    (--skip_bad_rows) are reported once and kept in position["bad_rows"]."""
+    if isinstance(batch, BadRow):
+        raise batch
+    for message in batch.bad_rows:  # every process reports its own, once (not again each epoch)
+        if message not in position["bad_rows"]:
+            tqdm.write(f"skipped bad row: {message}")
+            position["bad_rows"].append(message)
+    return batch
+
+
 class MetricsLog:
     """One JSON line per logged step; on resume, lines after the resumed step are dropped (they
     will be written again)."""
@@ -974,7 +1120,7 @@ class MetricsLog:
         if resume_step is not None and os.path.exists(path):
             with open(path) as f:
                 kept = [line for line in f if json.loads(line)["step"] <= resume_step]
-        with open(path, "w") as f:
+        with mo.atomic_path(path) as tmp, open(tmp, "w") as f:
             f.writelines(kept)
 
     def write(self, record):
@@ -1000,9 +1146,37 @@ class MetricsLog:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(png, dpi=120)
+        with mo.atomic_path(png) as tmp:  # the format follows the extension, which tmp keeps
+            fig.savefig(tmp, dpi=120)
         plt.close(fig)
         return png
+
+
+class Progress:
+    """The run's clock, and on rank 0 its progress bar and metrics file."""
+
+    def __init__(self, args, procs, position, total_steps, resuming):
+        self.procs = procs
+        metrics = run_file(args, "metrics.jsonl")
+        self.log = MetricsLog(metrics, position["step"] if resuming else None) if procs.is_main else None
+        self.bar = tqdm(total=total_steps, initial=position["step"], disable=not procs.is_main, dynamic_ncols=True,
+                        unit="step")
+        self.started = time.time() - position["seconds"]
+
+    def seconds(self):
+        return time.time() - self.started
+
+    def record(self, sums, position, lr, tick):
+        """One metrics line and the bar's numbers, from a step's (6,) sums (see optimizer_step) of every
+        process; tick: when the step began."""
+        sums = self.procs.sum(sums)
+        loss, text, audio, aux = (sums[:4] / self.procs.world).tolist()
+        seconds = time.time() - tick
+        if self.procs.is_main:
+            self.log.write(dict(step=position["step"], epoch=position["epoch"], loss=loss, text=text, audio=audio,
+                                aux=aux, lr=lr, samples_per_s=sums[5].item() / seconds,
+                                tokens_per_s=sums[4].item() / seconds, elapsed_s=self.seconds()))
+            self.bar.set_postfix(loss=f"{loss:.3f}", text=f"{text:.3f}", audio=f"{audio:.3f}", lr=f"{lr:.2e}")
 
 
 def tokenizer_folder(args):
@@ -1034,177 +1208,138 @@ def missing_inputs(args):
     return "\n".join(missing) or None
 
 
-def find_tokenizer(args):
-    return mo.load_tokenizer(tokenizer_folder(args))
+def prepare_data(args, procs):
+    """The OmniDataset of --data: every input file checked first, then the rows, the encoders they need
+    and (--encoder_cache) their caches."""
+    missing = missing_inputs(args)
+    if missing:
+        raise FileNotFoundError(missing)
+    tok = mo.load_tokenizer(tokenizer_folder(args))
+    rows = ParquetRows(args.data)
+    if len(rows) < procs.world:
+        raise ValueError(f"{len(rows)} rows cannot be shared by {procs.world} processes")
+    needs = {"audio_proj": "question_audios", "vision_proj": "image_bytes"}.get(args.mode)
+    if needs and not rows.has_any(needs):
+        raise ValueError(f"--mode {args.mode} trains only that projector, but no row of {args.data} has {needs}")
+    encoders = load_encoders(rows, args, procs.device)
+    if args.encoder_cache:
+        procs.say(open_caches(encoders, args))
+    return OmniDataset(rows, tok, args.max_seq_len, encoders, args.augment, args.scheduled_sampling, args.seed,
+                       args.skip_bad_rows)
+
+
+def demo_data(args, procs):
+    """The demo's parquet file in --out_dir: rank 0 writes it, the others wait for it."""
+    path = os.path.join(args.out_dir, "demo_t2a.parquet")
+    if procs.is_main:
+        write_demo_data(path)
+    if procs.world > 1:
+        dist.barrier()
+    return path
+
+
+@dataclass
+class Processes:
+    """This process's place in the run: its rank of `world` processes (1 without torchrun), its device."""
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def say(self, line):
+        if self.is_main:
+            tqdm.write(line)
+
+    def sum(self, t):
+        """t summed over the processes, on the device (NCCL reduces CUDA tensors only); returned on the CPU."""
+        if self.world > 1:
+            t = t.to(self.device)
+            dist.all_reduce(t)
+        return t.cpu()
+
+    def union(self, items):
+        """Every process's items, each once (rank 0's resume state keeps the union)."""
+        if self.world == 1:
+            return items
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, items)
+        return sorted(set().union(*gathered))
 
 
 def setup_processes(args):
-    """(rank, world, device). Under torchrun each process joins the group and takes its own GPU."""
+    """Under torchrun each process joins the group and takes its own GPU."""
     if "RANK" not in os.environ:
-        return 0, 1, torch.device(args.device)
+        return Processes(0, 1, torch.device(args.device))
     cuda = args.device.startswith("cuda")
     dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
+    return Processes(dist.get_rank(), dist.get_world_size(), device)
+
+
+def describe(learner, dataset, total_steps, args, procs):
+    counts = mo.parameter_counts(learner.model)
+    return (f"model: {counts['total']:.2f}M parameters (Thinker {counts['thinker']:.2f}M, Talker "
+            f"{counts['talker']:.2f}M), training {sum(p.numel() for p in learner.params) / 1e6:.2f}M ({args.mode}); "
+            f"data: {len(dataset)} rows in {len(args.data)} file(s); {total_steps} steps of "
+            f"{args.batch_size}x{args.accumulation_steps}x{procs.world} samples on {procs.device}")
 
 
 def train(args):
     """Run one training stage; returns a summary dict (also printed)."""
-    rank, world, device = setup_processes(args)
-    is_main = rank == 0
-    say = tqdm.write if is_main else (lambda *_: None)
+    procs = setup_processes(args)
     os.makedirs(args.out_dir, exist_ok=True)
     demo = args.data is None
     if demo:
-        data_file = os.path.join(args.out_dir, "demo_t2a.parquet")
-        if is_main:
-            write_demo_data(data_file)
-        if world > 1:
-            dist.barrier()  # the others wait for the file
-        args.data = [data_file]
-
-    # Data
-    missing = missing_inputs(args)
-    if missing:
-        raise FileNotFoundError(missing)
-    tok = find_tokenizer(args)
-    rows = ParquetRows(args.data)
-    if len(rows) < world:
-        raise ValueError(f"{len(rows)} rows cannot be shared by {world} processes")
-    needs = {"audio_proj": "question_audios", "vision_proj": "image_bytes"}.get(args.mode)
-    if needs and not rows.has_any(needs):
-        raise ValueError(f"--mode {args.mode} trains only that projector, but no row of {args.data} has {needs}")
-    encoders = load_encoders(rows, args, device)
-    if args.encoder_cache:
-        say(open_caches(encoders, args))
-    dataset = OmniDataset(rows, tok, args.max_seq_len, encoders, args.augment, args.scheduled_sampling, args.seed,
-                          args.skip_bad_rows)
-    n_batches = batches_per_epoch(len(rows), args.batch_size, world)
-    steps_per_epoch = math.ceil(n_batches / args.accumulation_steps)
-    total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
-
-    # Model and optimizer (or everything from the resume state)
-    resume = load_resume_state(resume_path(args), args, world) if args.resume else None
-    if resume:
-        model = mo.MiniMindO(mo.OmniConfig(**resume["config"]))
-        model.load_state_dict(resume["model"])
-    else:
-        model = build_model(args)
-    model.to(device).train()
-    params = set_trainable(model, args.mode)
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
-    cuda = device.type == "cuda"
-    dtype = getattr(torch, args.dtype)
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and dtype == torch.float16)  # fp16 needs loss scaling
-    autocast = torch.autocast("cuda", dtype=dtype) if cuda and dtype != torch.float32 else contextlib.nullcontext()
-    position = dict(epoch=0, batch=0, step=0, bad_rows=[], seconds=0.0)  # bad_rows: messages of skipped rows
-    if resume:
-        optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
-        # rank 0 carries on the run's skipped rows (see save()), the others collect afresh
-        position = dict(resume["position"], bad_rows=resume["position"]["bad_rows"] if is_main else [])
-        set_rng_states(resume["rng"], device)
-    net = model
-    if world > 1:  # a T2A batch leaves the projectors unused, a MoE batch some experts: both are fine
-        net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None, find_unused_parameters=True)
-    if args.compile:
-        net = torch.compile(net)
-
-    counts = mo.parameter_counts(model)
-    say(f"model: {counts['total']:.2f}M parameters (Thinker {counts['thinker']:.2f}M, Talker {counts['talker']:.2f}M), "
-        f"training {sum(p.numel() for p in params) / 1e6:.2f}M ({args.mode}); data: {len(rows)} rows in "
-        f"{len(args.data)} file(s); {total_steps} steps of {args.batch_size}x{args.accumulation_steps}x{world} samples "
-        f"on {device}" + (f"; resuming after step {position['step']}" if resume else ""))
+        args.data = [demo_data(args, procs)]
+    dataset = prepare_data(args, procs)
+    n_batches = batches_per_epoch(len(dataset), args.batch_size, procs.world)
+    total_steps = min(math.ceil(n_batches / args.accumulation_steps) * args.epochs, args.max_steps or math.inf)
+    resume = load_resume_state(resume_path(args), args, procs.world) if args.resume else None
+    learner, position = build_learner(args, procs, resume)
+    procs.say(describe(learner, dataset, total_steps, args, procs)
+              + (f"; resuming after step {position['step']}" if resume else ""))
     if position["step"] >= total_steps:
-        say(f"--resume: this run already finished all {total_steps} steps; nothing left to train")
-
-    log = MetricsLog(os.path.join(args.out_dir, f"{args.save_weight}_metrics.jsonl"),
-                     position["step"] if resume else None) if is_main else None
-    bar = tqdm(total=total_steps, initial=position["step"], disable=not is_main, dynamic_ncols=True, unit="step")
-    started = time.time() - position["seconds"]
-
-    def reduce(t):  # summed over processes, on the device (NCCL reduces CUDA tensors only)
-        if world > 1:
-            t = t.to(device)
-            dist.all_reduce(t)
-        return t.cpu()
-
-    def all_bad_rows():  # every process's skipped rows, each once (rank 0's resume state keeps the union)
-        if world == 1:
-            return position["bad_rows"]
-        gathered = [None] * world
-        dist.all_gather_object(gathered, position["bad_rows"])
-        return sorted(set().union(*gathered))
-
-    def save():
-        bad_rows = all_bad_rows()
-        if is_main:
-            mo.save_checkpoint(model, weight_path(args, model.config))
-            save_resume_state(resume_path(args), model, optimizer, scaler,
-                              dict(position, bad_rows=bad_rows, seconds=time.time() - started), args, world, device)
-        return len(bad_rows)
+        procs.say(f"--resume: this run already finished all {total_steps} steps; nothing left to train")
+    progress = Progress(args, procs, position, total_steps, resume is not None)
 
     while position["epoch"] < args.epochs and position["step"] < total_steps:
-        dataset.epoch = position["epoch"]
-        sampler = EpochBatches(len(rows), args.batch_size, args.seed, position["epoch"], rank, world, position["batch"])
-        loader = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.num_workers))
+        batches = epoch_batches(dataset, args, procs, position)
         while position["batch"] < n_batches and position["step"] < total_steps:
-            lr = lr_at(position["step"] + 1, total_steps, args.learning_rate)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = set_lr(learner.optimizer, lr_at(position["step"] + 1, total_steps, args.learning_rate))
             tick = time.time()
             group_size = min(args.accumulation_steps, n_batches - position["batch"])
-            sums = torch.zeros(6)  # loss, text, audio, aux, tokens, samples
-            for i in range(group_size):
-                batch = next(loader)
-                if isinstance(batch, BadRow):
-                    raise batch
-                for message in batch.bad_rows:  # every process reports its own, once (not again each epoch)
-                    if message not in position["bad_rows"]:
-                        tqdm.write(f"skipped bad row: {message}")
-                        position["bad_rows"].append(message)
-                batch = batch.to(device)
-                last = i == group_size - 1  # DDP averages gradients only after the last micro-batch
-                with contextlib.nullcontext() if last or world == 1 else net.no_sync():
-                    values = micro_step(net, batch, encoders, autocast, lambda x: scaler.scale(x / group_size),
-                                        args.mode)
-                sizes = torch.tensor([batch.tokens, len(batch.input_ids)])
-                sums += torch.cat([values.float().cpu() / group_size, sizes])
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            sums = optimizer_step(learner, batches, group_size, dataset.encoders, args, procs.world)
             position["batch"] += group_size
             position["step"] += 1
-
             step = position["step"]
             if step % args.log_every == 0 or step == total_steps:
-                sums = reduce(sums)
-                loss, text, audio, aux = (sums[:4] / world).tolist()
-                seconds = time.time() - tick
-                if is_main:
-                    log.write(dict(step=step, epoch=position["epoch"], loss=loss, text=text, audio=audio, aux=aux,
-                                   lr=lr, samples_per_s=sums[5].item() / seconds, tokens_per_s=sums[4].item() / seconds,
-                                   elapsed_s=time.time() - started))
-                    bar.set_postfix(loss=f"{loss:.3f}", text=f"{text:.3f}", audio=f"{audio:.3f}", lr=f"{lr:.2e}")
-            bar.update(1)
+                progress.record(sums, position, lr, tick)
+            progress.bar.update(1)
             if args.save_every and step % args.save_every == 0 and step < total_steps:
-                save()
+                save(args, procs, learner, position, progress.seconds)
         if position["batch"] >= n_batches:
             position.update(epoch=position["epoch"] + 1, batch=0)
-    bar.close()
+    return finish(args, procs, learner, position, progress, demo)
 
-    summary = dict(steps=position["step"], seconds=time.time() - started, bad_rows=save(),
-                   checkpoint=weight_path(args, model.config), resume_state=resume_path(args))
-    if is_main:
+
+def finish(args, procs, learner, position, progress, demo):
+    """The last save, then on rank 0 the loss plot and the report; returns the summary."""
+    progress.bar.close()
+    summary = dict(steps=position["step"], seconds=progress.seconds(),
+                   bad_rows=save(args, procs, learner, position, progress.seconds),
+                   checkpoint=weight_path(args, learner.model.config), resume_state=resume_path(args))
+    if procs.is_main:
+        log = progress.log
         records = log.records()
-        summary.update(first_loss=records[0]["loss"], last_loss=records[-1]["loss"],
-                       metrics=log.path, plot=log.plot(os.path.join(args.out_dir, f"{args.save_weight}_loss.png")))
+        summary.update(first_loss=records[0]["loss"], last_loss=records[-1]["loss"], metrics=log.path,
+                       plot=log.plot(run_file(args, "loss.png")))
         report(summary, args, demo)
-    if world > 1:
+    if procs.world > 1:
         dist.destroy_process_group()
     return summary
 

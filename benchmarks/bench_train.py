@@ -146,7 +146,7 @@ def time_encoder_cache(model, optimizer, tok, device, autocast, batch_size, max_
                 sync()
                 if i >= warmup:
                     times[name].append((time.perf_counter() - start, batched - start))
-        lengths = [len(warm[r].speech_cached) for r in range(len(rows))]
+        lengths = [len(warm[r].speech_cached.output) for r in range(len(rows))]
         print(f"SenseVoiceSmall {sum(p.numel() for p in speech.parameters()) / 1e6:.0f}M and SigLIP2 "
               f"{sum(p.numel() for p in vision.parameters()) / 1e6:.0f}M parameters; questions of "
               f"{min(lengths)}..{max(lengths)} encoder frames (60 ms each), an image "
@@ -199,7 +199,7 @@ def main():
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
 
     try:
-        tok = train.find_tokenizer(argparse.Namespace(tokenizer=args.tokenizer))
+        tok = mo.load_tokenizer(train.tokenizer_folder(argparse.Namespace(tokenizer=args.tokenizer)))
     except FileNotFoundError as e:
         sys.exit(f"bench_train.py: {e}")
     torch.manual_seed(0)
