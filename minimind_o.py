@@ -32,7 +32,7 @@ import itertools
 import json
 import math
 import os
-import tempfile
+import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -710,8 +710,7 @@ def atomic_path(path):
     writers never share it) and keeps the extension, for writers that go by it (soundfile)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")  # the writer creates it
     try:
         yield tmp
         os.replace(tmp, path)
