@@ -88,12 +88,14 @@ def hub_file(repo, filename):
     return fetch
 
 
-def fetch_voices(path):
-    import urllib.request
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with urllib.request.urlopen(VOICES_URL, timeout=DOWNLOAD_TIMEOUT_S) as r:
-        data = r.read()
-    Path(path).write_bytes(data)
+def url_file(url):
+    def fetch(path):
+        import urllib.request
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r:
+            data = r.read()
+        Path(path).write_bytes(data)
+    return fetch
 
 
 def fetch_checkpoint(path):
@@ -126,27 +128,28 @@ PARTS = {  # key = the argparse dest of the option that points at the part
     "campplus": Part("speaker encoder (CAM++)", "--campplus", "voice cloning from an audio file",
                      mo.CAMPP_SOURCE + "; `funasr/campplus` on Hugging Face", files=(mo.CAMPP_WEIGHTS,),
                      fetch=hub_file("funasr/campplus", mo.CAMPP_WEIGHTS)),
-    "voices": Part("voices", "--voices", "/voice NAME", mo.VOICES_SOURCE, fetch=fetch_voices),
+    "voices": Part("voices", "--voices", "/voice NAME", mo.VOICES_SOURCE, fetch=url_file(VOICES_URL)),
 }
 
 
-def missing_report(args, keys):
-    """MissingParts listing every part in `keys` that is not where args say, or None when all are there."""
-    missing = [k for k in keys if not PARTS[k].present(getattr(args, k))]
+def missing_report(args, keys, parts=PARTS):
+    """MissingParts listing every part in `keys` that is not where args say, or None when all are there.
+    parts: key -> Part (benchmarks/evaluate.py passes its own, which add the ASR's files)."""
+    missing = [k for k in keys if not parts[k].present(getattr(args, k))]
     if not missing:
         return None
     lines = ["missing parts (put each where shown, point elsewhere with its option, or run with --download):"]
     for k in missing:
-        p = PARTS[k]
+        p = parts[k]
         lines.append(f"  {p.name} (for {p.needed_for}): {getattr(args, k)}  [{p.option}]\n      get it from {p.source}")
     return MissingParts("\n".join(lines))
 
 
-def download(args, keys):
+def download(args, keys, parts=PARTS):
     """Fetch the parts in `keys` that are missing; returns the list of failures (empty when all went well)."""
     failures = []
     for key in keys:
-        part, path = PARTS[key], Path(getattr(args, key))
+        part, path = parts[key], Path(getattr(args, key))
         if part.present(path):
             continue
         print(f"downloading {part.name} into {path} ...", flush=True)
