@@ -594,11 +594,11 @@ def main(argv=None):
     if missing:
         sys.exit(f"evaluate.py: {missing}")
     try:
-        questions = read_questions(args.questions) if args.questions else builtin_questions()
-        questions = questions[:args.limit]
+        every_question = read_questions(args.questions) if args.questions else builtin_questions()
+        questions = every_question[:args.limit]
         voice_sets = {split: load_voices(getattr(args, key)) for split, key in (("seen", "voices"),
                       ("unseen", "unseen_voices")) if getattr(args, key) != "none"}
-        settings = settings_of(args, questions, voice_sets)
+        settings = settings_of(args, every_question, voice_sets)   # so a run may go on with a larger --limit
         check_settings(args.out, settings)
         session = chat.Chat(cargs)
         transcribe = sensevoice_transcriber(args.sensevoice, session.device)
