@@ -92,7 +92,8 @@ def builtin_questions():
     """English and Chinese in turn (so --limit keeps both): [{'id', 'text', 'audio': None}]."""
     questions = []
     for i, pair in enumerate(zip(*QUESTIONS.values()), 1):
-        questions += [{"id": f"{lang}-{i:02d}", "text": q + BRIEF[lang], "audio": None} for lang, q in zip(QUESTIONS, pair)]
+        questions += [{"id": f"{lang}-{i:02d}", "text": q + BRIEF[lang], "audio": None}
+                      for lang, q in zip(QUESTIONS, pair)]
     return questions
 
 
@@ -453,11 +454,13 @@ def consistency_table(summary, variant):
 
 def language_table(summary, variant):
     zh, en = summary["by_language"]["zh"], summary["by_language"]["en"]
-    header = ["Length bucket", "Chinese CER", "English CER / WER"] + (["paper, English CER / WER"] if variant == "dense" else [])
+    paper = variant == "dense"          # the paper's English table is of the dense model
+    header = ["Length bucket", "Chinese CER", "English CER / WER"] + (["paper, English CER / WER"] if paper else [])
     rows = []
     for b, label in zip(BUCKETS + ("all",), ("short (≤15w)", "mid (16–30w)", "long (>30w)", "all")):
-        row = [label, f"{f4(zh[b]['cer'])} (n={zh[b]['n']})", f"{f4(en[b]['cer'])} / {f4(en[b]['wer'])} (n={en[b]['n']})"]
-        if variant == "dense":
+        row = [label, f"{f4(zh[b]['cer'])} (n={zh[b]['n']})",
+               f"{f4(en[b]['cer'])} / {f4(en[b]['wer'])} (n={en[b]['n']})"]
+        if paper:
             row.append("" if b == "all" else "{} / {} (n={})".format(*PAPER_ENGLISH[b]))
         rows.append(row)
     return table(header, rows)
@@ -465,7 +468,8 @@ def language_table(summary, variant):
 
 def voice_table(summary, variant):
     paper_col = VARIANTS.index(variant) if variant else None
-    header = ["Split", "Speaker", "similarity ↑"] + ([f"paper, {variant} ↑"] if variant else []) + ["CER ↓", "samples"]
+    paper_header = [f"paper, {variant} ↑"] if variant else []
+    header = ["Split", "Speaker", "similarity ↑"] + paper_header + ["CER ↓", "samples"]
     rows = []
     for v in summary["voices"].values():
         paper = PAPER_SIMILARITY.get((v["split"], v["voice"]))
@@ -563,7 +567,8 @@ def chat_args(args):
     """The same settings as chat.py's options: the evaluation talks through chat.Chat."""
     flags = ["--checkpoint", args.checkpoint, "--mimi", args.mimi, "--sensevoice", args.sensevoice,
              "--campplus", args.campplus, "--max_new_tokens", str(args.max_new_tokens), "--temperature",
-             str(args.temperature), "--top_p", str(args.top_p), "--device", args.device, "--dtype", args.dtype, "--mute"]
+             str(args.temperature), "--top_p", str(args.top_p), "--device", args.device, "--dtype", args.dtype,
+             "--mute"]
     return chat.parse_args(flags + (["--tokenizer", args.tokenizer] if args.tokenizer else []))
 
 
@@ -614,7 +619,8 @@ def main(argv=None):
     out = Path(args.out)
     write_atomically(out / "results.json", lambda tmp: tmp.write_text(json.dumps(
         {"settings": settings, "summary": summary, "samples": rows}, indent=1, ensure_ascii=False)))
-    write_atomically(out / "report.md", lambda tmp: tmp.write_text(report(summary, settings, variant), encoding="utf-8"))
+    write_atomically(out / "report.md",
+                     lambda tmp: tmp.write_text(report(summary, settings, variant), encoding="utf-8"))
     print(f"{len(rows)} samples: {out / 'report.md'}, {out / 'results.json'}", file=sys.stderr)
     return summary
 

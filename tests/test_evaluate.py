@@ -100,7 +100,8 @@ def pocketsphinx_transcriber():
 
 def espeak(text):
     voice, rate = ESPEAK_CLEAR
-    raw = subprocess.run(["espeak-ng", "-v", voice, "-s", rate, "--stdout", text], check=True, capture_output=True).stdout
+    command = ["espeak-ng", "-v", voice, "-s", rate, "--stdout", text]
+    raw = subprocess.run(command, check=True, capture_output=True).stdout
     return mo.load_audio(raw, mo.SAMPLE_RATE_SPEECH)
 
 
