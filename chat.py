@@ -59,7 +59,7 @@ class MissingParts(FileNotFoundError):
 
 @dataclass
 class Part:
-    key: str                        # its row in mo.PUBLISHED: what it is, where it is published, how to get it
+    published: mo.PublishedPart     # what it is, where it is published, the command that gets it
     option: str                     # the command-line option that points at it
     needed_for: str
     files: tuple = ()               # for a folder: the files that must be in it
@@ -68,7 +68,7 @@ class Part:
 
     @property
     def name(self):
-        return mo.PUBLISHED[self.key].name
+        return self.published.name
 
     def present(self, path):
         if self.is_there:
@@ -92,12 +92,15 @@ def hub_file(repo, filename):
     return fetch
 
 
-def fetch_voices(path):
-    import urllib.request
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with urllib.request.urlopen(VOICES_URL, timeout=DOWNLOAD_TIMEOUT_S) as r:
-        data = r.read()
-    Path(path).write_bytes(data)
+def url_file(url):
+    def fetch(path):
+        import urllib.request
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r:
+            data = r.read()
+        with mo.atomic_path(path) as tmp:
+            Path(tmp).write_bytes(data)
+    return fetch
 
 
 def fetch_checkpoint(path):
@@ -112,41 +115,41 @@ def fetch_checkpoint(path):
 
 
 PARTS = {  # key = the argparse dest of the option that points at the part, and its row in mo.PUBLISHED
-    "checkpoint": Part("checkpoint", "--checkpoint", "everything", fetch=fetch_checkpoint,
+    "checkpoint": Part(mo.PUBLISHED["checkpoint"], "--checkpoint", "everything", fetch=fetch_checkpoint,
                        is_there=lambda path: mo.weights_file(str(path)) is not None),  # not just a tokenizer
-    "tokenizer": Part("tokenizer", "--tokenizer", "everything", files=("tokenizer.json",),
+    "tokenizer": Part(mo.PUBLISHED["tokenizer"], "--tokenizer", "everything", files=("tokenizer.json",),
                       fetch=hub_folder(f"{HUB}/minimind-3o", ["tokenizer*.json", "*.txt"])),
-    "mimi": Part("mimi", "--mimi", "speech out and voice cloning", files=(mo.MIMI_WEIGHTS,),
+    "mimi": Part(mo.PUBLISHED["mimi"], "--mimi", "speech out and voice cloning", files=(mo.MIMI_WEIGHTS,),
                  fetch=hub_file("kyutai/moshiko-pytorch-bf16", mo.MIMI_WEIGHTS)),
-    "sensevoice": Part("sensevoice", "--sensevoice", "speech in (/audio, --audio, --mic)", files=mo.SENSEVOICE_FILES,
+    "sensevoice": Part(mo.PUBLISHED["sensevoice"], "--sensevoice", "speech in (/audio, --audio, --mic)", files=mo.SENSEVOICE_FILES,
                        fetch=hub_folder("FunAudioLLM/SenseVoiceSmall", mo.SENSEVOICE_FILES)),
-    "siglip": Part("siglip", "--siglip", "images (/image, --image)", files=mo.SIGLIP_FILES,
+    "siglip": Part(mo.PUBLISHED["siglip"], "--siglip", "images (/image, --image)", files=mo.SIGLIP_FILES,
                    fetch=hub_folder(f"{HUB}/siglip2-base-p32-256-ve", mo.SIGLIP_FILES)),
-    "campplus": Part("campplus", "--campplus", "voice cloning from an audio file", files=(mo.CAMPP_WEIGHTS,),
+    "campplus": Part(mo.PUBLISHED["campplus"], "--campplus", "voice cloning from an audio file", files=(mo.CAMPP_WEIGHTS,),
                      fetch=hub_file("funasr/campplus", mo.CAMPP_WEIGHTS)),
-    "voices": Part("voices", "--voices", "/voice NAME", fetch=fetch_voices),
+    "voices": Part(mo.PUBLISHED["voices"], "--voices", "/voice NAME", fetch=url_file(VOICES_URL)),
 }
 
 
-def missing_report(args, keys):
-    """MissingParts listing every part in `keys` that is not where args say, or None when all are there."""
-    missing = [k for k in keys if not PARTS[k].present(getattr(args, k))]
+def missing_report(args, keys, parts=PARTS):
+    """MissingParts listing every part in `keys` that is not where args say, or None when all are there.
+    parts: key -> Part (benchmarks/evaluate.py passes its own, which add the ASR's files)."""
+    missing = [k for k in keys if not parts[k].present(getattr(args, k))]
     if not missing:
         return None
     lines = ["missing parts (put each where shown, point elsewhere with its option, or run with --download):"]
     for k in missing:
-        p = PARTS[k]
-        published = mo.PUBLISHED[k]
+        p = parts[k]
         lines.append(f"  {p.name} (for {p.needed_for}): {getattr(args, k)}  [{p.option}]\n"
-                     f"      get it with `{published.download}` (published: {published.source})")
+                     f"      get it with `{p.published.download}` (published: {p.published.source})")
     return MissingParts("\n".join(lines))
 
 
-def download(args, keys):
+def download(args, keys, parts=PARTS):
     """Fetch the parts in `keys` that are missing; returns the list of failures (empty when all went well)."""
     failures = []
     for key in keys:
-        part, path = PARTS[key], Path(getattr(args, key))
+        part, path = parts[key], Path(getattr(args, key))
         if part.present(path):
             continue
         print(f"downloading {part.name} into {path} ...", flush=True)
@@ -154,7 +157,7 @@ def download(args, keys):
             part.fetch(path)
         except Exception as e:  # offline, unknown repo, refused: all end in the same advice
             failures.append(f"{part.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                            f"(are you online? or get it by hand: {mo.PUBLISHED[key].download})")
+                            f"(are you online? or get it by hand: {part.published.download})")
     return failures
 
 
@@ -430,9 +433,10 @@ class SpeechOut:
 
 
 def write_wav(path, pcm):
+    """24 kHz speech as a 16-bit wav, atomically (a kill leaves the old file or the new one)."""
     import soundfile as sf
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), pcm, mo.SAMPLE_RATE_MIMI, subtype="PCM_16")
+    with mo.atomic_path(path) as tmp:
+        sf.write(tmp, pcm, mo.SAMPLE_RATE_MIMI, subtype="PCM_16")
 
 
 # -----------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Offline test assets for the frozen side modules: the real architectures with random weights, written in the
 published folder layouts, so that tests load them through the same functions users call.
 
-    build_sensevoice(dir)   SenseVoiceSmall/  config.yaml, model.pt, am.mvn      (tiny encoder, 512-d output)
+    build_sensevoice(dir)   SenseVoiceSmall/  config.yaml, configuration.json, model.pt, am.mvn and the CTC head's
+                                              SentencePiece tokenizer (tiny encoder, 512-d output, 64 tokens)
     build_siglip(dir)       siglip2/          config.json, model.safetensors, preprocessor_config.json
     build_mimi(dir)         mimi/             tokenizer-e351c8d8-checkpoint125.safetensors (full Mimi)
     build_campplus(dir)     campplus/         campplus_cn_common.bin, configuration.json (full CAM++)
@@ -30,7 +31,10 @@ TINY_SENSEVOICE = dict(output_size=sm.SPEECH_EMBED_DIM, attention_heads=4, linea
                        input_layer="pe", pos_enc_class="SinusoidalPositionEncoder", normalize_before=True,
                        kernel_size=11, sanm_shfit=0, selfattention_layer_type="sanm")
 FULL_SENSEVOICE = dict(TINY_SENSEVOICE, linear_units=2048, num_blocks=50, tp_blocks=20)
-TINY_VOCAB = 64                                  # the published CTC head has 25055 outputs; we never use it
+TINY_VOCAB = 64                  # the published CTC head and its tokenizer have 25055 tokens; the ASR tests need a few
+SENSEVOICE_BPE = "chn_jpn_yue_eng_ko_spectok.bpe.model"   # the published tokenizer file's name
+TOKENIZER_TEXT = ["hello how are you today", "what time is it in paris", "the weather is nice today",
+                  "你好 今天 天气 很好 我们 去 公园"]         # enough distinct characters for 64 BPE pieces
 
 # SigLIP vision tower: width 768 as published (the vision projector depends on it), but 1 small layer.
 TINY_SIGLIP = dict(hidden_size=sm.IMAGE_EMBED_DIM, intermediate_size=256, num_hidden_layers=1,
@@ -64,11 +68,32 @@ def build_sensevoice(root, encoder_conf=TINY_SENSEVOICE):
                             input_size=sm.SPEECH_FEAT_DIM, vocab_size=TINY_VOCAB)
     torch.save(model.state_dict(), folder / "model.pt")
     config = {"encoder": "SenseVoiceEncoderSmall", "encoder_conf": encoder_conf, "model": "SenseVoiceSmall",
+              "model_conf": {"length_normalized_loss": True, "sos": 1, "eos": 2, "ignore_id": -1},
+              "tokenizer": "SentencepiecesTokenizer",
+              "tokenizer_conf": {"bpemodel": None, "unk_symbol": "<unk>", "split_with_space": True},
               "frontend": "WavFrontend",
               "frontend_conf": FRONTEND_CONF}
     (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    # configuration.json tells funasr's AutoModel where the files are, as in the published folder
+    metas = {"init_param": "model.pt", "config": "config.yaml", "tokenizer_conf": {"bpemodel": SENSEVOICE_BPE},
+             "frontend_conf": {"cmvn_file": "am.mvn"}}
+    (folder / "configuration.json").write_text(json.dumps(
+        {"framework": "pytorch", "task": "auto-speech-recognition", "model": {"type": "funasr"},
+         "file_path_metas": metas}, indent=2))
+    write_bpe_tokenizer(folder / SENSEVOICE_BPE)
     write_am_mvn(folder / "am.mvn", HELLO_WAV)
     return folder
+
+
+def write_bpe_tokenizer(path, vocab_size=TINY_VOCAB):
+    """A SentencePiece BPE model of vocab_size pieces, in the format of SenseVoice's tokenizer file."""
+    import io
+    import sentencepiece as spm
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TOKENIZER_TEXT), model_writer=model,
+                                   vocab_size=vocab_size, model_type="bpe", character_coverage=1.0,
+                                   normalization_rule_name="identity", num_threads=1, minloglevel=2)
+    path.write_bytes(model.getvalue())
 
 
 def write_am_mvn(path, wav_path):
