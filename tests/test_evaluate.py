@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import chat
 import minimind_o as mo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -199,7 +200,7 @@ def eval_flags(tmp_path_factory, parts, demo_checkpoint, tokenizer_flag):
         + json.dumps({"id": "sum", "text": "1+1="}) + "\n", encoding="utf-8")
     codes = torch.Generator().manual_seed(0)
     for file, name in (("seen.pt", "dylan"), ("unseen.pt", "moon")):
-        mo.save_voice(root / file, name, {"ref_codes": torch.randint(0, mo.CODEBOOK_SIZE, (mo.N_CODEBOOKS, REF_FRAMES),
+        chat.save_voice(root / file, name, {"ref_codes": torch.randint(0, mo.CODEBOOK_SIZE, (mo.N_CODEBOOKS, REF_FRAMES),
                                                                      generator=codes),
                                           "spk_emb": torch.zeros(mo.SPK_EMBED_DIM)})
     return ["--checkpoint", str(demo_checkpoint), *tokenizer_flag, "--mimi", str(parts["mimi"]),
