@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -67,9 +68,31 @@ def build_sensevoice(root, encoder_conf=TINY_SENSEVOICE):
     return folder
 
 
+def sensevoice_front_end(cmvn_file=None, dither=0.0):
+    """funasr's own SenseVoice front end (WavFrontend) with the published settings: the reference our
+    speech features are checked against. Undithered by default: its dither noise cannot be seeded."""
+    with sm._quiet_stdout():
+        from funasr.frontends.wav_frontend import WavFrontend
+    return WavFrontend(cmvn_file=None if cmvn_file is None else str(cmvn_file), fs=sm.SAMPLE_RATE_SPEECH,
+                       window="hamming", n_mels=sm.FBANK_MELS, frame_length=sm.FBANK_WINDOW_MS,
+                       frame_shift=sm.FBANK_SHIFT_MS, lfr_m=sm.LFR_M, lfr_n=sm.LFR_N, dither=dither)
+
+
+DITHER_LEVEL = 1 / 32768   # one 16-bit step: the noise funasr's default dither adds
+NOISE_FLOOR = 1e-2         # -40 dBFS (the clips' speech: rms 0.08): dither on top changes features < 0.01
+
+
+def with_noise_floor(wav, level, seed=SEED):
+    """The clip plus seeded Gaussian noise of std `level` (no digital silence left): like dithering, but the
+    same every time."""
+    return (wav + np.random.default_rng(seed).normal(0, level, wav.shape)).astype(np.float32)
+
+
 def write_am_mvn(path, wav_path):
-    """Kaldi-nnet CMVN file in am.mvn's format, with real statistics of one clip's LFR features."""
-    lfr = sm.stack_lfr(sm.kaldi_fbank(sm.load_audio(wav_path, sm.SAMPLE_RATE_SPEECH)))   # (L, 560)
+    """Kaldi-nnet CMVN file in am.mvn's format, with real statistics of one clip's LFR features (like the
+    published am.mvn: the shift is minus the mean, about -8 to -17, the scale 1/std, unequal per dimension)."""
+    wav = torch.from_numpy(with_noise_floor(sm.load_audio(wav_path, sm.SAMPLE_RATE_SPEECH), DITHER_LEVEL))
+    lfr = sensevoice_front_end()(wav[None], torch.tensor([wav.numel()]))[0][0]          # (L, 560)
     shift, scale = -lfr.mean(0), 1.0 / lfr.std(0).clamp(min=1e-3)
     vec = lambda v: " ".join(f"{x:.6f}" for x in v.tolist())
     dim = sm.SPEECH_FEAT_DIM
