@@ -46,6 +46,9 @@ ESPEAK_VOICE, ESPEAK_WPM = "en-us", 165
 HELLO_TEXT = "Hello, how are you today?"
 QUESTION_TEXT = "What time is it in Paris?"
 
+DITHER_LEVEL = 1 / 32768   # one 16-bit step: the noise funasr's default dither adds
+NOISE_FLOOR = 1e-2         # -40 dBFS (the clips' speech: rms 0.08): dither on top changes features < 0.01
+
 
 def build_sensevoice(root, encoder_conf=TINY_SENSEVOICE):
     """Random SenseVoiceSmall (funasr's class) saved as model.pt + config.yaml + am.mvn; returns the folder."""
@@ -68,18 +71,14 @@ def build_sensevoice(root, encoder_conf=TINY_SENSEVOICE):
     return folder
 
 
-def sensevoice_front_end(cmvn_file=None, dither=0.0):
+def sensevoice_front_end(cmvn_file=None):
     """funasr's own SenseVoice front end (WavFrontend) with the published settings: the reference our
-    speech features are checked against. Undithered by default: its dither noise cannot be seeded."""
+    speech features are checked against. Undithered: its dither noise cannot be seeded (see with_noise_floor)."""
     with sm._quiet_stdout():
         from funasr.frontends.wav_frontend import WavFrontend
     return WavFrontend(cmvn_file=None if cmvn_file is None else str(cmvn_file), fs=sm.SAMPLE_RATE_SPEECH,
                        window="hamming", n_mels=sm.FBANK_MELS, frame_length=sm.FBANK_WINDOW_MS,
-                       frame_shift=sm.FBANK_SHIFT_MS, lfr_m=sm.LFR_M, lfr_n=sm.LFR_N, dither=dither)
-
-
-DITHER_LEVEL = 1 / 32768   # one 16-bit step: the noise funasr's default dither adds
-NOISE_FLOOR = 1e-2         # -40 dBFS (the clips' speech: rms 0.08): dither on top changes features < 0.01
+                       frame_shift=sm.FBANK_SHIFT_MS, lfr_m=sm.LFR_M, lfr_n=sm.LFR_N, dither=0.0)
 
 
 def with_noise_floor(wav, level, seed=SEED):

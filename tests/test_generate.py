@@ -212,7 +212,6 @@ def test_scripted_generation_follows_the_delay_schedule(model):
     # frame f is complete at step f + 8 (layer i spoke its code f at step f + 1 + i); none after a stop
     frames = [[scripted_code(f + 1 + i, i) for i in range(mo.N_CODEBOOKS)] for f in range(SCRIPT_FRAMES)]
     assert [s.frame for s in steps] == [None] * mo.N_CODEBOOKS + frames
-    assert mo.generate(model, PROMPT, max_new_tokens=30, greedy=True) != (SCRIPT_TEXT, frames)   # hooks are gone
 
 
 def test_scripted_generation_stops_at_max_new_tokens(model):
@@ -236,11 +235,10 @@ def test_moe_generation_with_the_cache_equals_recomputing_everything():
              model.talker.embed_tokens.register_forward_pre_hook(lambda m, a: fed["codes"].append(a[0]))]
     ref, spk = torch.randint(0, mo.CODEBOOK_SIZE, (8, 4)), torch.randn(192)
     try:
-        text, frames = mo.generate(model, PROMPT, max_new_tokens=14, greedy=True, ref_codes=ref, spk_emb=spk)
+        text, _ = mo.generate(model, PROMPT, max_new_tokens=14, greedy=True, ref_codes=ref, spk_emb=spk)
     finally:
         for h in hooks:
             h.remove()
-    assert len(text) == 14 and len(frames) >= 1
     ids = torch.cat([torch.cat([c, t[:, None]], 1) for c, t in zip(fed["codes"], fed["text"])], -1)   # (1, 9, P + 13)
     with torch.no_grad():
         full = model(ids, spk_emb=spk[None])
