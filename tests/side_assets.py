@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,6 +49,9 @@ SIGLIP_RESAMPLE_BILINEAR = 2                     # PIL.Image.BILINEAR, as in tha
 ESPEAK_VOICE, ESPEAK_WPM = "en-us", 165
 HELLO_TEXT = "Hello, how are you today?"
 QUESTION_TEXT = "What time is it in Paris?"
+
+DITHER_LEVEL = 1 / 32768   # one 16-bit step: the noise funasr's default dither adds
+NOISE_FLOOR = 1e-2         # -40 dBFS (the clips' speech: rms 0.08): dither on top changes features < 0.01
 
 
 # SenseVoiceSmall's published front end (config.yaml's frontend_conf): Kaldi fbank of 80 mels, 25 ms
@@ -96,12 +100,25 @@ def write_bpe_tokenizer(path, vocab_size=TINY_VOCAB):
     path.write_bytes(model.getvalue())
 
 
-def write_am_mvn(path, wav_path):
-    """Kaldi-nnet CMVN file in am.mvn's format, with real statistics of one clip's LFR features."""
+def sensevoice_front_end(cmvn_file=None):
+    """funasr's own SenseVoice front end (WavFrontend) with the published settings: the reference our
+    speech features are checked against. Undithered: its dither noise cannot be seeded (see with_noise_floor)."""
     with sm.quiet_stdout():
         from funasr.frontends.wav_frontend import WavFrontend
-    wav = torch.from_numpy(sm.load_audio(wav_path, sm.SAMPLE_RATE_SPEECH))
-    lfr = WavFrontend(**dict(FRONTEND_CONF, dither=0.0))(wav[None], torch.tensor([wav.numel()]))[0][0]  # (L, 560)
+    return WavFrontend(cmvn_file=None if cmvn_file is None else str(cmvn_file), **FRONTEND_CONF, dither=0.0)
+
+
+def with_noise_floor(wav, level, seed=SEED):
+    """The clip plus seeded Gaussian noise of std `level` (no digital silence left): like dithering, but the
+    same every time."""
+    return (wav + np.random.default_rng(seed).normal(0, level, wav.shape)).astype(np.float32)
+
+
+def write_am_mvn(path, wav_path):
+    """Kaldi-nnet CMVN file in am.mvn's format, with real statistics of one clip's LFR features (like the
+    published am.mvn: the shift is minus the mean, about -8 to -17, the scale 1/std, unequal per dimension)."""
+    wav = torch.from_numpy(with_noise_floor(sm.load_audio(wav_path, sm.SAMPLE_RATE_SPEECH), DITHER_LEVEL))
+    lfr = sensevoice_front_end()(wav[None], torch.tensor([wav.numel()]))[0][0]          # (L, 560)
     shift, scale = -lfr.mean(0), 1.0 / lfr.std(0).clamp(min=1e-3)
     vec = lambda v: " ".join(f"{x:.6f}" for x in v.tolist())
     dim = sm.SPEECH_FEAT_DIM

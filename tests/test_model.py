@@ -1,4 +1,5 @@
 """The model of minimind_o.py: shapes, the KV cache, injection, the loss, and weights on disk."""
+import os
 
 import pytest
 import torch
@@ -123,6 +124,41 @@ def test_save_load_round_trip_is_exact(tmp_path):
         assert torch.equal(a, b), k
 
 
+class Killed(BaseException):
+    """Stands for SIGKILL: no `except Exception` cleanup runs."""
+
+
+def test_a_save_killed_while_writing_leaves_the_old_checkpoint_whole(tmp_path, monkeypatch):
+    import io
+    path = str(tmp_path / "ckpt.pth")
+    old = mo.MiniMindO(tiny_config())
+    mo.save_checkpoint(old, path)
+    before = open(path, "rb").read()
+    assert os.listdir(tmp_path) == ["ckpt.pth"]              # a finished save leaves no temporary file
+    real_save = torch.save
+
+    def killed_half_way(obj, f, *args, **kwargs):            # half the bytes reach the disk, then the kill
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        half = buffer.getvalue()[:len(buffer.getvalue()) // 2]
+        if hasattr(f, "write"):
+            f.write(half)
+            f.flush()
+        else:
+            with open(f, "wb") as out:
+                out.write(half)
+        raise Killed
+
+    monkeypatch.setattr(torch, "save", killed_half_way)
+    torch.manual_seed(1)
+    with pytest.raises(Killed):
+        mo.save_checkpoint(mo.MiniMindO(tiny_config()), path)
+    monkeypatch.undo()
+    assert open(path, "rb").read() == before
+    loaded = mo.load_model(path)
+    assert torch.equal(loaded.thinker.embed_tokens.weight, old.thinker.embed_tokens.weight.half().float())
+
+
 def test_loader_names_missing_unexpected_and_misshaped_keys():
     """Strict loading (nn.Module.load_state_dict) names each key, under our names (thinker. for model.)."""
     model = mo.MiniMindO(tiny_config())
@@ -188,3 +224,70 @@ def test_transformers_folder_with_config(tmp_path):
     loaded = mo.load_model(str(tmp_path))
     assert loaded.config.num_hidden_layers == 2
     assert torch.equal(loaded.lm_head.weight, sd["model.embed_tokens.weight"].float())
+
+
+# ---- rotary positions and the mixture of experts, against values worked out by hand --------------
+
+def test_rope_turns_each_channel_pair_by_position_times_its_frequency():
+    """head_dim 4, theta 100: pair (0, 2) turns 1 radian per position, pair (1, 3) 100^(-2/4) = 0.1.
+    "Rotate half" turns (x_i, x_{i+2}) counter-clockwise: (x cos a - y sin a, y cos a + x sin a)."""
+    import math
+    cos, sin = mo.rope_tables(4, 3, 100.0)                                  # (3 positions, 4)
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).expand(1, 1, 3, 4)               # the same vector at positions 0, 1, 2
+    out = mo.apply_rope(x, cos, sin)[0, 0]
+    for p in range(3):
+        a, b = p * 1.0, p * 0.1
+        by_hand = [1 * math.cos(a) - 3 * math.sin(a), 2 * math.cos(b) - 4 * math.sin(b),
+                   3 * math.cos(a) + 1 * math.sin(a), 4 * math.cos(b) + 2 * math.sin(b)]
+        torch.testing.assert_close(out[p], torch.tensor(by_hand), atol=1e-6, rtol=0)
+    # position 1 written out: pair (0, 2) = (1, 3) turned by 1 radian
+    torch.testing.assert_close(out[1, [0, 2]], torch.tensor([-1.984111, 2.462377]), atol=1e-5, rtol=0)
+
+
+def test_rope_tables_are_the_half_table_twice():
+    cos, sin = mo.rope_tables(96, 5, 1e6)
+    assert torch.equal(cos[:, :48], cos[:, 48:]) and torch.equal(sin[:, :48], sin[:, 48:])
+    torch.testing.assert_close(sin[3, 1], torch.tensor(3 * 1e6 ** (-2 / 96)).sin())
+
+
+# Four tokens, one-hot in the first four channels; router row e reads log p_t[e] there, so the router's
+# probabilities are exactly these rows (each sums to 1).
+ROUTER_PROBS = torch.tensor([[0.7, 0.1, 0.1, 0.1],     # -> expert 0
+                             [0.1, 0.6, 0.2, 0.1],     # -> expert 1
+                             [0.2, 0.5, 0.2, 0.1],     # -> expert 1
+                             [0.1, 0.1, 0.1, 0.7]])    # -> expert 3
+ROUTED_TO = [0, 1, 1, 3]
+
+
+def scripted_moe():
+    moe = mo.MiniMindO(tiny_config(use_moe=True)).thinker.layers[0].mlp
+    assert isinstance(moe, mo.MoEFeedForward)
+    dim = moe.gate.weight.shape[1]
+    with torch.no_grad():
+        moe.gate.weight.zero_()
+        moe.gate.weight[:, :4] = ROUTER_PROBS.log().T
+    x = torch.eye(4, dim)[None]                                             # (1, 4 tokens, dim)
+    return moe, x
+
+
+def test_moe_sends_each_token_to_its_most_likely_expert():
+    moe, x = scripted_moe()
+    y, _ = moe.eval()(x)
+    with torch.no_grad():
+        for t, e in enumerate(ROUTED_TO):  # top-1 with the weight renormalised over the chosen expert: 1
+            torch.testing.assert_close(y[0, t], moe.experts[e](x[0, t]), atol=1e-6, rtol=1e-5)
+            others = [k for k in range(4) if k != e]
+            assert all(not torch.allclose(y[0, t], moe.experts[k](x[0, t]), atol=1e-6) for k in others)
+
+
+def test_moe_aux_loss_by_hand():
+    """sum_e(share of tokens routed to e * mean router prob of e) * E * coef, spec section 1."""
+    moe, x = scripted_moe()
+    _, aux = moe.train()(x)
+    share = torch.tensor([1, 2, 0, 1]) / 4                  # tokens per expert: 0, 1, 1, 3
+    mean_prob = torch.tensor([0.275, 0.325, 0.15, 0.25])   # column means of ROUTER_PROBS
+    by_hand = (share * mean_prob).sum() * 4 * 5e-4          # 0.29375 * 4 * 5e-4 = 5.875e-4
+    assert by_hand.item() == pytest.approx(5.875e-4)
+    assert aux.item() == pytest.approx(5.875e-4, rel=1e-5)
+    _, aux_eval = moe.eval()(x)
+    assert aux_eval.item() == 0                             # a training loss only

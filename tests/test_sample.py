@@ -99,3 +99,19 @@ def test_scheduled_sampling_touches_only_labelled_positions():
     assert changed[:, mo.TEXT_ROW, 5:10].any() and changed[:, mo.TEXT_ROW, 20:30].any()
     assert not changed[:, mo.TEXT_ROW, 10:20].any() and not changed[:, mo.TEXT_ROW, :5].any()
     assert torch.equal(changed[:, :8, 30:40].all(1), changed[:, :8, 30:40].any(1))   # all 8 layers together
+
+
+@pytest.mark.parametrize("p", [0.05, 0.2])
+def test_scheduled_sampling_replaces_a_share_p_of_labelled_inputs(p):
+    """Spec section 3: each labelled position is corrupted with probability p (0.05 in training), so about
+    p of them change, not 1 - p. 20000 positions: the share's standard deviation is at most 0.003."""
+    B, T = 40, 500
+    ids = torch.full((B, 9, T), 7)                    # every audio and text input a plain id
+    labels = torch.ones(B, T, dtype=torch.long)        # everything labelled
+    out = train.scheduled_sampling(ids, labels, labels[:, None].expand(B, 8, T), p=p,
+                                generator=torch.Generator().manual_seed(0))
+    changed = out != ids
+    audio_share = changed[:, :8].any(1).float().mean().item()   # all 8 layers of a position change together
+    text_share = changed[:, mo.TEXT_ROW].float().mean().item()  # (a random id equal to 7 hides 1 in 6400)
+    assert abs(audio_share - p) < 0.015 and abs(text_share - p) < 0.015, (audio_share, text_share)
+    assert out[:, :8].max() < mo.AUDIO_VOCAB and out[:, mo.TEXT_ROW].max() < mo.TEXT_VOCAB

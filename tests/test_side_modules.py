@@ -122,6 +122,28 @@ def test_speech_features_are_funasrs_dithered_front_end_and_repeat(built, speech
     torch.testing.assert_close(ours.mean(0), theirs.mean(0), atol=0.4, rtol=0)  # each band's level
 
 
+def test_encoder_input_is_funasr_front_end_with_the_folder_cmvn(speech, built, hello16):
+    """What encode_speech hands the SenseVoice encoder is funasr's own WavFrontend output with the folder's
+    am.mvn applied, (x + shift) * scale. The CMVN is a real one (shift -8 to -17, scale 0.1 to 0.3), so a
+    sign or order slip moves every feature by about 2 |shift| scale, ~4."""
+    with sm.quiet_stdout():
+        from funasr.frontends.wav_frontend import load_cmvn
+    am_mvn = built["sensevoice"] / "am.mvn"
+    shift, scale = load_cmvn(str(am_mvn))[:, :sm.SPEECH_FEAT_DIM]
+    assert shift.abs().min() > 5 and 0.05 < scale.min() < scale.max() < 0.5
+    wav = assets.with_noise_floor(hello16, assets.NOISE_FLOOR)  # dithered or not, both see the same signal
+    encoder = next(m for m in speech.modules() if type(m).__name__ == "SenseVoiceEncoderSmall")
+    fed = []
+    hook = encoder.register_forward_pre_hook(lambda module, args: fed.append(args[0].clone()))  # it scales in place
+    try:
+        sm.encode_speech(speech, [wav])
+    finally:
+        hook.remove()
+    theirs, lengths = assets.sensevoice_front_end(am_mvn)(torch.from_numpy(wav)[None], torch.tensor([wav.size]))
+    assert fed[0].shape == theirs.shape == (1, int(lengths[0]), sm.SPEECH_FEAT_DIM)
+    torch.testing.assert_close(fed[0], theirs, atol=2e-2, rtol=0)
+
+
 def test_speech_shapes_and_valid_lengths(speech, hello16, question16):
     clips = [hello16, question16, hello16[:sm.SAMPLE_RATE_SPEECH]]
     outs = sm.encode_speech(speech, clips)

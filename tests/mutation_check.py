@@ -1,0 +1,196 @@
+"""Plant small, realistic mistakes one at a time and report which the tests catch (run by hand, not by CI).
+
+    python3 tests/mutation_check.py              # every mistake below
+    python3 tests/mutation_check.py rope_sign    # some of them, by name
+    python3 tests/mutation_check.py --list
+
+The working tree is never changed. The project's files (what git tracks, plus untracked files it does not
+ignore) are copied into a temporary folder, next to a link to ../shared as in CI; each mistake is planted in
+that copy, its tests run there with pytest, and the file is put back before the next one. Each mistake is
+reported as
+    caught             its tests fail with it (and passed without it: the baseline run checks that first)
+    NOT caught         its tests pass with it: a gap, add a test
+    snippet not found  the code changed and the entry must be updated (never silently counted as caught)
+    snippet found N x  the snippet is ambiguous: make it longer
+    error              pytest could not run the tests (e.g. a test id that no longer exists)
+pytest collects test_*.py only, so this file is not part of `python3 -m pytest tests`.
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+TEST_TIMEOUT_S = 600          # one mistake's tests; a hang counts as caught only if they fail, so it is an error
+PYTEST_FAILED = 1             # pytest's exit status when tests ran and some failed
+
+
+@dataclass
+class Mistake:
+    name: str
+    file: str                 # relative to the project root
+    original: str             # must occur exactly once in the file
+    mistake: str
+    tests: tuple              # pytest node ids, relative to the project root
+    what: str
+
+
+MO, TRAIN, CHAT = "minimind_o.py", "train.py", "chat.py"
+SIDE = "tests/test_side_modules.py::"
+MODEL, GEN, SAMPLE = "tests/test_model.py::", "tests/test_generate.py::", "tests/test_sample.py::"
+NOTEBOOK = "tests/test_tutorial.py::test_notebook_executes[{}.ipynb]".format
+
+MISTAKES = [
+    # -- the mistakes the first mutation run found uncaught (issue 16) --
+    Mistake("cmvn_sign", MO, "return (lfr + cmvn[0].cpu()) * cmvn[1].cpu()", "return (lfr - cmvn[0].cpu()) * cmvn[1].cpu()",
+            (SIDE + "test_encoder_input_is_funasr_front_end_with_the_folder_cmvn",),
+            "SenseVoice CMVN applied with the wrong sign"),
+    Mistake("moe_least_likely", MO, "weight, expert = probs.topk(self.top_k, dim=-1)",
+            "weight, expert = probs.topk(self.top_k, dim=-1, largest=False)",
+            (MODEL + "test_moe_sends_each_token_to_its_most_likely_expert",), "MoE routes to the least likely expert"),
+    Mistake("moe_aux_without_E", MO, "aux = (share * probs.mean(0)).sum() * len(self.experts) * self.aux_loss_coef",
+            "aux = (share * probs.mean(0)).sum() * self.aux_loss_coef",
+            (MODEL + "test_moe_aux_loss_by_hand",), "MoE aux loss without its x E"),
+    Mistake("rope_sign", MO, "rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)",
+            "rotated = torch.cat([x[..., half:], -x[..., :half]], dim=-1)",
+            (MODEL + "test_rope_turns_each_channel_pair_by_position_times_its_frequency",), "rotate-half sign flipped"),
+    Mistake("audio_layers_early", MO, "first_step = torch.arange(1, N_CODEBOOKS + 1, device=device)",
+            "first_step = torch.arange(0, N_CODEBOOKS, device=device)",
+            (GEN + "test_scripted_generation_follows_the_delay_schedule",), "generation: audio layers start a step early"),
+    Mistake("penalty_divides_negative", MO, "return torch.where(logits > 0, logits / penalty, logits * penalty)",
+            "return logits / penalty",
+            (GEN + "test_the_penalty_divides_positive_logits_and_multiplies_negative_ones",),
+            "repetition penalty divides negative logits too"),
+    Mistake("scheduled_sampling_audio_gt", MO, "(rand(*ids.shape[:-2], ids.shape[-1]) < p)",
+            "(rand(*ids.shape[:-2], ids.shape[-1]) > p)",
+            (SAMPLE + "test_scheduled_sampling_replaces_a_share_p_of_labelled_inputs",),
+            "scheduled sampling corrupts 1 - p of the audio inputs"),
+    Mistake("scheduled_sampling_text_gt", MO, "(rand(*text.shape) < p)", "(rand(*text.shape) > p)",
+            (SAMPLE + "test_scheduled_sampling_replaces_a_share_p_of_labelled_inputs",),
+            "scheduled sampling corrupts 1 - p of the text inputs"),
+    Mistake("save_not_atomic", MO,
+            '    tmp = path + ".tmp"\n    torch.save(official_state_dict(model), tmp)\n    os.replace(tmp, path)\n',
+            "    torch.save(official_state_dict(model), path)\n",
+            (MODEL + "test_a_save_killed_while_writing_leaves_the_old_checkpoint_whole",),
+            "save_checkpoint writes straight to the path"),
+    # -- mistakes of the kind the first run caught, kept so that they stay caught --
+    Mistake("rmsnorm_sum", MO, "torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)",
+            "torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + self.eps)",
+            (NOTEBOOK("01_blocks"),), "RMSNorm divides by the root of the sum, not the mean"),
+    Mistake("bridge_layer", MO, "self.bridge_layer = self.num_hidden_layers // 2 - 1",
+            "self.bridge_layer = self.num_hidden_layers // 2",
+            (NOTEBOOK("03_thinker_bridge"),), "the Talker reads block 5 of 8, not block 4"),
+    Mistake("stop_weight", MO, "def omni_loss(out, text_labels, audio_labels, stop_weight=10.0):",
+            "def omni_loss(out, text_labels, audio_labels, stop_weight=1.0):",
+            (MODEL + "test_omni_loss_weights_stop_and_averages_layers",), "the stop id weighs 1, not 10"),
+    Mistake("answer_delay", MO, "first = s + 1 + i\n", "first = s + i\n",
+            (SAMPLE + "test_answer_layers_are_delayed_and_end_with_stop",), "answer layer i starts at s + i"),
+    Mistake("untied_head", MO, "self.lm_head.weight = self.thinker.embed_tokens.weight  # tied",
+            "pass  # untied",
+            (MODEL + "test_parameter_counts_match_the_paper",), "the text head is not tied to the embedding"),
+    Mistake("no_newline_after_eos", MO, "(TEXT_PAD if newline_fed else NEWLINE)", "(TEXT_PAD if newline_fed else TEXT_PAD)",
+            (GEN + "test_scripted_generation_follows_the_delay_schedule",), "after EOS the text row reads 0, not 234"),
+    Mistake("frame_index", MO, "at = [n - N_CODEBOOKS + 1 + i for i in range(N_CODEBOOKS)]",
+            "at = [n - N_CODEBOOKS + i for i in range(N_CODEBOOKS)]",
+            (GEN + "test_scripted_generation_follows_the_delay_schedule",), "frames assembled one step off"),
+    Mistake("inject_past_the_run", MO, "n = torch.minimum(lengths[:, None], run_end - first)",
+            "n = lengths[:, None] + 0 * (run_end - first)",
+            (MODEL + "test_injection_targets_first_placeholder_run_only",), "speech features overrun the placeholders"),
+    Mistake("cache_chunk_mask", MO, ".tril(start)", ".tril()",
+            (MODEL + "test_kv_cache_matches_full_forward",), "a cached chunk cannot see the earlier positions"),
+    Mistake("codec_embedding_sum", MO, "return (shared + per_layer) / N_CODEBOOKS", "return shared + per_layer",
+            (NOTEBOOK("04_talker_codec"),), "a frame's 8 code vectors summed, not averaged"),
+    Mistake("ddp_loss_not_averaged", TRAIN, "loss, text, audio, aux = (sums[:4] / world).tolist()",
+            "loss, text, audio, aux = sums[:4].tolist()",
+            ("tests/test_train.py::test_two_processes_train_like_one_on_the_same_global_batch",),
+            "DDP logs the sum of the processes' losses"),
+    Mistake("int8_does_nothing", CHAT, "return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)",
+            "return model", ("tests/test_chat.py::test_int8_and_bfloat16_replies_stay_close_to_float32",),
+            "chat.py --int8 leaves the model in float32"),
+]
+
+
+def project_files():
+    """What a clone plus the author's new files would hold: tracked and untracked-but-not-ignored files."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                            check=True, capture_output=True).stdout.decode().split("\0")
+    return [f for f in listed if f and (ROOT / f).is_file()]
+
+
+def copy_project(dest):
+    for name in project_files():
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, dest / name)
+
+
+def run_tests(project, tests):
+    """pytest's exit status for these tests in the copy, or None when it ran out of time."""
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    try:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                              cwd=project, env=env, capture_output=True, text=True, timeout=TEST_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return None, "timed out"
+    return done.returncode, done.stdout[-600:]
+
+
+def check(mistake, project):
+    path = project / mistake.file
+    original = path.read_text()
+    count = original.count(mistake.original)
+    if count != 1:
+        return "snippet not found" if count == 0 else f"snippet found {count} x"
+    path.write_text(original.replace(mistake.original, mistake.mistake))
+    try:
+        status, _ = run_tests(project, mistake.tests)
+    finally:
+        path.write_text(original)
+    if status == PYTEST_FAILED:
+        return "caught"
+    return "NOT caught" if status == 0 else f"error (pytest exit {status})"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("names", nargs="*", help="mistakes to plant (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mistakes and their tests")
+    args = parser.parse_args(argv)
+    unknown = set(args.names) - {m.name for m in MISTAKES}
+    if unknown:
+        parser.error(f"no mistake named {', '.join(sorted(unknown))}; --list shows them")
+    chosen = [m for m in MISTAKES if not args.names or m.name in args.names]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:28s} {m.file:14s} {m.what}\n{'':28s} {' '.join(m.tests)}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="mutation_check_") as tmp:
+        project = Path(tmp) / ROOT.name
+        copy_project(project)
+        if SHARED.exists():
+            os.symlink(SHARED, Path(tmp) / "shared")   # the tests look for ../shared (tokenizer, voices)
+        tests = sorted({t for m in chosen for t in m.tests})
+        status, tail = run_tests(project, tests)
+        if status != 0:
+            print(f"the tests fail without any mistake planted (pytest exit {status}): fix that first\n{tail}")
+            return 1
+        print(f"{'mistake':28s} {'result':18s} {'s':>5s}  test")
+        results = []
+        for m in chosen:
+            start = time.perf_counter()
+            outcome = check(m, project)
+            results.append(outcome)
+            print(f"{m.name:28s} {outcome:18s} {time.perf_counter() - start:5.0f}  {', '.join(t.split('::')[-1] for t in m.tests)}",
+                  flush=True)
+    caught = results.count("caught")
+    print(f"{caught} of {len(chosen)} caught")
+    return 0 if caught == len(chosen) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
