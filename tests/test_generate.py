@@ -154,12 +154,12 @@ def script(model):
         logits[..., SCRIPT_TEXT[k] if k < len(SCRIPT_TEXT) else mo.TEXT_PAD] = 5.0
         return logits
 
-    def audio_head(module, args, out):                                   # out: (B, 8, T, 2112)
+    def audio_head(module, args, out):                     # out: (1, 8, 2112), one step's last position
         n = calls["audio"]
         calls["audio"] += 1
         logits = torch.full_like(out, -5.0)
         for i in range(mo.N_CODEBOOKS):
-            logits[:, i, :, scripted_audio_id(n, i)] = 5.0
+            logits[:, i, ..., scripted_audio_id(n, i)] = 5.0
         return logits
 
     hooks = [model.lm_head.register_forward_hook(text_head),
@@ -215,8 +215,9 @@ def test_moe_generation_with_the_cache_equals_recomputing_everything():
     torch.manual_seed(0)
     model = mo.MiniMindO(tiny_config(use_moe=True)).eval()
     logits, fed = {"text": [], "audio": []}, {"text": [], "codes": []}
-    hooks = [model.lm_head.register_forward_hook(lambda m, a, out: logits["text"].append(out[0, -1])),
-             model.talker.lm_head.register_forward_hook(lambda m, a, out: logits["audio"].append(out[0, :, -1])),
+    # a decode step computes the heads on its last position only: text (1, vocab), audio (1, 8, audio_vocab)
+    hooks = [model.lm_head.register_forward_hook(lambda m, a, out: logits["text"].append(out[0])),
+             model.talker.lm_head.register_forward_hook(lambda m, a, out: logits["audio"].append(out[0])),
              model.thinker.embed_tokens.register_forward_pre_hook(lambda m, a: fed["text"].append(a[0])),
              model.talker.embed_tokens.register_forward_pre_hook(lambda m, a: fed["codes"].append(a[0]))]
     ref, spk = torch.randint(0, mo.CODEBOOK_SIZE, (8, 4)), torch.randn(192)
