@@ -77,6 +77,10 @@ EXCHANGES = [  # T2A with a voice; A2A (stereo question); an image; two turns, o
 ]
 
 
+def turns_of(exchange):
+    return exchange.get("turns", [exchange])
+
+
 def write_manifest(path, lines):
     path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
     return str(path)
@@ -172,9 +176,10 @@ def test_our_reader_makes_samples_of_every_kind(prepared, tokenizer):
         assert isinstance(sample, train.Sample), sample
         taught = labelled_codes(sample.audio_labels)
         reply = [torch.equal(taught, mo.frames_of(a)) for a in row.answer_audios].index(True)  # multi-turn: drawn
-        assert (sample.speech is not None) == bool(row.question_audios and row.question_audios[reply])
-        assert (sample.pixels is not None) == (i == 2)
-        assert (sample.spk_emb is not None) == (i != 2)
+        exchange = EXCHANGES[i]
+        assert (sample.speech is not None) == ("question_audio" in turns_of(exchange)[reply])
+        assert (sample.pixels is not None) == ("image" in exchange)
+        assert (sample.spk_emb is not None) == ("voice" in exchange)
 
 
 def test_the_prepared_file_trains_with_data_unchanged(prepared, tmp_path, tokenizer_flag):
@@ -227,14 +232,16 @@ def test_the_release_reader_loads_a_prepared_file(prepared):
     for i in range(len(data)):
         input_ids, text_labels, audio_labels, audio, audio_len, pixels, spk_emb = data[i]
         row = rows.read(i)
-        taught = labelled_codes(audio_labels)
-        assert any(torch.equal(taught, mo.frames_of(a)) for a in row.answer_audios)
-        np.testing.assert_array_equal(spk_emb.numpy(), row.spk_emb if row.spk_emb is not None else np.zeros(192))
+        exchange, taught = EXCHANGES[i], labelled_codes(audio_labels)
+        reply = [torch.equal(taught, mo.frames_of(a)) for a in row.answer_audios].index(True)  # multi-turn: drawn
+        np.testing.assert_array_equal(spk_emb.numpy(), row.spk_emb if "voice" in exchange else np.zeros(192))
         image_tokens = int((input_ids[mo.TEXT_ROW] == mo.IMAGE_PLACEHOLDER).sum())
-        assert image_tokens == (mo.IMAGE_TOKENS if i == 2 else 0)
-        assert pixels["pixel_values"].abs().sum() > 0 if i == 2 else not pixels["pixel_values"].any()
-        if i == 1:
+        assert image_tokens == (mo.IMAGE_TOKENS if "image" in exchange else 0)
+        assert bool(pixels["pixel_values"].any()) == ("image" in exchange)
+        if "question_audio" in turns_of(exchange)[reply]:
             assert audio_len > 1 and audio.shape == (1, audio_len, mo.SPEECH_FEAT_DIM)
+        else:
+            assert audio_len == 0
         print(f"release reader, row {i}: {len(row.conversations)} turns, {taught.shape[1]} answer frames taught, "
               f"question audio {audio_len} frames, {image_tokens} image tokens, speaker embedding "
               f"{'yes' if spk_emb.any() else 'no'}")
