@@ -1499,7 +1499,7 @@ def wav_file(wav, rate):
 def read_turns(line):
     """A manifest line's exchanges: its `turns`, or the line itself as the one exchange."""
     if "turns" not in line:
-        return [{k: line[k] for k in TURN_KEYS if k in line}], ""
+        return [{k: line[k] for k in TURN_KEYS if k in line}]
     turns = line["turns"]
     if not (isinstance(turns, list) and turns and all(isinstance(t, dict) for t in turns)):
         raise ValueError("turns should be a non-empty list of {question, answer, ...} objects")
@@ -1509,7 +1509,21 @@ def read_turns(line):
         unknown = sorted(set(turn) - set(TURN_KEYS))
         if unknown:
             raise ValueError(f"turn {i}: unknown key {unknown[0]!r} (a turn has {', '.join(TURN_KEYS)})")
-    return turns, "turn {}: "
+    return turns
+
+
+def read_turn(turn, prep, has_image):
+    """One exchange -> (question text, its 16 kHz WAV bytes or b"", answer text, its (S,) 24 kHz speech or None)."""
+    question, answer = turn.get("question", ""), turn.get("answer")
+    if not isinstance(answer, str) or not answer.strip():
+        raise ValueError("no answer: every exchange needs its answer text")
+    if not isinstance(question, str) or not (question.strip() or "question_audio" in turn):
+        raise ValueError("no question: give its text (question), its audio (question_audio) or both")
+    if mo.IMAGE_MARK in question and not has_image:
+        raise ValueError(f"the question has an {mo.IMAGE_MARK} mark but the line has no image")
+    asked = wav_file(prep.audio(turn, "question_audio", SPEECH_RATE), SPEECH_RATE) if "question_audio" in turn else b""
+    spoken = prep.audio(turn, "answer_audio", mo.SAMPLE_RATE_MIMI) if "answer_audio" in turn else None
+    return question, asked, answer, spoken
 
 
 def read_exchange(text, prep):
@@ -1523,29 +1537,20 @@ def read_exchange(text, prep):
     unknown = sorted(set(line) - set(LINE_KEYS))
     if unknown:
         raise ValueError(f"unknown key {unknown[0]!r} (a line has {', '.join(LINE_KEYS)})")
-    turns, where = read_turns(line)
     image = prep.image(line) if "image" in line else None
-    conversations, questions, answers = [], [], []
-    for i, turn in enumerate(turns, 1):
-        at = where.format(i)
-        answer, question = turn.get("answer"), turn.get("question", "")
-        if not isinstance(answer, str) or not answer.strip():
-            raise ValueError(f"{at}no answer: every exchange needs its answer text")
-        if not isinstance(question, str) or not (question.strip() or "question_audio" in turn):
-            raise ValueError(f"{at}no question: give its text (question), its audio (question_audio) or both")
-        if mo.IMAGE_MARK in question and image is None:
-            raise ValueError(f"{at}the question has an {mo.IMAGE_MARK} mark but the line has no image")
+    ex = Exchange([], [], [], image, None)
+    for i, turn in enumerate(read_turns(line), 1):
         try:
-            questions.append(wav_file(prep.audio(turn, "question_audio", SPEECH_RATE), SPEECH_RATE)
-                             if "question_audio" in turn else b"")
-            answers.append(prep.audio(turn, "answer_audio", mo.SAMPLE_RATE_MIMI) if "answer_audio" in turn else None)
+            question, asked, answer, spoken = read_turn(turn, prep, image is not None)
         except (FileNotFoundError, ValueError) as e:
-            raise type(e)(f"{at}{e}") from None
-        conversations += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    if image is not None and not any(mo.IMAGE_MARK in t["content"] for t in conversations):
-        conversations[0]["content"] = f"{mo.IMAGE_MARK}\n{conversations[0]['content']}"  # the image comes first
-    voice = prep.voice(line) if "voice" in line else None
-    return Exchange(conversations, questions, answers, image, voice)
+            raise type(e)(f"turn {i}: {e}" if "turns" in line else str(e)) from None
+        ex.conversations += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        ex.question_audios.append(asked)
+        ex.answer_wavs.append(spoken)
+    if image is not None and not any(mo.IMAGE_MARK in t["content"] for t in ex.conversations):
+        ex.conversations[0]["content"] = f"{mo.IMAGE_MARK}\n{ex.conversations[0]['content']}"  # the image first
+    ex.voice = prep.voice(line) if "voice" in line else None
+    return ex
 
 
 @torch.no_grad()
@@ -1603,8 +1608,14 @@ def manifest_lines(manifest):
     """[(line number, text)] of the manifest's non-blank lines (numbered from 1, as editors do)."""
     if not os.path.isfile(manifest):
         raise FileNotFoundError(f"--prepare: manifest {manifest} not found")
-    with open(manifest, encoding="utf-8") as f:
-        return [(n, text) for n, text in enumerate(f, 1) if text.strip()]
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            lines = [(n, text) for n, text in enumerate(f, 1) if text.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prepare: manifest {manifest} is not UTF-8 text ({e})") from None
+    if not lines:
+        raise ValueError(f"--prepare: manifest {manifest} has no lines (one JSON object per exchange)")
+    return lines
 
 
 def prepare(args):
