@@ -88,7 +88,7 @@ def parse_args(argv=None):
     model_flags(p.add_argument_group("model"))
     optimisation_flags(p.add_argument_group("optimisation"))
     output_flags(p.add_argument_group("output"))
-    prepare_flags(p.add_argument_group("data preparation (--prepare; section 11)"))
+    prepare_flags(p.add_argument_group("data preparation (--prepare)"))
     args = p.parse_args(argv)
     preset = DEMO if args.data is None else REAL
     for name, value in preset.items():
