@@ -176,8 +176,8 @@ def prepare_flags(prep):
                       help=f"folder with {mo.MIMI_WEIGHTS} (or the file), which turns answer speech and voice clips "
                            "into codes (default models/mimi)")
     prep.add_argument("--campplus", default="models/campplus",
-                      help=f"folder with {mo.CAMPP_WEIGHTS}, which makes a voice clip's speaker embedding "
-                           "(default models/campplus)")
+                      help=f"folder with {mo.CAMPP_WEIGHTS}, which makes a voice clip's speaker embedding; "
+                           "loaded only when a line names a voice (default models/campplus)")
     prep.add_argument("--prepare_chunk", type=int, default=PREPARE_CHUNK,
                       help="manifest lines per part file in OUT.parts/; a killed --prepare started again keeps the "
                            f"finished parts (default {PREPARE_CHUNK})")
@@ -1448,14 +1448,17 @@ def load_part(key, path, load, device):
 
 
 class Preparer:
-    """Mimi and CAM++, loaded once, and the voices cloned so far (one clone per distinct clip)."""
+    """Mimi and CAM++ (only when some line names a voice), loaded once, and the voices cloned so far
+    (one clone per distinct clip)."""
 
-    def __init__(self, args):
-        from chat import clone_voice  # the chat's voice cloning, so a prepared voice is what --clone makes
+    def __init__(self, args, needs_voices):
+        from chat import clone_voice  # the chat's voice cloning: a prepared voice is what `chat.py --voice FILE` makes
         self.clone_voice = clone_voice
         self.folder = os.path.dirname(os.path.abspath(args.prepare[0]))   # manifest paths are relative to it
         self.mimi = load_part("mimi", args.mimi, mo.load_mimi, args.device)
-        self.campp = load_part("campplus", args.campplus, mo.load_speaker_encoder, args.device)
+        self.campp = None
+        if needs_voices:
+            self.campp = load_part("campplus", args.campplus, mo.load_speaker_encoder, args.device)
         self.voices = {}
 
     def path(self, line, key):
@@ -1604,6 +1607,14 @@ def part_path(parts, k, chunk, args):
     return os.path.join(parts, f"part-{k:06d}-{digest[:ID_HASH_CHARS]}.parquet")
 
 
+def names_a_voice(text):
+    """Whether a manifest line (JSON text) has a voice key; a line that is not a JSON object has none."""
+    try:
+        return "voice" in json.loads(text) if text.lstrip().startswith("{") else False
+    except json.JSONDecodeError:
+        return False
+
+
 def manifest_lines(manifest):
     """[(line number, text)] of the manifest's non-blank lines (numbered from 1, as editors do)."""
     if not os.path.isfile(manifest):
@@ -1624,7 +1635,8 @@ def prepare(args):
     lines = manifest_lines(manifest)
     if args.prepare_chunk < 1:
         raise ValueError(f"--prepare_chunk must be at least 1, got {args.prepare_chunk}")
-    prep, parts, started = Preparer(args), f"{out}.parts", time.time()
+    prep = Preparer(args, needs_voices=any(names_a_voice(text) for _, text in lines))
+    parts, started = f"{out}.parts", time.time()
     chunks = [lines[i:i + args.prepare_chunk] for i in range(0, len(lines), args.prepare_chunk)]
     paths = [part_path(parts, k, chunk, args) for k, chunk in enumerate(chunks)]
     reused = sum(os.path.exists(p) for p in paths)

@@ -7,8 +7,10 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -247,34 +249,33 @@ def test_the_release_reader_loads_a_prepared_file(prepared):
               f"{'yes' if spk_emb.any() else 'no'}")
 
 
-def test_a_stopped_run_resumes_keeping_finished_parts(clips, parts, prepared, monkeypatch):
-    """Stopped in its second part (as a kill would stop it), a run started again makes only the part
-    that is missing, and the file has every row once, as an uninterrupted run writes it."""
-    manifest = write_manifest(clips / "again.jsonl", EXCHANGES[2:])          # the image line and the two turns
-    out = str(clips / "again.parquet")
-    flags = ["--prepare", manifest, out, "--prepare_chunk", "1", *parts]
+def test_a_killed_run_resumes_keeping_finished_parts(clips, parts, monkeypatch):
+    """Killed part-way (SIGKILL), a run started again makes only the parts that are missing, and the
+    file has every row once, as an uninterrupted run writes it."""
+    lines = [{"question": f"Question {i}?", "answer": text, "answer_audio": f"a{i}.wav"}
+             for i, text in enumerate(ANSWERS, 1)]
+    manifest = write_manifest(clips / "killed.jsonl", lines)
+    whole, out = str(clips / "whole.parquet"), clips / "killed.parquet"
+    train.main(["--prepare", manifest, whole, *parts])
+    flags = ["--prepare", manifest, str(out), "--prepare_chunk", "1", *parts]
+    proc = subprocess.Popen([sys.executable, "train.py", *flags], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    folder = clips / "killed.parquet.parts"
+    finished = lambda: [n for n in os.listdir(folder) if n.startswith("part-")] if folder.exists() else []
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not finished():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = len(finished())
+    assert not out.exists() and 0 < kept < len(lines), "the run should have been killed part-way"
+
     made = []
     real = train.prepare_chunk
-
-    def stops_in_second(chunk, *args):
-        if made:
-            raise KeyboardInterrupt  # what Ctrl-C raises; a kill stops it the same way, between atomic writes
-        made.append(chunk[0][0])
-        return real(chunk, *args)
-
-    monkeypatch.setattr(train, "prepare_chunk", stops_in_second)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(flags)
-    assert made == [1] and not os.path.exists(out) and len(os.listdir(out + ".parts")) == 1
-
-    def counted(chunk, *args):
-        made.append(chunk[0][0])
-        return real(chunk, *args)
-
-    monkeypatch.setattr(train, "prepare_chunk", counted)
+    monkeypatch.setattr(train, "prepare_chunk", lambda chunk, *args: made.append(chunk[0][0]) or real(chunk, *args))
     summary = train.main(flags)
-    assert made == [1, 2] and summary["reused_parts"] == 1 and summary["rows"] == 2
-    assert pq.read_table(out).equals(pq.read_table(prepared[1]).slice(2))
+    assert made == list(range(kept + 1, len(lines) + 1)) and summary["reused_parts"] == kept
+    assert pq.read_table(out).equals(pq.read_table(whole))
 
 
 BAD_LINES = [  # (manifest line, the start of its message after "<manifest>, line N: ")
@@ -284,7 +285,8 @@ BAD_LINES = [  # (manifest line, the start of its message after "<manifest>, lin
     ({"turns": [{"question": "Hi", "answer": "Hello", "voice": "voice.wav"}]}, "turn 1: unknown key 'voice'"),
     ({"question": "Hi", "answer_audio": "a1.wav"}, "no answer"),
     ({"turns": [{"question": "Hi", "answer": "Hello"}, {"answer": "Bye"}]}, "turn 2: no question"),
-    ({"question": "Hi", "answer": "Hello", "answer_audio": "nowhere.wav"}, "answer_audio: audio file .*nowhere.wav not found"),
+    ({"question": "Hi", "answer": "Hello", "answer_audio": "nowhere.wav"},
+     "answer_audio: audio file .*nowhere.wav not found"),
     ({"question_audio": "square.png", "answer": "Hello"}, "question_audio: cannot decode audio .*square.png"),
     ({"question": "Hi", "answer": "Hello", "image": "nowhere.png"}, "image: .*nowhere.png not found"),
     ({"question": "Hi", "answer": "Hello", "image": "a1.wav"}, "cannot read image .*a1.wav"),
@@ -310,7 +312,8 @@ def test_each_bad_line_is_named_with_its_line_number(clips, parts):
 def test_prepare_errors_are_one_line(tmp_path, parts):
     done = subprocess.run([sys.executable, "train.py", "--prepare", str(tmp_path / "none.jsonl"), "x.parquet"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and done.stderr == f"train.py: --prepare: manifest {tmp_path / 'none.jsonl'} not found\n"
+    assert done.returncode == 1
+    assert done.stderr == f"train.py: --prepare: manifest {tmp_path / 'none.jsonl'} not found\n"
     manifest = write_manifest(tmp_path / "m.jsonl", [{"question": "Hi", "answer": "Hello."}])
     with pytest.raises(FileNotFoundError, match=r"--mimi: Mimi codec: .*nowhere.* not found.*hf download kyutai"):
-        train.main(["--prepare", manifest, str(tmp_path / "o.parquet"), "--campplus", parts[3], "--mimi", str(tmp_path / "nowhere")])
+        train.main(["--prepare", manifest, str(tmp_path / "o.parquet"), "--mimi", str(tmp_path / "nowhere")])
