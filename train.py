@@ -1579,8 +1579,8 @@ def frame_major(codes):
 
 
 def prepare_chunk(lines, prep, manifest, skip_bad):
-    """[(line number, text)] -> (a table of the good lines' rows in PREPARED's schema, the bad lines'
-    messages). A bad line raises its BadLine, unless skip_bad."""
+    """[(line number, text)] -> a table of the good lines' rows in PREPARED's schema, the bad lines'
+    messages in its metadata. A bad line raises its BadLine, unless skip_bad."""
     exchanges, bad = [], []
     for number, text in lines:
         try:
@@ -1598,7 +1598,7 @@ def prepare_chunk(lines, prep, manifest, skip_bad):
         columns["image_bytes"].append([] if ex.image is None else [ex.image])
         columns["ref_audios"].append([] if ex.voice is None else frame_major(ex.voice["ref_codes"]))
         columns["spk_emb"].append([] if ex.voice is None else ex.voice["spk_emb"].tolist())
-    return pa.table(columns, schema=PREPARED).replace_schema_metadata({BAD_LINES_KEY: json.dumps(bad)}), bad
+    return pa.table(columns, schema=PREPARED).replace_schema_metadata({BAD_LINES_KEY: json.dumps(bad)})
 
 
 def part_path(parts, k, chunk, args):
@@ -1643,7 +1643,7 @@ def prepare(args):
     bar = tqdm(total=len(lines), unit="line", dynamic_ncols=True, desc="prepare")
     for chunk, path in zip(chunks, paths):
         if not os.path.exists(path):
-            table, _ = prepare_chunk(chunk, prep, manifest, args.skip_bad_rows)
+            table = prepare_chunk(chunk, prep, manifest, args.skip_bad_rows)
             with mo.atomic_path(path) as tmp:
                 pq.write_table(table, tmp)
         bar.update(len(chunk))
