@@ -6,6 +6,7 @@ Train MiniMind-O: one file, one loop, from parquet rows in the release's schema 
     torchrun --nproc_per_node 4 train.py --data ...   # the same on 4 GPUs (DistributedDataParallel)
     python train.py --data ... --resume               # continue a killed run exactly where it stopped
     python train.py --data ... --augment none --encoder_cache cache   # encode each question/image once
+    python train.py --prepare my_manifest.jsonl my_data.parquet       # your own recordings -> --data file
 
 What happens, in the order of this file:
   1. command line          every flag, its default, and what the demo uses instead
@@ -19,6 +20,7 @@ What happens, in the order of this file:
   8. model and schedule    from a text-only MiniMind, a previous stage, or random; AdamW, cosine lr
   9. checkpoints           the release's fp16 weights + a separate resume file, both written atomically
  10. the training loop     accumulation, bf16 autocast, clipping, DDP, progress bar, metrics, loss plot
+ 11. data preparation      --prepare: a manifest of your own recordings -> parquet rows in the release's schema
 
 A training run writes into --out_dir: `<save_weight>_<hidden>[_moe].pth` (the weights, loadable by
 `minimind_o.load_model` and chat.py), `<save_weight>_resume.pt` (everything else needed to resume),
@@ -27,10 +29,12 @@ A training run writes into --out_dir: `<save_weight>_<hidden>[_moe].pth` (the we
 import argparse
 import contextlib
 import hashlib
+import io
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field, is_dataclass, replace
@@ -42,6 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import soundfile as sf
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -83,6 +88,7 @@ def parse_args(argv=None):
     model_flags(p.add_argument_group("model"))
     optimisation_flags(p.add_argument_group("optimisation"))
     output_flags(p.add_argument_group("output"))
+    prepare_flags(p.add_argument_group("data preparation (--prepare)"))
     args = p.parse_args(argv)
     preset = DEMO if args.data is None else REAL
     for name, value in preset.items():
@@ -104,7 +110,7 @@ def data_flags(data):
                       help="probability that a labelled input id is replaced by a random one (default 0.05)")
     data.add_argument("--skip_bad_rows", action="store_true",
                       help="log and count malformed rows (each is replaced by the next good row) instead of "
-                           "stopping at the first one")
+                           "stopping at the first one; with --prepare, bad manifest lines are left out and counted")
     data.add_argument("--num_workers", type=int, help=f"DataLoader processes per GPU ({defaults('num_workers')})")
     data.add_argument("--tokenizer", help="folder with the released tokenizer.json (default: the --from_weight "
                                           f"folder if it has one, else {TOKENIZER_FOLDER}; get it with: "
@@ -159,6 +165,22 @@ def optimisation_flags(opt):
                      help="cuda or cpu (default: cuda when available); under torchrun each process takes its GPU")
     opt.add_argument("--seed", type=int, default=42,
                      help="seeds the weights, the data order and every per-sample random choice (default 42)")
+
+
+def prepare_flags(prep):
+    prep.add_argument("--prepare", nargs=2, metavar=("MANIFEST", "OUT"),
+                      help="instead of training, turn a JSON-lines manifest of your own recordings (one exchange a "
+                           "line: question and/or question_audio, answer, answer_audio, optional voice and image, or "
+                           "a list of turns) into OUT, a parquet file for --data (README.md, 'Your own data')")
+    prep.add_argument("--mimi", default="models/mimi",
+                      help=f"folder with {mo.MIMI_WEIGHTS} (or the file), which turns answer speech and voice clips "
+                           "into codes (default models/mimi)")
+    prep.add_argument("--campplus", default="models/campplus",
+                      help=f"folder with {mo.CAMPP_WEIGHTS}, which makes a voice clip's speaker embedding; "
+                           "loaded only when a line names a voice (default models/campplus)")
+    prep.add_argument("--prepare_chunk", type=int, default=PREPARE_CHUNK,
+                      help="manifest lines per part file in OUT.parts/; a killed --prepare started again keeps the "
+                           f"finished parts (default {PREPARE_CHUNK})")
 
 
 def output_flags(out):
@@ -1367,8 +1389,289 @@ def report(summary, args, demo):
     tqdm.write("\n".join(lines))
 
 
+# -----------------------------------------------------------------------------------------------
+# 11. Data preparation: your own recordings -> parquet rows in the release's schema
+# -----------------------------------------------------------------------------------------------
+# python train.py --prepare MANIFEST OUT.parquet reads a JSON-lines manifest, one exchange a line:
+#
+#   {"question": "What is two plus three?", "answer": "Five.", "answer_audio": "a1.wav", "voice": "me.wav"}
+#   {"question_audio": "q2.wav", "question": "Hi!", "answer": "Hello.", "answer_audio": "a2.wav"}
+#   {"question": "What is this?", "image": "cat.png", "answer": "A cat.", "answer_audio": "a3.wav"}
+#   {"turns": [{"question": "Hi", "answer": "Hello.", "answer_audio": "a4.wav"}, {...}], "voice": "me.wav"}
+#
+# and writes the rows --data reads (section 3): each answer's speech as Mimi codes (frame-major), the
+# voice clip's first 300 frames and its CAM++ embedding (chat.py's clone_voice, run once per clip),
+# each question's audio as 16 kHz mono WAV bytes (what SenseVoice hears), the image file's bytes, and
+# the conversation, its first question carrying the <image> mark when there is an image. Paths are
+# relative to the manifest; any format soundfile reads, any sample rate, mono or stereo.
+#
+# The lines go in chunks of --prepare_chunk, each written (atomically) as one part file in OUT.parts/,
+# named by a hash of its lines and of the Mimi and CAM++ files. A run that is killed and started again
+# reuses the parts it finds and makes only the others; once all are there they are joined into OUT
+# and OUT.parts/ is removed. (Re-recorded clips under the same names are not noticed: delete OUT.parts/.)
+
+PREPARE_CHUNK = 64     # manifest lines per part file: what a killed run keeps
+MIMI_BATCH = 8         # answer clips per Mimi encode call, zero-padded to the longest
+TURN_KEYS = ("question", "question_audio", "answer", "answer_audio")
+LINE_KEYS = TURN_KEYS + ("turns", "voice", "image")
+PREPARED = pa.schema([("conversations", pa.string()), ("question_audios", pa.list_(pa.binary())),
+                      ("answer_audios", pa.list_(pa.list_(pa.int16()))), ("image_bytes", pa.list_(pa.binary())),
+                      ("ref_audios", pa.list_(pa.int16())), ("spk_emb", pa.list_(pa.float32()))])
+BAD_LINES_KEY = b"bad_lines"   # a part's metadata: the messages of the lines it left out (--skip_bad_rows)
+
+
+class BadLine(ValueError):
+    """A manifest line that cannot become a row; the message names the manifest and the line."""
+
+    @classmethod
+    def at(cls, manifest, line, problem):
+        return cls(f"{manifest}, line {line}: {problem}")
+
+
+@dataclass
+class Exchange:
+    """One manifest line with its files read and checked; its answers not yet encoded."""
+    conversations: list     # [{role, content}], user and assistant turns in turn
+    question_audios: list   # 16 kHz mono WAV bytes per user turn (b"" for a question asked in text only)
+    answer_wavs: list       # (S,) 24 kHz float32 per assistant turn, or None (an answer in text only)
+    image: Optional[bytes]  # the image file, as it is
+    voice: Optional[dict]   # clone_voice's {'ref_codes': (8, R) int64, 'spk_emb': (192,) float32}
+
+
+def load_part(key, path, load, device):
+    """mo.PUBLISHED[key], loaded from path by load(path, device); a failure also names the option --key."""
+    try:
+        with mo.loading(key, path):
+            return load(path, device)
+    except (FileNotFoundError, mo.DamagedPartError) as e:
+        raise type(e)(f"--{key}: {e}") from e
+
+
+class Preparer:
+    """Mimi and CAM++ (only when some line names a voice), loaded once, and the voices cloned so far
+    (one clone per distinct clip)."""
+
+    def __init__(self, args, needs_voices):
+        from chat import clone_voice  # the chat's voice cloning: a prepared voice is what `chat.py --voice FILE` makes
+        self.clone_voice = clone_voice
+        self.folder = os.path.dirname(os.path.abspath(args.prepare[0]))   # manifest paths are relative to it
+        self.mimi = load_part("mimi", args.mimi, mo.load_mimi, args.device)
+        self.campp = None
+        if needs_voices:
+            self.campp = load_part("campplus", args.campplus, mo.load_speaker_encoder, args.device)
+        self.voices = {}
+
+    def path(self, line, key):
+        value = line[key]
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{key} should be a file path, not {value!r}")
+        return os.path.join(self.folder, value)
+
+    def audio(self, line, key, rate):
+        """The clip at line[key] as (S,) float32 at `rate`; a missing or undecodable file names the key."""
+        try:
+            return mo.load_audio(self.path(line, key), rate)
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"{key}: {e}") from None
+
+    def voice(self, line):
+        path = os.path.realpath(self.path(line, "voice"))
+        if path not in self.voices:
+            try:
+                self.voices[path] = self.clone_voice(path, self.mimi, self.campp)
+            except (FileNotFoundError, ValueError) as e:
+                raise type(e)(f"voice: {e}") from None
+        return self.voices[path]
+
+    def image(self, line):
+        path = self.path(line, "image")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"image: {path} not found")
+        mo.open_image(path)  # undecodable: a ValueError naming the file
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def wav_file(wav, rate):
+    """(S,) float32 -> the bytes of a 16-bit PCM WAV file."""
+    buf = io.BytesIO()
+    sf.write(buf, wav, rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def read_turns(line):
+    """A manifest line's exchanges: its `turns`, or the line itself as the one exchange."""
+    if "turns" not in line:
+        return [{k: line[k] for k in TURN_KEYS if k in line}]
+    turns = line["turns"]
+    if not (isinstance(turns, list) and turns and all(isinstance(t, dict) for t in turns)):
+        raise ValueError("turns should be a non-empty list of {question, answer, ...} objects")
+    if any(k in line for k in TURN_KEYS):
+        raise ValueError(f"a line with turns keeps {', '.join(TURN_KEYS)} inside its turns")
+    for i, turn in enumerate(turns, 1):
+        unknown = sorted(set(turn) - set(TURN_KEYS))
+        if unknown:
+            raise ValueError(f"turn {i}: unknown key {unknown[0]!r} (a turn has {', '.join(TURN_KEYS)})")
+    return turns
+
+
+def read_turn(turn, prep, has_image):
+    """One exchange -> (question text, its 16 kHz WAV bytes or b"", answer text, its (S,) 24 kHz speech or None)."""
+    question, answer = turn.get("question", ""), turn.get("answer")
+    if not isinstance(answer, str) or not answer.strip():
+        raise ValueError("no answer: every exchange needs its answer text")
+    if not isinstance(question, str) or not (question.strip() or "question_audio" in turn):
+        raise ValueError("no question: give its text (question), its audio (question_audio) or both")
+    if mo.IMAGE_MARK in question and not has_image:
+        raise ValueError(f"the question has an {mo.IMAGE_MARK} mark but the line has no image")
+    asked = wav_file(prep.audio(turn, "question_audio", SPEECH_RATE), SPEECH_RATE) if "question_audio" in turn else b""
+    spoken = prep.audio(turn, "answer_audio", mo.SAMPLE_RATE_MIMI) if "answer_audio" in turn else None
+    return question, asked, answer, spoken
+
+
+def read_exchange(text, prep):
+    """One manifest line -> Exchange; a problem raises ValueError (FileNotFoundError for a missing file)."""
+    try:
+        line = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e})") from None
+    if not isinstance(line, dict):
+        raise ValueError('expected a JSON object such as {"question": ..., "answer": ..., "answer_audio": ...}')
+    unknown = sorted(set(line) - set(LINE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} (a line has {', '.join(LINE_KEYS)})")
+    image = prep.image(line) if "image" in line else None
+    ex = Exchange([], [], [], image, None)
+    for i, turn in enumerate(read_turns(line), 1):
+        try:
+            question, asked, answer, spoken = read_turn(turn, prep, image is not None)
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"turn {i}: {e}" if "turns" in line else str(e)) from None
+        ex.conversations += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        ex.question_audios.append(asked)
+        ex.answer_wavs.append(spoken)
+    if image is not None and not any(mo.IMAGE_MARK in t["content"] for t in ex.conversations):
+        ex.conversations[0]["content"] = f"{mo.IMAGE_MARK}\n{ex.conversations[0]['content']}"  # the image first
+    ex.voice = prep.voice(line) if "voice" in line else None
+    return ex
+
+
+@torch.no_grad()
+def encode_in_batches(mimi, wavs, batch_size=MIMI_BATCH):
+    """(S_i,) 24 kHz clips -> their (8, ceil(S_i / 1920)) codes, what mo.encode_audio_codes gives one by
+    one. Clips of similar length share an encode call, zero-padded to the longest: Mimi is causal, so
+    the zeros after a clip cannot change its frames."""
+    codes = [None] * len(wavs)
+    order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))  # similar lengths together: less padding
+    device = next(mimi.parameters()).device
+    for start in range(0, len(order), batch_size):
+        group = order[start:start + batch_size]
+        clips = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(wavs[i]) for i in group], batch_first=True)
+        frames = mimi.encode(clips[:, None].to(device)).long().cpu()                   # (B, 8, F_max)
+        for i, f in zip(group, frames):
+            codes[i] = f[:, :math.ceil(len(wavs[i]) / mo.MIMI_FRAME_SAMPLES)]
+    return codes
+
+
+def frame_major(codes):
+    """(8, F) codes -> [F * 8] ints, frame by frame (the release's layout)."""
+    return codes.T.reshape(-1).tolist()
+
+
+def prepare_chunk(lines, prep, manifest, skip_bad):
+    """[(line number, text)] -> a table of the good lines' rows in PREPARED's schema, the bad lines'
+    messages in its metadata. A bad line raises its BadLine, unless skip_bad."""
+    exchanges, bad = [], []
+    for number, text in lines:
+        try:
+            exchanges.append(read_exchange(text, prep))
+        except (FileNotFoundError, ValueError) as e:
+            if not skip_bad:
+                raise BadLine.at(manifest, number, str(e)) from None
+            bad.append(str(BadLine.at(manifest, number, str(e))))
+    codes = iter(encode_in_batches(prep.mimi, [w for ex in exchanges for w in ex.answer_wavs if w is not None]))
+    columns = {name: [] for name in PREPARED.names}
+    for ex in exchanges:
+        columns["conversations"].append(json.dumps(ex.conversations, ensure_ascii=False))
+        columns["question_audios"].append(ex.question_audios if any(ex.question_audios) else [])
+        columns["answer_audios"].append([[] if w is None else frame_major(next(codes)) for w in ex.answer_wavs])
+        columns["image_bytes"].append([] if ex.image is None else [ex.image])
+        columns["ref_audios"].append([] if ex.voice is None else frame_major(ex.voice["ref_codes"]))
+        columns["spk_emb"].append([] if ex.voice is None else ex.voice["spk_emb"].tolist())
+    return pa.table(columns, schema=PREPARED).replace_schema_metadata({BAD_LINES_KEY: json.dumps(bad)})
+
+
+def part_path(parts, k, chunk, args):
+    """OUT.parts/part-<k>-<hash>.parquet; the hash covers the chunk's lines and the Mimi and CAM++ files."""
+    digest = hashlib.sha1(repr((chunk, identity(args.mimi), identity(args.campplus))).encode()).hexdigest()
+    return os.path.join(parts, f"part-{k:06d}-{digest[:ID_HASH_CHARS]}.parquet")
+
+
+def names_a_voice(text):
+    """Whether a manifest line (JSON text) has a voice key; a line that is not a JSON object has none."""
+    try:
+        return "voice" in json.loads(text) if text.lstrip().startswith("{") else False
+    except json.JSONDecodeError:
+        return False
+
+
+def manifest_lines(manifest):
+    """[(line number, text)] of the manifest's non-blank lines (numbered from 1, as editors do)."""
+    if not os.path.isfile(manifest):
+        raise FileNotFoundError(f"--prepare: manifest {manifest} not found")
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            lines = [(n, text) for n, text in enumerate(f, 1) if text.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prepare: manifest {manifest} is not UTF-8 text ({e})") from None
+    if not lines:
+        raise ValueError(f"--prepare: manifest {manifest} has no lines (one JSON object per exchange)")
+    return lines
+
+
+def prepare(args):
+    """--prepare MANIFEST OUT: write OUT, part by part (see above); returns a summary dict (also printed)."""
+    manifest, out = args.prepare
+    lines = manifest_lines(manifest)
+    if args.prepare_chunk < 1:
+        raise ValueError(f"--prepare_chunk must be at least 1, got {args.prepare_chunk}")
+    prep = Preparer(args, needs_voices=any(names_a_voice(text) for _, text in lines))
+    parts, started = f"{out}.parts", time.time()
+    chunks = [lines[i:i + args.prepare_chunk] for i in range(0, len(lines), args.prepare_chunk)]
+    paths = [part_path(parts, k, chunk, args) for k, chunk in enumerate(chunks)]
+    reused = sum(os.path.exists(p) for p in paths)
+    bar = tqdm(total=len(lines), unit="line", dynamic_ncols=True, desc="prepare")
+    for chunk, path in zip(chunks, paths):
+        if not os.path.exists(path):
+            table = prepare_chunk(chunk, prep, manifest, args.skip_bad_rows)
+            with mo.atomic_path(path) as tmp:
+                pq.write_table(table, tmp)
+        bar.update(len(chunk))
+    bar.close()
+    tables = [pq.read_table(p) for p in paths]
+    bad = sum((json.loads(t.schema.metadata[BAD_LINES_KEY]) for t in tables), [])
+    with mo.atomic_path(out) as tmp:
+        pq.write_table(pa.concat_tables([t.replace_schema_metadata() for t in tables]) if tables
+                       else PREPARED.empty_table(), tmp)
+    shutil.rmtree(parts, ignore_errors=True)
+    summary = dict(path=out, rows=sum(len(t) for t in tables), lines=len(lines), bad_lines=bad, parts=len(paths),
+                   reused_parts=reused, seconds=time.time() - started)
+    report_prepared(summary)
+    return summary
+
+
+def report_prepared(s):
+    lines = [f"wrote {s['rows']} rows from {s['lines']} manifest lines to {s['path']} in {s['seconds']:.0f} s"
+             + (f" ({s['reused_parts']} of {s['parts']} parts kept from an earlier run)" if s["reused_parts"] else "")]
+    if s["bad_lines"]:
+        lines += [f"skipped {len(s['bad_lines'])} bad lines:"] + [f"  {m}" for m in s["bad_lines"]]
+    lines.append(f"next: python train.py --data {s['path']} --from_weight ...   (README.md, 'Your own data')")
+    tqdm.write("\n".join(lines))
+
+
 def main(argv=None):
-    return train(parse_args(argv))
+    args = parse_args(argv)
+    return prepare(args) if args.prepare else train(args)
 
 
 if __name__ == "__main__":

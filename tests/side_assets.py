@@ -46,6 +46,8 @@ SIGLIP_IMAGE_SIZE, SIGLIP_PATCH = 256, 32
 SIGLIP_NORM = [0.5, 0.5, 0.5]                    # preprocessor_config.json of google/siglip2-base-patch32-256
 SIGLIP_RESAMPLE_BILINEAR = 2                     # PIL.Image.BILINEAR, as in that config
 
+MIMI_VARIED_CODEBOOK_STD = 0.01                  # measured: 3-7 distinct codes per layer in 21 frames of speech
+
 ESPEAK_VOICE, ESPEAK_WPM = "en-us", 165
 HELLO_TEXT = "Hello, how are you today?"
 QUESTION_TEXT = "What time is it in Paris?"
@@ -140,8 +142,11 @@ def build_siglip(root, vision_conf=TINY_SIGLIP):
     return folder
 
 
-def build_mimi(root):
-    """moshi's Mimi with random weights, saved under the official file name; returns the file."""
+def build_mimi(root, codebook_std=1.0):
+    """moshi's Mimi with random weights, saved under the official file name; returns the file.
+    codebook_std: the spread of the random codebook entries. With 1.0 they dwarf the random encoder's
+    output, so the nearest entry is the same whatever the sound and every frame encodes to the same
+    codes; MIMI_VARIED_CODEBOOK_STD makes the codes follow the sound (for tests of encoding)."""
     from moshi.models import loaders
     from safetensors.torch import save_file
     folder = Path(root) / "mimi"
@@ -152,7 +157,7 @@ def build_mimi(root):
     # same sound and tests could not tell codes apart. Random entries make each code decode differently.
     for name, buffer in mimi.state_dict().items():
         if name.endswith("_codebook.embedding_sum"):
-            buffer.normal_()
+            buffer.normal_(std=codebook_std)
     path = folder / sm.MIMI_WEIGHTS
     save_file({k: v.contiguous() for k, v in mimi.state_dict().items()}, path)
     return path
