@@ -48,3 +48,29 @@ def tokenizer():
 def tokenizer_flag():
     """train.py's and chat.py's --tokenizer for runs in the tests."""
     return ["--tokenizer", tokenizer_folder()]
+
+
+@pytest.fixture(scope="session")
+def parts(tmp_path_factory):
+    """Mimi, CAM++, SenseVoice and SigLIP with random weights, in their published layouts (tests/side_assets.py)."""
+    import side_assets
+    root = tmp_path_factory.mktemp("side_modules")
+    return {"mimi": side_assets.build_mimi(root).parent, "campplus": side_assets.build_campplus(root),
+            "sensevoice": side_assets.build_sensevoice(root), "siglip": side_assets.build_siglip(root)}
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory, tokenizer_flag):
+    """train.py's demo run (two steps, tiny model), with its codec head made never to stop early
+    (the specials' logits zeroed: random weights would stop at random), so every reply has speech."""
+    import train
+    out = tmp_path_factory.mktemp("demo")
+    summary = train.main(["--out_dir", str(out), "--max_steps", "2", "--save_every", "0", "--max_seq_len", "64",
+                          "--batch_size", "4", "--hidden_size", "64", "--num_hidden_layers", "2", *tokenizer_flag])
+    model = mo.load_model(summary["checkpoint"])
+    with torch.no_grad():
+        for linear in [model.talker.lm_head.base] + [a[2] for a in model.talker.lm_head.adapters]:
+            linear.weight[mo.CODEBOOK_SIZE:] = 0
+    path = out / "demo_speaks_to_the_end.pth"
+    mo.save_checkpoint(model, str(path))
+    return path

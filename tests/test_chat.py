@@ -1,5 +1,6 @@
 """chat.py end to end, offline: a train.py demo checkpoint, and Mimi, CAM++ and SenseVoice with random weights
-saved in their published formats and loaded through the real loaders (tests/side_assets.py)."""
+saved in their published formats and loaded through the real loaders (tests/side_assets.py; the `parts` and
+`demo_checkpoint` fixtures are in conftest.py, shared with test_web.py)."""
 import collections
 import os
 import shutil
@@ -12,35 +13,11 @@ import torch
 
 import chat
 import minimind_o as mo
-import train
 
 side_assets = pytest.importorskip("side_assets", reason="tests/side_assets.py builds the side modules")
 
 REPLY_STEPS = 24                  # --max_new_tokens of the one-shot replies: 16 frames of speech
 SPEECH = side_assets.HELLO_WAV    # "Hello, how are you today?" spoken by espeak-ng, 16 kHz
-
-
-@pytest.fixture(scope="session")
-def parts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("side_modules")
-    return {"mimi": side_assets.build_mimi(root).parent, "campplus": side_assets.build_campplus(root),
-            "sensevoice": side_assets.build_sensevoice(root), "siglip": side_assets.build_siglip(root)}
-
-
-@pytest.fixture(scope="session")
-def demo_checkpoint(tmp_path_factory, tokenizer_flag):
-    """train.py's demo run (two steps, tiny model), with its codec head made never to stop early
-    (the specials' logits zeroed: random weights would stop at random), so every reply has speech."""
-    out = tmp_path_factory.mktemp("demo")
-    summary = train.main(["--out_dir", str(out), "--max_steps", "2", "--save_every", "0", "--max_seq_len", "64",
-                          "--batch_size", "4", "--hidden_size", "64", "--num_hidden_layers", "2", *tokenizer_flag])
-    model = mo.load_model(summary["checkpoint"])
-    with torch.no_grad():
-        for linear in [model.talker.lm_head.base] + [a[2] for a in model.talker.lm_head.adapters]:
-            linear.weight[mo.CODEBOOK_SIZE:] = 0
-    path = out / "demo_speaks_to_the_end.pth"
-    mo.save_checkpoint(model, str(path))
-    return path
 
 
 @pytest.fixture
