@@ -700,6 +700,7 @@ class WebTab:
         self.outbox = asyncio.Queue()  # str (JSON) or bytes (speech) for the page, in order
         self.turn = None               # the asyncio task of this tab's latest question
         self.stop = TurnStop()         # that question's
+        self.voice_changes = set()     # their asyncio tasks, waiting for the model or running
         self.mic_mode, self.listener, self.held = "off", None, []
         self.mic_frames = 0            # frames heard since the call started: the page counts them too
         self.spoken = itertools.count(1)
@@ -753,6 +754,9 @@ class WebTab:
             await handler(message)
         except ValueError as e:  # a bad question, file or setting: said in the page, the tab goes on
             self.send("error", id=message.get("id"), message=str(e))
+        except Exception as e:  # a message no check foresaw: said, logged, and the tab still goes on
+            traceback.print_exc()
+            self.send("error", id=message.get("id"), message=f"{type(e).__name__}: {e}")
 
     async def ask(self, message):
         text = message.get("text") or ""
@@ -774,7 +778,9 @@ class WebTab:
         if clip is None and name != "none" and name not in self.server.voices:  # never a path on the server
             raise ValueError(f"no voice {name!r} here (there are: {', '.join(self.server.voices) or 'none'})")
         # After this tab's reply, if one is running: a voice change does not cut it short
-        asyncio.create_task(self.server.use_model(self, turn_id, lambda: self.change_voice(turn_id, name, clip)))
+        job = asyncio.create_task(self.server.use_model(self, turn_id, lambda: self.change_voice(turn_id, name, clip)))
+        self.voice_changes.add(job)  # a task nothing refers to may be garbage-collected before it ends
+        job.add_done_callback(self.voice_changes.discard)
 
     async def mic(self, message):
         mode = message.get("mode")
@@ -809,7 +815,7 @@ class WebTab:
         chunk = np.frombuffer(data, "<i2").astype(np.float32) / PCM16_FULL_SCALE   # (512,)
         if self.mic_mode == "hold":
             self.held.append(chunk)
-            if len(self.held) * mo.VAD_CHUNK >= MAX_AUDIO_S * mo.SAMPLE_RATE_SPEECH:
+            if len(self.held) * mo.VAD_CHUNK > MAX_AUDIO_S * mo.SAMPLE_RATE_SPEECH:  # the page sends before
                 self.send("error", id=None, message=f"held for {MAX_AUDIO_S} s: that much is sent as the question")
                 self.ask_spoken(self.held)
                 self.mic_mode = "off"
@@ -870,8 +876,10 @@ class WebTab:
         # Stopped: the model made no more steps from heard_at on; closed: Mimi's thread is done too
         ms = lambda t: round((t - stop.asked_at) * 1000)
         stopped_ms, closed_ms = (ms(stop.heard_at), ms(time.perf_counter())) if reply.interrupted else (None, None)
+        heard_s = None if audio is None else round(len(audio) / mo.SAMPLE_RATE_SPEECH, 2)
         self.send("reply_end", id=turn_id, text=reply.text, interrupted=reply.interrupted, steps=reply.steps,
-                  frames=reply.frames, seconds=round(reply.seconds, 2), stopped_ms=stopped_ms, closed_ms=closed_ms)
+                  frames=reply.frames, seconds=round(reply.seconds, 2), stopped_ms=stopped_ms, closed_ms=closed_ms,
+                  image=image is not None, heard_s=heard_s)
         speech = f", {len(reply.pcm) / mo.SAMPLE_RATE_MIMI:.1f} s of speech" if len(reply.pcm) else ""
         stopped = f", stopped {stopped_ms} ms after it was asked to ({closed_ms} ms with Mimi's last decode)" \
             if reply.interrupted else ""
