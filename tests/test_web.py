@@ -198,7 +198,8 @@ def test_hold_to_talk_asks_what_was_said(page):
     [turn] = wait_turns(page, 1)
     assert spoke_all(turn)
     [seconds] = questions_seconds(page)
-    assert 2.0 < seconds == turn.heardSeconds < 2.7  # what was held, less the frames on their way at release
+    assert 2.0 < turn.heardSeconds < 2.7  # what was held, less the frames still on their way at release
+    assert seconds == pytest.approx(turn.heardSeconds, abs=0.05)  # as the page shows it: one decimal
 
 
 def test_a_voice_recorded_in_the_page_is_cloned(page):
