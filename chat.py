@@ -1098,8 +1098,8 @@ def parse_args(argv=None):
     page.add_argument("--ssl_cert", metavar="PEM", help="serve https with this certificate (browsers allow the "
                       "microphone only on https or localhost)")
     page.add_argument("--ssl_key", metavar="PEM", help="the certificate's private key")
-    page.add_argument("--max_sessions", type=positive, default=4, metavar="N", help="browser tabs served at once (default 4; "
-                      "they share the model, one reply at a time)")
+    page.add_argument("--max_sessions", type=positive, default=4, metavar="N", help="browser tabs served at once "
+                      "(default 4; they share the model, one reply at a time)")
     voice = p.add_argument_group("voice")
     voice.add_argument("--voice", metavar="NAME|FILE", help="a voice from --voices, or an audio clip to clone "
                        "(1-24 s of clean speech); default: the model's own")

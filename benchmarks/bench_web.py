@@ -41,7 +41,8 @@ TURN_TIMEOUT_MS = 120_000
 
 
 def tokenizer_folder():
-    places = [os.environ.get("MINIMIND_TOKENIZER"), ROOT / "models" / "minimind-3o", ROOT.parent / "shared" / "tokenizer"]
+    places = [os.environ.get("MINIMIND_TOKENIZER"), ROOT / "models" / "minimind-3o",
+              ROOT.parent / "shared" / "tokenizer"]
     found = next((Path(p) for p in places if p and (Path(p) / "tokenizer.json").is_file()), None)
     if found is None:
         sys.exit("needs the released tokenizer in models/minimind-3o (README: 'Train it'), or MINIMIND_TOKENIZER")
@@ -113,7 +114,8 @@ def main(argv=None):
             with sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path=chromium, args=[
                     "--no-sandbox", "--disable-gpu", "--use-fake-ui-for-media-stream",
-                    "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={folder / 'mic.wav'}%noloop",
+                    "--use-fake-device-for-media-stream",
+                    f"--use-file-for-fake-audio-capture={folder / 'mic.wav'}%noloop",
                     "--autoplay-policy=no-user-gesture-required"])
                 page = browser.new_page()
                 page.goto(url)
