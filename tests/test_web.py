@@ -345,3 +345,12 @@ def test_https_certificates_are_loaded_or_named(tmp_path):
     assert chat.ssl_context(chat.parse_args(["--web", "--ssl_cert", str(cert), "--ssl_key", str(key)])) is not None
     with pytest.raises(ValueError, match="cannot load them"):
         chat.ssl_context(chat.parse_args(["--web", "--ssl_cert", str(key), "--ssl_key", str(cert)]))
+
+
+def test_each_tab_has_its_own_conversation_on_the_shared_model(demo_checkpoint, tokenizer_flag):
+    base = chat.Chat(chat.parse_args(["--checkpoint", str(demo_checkpoint), *tokenizer_flag, "--no_speech",
+                                      "--max_new_tokens", "4"]))
+    first, second = base.conversation(), base.conversation()
+    first.ask("What is 1 plus 1?")
+    assert len(first.history) == 2 and second.history == [] and base.history == []
+    assert first.model is second.model is base.model and first.parts is second.parts is base.parts
