@@ -881,9 +881,12 @@ class WebTab:
                   frames=reply.frames, seconds=round(reply.seconds, 2), stopped_ms=stopped_ms, closed_ms=closed_ms,
                   image=image is not None, heard_s=heard_s)
         speech = f", {len(reply.pcm) / mo.SAMPLE_RATE_MIMI:.1f} s of speech" if len(reply.pcm) else ""
+        first = f", first sound {reply.first_audio_s:.2f} s after the model took the question" \
+            if reply.first_audio_s else ""
         stopped = f", stopped {stopped_ms} ms after it was asked to ({closed_ms} ms with Mimi's last decode)" \
             if reply.interrupted else ""
-        print(f"tab {self.number}: {reply.steps} steps in {reply.seconds:.1f} s{speech}{stopped}", file=sys.stderr)
+        print(f"tab {self.number}: {reply.steps} steps in {reply.seconds:.1f} s{speech}{first}{stopped}",
+              file=sys.stderr)
 
     def change_voice(self, turn_id, name, clip):
         if clip is None:

@@ -34,7 +34,7 @@ import minimind_o as mo  # noqa: E402
 import side_assets  # noqa: E402
 import torch  # noqa: E402
 
-SILENCE_BETWEEN_S = 6.0   # after each spoken question: its reply ends before the next one (no barge-in)
+SILENCE_BETWEEN_S = 8.0   # after each spoken question: its reply ends before the next one (no barge-in)
 LEAD_SILENCE_S = 0.5
 START_TIMEOUT_S = 300
 TURN_TIMEOUT_MS = 120_000
@@ -96,7 +96,8 @@ def first_sounds(page, done_before):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--questions", type=int, default=5, help="typed and spoken questions each (after one warm-up)")
-    p.add_argument("--steps", type=int, default=40, help="--max_new_tokens of each reply")
+    p.add_argument("--steps", type=int, default=24, help="--max_new_tokens of each reply (the first frame is "
+                   "complete after 8)")
     p.add_argument("--frames_per_call", type=int, default=2, choices=range(1, 5), metavar="{1..4}")
     p.add_argument("--int8", action="store_true")
     p.add_argument("--threads", type=int)
@@ -127,10 +128,12 @@ def main(argv=None):
                     typed.append(first_sounds(page, n))
                 page.click("#call")
                 spoken = [first_sounds(page, args.questions + 1 + n) for n in range(args.questions + 1)]
+                cut_short = page.evaluate("chatState.order.filter(id => chatState.turns[id].interrupted).length")
                 browser.close()
         finally:
             process.terminate()
             process.wait()
+    load = os.getloadavg()[1]
     typed, spoken = typed[1:], spoken[1:]
     setting = f"{'int8' if args.int8 else 'float32'}, {args.frames_per_call} frame(s)/decode call, " \
               f"{args.threads or torch.get_num_threads()} threads"
@@ -138,6 +141,10 @@ def main(argv=None):
     for name, times in (("typed  (from Send)", typed), ("spoken (from the end of speech)", spoken)):
         print(f"  {name:32s} {statistics.median(times):.2f} s ({min(times):.2f}-{max(times):.2f})")
     print(f"  spoken, from the VAD's decision  {statistics.median(spoken) - chat.VAD_SILENCE_MS / 1000:.2f} s")
+    print(f"  (machine load, 5-minute average: {load:.1f} on {os.cpu_count()} cores, this benchmark included)")
+    if cut_short:
+        print(f"  {cut_short} replies were still running when the next spoken question came (barge-in): on a "
+              f"machine this slow the spoken times include stopping them")
     return typed, spoken
 
 
