@@ -274,8 +274,11 @@ def test_two_tabs_at_once_both_get_answers_and_one_tabs_barge_in_leaves_the_othe
     first, second = open_page(browser, server), open_page(browser, server)
     try:
         ask(first, "1+1=")
-        ask(second, "2+2=")  # while the first tab's reply is being made: it waits its turn
-        assert spoke_all(wait_turns(first, 1)[0]) and spoke_all(wait_turns(second, 1)[0])
+        first.wait_for_function("chatState.replying !== null", timeout=TURN_TIMEOUT_MS)
+        ask(second, "2+2=")  # while the first tab's reply is being made: it waits its turn, and is told so
+        assert spoke_all(wait_turns(first, 1)[0])
+        waited = wait_turns(second, 1)[0]
+        assert spoke_all(waited) and waited.queuedBehind == 1
         ask(first, "3+3=")
         first.wait_for_function("chatState.replying !== null", timeout=TURN_TIMEOUT_MS)
         second.click("#call")   # the second tab's mic: its speech starts 0.5 s in, during the first tab's reply
