@@ -1,6 +1,6 @@
 """chat.py end to end, offline: a train.py demo checkpoint, and Mimi, CAM++ and SenseVoice with random weights
-saved in their published formats and loaded through the real loaders (the `demo_checkpoint` and `parts`
-fixtures of conftest.py, built by tests/side_assets.py)."""
+saved in their published formats and loaded through the real loaders (tests/side_assets.py; the `parts` and
+`demo_checkpoint` fixtures are in conftest.py, shared with test_web.py)."""
 import collections
 import os
 import shutil

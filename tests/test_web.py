@@ -1,0 +1,365 @@
+"""python chat.py --web, driven in a real headless Chromium: the server runs the demo checkpoint with the
+random-weight side modules (conftest.py), the page is chat_web.html, and the microphone is Chromium's fake one,
+playing a recording (espeak-ng speech): half a second of silence, the question, a pause of PAUSE_S, the
+question again (which lands while the first reply is being spoken: barge-in), then silence."""
+import base64
+import http.client
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import chat
+import minimind_o as mo
+
+side_assets = pytest.importorskip("side_assets", reason="tests/side_assets.py builds the side modules")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None:
+    pytest.skip("the web chat tests need Chromium (Debian: apt-get install -y chromium; .ci/run installs it)",
+                allow_module_level=True)
+sync_playwright = pytest.importorskip(
+    "playwright.sync_api", reason="the web chat tests drive Chromium with playwright (pip install -r "
+                                  "requirements.txt)").sync_playwright
+
+REPLY_STEPS = 64          # 56 frames (4.5 s) of speech a reply: long enough to talk over, short to decode
+MAX_SESSIONS = 3
+PAUSE_S = 0.6             # between the two questions on the fake mic: VAD_SILENCE_MS ends the first
+BARGE_IN_LIMIT_MS = 300
+SERVER_START_S = 180
+TURN_TIMEOUT_MS = 60_000
+QUESTION = side_assets.HELLO_WAV   # "Hello, how are you today?", 16 kHz
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -- the server, the browser, and the page's view of a conversation ---------------------------------
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, parts, demo_checkpoint, tokenizer_flag):
+    """`python chat.py --web --port 0` in its own process; yields (url, process, path of its stderr log)."""
+    folder = tmp_path_factory.mktemp("web")
+    voices = folder / "voices.pt"
+    chat.save_voice(voices, "bob", {"ref_codes": torch.zeros(8, 3, dtype=torch.long), "spk_emb": torch.zeros(192)})
+    log = folder / "server.log"
+    command = [sys.executable, "chat.py", "--web", "--port", "0", "--checkpoint", str(demo_checkpoint),
+               *tokenizer_flag, "--mimi", str(parts["mimi"]), "--campplus", str(parts["campplus"]),
+               "--sensevoice", str(parts["sensevoice"]), "--siglip", str(parts["siglip"]), "--voices", str(voices),
+               "--max_new_tokens", str(REPLY_STEPS), "--seed", "0", "--max_sessions", str(MAX_SESSIONS)]
+    with open(log, "w") as err:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
+    deadline = time.monotonic() + SERVER_START_S
+    line = ""
+    while "web chat: http" not in line:
+        line = process.stdout.readline()
+        if not line and (process.poll() is not None or time.monotonic() > deadline):
+            process.kill()
+            pytest.fail(f"chat.py --web did not start:\n{log.read_text()}")
+    url = line.split("web chat: ")[1].split()[0]
+    yield url, process, log
+    process.send_signal(signal.SIGINT)  # Ctrl-C: it shuts down cleanly
+    assert process.wait(timeout=30) == 0, log.read_text()
+
+
+@pytest.fixture(scope="module")
+def fake_mic(tmp_path_factory):
+    speech = mo.load_audio(str(QUESTION), mo.SAMPLE_RATE_SPEECH)
+    silence = lambda s: np.zeros(int(s * mo.SAMPLE_RATE_SPEECH), np.float32)
+    path = tmp_path_factory.mktemp("mic") / "mic.wav"
+    sf.write(path, np.concatenate([silence(0.5), speech, silence(PAUSE_S), speech, silence(3.0)]),
+             mo.SAMPLE_RATE_SPEECH, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser(fake_mic):
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={fake_mic}%noloop",  # each tab's microphone plays it from the start
+            "--autoplay-policy=no-user-gesture-required", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        yield browser
+        browser.close()
+
+
+def open_page(browser, server):
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.errors = errors
+    page.goto(server[0])
+    page.wait_for_function("chatState.connected || chatState.refused !== null")
+    return page
+
+
+@pytest.fixture
+def page(browser, server):
+    page = open_page(browser, server)
+    yield page
+    assert page.errors == []  # no uncaught error in the page's script
+    page.close()
+
+
+def turns(page):
+    """The page's record of each turn (chatState.turns, without its DOM nodes), oldest first."""
+    return [SimpleNamespace(**t) for t in page.evaluate("""chatState.order.map(id => {
+        const {reply, stats, chunks, ...rest} = chatState.turns[id];
+        return {...rest, shown: reply.textContent, stats: stats.textContent}; })""")]
+
+
+def wait_turns(page, n):
+    page.wait_for_function("n => chatState.order.filter(id => chatState.turns[id].done).length >= n", arg=n,
+                           timeout=TURN_TIMEOUT_MS)
+    return turns(page)
+
+
+def wait_last(page):
+    """The latest turn, once it is over."""
+    page.wait_for_function("chatState.order.length && chatState.turns[chatState.order.at(-1)].done",
+                           timeout=TURN_TIMEOUT_MS)
+    return turns(page)[-1]
+
+
+def wait_notice(page, text):
+    from playwright.sync_api import TimeoutError as Timeout
+    try:
+        page.wait_for_function("s => (chatState.notices || []).some(n => n.includes(s))", arg=text,
+                               timeout=TURN_TIMEOUT_MS)
+    except Timeout:
+        pytest.fail(f"the page never said {text!r}; it said {page.evaluate('chatState.notices')}")
+
+
+def questions_seconds(page):
+    """How long each spoken question was, as the page shows it: '(spoken, 1.9 s)'."""
+    shown = page.evaluate("[...document.querySelectorAll('.you')].map(e => e.textContent)")
+    return [float(re.fullmatch(r"\(spoken, ([\d.]+) s\)", s).group(1)) for s in shown if s.startswith("(spoken")]
+
+
+def ask(page, text):
+    page.fill("#text", text)
+    page.click("#send")
+
+
+def spoke_all(turn):
+    """The reply ran to its end and every frame it made was played (else an AssertionError that shows it)."""
+    assert turn.outcome == "answered" and not turn.interrupted, turn
+    assert turn.frames == REPLY_STEPS - mo.N_CODEBOOKS and turn.samples == turn.frames * mo.MIMI_FRAME_SAMPLES, turn
+    return True
+
+
+# -- the tests -------------------------------------------------------------------------------------
+
+def test_a_typed_question_streams_its_text_and_plays_its_speech_as_it_is_made(page):
+    ask(page, "1+1=")
+    [turn] = wait_turns(page, 1)
+    assert spoke_all(turn) and turn.dropped == 0
+    reply_time = turn.endedAt - turn.startedAt
+    assert len(turn.textPieces) > 1 and turn.endedAt - turn.textPieces[0] > 0.3 * reply_time  # text streamed
+    assert turn.questionEnd < turn.firstSoundAt < turn.endedAt            # speech began before the reply ended
+    assert turn.firstSoundMs > 0 and "first sound" in turn.stats and turn.shown == turn.text
+    wav_bytes = page.evaluate("url => fetch(url).then(r => r.arrayBuffer()).then(b => b.byteLength)", turn.wavUrl)
+    assert wav_bytes == 44 + 2 * turn.samples                               # the reply's wav, to download
+    page.wait_for_function("speaker.sources.size === 0", timeout=TURN_TIMEOUT_MS)  # it played to the end
+    page.click("#reset")
+    wait_notice(page, "the conversation is forgotten")
+    assert page.locator("#log").inner_text() == ""
+
+
+def test_a_spoken_question_is_answered_and_speaking_over_the_reply_stops_it_at_once(page):
+    page.click("#call")
+    first, second = wait_turns(page, 2)
+    # The question again, while the first reply is being made: the VAD hears it start, the reply stops
+    assert first.interrupted and first.steps < REPLY_STEPS
+    assert first.stoppedMs < BARGE_IN_LIMIT_MS          # from the VAD's "start" to the model's last step
+    assert first.soundingAtBarge > 0 and first.soundingAfterBarge == 0 and first.dropped > 0  # silent at once
+    print(f"barge-in: the model stopped {first.stoppedMs} ms after the VAD heard speech, {first.closedMs} ms with "
+          f"Mimi's last decode; the VAD was {first.vadLagMs} ms behind the microphone")
+    # ... and that question, heard from its first word, gets the whole reply
+    assert spoke_all(second) and second.firstSoundMs > 0
+    assert min(questions_seconds(page)) >= sf.info(str(QUESTION)).duration
+    page.click("#call")  # hang up
+
+
+def test_hold_to_talk_asks_what_was_said(page):
+    talk = page.locator("#talk").bounding_box()
+    page.mouse.move(talk["x"] + 5, talk["y"] + 5)
+    page.mouse.down()
+    page.wait_for_timeout(2600)  # the fake mic: 0.5 s of silence, then the question
+    page.mouse.up()
+    [turn] = wait_turns(page, 1)
+    assert spoke_all(turn)
+    [seconds] = questions_seconds(page)
+    assert 1.5 < turn.heardSeconds < 2.7  # what was held, less the mic's start and the frames still on their way
+    assert seconds == pytest.approx(turn.heardSeconds, abs=0.05)  # as the page shows it: one decimal
+
+
+def test_a_voice_recorded_in_the_page_is_cloned(page):
+    page.click("#clone-record")  # 5 s of the fake mic: the question, then part of it again
+    wait_notice(page, "voice: cloned from recorded voice.wav")
+    assert page.locator("#voice").input_value() == "clone"
+
+
+def test_an_image_and_a_cloned_voice(page, tmp_path):
+    from PIL import Image
+    picture = tmp_path / "red.png"
+    Image.new("RGB", (48, 32), (220, 30, 30)).save(picture)
+    page.set_input_files("#clone-file", str(QUESTION))
+    wait_notice(page, f"voice: cloned from {QUESTION.name} (")
+    page.set_input_files("#image-file", str(picture))
+    ask(page, "What is in this picture?")
+    [turn] = wait_turns(page, 1)
+    assert spoke_all(turn) and turn.withImage and page.locator(".you img").count() == 1
+    page.select_option("#voice", "bob")  # a voice from --voices
+    wait_notice(page, "voice: bob")
+    ask(page, "And now?")
+    assert spoke_all(wait_turns(page, 2)[1])
+
+
+def test_bad_uploads_and_messages_are_refused_with_a_message_and_the_server_goes_on(page, server, tmp_path):
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not a picture")
+    page.set_input_files("#image-file", str(not_image))
+    ask(page, "What is this?")
+    wait_notice(page, "notes.png is not an image that can be read")
+
+    picture = tmp_path / "tiny.png"
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(picture)
+    page.set_input_files("#audio-file", str(picture))
+    page.click("#send")
+    wait_notice(page, "tiny.png: cannot decode audio")
+
+    long_audio = tmp_path / "long.wav"
+    sf.write(long_audio, np.tile(mo.load_audio(str(QUESTION), mo.SAMPLE_RATE_SPEECH), 20), mo.SAMPLE_RATE_SPEECH)
+    page.set_input_files("#audio-file", str(long_audio))
+    page.click("#send")
+    wait_notice(page, f"at most {chat.MAX_AUDIO_S} s of audio is heard")
+
+    quiet = tmp_path / "quiet.wav"
+    sf.write(quiet, mo.load_audio(str(QUESTION), mo.SAMPLE_RATE_SPEECH) * 1e-3, mo.SAMPLE_RATE_SPEECH)
+    page.set_input_files("#clone-file", str(quiet))
+    wait_notice(page, "voice clip quiet.wav is too quiet")
+
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * (chat.MAX_UPLOAD_MB * 2 ** 20 + 1))
+    page.set_input_files("#image-file", str(big))
+    wait_notice(page, f"big.png is 10.0 MB: at most {chat.MAX_UPLOAD_MB} MB")  # said by the page: never sent
+
+    ask(page, "x" * (chat.MAX_TEXT_CHARS + 1))
+    wait_notice(page, f"at most {chat.MAX_TEXT_CHARS}")
+    # what the page would not send, the server refuses too
+    oversized = base64.b64encode(b"\0" * (chat.MAX_UPLOAD_MB * 2 ** 20 + 1)).decode()
+    page.evaluate("data => send({type: 'ask', id: 'raw', text: '', image: {name: 'raw.png', data}})", oversized)
+    wait_notice(page, f"image raw.png is 10.0 MB: at most {chat.MAX_UPLOAD_MB} MB")
+    page.evaluate("send('hello?')")
+    wait_notice(page, "not a message this server knows")
+    page.evaluate("ws.send(new Uint8Array(3).buffer)")
+    wait_notice(page, "microphone frames are 512 16-bit samples")
+
+    ask(page, "1+1=")  # the same tab and the server go on
+    assert spoke_all(wait_last(page))
+    assert server[1].poll() is None
+
+
+def test_two_tabs_at_once_both_get_answers_and_one_tabs_barge_in_leaves_the_others_reply(browser, server):
+    first, second = open_page(browser, server), open_page(browser, server)
+    try:
+        ask(first, "1+1=")
+        first.wait_for_function("chatState.replying !== null", timeout=TURN_TIMEOUT_MS)
+        ask(second, "2+2=")  # while the first tab's reply is being made: it waits its turn, and is told so
+        assert spoke_all(wait_turns(first, 1)[0])
+        waited = wait_turns(second, 1)[0]
+        assert spoke_all(waited) and waited.queuedBehind == 1
+        ask(first, "3+3=")
+        first.wait_for_function("chatState.replying !== null", timeout=TURN_TIMEOUT_MS)
+        second.click("#call")   # the second tab's mic: its speech starts 0.5 s in, during the first tab's reply
+        reply = wait_turns(first, 2)[1]
+        assert spoke_all(reply)   # not stopped by the other tab's barge-in ...
+        heard = second.evaluate("performance.timeOrigin + chatState.speechStarts[0]")
+        started, ended = (first.evaluate("performance.timeOrigin") + t for t in (reply.startedAt, reply.endedAt))
+        assert started < heard < ended   # ... which came while it was being made
+        # The second tab is heard too (its first question, queued behind the other tab's reply, gives way to
+        # the second, spoken over it)
+        second.wait_for_function("chatState.order.some(id => id.startsWith('spoken') && "
+                                 "chatState.turns[id].outcome === 'answered')", timeout=TURN_TIMEOUT_MS)
+        second.click("#call")
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_tab_over_the_limit_is_told_so_and_a_closed_tab_frees_its_place(browser, server):
+    pages = [open_page(browser, server) for _ in range(MAX_SESSIONS)]
+    extra = open_page(browser, server)
+    try:
+        assert extra.evaluate("chatState.refused").startswith(f"the server already serves {MAX_SESSIONS} tabs")
+        assert "already serves" in extra.locator("#notice").inner_text()
+        closed = pages[0].evaluate("chatState.hello.tab")
+        ask(pages[0], "1+1=")
+        pages[0].wait_for_function("chatState.replying !== null", timeout=TURN_TIMEOUT_MS)
+        pages[0].close()   # mid-reply: the reply stops, the place is free
+        extra.reload()
+        extra.wait_for_function("chatState.connected")
+        ask(extra, "2+2=")
+        assert spoke_all(wait_turns(extra, 1)[0])
+        log = server[2].read_text()
+        assert f"tab {closed} closed" in log and re.search(rf"tab {closed}: \d+ steps .* stopped \d+ ms after", log)
+    finally:
+        for p in pages[1:] + [extra]:
+            p.close()
+
+
+def test_another_sites_page_cannot_connect(server):
+    """WebSockets are not bound by the same-origin rule: any page in the user's browser could otherwise talk
+    to the model on localhost."""
+    def handshake(origin):
+        address = urllib.parse.urlparse(server[0])
+        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=10)
+        connection.request("GET", "/ws", headers={
+            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(), "Origin": origin})
+        status = connection.getresponse().status
+        connection.close()
+        return status
+    assert handshake("http://evil.example") == 403
+    assert handshake(server[0].rstrip("/")) == 101  # the page's own origin
+
+
+def test_web_arguments_and_what_a_public_host_means(tmp_path, capsys):
+    for extra, message in [(["--text", "hi"], "--web serves the chat as a page"),
+                           (["--ssl_cert", "cert.pem"], "--ssl_cert and --ssl_key go together")]:
+        with pytest.raises(SystemExit):
+            chat.parse_args(["--web", *extra])
+        assert message in capsys.readouterr().err
+    local = chat.web_banner(chat.parse_args(["--web"]), 8000)
+    assert local == ["MiniMind-O web chat: http://127.0.0.1:8000/  (Ctrl-C stops it)"]
+    public = "\n".join(chat.web_banner(chat.parse_args(["--web", "--host", "0.0.0.0"]), 8000))
+    assert "anyone who can reach port 8000" in public and "ssh -L 8000:localhost:8000" in public
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="makes a self-signed certificate with openssl")
+def test_https_certificates_are_loaded_or_named(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-days",
+                    "1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    assert chat.ssl_context(chat.parse_args(["--web", "--ssl_cert", str(cert), "--ssl_key", str(key)])) is not None
+    with pytest.raises(ValueError, match="cannot load them"):
+        chat.ssl_context(chat.parse_args(["--web", "--ssl_cert", str(key), "--ssl_key", str(cert)]))
+
+
+def test_each_tab_has_its_own_conversation_on_the_shared_model(demo_checkpoint, tokenizer_flag):
+    base = chat.Chat(chat.parse_args(["--checkpoint", str(demo_checkpoint), *tokenizer_flag, "--no_speech",
+                                      "--max_new_tokens", "4"]))
+    first, second = base.conversation(), base.conversation()
+    first.ask("What is 1 plus 1?")
+    assert len(first.history) == 2 and second.history == [] and base.history == []
+    assert first.model is second.model is base.model and first.parts is second.parts is base.parts
