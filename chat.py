@@ -97,7 +97,8 @@ def fetch_voices(path):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with urllib.request.urlopen(VOICES_URL, timeout=DOWNLOAD_TIMEOUT_S) as r:
         data = r.read()
-    Path(path).write_bytes(data)
+    with mo.atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def fetch_checkpoint(path):
@@ -431,8 +432,8 @@ class SpeechOut:
 
 def write_wav(path, pcm):
     import soundfile as sf
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), pcm, mo.SAMPLE_RATE_MIMI, subtype="PCM_16")
+    with mo.atomic_path(path) as tmp:  # the temporary name keeps the extension soundfile goes by
+        sf.write(str(tmp), pcm, mo.SAMPLE_RATE_MIMI, subtype="PCM_16")
 
 
 # -----------------------------------------------------------------------------------------------

@@ -313,6 +313,36 @@ def test_clone_save_and_load_voice(mimi, campp, tmp_path):
     assert torch.equal(loaded["question"]["ref_codes"], voice["ref_codes"])
 
 
+def test_a_save_that_fails_midway_leaves_every_stored_voice(tmp_path, monkeypatch):
+    voices_path = tmp_path / "voices.pt"
+    voice = {"ref_codes": torch.zeros(8, 3, dtype=torch.long), "spk_emb": torch.zeros(192)}
+    chat.save_voice(voices_path, "kept", voice)
+    before = voices_path.read_bytes()
+
+    def dies_halfway(obj, f):  # a full disk or a kill: half a file written, then the error
+        Path(f).write_bytes(before[:len(before) // 2])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(OSError):
+        chat.save_voice(voices_path, "new", voice)
+    assert voices_path.read_bytes() == before and sorted(chat.load_voices(voices_path)) == ["kept"]
+    assert [p.name for p in tmp_path.iterdir()] == ["voices.pt"]  # no temporary file left behind
+
+
+def test_a_wav_write_that_fails_midway_leaves_the_previous_reply(tmp_path, monkeypatch):
+    out = tmp_path / "reply.wav"
+    chat.write_wav(out, np.zeros(2400, np.float32))
+    before = out.read_bytes()
+
+    def dies_halfway(path, *args, **kwargs):
+        Path(path).write_bytes(b"RIFF")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(sf, "write", dies_halfway)
+    with pytest.raises(OSError):
+        chat.write_wav(out, np.ones(2400, np.float32))
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["reply.wav"]
+
+
 def test_clone_keeps_at_most_max_ref_frames(mimi, campp, monkeypatch):
     monkeypatch.setattr(chat, "MAX_REF_FRAMES", 5)    # the 300-frame cap, scaled down to keep the test fast
     voice = chat.clone_voice(assets.QUESTION_WAV, mimi, campp)
