@@ -26,6 +26,8 @@ A training run writes into --out_dir: `<save_weight>_<hidden>[_moe].pth` (the we
 """
 import argparse
 import contextlib
+import fcntl
+import glob
 import hashlib
 import json
 import math
@@ -934,6 +936,54 @@ def resume_path(args):
     return run_file(args, "resume.pt")
 
 
+class OutputInUse(ValueError):
+    """Another live run writes the same --out_dir/--save_weight files."""
+
+
+@contextlib.contextmanager
+def output_lock(args, procs):
+    """Hold <out_dir>/<save_weight>.lock (rank 0) for the whole run: a second run on the same outputs
+    would interleave their metrics and leave a checkpoint of neither, so it is refused at start. The
+    lock is the kernel's (flock): it dies with its process, so a killed run's lock file is simply taken
+    over. The file holds the owner's pid, for the message. Under the lock, temporary files that killed
+    runs left beside this run's outputs are removed."""
+    if not procs.is_main:
+        yield
+        return
+    path = os.path.join(args.out_dir, f"{args.save_weight}.lock")
+    f = take_lock(path)
+    try:
+        for leftover in glob.glob(os.path.join(glob.escape(args.out_dir), f".{glob.escape(args.save_weight)}_*.tmp*")):
+            os.remove(leftover)  # mo.atomic_path's temporary names: .<file>.<hex>.tmp<ext>
+        yield
+    finally:
+        os.remove(path)  # while still holding it: a run that opened it meanwhile finds it locked, then gone
+        f.close()
+
+
+def take_lock(path):
+    """The open, locked lock file at `path`, with this process's pid in it; OutputInUse when a live
+    process holds it."""
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "unknown"
+            f.close()
+            raise OutputInUse(f"{path} is held by another training run (pid {owner}) writing the same --out_dir "
+                              "and --save_weight; wait for it to finish, or choose another --save_weight or "
+                              "--out_dir") from None
+        if os.path.exists(path) and os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+            break
+        f.close()  # its owner removed it between our open and our lock: try again
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def rng_states(device):
     states = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
     if device.type == "cuda":  # this process's GPU only: touching the others would give each a context
@@ -1293,6 +1343,12 @@ def train(args):
     """Run one training stage; returns a summary dict (also printed)."""
     procs = setup_processes(args)
     os.makedirs(args.out_dir, exist_ok=True)
+    with output_lock(args, procs):
+        return train_stage(args, procs)
+
+
+def train_stage(args, procs):
+    """train() once this run holds its outputs."""
     demo = args.data is None
     if demo:
         args.data = [demo_data(args, procs)]

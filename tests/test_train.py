@@ -328,6 +328,27 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path, tokenizer_flag, capsy
     assert again["steps"] == 6 and read(again["metrics"]) == read(resumed["metrics"])
 
 
+def test_a_second_run_on_the_same_outputs_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_path, tokenizer_flag):
+    flags = ["--out_dir", str(tmp_path), "--save_every", "0", "--num_workers", "0", *TINY_RUN, *tokenizer_flag]
+    lock = tmp_path / "demo.lock"
+    first = subprocess.Popen([sys.executable, "train.py", *flags], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (lock.exists() and lock.read_text().strip() == str(first.pid)):
+            time.sleep(0.05)
+        with pytest.raises(train.OutputInUse, match=f"{lock} is held by another training run \\(pid {first.pid}\\)"):
+            train.main(["--max_steps", "1", *flags])
+    finally:
+        first.kill()
+        first.wait()
+    assert lock.read_text().strip() == str(first.pid)  # the killed run's lock file is still there
+    leftover = tmp_path / ".demo_metrics.jsonl.0123456789ab.tmp.jsonl"  # what a kill mid-write leaves
+    leftover.write_text('{"step": 1')
+    summary = train.main(["--max_steps", "1", *flags])
+    assert summary["steps"] == 1 and not leftover.exists() and not lock.exists()
+
+
 def test_two_process_ddp_on_cpu(tmp_path, tokenizer_flag):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
