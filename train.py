@@ -595,6 +595,18 @@ def sample_rng(seed, epoch, index):
     return random.Random(f"{seed}/{epoch}/{index}")
 
 
+def teaches_nothing(row, replies):
+    """Raise BadRow for a row that would be trained on without teaching anything: no reply to learn,
+    an image no turn points at (its features would never be injected), an empty question audio."""
+    if replies == 0:
+        raise BadRow.at(row.file, row.row, "conversations", "no assistant turn: there is no reply to learn")
+    if row.image and not any(mo.IMAGE_MARK in t["content"] for t in row.conversations):
+        raise BadRow.at(row.file, row.row, "image_bytes", f"an image, but no turn has an {mo.IMAGE_MARK} mark "
+                                                           "where it goes")
+    if any(len(audio) == 0 for audio in row.question_audios):
+        raise BadRow.at(row.file, row.row, "question_audios", "an empty (0-byte) audio file")
+
+
 class OmniDataset(Dataset):
     def __init__(self, rows, tok, max_len, encoders=None, augment="both", scheduled_sampling=0.05, seed=0,
                  skip_bad_rows=False):
@@ -632,6 +644,7 @@ class OmniDataset(Dataset):
             conversations = cut_conversation(conversations, rng.randrange(replies), self.tok, self.max_len)
         users = sum(t["role"] == "user" for t in conversations)
         replies = sum(t["role"] == "assistant" for t in conversations)
+        teaches_nothing(row, replies)
 
         # the question audio (of the last kept user turn) and the image: encoder outputs read from the
         # cache, or encoder inputs (a miss keeps its key, to store the output once it is encoded)
@@ -654,6 +667,9 @@ class OmniDataset(Dataset):
             has_spk=row.spk_emb is not None, n_audio_tokens=0 if question is None else len(question),
             has_image=bool(row.image), **variations)
         length = valid_length(text_labels, audio_labels)
+        if text_labels[:length].eq(mo.IGNORE).all() and audio_labels[:, :length].eq(mo.IGNORE).all():
+            raise BadRow.at(row.file, row.row, "conversations", f"the reply starts after --max_seq_len "
+                            f"{self.max_len} tokens, so nothing of it is learned")
         if self.scheduled_sampling > 0:
             noise = torch.Generator().manual_seed(rng.getrandbits(63))
             input_ids = scheduled_sampling(input_ids, text_labels, audio_labels, self.scheduled_sampling,

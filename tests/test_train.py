@@ -187,7 +187,14 @@ BAD = {"json": (dict(conversations='[{"role": "user", "content": "Hi"'), "conver
        "role": (dict(conversations=json.dumps([{"role": "robot", "content": "beep"}])), "conversations",
                 "unknown role 'robot'"),
        "audio": (dict(question_audios=[b"RIFF not really a wav"]), "question_audios", "cannot decode audio"),
-       "image": (dict(image_bytes=[b"\x89PNG broken"]), "image_bytes", "cannot read image")}
+       "image": (dict(conversations=chat("<image>Hi", "Hello."), image_bytes=[b"\x89PNG broken"]), "image_bytes",
+                 "cannot read image"),
+       # rows that would be trained on without teaching anything
+       "no_reply": (dict(conversations=chat("Hi")), "conversations", "no assistant turn"),
+       "cut_off": (dict(conversations=chat("word " * 80, "Hello.")), "conversations",
+                   "the reply starts after --max_seq_len 64"),
+       "unmarked_image": (dict(image_bytes=[png_bytes()]), "image_bytes", "an image, but no turn has an <image> mark"),
+       "empty_audio": (dict(question_audios=[b""]), "question_audios", "an empty \\(0-byte\\) audio file")}
 
 
 def bad_file(path, kinds):
@@ -218,6 +225,17 @@ def test_skip_bad_rows_counts_them_in_a_run(tmp_path, capsys, tokenizer_flag):
     assert summary["bad_rows"] == 3 and summary["steps"] == 6
     out = capsys.readouterr().out
     assert "skipped 3 bad rows" in out and out.count("skipped bad row: ") == 3  # each once, not once an epoch
+
+
+def test_a_file_of_rows_that_teach_nothing_is_an_error_not_a_zero_loss(tmp_path, tokenizer_flag):
+    path = write(tmp_path / "silent.parquet", dict(conversations=[chat("Hi"), chat("Hello?")]),
+                 dict(conversations=pa.string()))
+    flags = ["--data", path, "--from_weight", "none", "--out_dir", str(tmp_path), "--num_workers", "0", *TINY_RUN,
+             *tokenizer_flag]
+    with pytest.raises(train.BadRow, match="silent.parquet, row 0, column conversations: no assistant turn"):
+        train.main(flags)
+    with pytest.raises(ValueError, match="every row of the data is bad"):
+        train.main(flags + ["--skip_bad_rows"])
 
 
 @pytest.mark.parametrize("workers", [0, 2])
