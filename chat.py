@@ -16,6 +16,7 @@ import itertools
 import math
 import os
 import queue
+import re
 import shlex
 import sys
 import threading
@@ -473,6 +474,49 @@ class TextStream:
         return piece
 
 
+# Typed text never becomes control ids: only the chat template makes <|im_start|>, <|im_end|> and the
+# placeholders. A control token's text inside a message (what a person typed, a reply of the model) is
+# escaped before the template is applied, and prompt_ids encodes the text between the template's control
+# tokens as plain text. The tokenizer splits at control tokens first anyway, so an ordinary prompt gets
+# exactly the ids of encoding it whole (what the model was trained on).
+ESCAPE = "\ue000"  # a private-use character: after a control token's first character, it breaks the match
+
+
+def control_tokens(tok):
+    """The tokenizer's special tokens, longest first: {text: id}."""
+    found = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    return dict(sorted(found.items(), key=lambda kv: -len(kv[0])))
+
+
+def escaped(tok, text):
+    """Message text made unable to produce a control id or an image mark (ESCAPE itself is dropped)."""
+    text = text.replace(ESCAPE, "")
+    for control in [*control_tokens(tok), mo.IMAGE_MARK]:
+        text = text.replace(control, control[0] + ESCAPE + control[1:])
+    return text
+
+
+def prompt_ids(tok, text):
+    """Token ids of chat text whose messages went through escaped(): the template's control tokens, and
+    plain text between them (an escaped control token there becomes its characters, not its id)."""
+    controls = control_tokens(tok)
+    ids, pos = [], 0
+    for match in re.finditer("|".join(map(re.escape, controls)), text):
+        ids += plain_ids(tok, text[pos:match.start()]) + [controls[match.group()]]
+        pos = match.end()
+    return ids + plain_ids(tok, text[pos:])
+
+
+def plain_ids(tok, text):
+    if not text:
+        return []
+    tok.encode_special_tokens = True  # special tokens' text is encoded as the text it is
+    try:
+        return mo.encode(tok, text.replace(ESCAPE, ""))
+    finally:
+        tok.encode_special_tokens = False
+
+
 def int8_linears(model):
     """CPU speed-up: every Linear layer's weights in int8, activations quantised on the fly (PyTorch's
     dynamic quantisation). A decoding step reads each weight once and is bound by memory traffic, so
@@ -544,7 +588,7 @@ class Chat:
         """The user's message -> (prompt text, the same without its speech placeholders (what the history
         keeps: only the last question's speech can be injected), speech features or None, the image's
         (64, 768) features or None). Changes nothing in the conversation: a turn that fails leaves no trace."""
-        text, audio_embeds, image_feats = text.replace(mo.IMAGE_MARK, "").strip(), None, None
+        text, audio_embeds, image_feats = escaped(self.tok, text.replace(mo.IMAGE_MARK, "").strip()), None, None
         if image is not None:  # one image per conversation: a new one replaces the old
             encoder, processor = self.part("siglip")
             image_feats = mo.encode_images(encoder, processor, [image])[0]              # (64, 768)
@@ -562,11 +606,11 @@ class Chat:
     def prompt(self, history, turn):
         """Token ids of system + history + turn + the reply's start, and the history they kept: the oldest
         question and answer go first while the prompt is longer than --max_context."""
-        system = [{"role": "system", "content": self.args.system}] if self.args.system else []
+        system = [{"role": "system", "content": escaped(self.tok, self.args.system)}] if self.args.system else []
         positions = self.model.config.max_position_embeddings - self.args.max_new_tokens
         while True:
             text = mo.render_chat(system + history + [turn], add_generation_prompt=True)
-            ids = mo.encode(self.tok, mo.expand_image_marks(text))
+            ids = prompt_ids(self.tok, mo.expand_image_marks(text))
             if len(ids) <= min(self.args.max_context, positions) or not history:
                 break
             history = history[2:]
@@ -618,7 +662,7 @@ class Chat:
             self.player.stop()
         self.image = image_feats
         self.history = history + [{"role": "user", "content": remembered},
-                                  {"role": "assistant", "content": text_out.text}]
+                                  {"role": "assistant", "content": escaped(self.tok, text_out.text)}]
         first = speech.first_audio - start if speech and speech.first_audio else None
         return Reply(text_out.text, n_frames, pcm, n_steps, interrupted, time.perf_counter() - start, first)
 
