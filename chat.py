@@ -797,10 +797,43 @@ interactive commands:
 """
 
 
-def positive(value):
-    if int(value) < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
-    return int(value)
+def number(kind, fits, rule):
+    """An argparse type: `kind(value)`, refused (the message names the flag) unless fits(it)."""
+    def parse(value):
+        try:
+            x = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+        if not fits(x):
+            raise argparse.ArgumentTypeError(f"{value} is not {rule}")
+        return x
+    return parse
+
+
+positive = number(int, lambda n: n >= 1, "a positive number")
+finite_at_least_0 = number(float, lambda x: 0 <= x < math.inf, "a number >= 0")
+finite_above_0 = number(float, lambda x: 0 < x < math.inf, "a number > 0")
+nucleus = number(float, lambda p: 0 < p <= 1, "in (0, 1]: the share of probability kept")
+
+
+def device_name(value):
+    try:
+        torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a PyTorch device (cpu, cuda, cuda:1, mps)") from None
+    return value
+
+
+def check_out(path, one_shot):
+    """The problem with --out, or None: what it names must be a file of a format soundfile writes as 16-bit
+    PCM (the interactive chat's numbered files add .wav to a name without one). Said before any reply is made."""
+    import soundfile as sf
+    if Path(path).is_dir():
+        return f"--out {path} is a folder; give a file name such as {Path(path) / 'reply.wav'}"
+    fmt = Path(path if one_shot else numbered(path, 1)).suffix[1:].upper()
+    if not (fmt in sf.available_formats() and sf.check_format(fmt, "PCM_16")):
+        return f"--out {path}: cannot write 16-bit sound as {Path(path).suffix or '(no extension)'}; use .wav or .flac"
+    return None
 
 
 def default_checkpoint(*candidates):
@@ -848,9 +881,9 @@ def parse_args(argv=None):
                      help="earlier turns are forgotten, oldest first, while the prompt is longer than this many "
                           "tokens (default 2048; the model was trained on samples of 512-1024, and every reply "
                           "reads the whole prompt again)")
-    gen.add_argument("--temperature", type=float, default=0.75, help="text sampling temperature (default 0.75)")
-    gen.add_argument("--top_p", type=float, default=0.9, help="text nucleus sampling (default 0.9)")
-    gen.add_argument("--repetition_penalty", type=float, default=1.0, help="text repetition penalty (default 1.0)")
+    gen.add_argument("--temperature", type=finite_at_least_0, default=0.75, help="text sampling temperature (default 0.75)")
+    gen.add_argument("--top_p", type=nucleus, default=0.9, help="text nucleus sampling (default 0.9)")
+    gen.add_argument("--repetition_penalty", type=finite_above_0, default=1.0, help="text repetition penalty (default 1.0)")
     gen.add_argument("--greedy", action="store_true", help="always the most likely text token and codes")
     gen.add_argument("--seed", type=int, help="random seed, for a repeatable reply")
     gen.add_argument("--system", help="a system prompt")
@@ -860,13 +893,13 @@ def parse_args(argv=None):
     run.add_argument("--frames_per_call", type=int, default=2, choices=range(1, 5), metavar="{1..4}",
                      help="Mimi frames (80 ms each) per decode call, after the first frame (decoded alone, "
                           "for the earliest sound): 1 = least delay, 4 = least CPU (default 2)")
-    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                      help="model weights (default float32; bfloat16 suits GPUs)")
     run.add_argument("--int8", action="store_true",
                      help="CPU only: int8 weights in every Linear layer, about 1.5x faster steps on 2 cores, "
                           "at a small cost in accuracy")
-    run.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: its own choice)")
+    run.add_argument("--threads", type=positive, help="CPU threads for PyTorch (default: its own choice)")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: PyTorch sees no CUDA GPU here; use --device cpu")
@@ -881,6 +914,11 @@ def parse_args(argv=None):
         p.error("--save_voice NAME needs --voice FILE (an audio clip to clone)")
     if args.no_speech and args.out:
         p.error("--out writes the spoken reply: it cannot go with --no_speech")
+    if args.text is not None and not args.text.strip():
+        p.error("--text is empty: give the question, or leave --text out for the interactive chat")
+    problem = args.out and check_out(args.out, one_shot=bool(args.text or args.audio or args.image))
+    if problem:
+        p.error(problem)
     return args
 
 

@@ -72,6 +72,30 @@ TOKENIZER_FOLDER = "models/minimind-3o"   # the release's model folder, which ho
 GET_TOKENIZER = f'hf download jingyaogong/minimind-3o --include "tokenizer*" --local-dir {TOKENIZER_FOLDER}'
 
 
+MIN_SEQ_LEN = 16  # a one-turn conversation's template alone takes about 10 tokens
+
+
+def number(kind, fits, rule):
+    """An argparse type: `kind(value)`, refused (the message names the flag) unless fits(it)."""
+    def parse(value):
+        try:
+            x = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+        if not fits(x):
+            raise argparse.ArgumentTypeError(f"{value} is not {rule}")
+        return x
+    return parse
+
+
+positive = number(int, lambda n: n >= 1, "a positive number")
+at_least_0 = number(int, lambda n: n >= 0, "a number >= 0")
+finite_above_0 = number(float, lambda x: 0 < x < math.inf, "a number > 0")
+finite_at_least_0 = number(float, lambda x: 0 <= x < math.inf, "a number >= 0")
+probability = number(float, lambda p: 0 <= p <= 1, "a probability (0 to 1)")
+sequence_length = number(int, lambda n: n >= MIN_SEQ_LEN, f"a length of at least {MIN_SEQ_LEN} tokens")
+
+
 def defaults(name):
     return f"default {REAL[name]}; demo {DEMO[name]}"
 
@@ -97,17 +121,17 @@ def data_flags(data):
     data.add_argument("--data", nargs="+", metavar="PARQUET",
                       help="one or more parquet files (columns: conversations, question_audios, answer_audios, "
                            "image_bytes, ref_audios, spk_emb); omitted: run the demo")
-    data.add_argument("--max_seq_len", type=int,
+    data.add_argument("--max_seq_len", type=sequence_length,
                       help=f"sample length in tokens; longer conversations are cut ({defaults('max_seq_len')})")
     data.add_argument("--augment", choices=["both", "wave", "spec", "none"], default="both",
                       help="the release's augmentations of question audio: waveform (speed, noise, volume, dropout, "
                            "low-pass, reverb, rumble), spectrogram (SpecAugment masks), both or none (default both)")
-    data.add_argument("--scheduled_sampling", type=float, default=0.05,
+    data.add_argument("--scheduled_sampling", type=probability, default=0.05,
                       help="probability that a labelled input id is replaced by a random one (default 0.05)")
     data.add_argument("--skip_bad_rows", action="store_true",
                       help="log and count malformed rows (each is replaced by the next good row) instead of "
                            "stopping at the first one")
-    data.add_argument("--num_workers", type=int, help=f"DataLoader processes per GPU ({defaults('num_workers')})")
+    data.add_argument("--num_workers", type=at_least_0, help=f"DataLoader processes per GPU ({defaults('num_workers')})")
     data.add_argument("--tokenizer", help="folder with the released tokenizer.json (default: the --from_weight "
                                           f"folder if it has one, else {TOKENIZER_FOLDER}; get it with: "
                                           f"{GET_TOKENIZER})")
@@ -134,25 +158,25 @@ def model_flags(model):
                        help="what is trained: everything, or only the speech / image projector (default all)")
     model.add_argument("--use_moe", action="store_true",
                        help="mixture-of-experts FFNs (with --from_weight none; a checkpoint brings its own)")
-    model.add_argument("--hidden_size", type=int,
+    model.add_argument("--hidden_size", type=positive,
                        help=f"Thinker and Talker width, with --from_weight none ({defaults('hidden_size')})")
-    model.add_argument("--num_hidden_layers", type=int,
+    model.add_argument("--num_hidden_layers", type=positive,
                        help="Thinker blocks, with --from_weight none; the Talker gets half as many "
                             f"({defaults('num_hidden_layers')})")
 
 
 def optimisation_flags(opt):
-    opt.add_argument("--epochs", type=int, help=f"passes over the data ({defaults('epochs')})")
-    opt.add_argument("--max_steps", type=int, help="stop after this many optimizer steps (the lr schedule ends there)")
-    opt.add_argument("--batch_size", type=int, help=f"samples per GPU per micro-batch ({defaults('batch_size')})")
-    opt.add_argument("--accumulation_steps", type=int, default=1,
+    opt.add_argument("--epochs", type=positive, help=f"passes over the data ({defaults('epochs')})")
+    opt.add_argument("--max_steps", type=positive, help="stop after this many optimizer steps (the lr schedule ends there)")
+    opt.add_argument("--batch_size", type=positive, help=f"samples per GPU per micro-batch ({defaults('batch_size')})")
+    opt.add_argument("--accumulation_steps", type=positive, default=1,
                      help="micro-batches summed before each optimizer step (default 1)")
-    opt.add_argument("--learning_rate", type=float,
+    opt.add_argument("--learning_rate", type=finite_above_0,
                      help="peak lr; step t of T uses lr*(0.1 + 0.45*(1 + cos(pi*t/T))), from lr down to lr/10 "
                           f"({defaults('learning_rate')})")
-    opt.add_argument("--weight_decay", type=float, default=0.01,
+    opt.add_argument("--weight_decay", type=finite_at_least_0, default=0.01,
                      help="AdamW weight decay (default 0.01, PyTorch's default, which the release uses)")
-    opt.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (default 1.0)")
+    opt.add_argument("--grad_clip", type=finite_above_0, default=1.0, help="clip the gradient norm to this (default 1.0)")
     opt.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                      help="autocast precision on GPU (float16 adds a loss scaler); the CPU trains in float32 "
                           "(default bfloat16)")
@@ -167,9 +191,9 @@ def output_flags(out):
     out.add_argument("--out_dir", help=f"where checkpoints and logs go ({defaults('out_dir')})")
     out.add_argument("--save_weight", help="checkpoint name: <out_dir>/<save_weight>_<hidden>[_moe].pth "
                                            f"({defaults('save_weight')})")
-    out.add_argument("--save_every", type=int,
+    out.add_argument("--save_every", type=at_least_0,
                      help=f"optimizer steps between checkpoints, 0 for the end only ({defaults('save_every')})")
-    out.add_argument("--log_every", type=int, help=f"optimizer steps between metric lines ({defaults('log_every')})")
+    out.add_argument("--log_every", type=positive, help=f"optimizer steps between metric lines ({defaults('log_every')})")
     out.add_argument("--resume", action="store_true",
                      help="continue from <out_dir>/<save_weight>_resume.pt: weights, optimizer, loss scaler, step, "
                           "data position and random states, exactly as when it was written")

@@ -232,6 +232,17 @@ def test_old_turns_are_forgotten_beyond_max_context(flags):
     (["--int8", "--dtype", "bfloat16"], "--int8 is for --device cpu --dtype float32"),
     (["--mic", "--text", "hi"], "--mic is a spoken conversation"),
     (["--max_new_tokens", "0"], "0 is not a positive number"),
+    (["--text", ""], "--text is empty"),
+    (["--text", "  "], "--text is empty"),
+    (["--temperature", "-0.1"], "argument --temperature: -0.1 is not a number >= 0"),
+    (["--temperature", "nan"], "argument --temperature: nan is not a number >= 0"),
+    (["--repetition_penalty", "0"], "argument --repetition_penalty: 0 is not a number > 0"),
+    (["--top_p", "0"], "argument --top_p: 0 is not in (0, 1]"),
+    (["--top_p", "1.5"], "argument --top_p: 1.5 is not in (0, 1]"),
+    (["--threads", "-1"], "argument --threads: -1 is not a positive number"),
+    (["--device", "tpu"], "argument --device: 'tpu' is not a PyTorch device"),
+    (["--text", "hi", "--out", "."], "--out . is a folder"),
+    (["--text", "hi", "--out", "reply.mp3"], "--out reply.mp3: cannot write 16-bit sound as .mp3"),
 ])
 def test_arguments_that_cannot_work_together_are_refused(flags, capsys, extra, message):
     with pytest.raises(SystemExit):

@@ -269,6 +269,19 @@ def test_command_line_errors_are_one_line_not_a_traceback(tmp_path, tokenizer_fl
     assert done.stderr.startswith(f"train.py: data file not found: {tmp_path / 'nowhere.parquet'}")
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch_size", "0", "0 is not a positive number"), ("--accumulation_steps", "0", "0 is not a positive number"),
+    ("--log_every", "0", "0 is not a positive number"), ("--epochs", "0", "0 is not a positive number"),
+    ("--max_steps", "-3", "-3 is not a positive number"), ("--max_seq_len", "1", "1 is not a length of at least 16"),
+    ("--scheduled_sampling", "2", "2 is not a probability"), ("--save_every", "-1", "-1 is not a number >= 0"),
+    ("--learning_rate", "nan", "nan is not a number > 0"), ("--batch_size", "two", "'two' is not a number"),
+])
+def test_numeric_flags_are_checked_when_parsed(capsys, flag, value, message):
+    with pytest.raises(SystemExit):
+        train.parse_args([flag, value])
+    assert f"argument {flag}: {message}" in capsys.readouterr().err
+
+
 def test_missing_inputs_are_listed_together(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "HERE", str(tmp_path))  # a fresh clone: no tokenizer in models/
     with pytest.raises(FileNotFoundError) as e:
