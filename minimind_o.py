@@ -1242,7 +1242,7 @@ def open_image(image):
             grey = np.asarray(im, dtype=np.float32) / GREY16_PER_GREY8
             im = Image.fromarray(grey.clip(0, 255).astype(np.uint8))
         return im.convert("RGB")
-    except OSError as e:        # PIL's UnidentifiedImageError is an OSError
+    except (OSError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
         raise ValueError(f"cannot read image {name}: {e}") from e
 
 

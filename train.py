@@ -33,6 +33,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field, is_dataclass, replace
@@ -409,7 +410,12 @@ class ParquetRows:
         for path in paths:
             if not os.path.exists(path):
                 raise FileNotFoundError(f"data file not found: {path} ({PUBLISHED_DATA})")
-            table = pq.read_table(path, memory_map=True)
+            try:
+                table = pq.read_table(path, memory_map=True)
+            except pa.ArrowException as e:
+                raise ValueError(f"{path} is not a readable parquet file ({e})") from None
+            if len(table) == 0:
+                raise ValueError(f"{path} has no rows")
             if "conversations" not in table.column_names:
                 raise BadRow.at(path, "-", "conversations", "missing: every row needs its conversation")
             for column, (holds, fits) in COLUMNS.items():
@@ -1043,7 +1049,7 @@ def save_resume_state(path, learner, position, args, procs):
     model = learner.model
     state = dict(model=model.state_dict(), config=model.config.to_dict(), optimizer=learner.optimizer.state_dict(),
                  scaler=learner.scaler.state_dict(), position=position, rng=rng_states(procs.device),
-                 args={k: getattr(args, k) for k in RESUME_MUST_MATCH}, world=procs.world)
+                 args={k: resume_setting(args, k) for k in RESUME_MUST_MATCH}, world=procs.world)
     with mo.atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -1053,14 +1059,22 @@ def load_resume_state(path, args, world):
         raise FileNotFoundError(f"--resume: no resume state at {path} (it is written every --save_every steps "
                                 "by a run with the same --out_dir and --save_weight)")
     state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states are not tensors
-    changed = [f"--{k} {state['args'][k]} -> {getattr(args, k)}" for k in RESUME_MUST_MATCH
-               if state["args"][k] != getattr(args, k)]
+    changed = [f"--{k} {state['args'][k]} -> {resume_setting(args, k)}" for k in RESUME_MUST_MATCH
+               if state["args"][k] != resume_setting(args, k)]
     if state["world"] != world:
         changed.append(f"processes {state['world']} -> {world}")
     if changed:
         raise ValueError(f"--resume: {path} belongs to a different run ({'; '.join(changed)}); resume with the "
                          "original settings, or start afresh without --resume")
     return state
+
+
+def resume_setting(args, name):
+    """A setting as the resume state keeps it: the data files by what they are (real path and size), not
+    by how the command spelled them (data.parquet, ./data.parquet, a link to it)."""
+    if name == "data":
+        return [f"{os.path.realpath(p)} ({os.path.getsize(p)} bytes)" for p in args.data]
+    return getattr(args, name)
 
 
 def resumed_model(resume):
@@ -1084,9 +1098,20 @@ def save(args, procs, learner, position, seconds):
     many rows were skipped. seconds(): the run's time so far."""
     bad_rows = procs.union(position["bad_rows"])
     if procs.is_main:
-        mo.save_checkpoint(learner.model, weight_path(args, learner.model.config))
-        save_resume_state(resume_path(args), learner, dict(position, bad_rows=bad_rows, seconds=seconds()), args, procs)
+        path = weight_path(args, learner.model.config)
+        try:
+            mo.save_checkpoint(learner.model, path)
+            path = resume_path(args)
+            save_resume_state(path, learner, dict(position, bad_rows=bad_rows, seconds=seconds()), args, procs)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            free = shutil.disk_usage(args.out_dir).free / 1e6
+            raise SaveFailed(f"cannot write {path}: {(str(e).splitlines() or [''])[0]} ({free:.0f} MB free on its "
+                             "disk: is it full?). The previous file there is kept whole") from e
     return len(bad_rows)
+
+
+class SaveFailed(OSError):
+    """A checkpoint could not be written (full disk, no permission); the previous one is intact."""
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1208,10 +1233,23 @@ class MetricsLog:
         self.path = path
         kept = []
         if resume_step is not None and os.path.exists(path):
-            with open(path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+            kept = [line for line in self.lines() if json.loads(line)["step"] <= resume_step]
         with mo.atomic_path(path) as tmp, open(tmp, "w") as f:
             f.writelines(kept)
+
+    def lines(self):
+        """The file's whole lines. A kill mid-write can leave the last one cut off: it is dropped (that step
+        is written again); any other line that is not JSON is an error naming the file and line."""
+        with open(self.path) as f:
+            lines = f.readlines()
+        for number, line in enumerate(lines, 1):
+            try:
+                json.loads(line)["step"]
+            except (json.JSONDecodeError, TypeError, KeyError):
+                if number == len(lines) and not line.endswith("\n"):
+                    return lines[:-1]
+                raise ValueError(f"{self.path}, line {number}: not a metrics record ({line.strip()[:80]!r})") from None
+        return lines
 
     def write(self, record):
         with open(self.path, "a") as f:
@@ -1470,5 +1508,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError) as e:  # missing files, bad data or arguments: the message says where
+    except (FileNotFoundError, SaveFailed, ValueError) as e:  # missing files, bad data or arguments, a full disk
         sys.exit(f"train.py: {e}")

@@ -261,6 +261,66 @@ def test_columns_of_the_wrong_type_are_named(tmp_path):
         train.ParquetRows([path])
 
 
+def test_an_empty_or_unreadable_parquet_file_is_named(tmp_path):
+    empty = write(tmp_path / "empty.parquet", dict(conversations=[]), dict(conversations=pa.string()))
+    with pytest.raises(ValueError, match=f"{empty} has no rows"):
+        train.ParquetRows([empty])
+    (tmp_path / "zero.parquet").write_bytes(b"")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'zero.parquet'} is not a readable parquet file"):
+        train.ParquetRows([str(tmp_path / "zero.parquet")])
+
+
+def test_a_decompression_bomb_image_is_a_bad_row(tokenizer, tmp_path, monkeypatch):
+    from PIL import Image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the 40x30 test image counts as a bomb (> 2x the limit)
+    rows = write(tmp_path / "bomb.parquet", dict(conversations=[chat("Hi", "Hello."), chat("<image>Hi", "Hello.")],
+                                                 image_bytes=[[], [png_bytes()]]), FULL_TYPES)
+    enc = train.Encoders(image_processor=image_processor())
+    bad = train.OmniDataset(train.ParquetRows([rows]), tokenizer, 64, enc)[1]
+    assert isinstance(bad, train.BadRow) and re.match("bomb.parquet, row 1, column image_bytes: cannot read image.*"
+                                                      "decompression bomb", str(bad))
+    skipping = train.OmniDataset(train.ParquetRows([rows]), tokenizer, 64, enc, skip_bad_rows=True)
+    assert "decompression bomb" in skipping[1].skipped[0]
+
+
+def test_metrics_cut_off_mid_line_are_resumed_and_a_broken_line_is_named(tmp_path):
+    path = tmp_path / "demo_metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')  # killed while writing step 3
+    train.MetricsLog(str(path), resume_step=2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    path.write_text('{"step": 1}\ngarbage\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=f"{path}, line 2: not a metrics record"):
+        train.MetricsLog(str(path), resume_step=2)
+
+
+def test_resume_knows_a_data_file_by_what_it_is_not_how_it_is_spelled(tmp_path, monkeypatch, demo_file):
+    monkeypatch.chdir(os.path.dirname(demo_file))
+    os.symlink(demo_file, tmp_path / "link.parquet")
+    setting = lambda *paths: train.resume_setting(train.parse_args(["--data", *paths]), "data")
+    name = os.path.basename(demo_file)
+    assert setting(name) == setting(f"./{name}") == setting(demo_file) == setting(str(tmp_path / "link.parquet"))
+    assert setting(name) != setting(a2a_file(tmp_path / "other.parquet"))
+
+
+def test_a_full_disk_during_a_save_is_said_and_the_previous_checkpoint_stays(tmp_path, tokenizer_flag, monkeypatch):
+    real_save, calls = torch.save, []
+
+    def fills_the_disk(obj, f):  # the first save (weights and resume state at step 1) fits, the next does not
+        calls.append(f)
+        if len(calls) > 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 128 vs 64")
+        real_save(obj, f)
+    monkeypatch.setattr(torch, "save", fills_the_disk)
+    flags = ["--out_dir", str(tmp_path), "--max_steps", "2", "--save_every", "1", "--num_workers", "0", *TINY_RUN,
+             *tokenizer_flag]
+    with pytest.raises(train.SaveFailed, match=f"cannot write {tmp_path / 'demo_64.pth'}: .*MB free on its disk: is "
+                                               "it full\\?\\). The previous file there is kept whole"):
+        train.main(flags)
+    assert torch.load(tmp_path / "demo_resume.pt", weights_only=False)["position"]["step"] == 1
+    mo.load_model(str(tmp_path / "demo_64.pth"))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporaries left
+
+
 def test_command_line_errors_are_one_line_not_a_traceback(tmp_path, tokenizer_flag):
     done = subprocess.run([sys.executable, "train.py", "--data", str(tmp_path / "nowhere.parquet"), *tokenizer_flag],
                           cwd=ROOT,
