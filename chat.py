@@ -47,6 +47,7 @@ DOWNLOAD_TIMEOUT_S = 60
 
 LEAD_IN_CHUNKS = 10        # 320 ms of audio kept before the VAD says "speech": it fires a little late
 PLAYBACK_POLL_S = 0.02     # how often --mic listens for barge-in while the last of a reply plays
+SPEECH_FRAME_S = 0.06     # one SenseVoice output frame (a prompt token) per 6 fbank frames of 10 ms
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus", ".aiff")
 
 
@@ -517,6 +518,36 @@ def plain_ids(tok, text):
         tok.encode_special_tokens = False
 
 
+OTHER_WEIGHTS = {  # a top-level module name in the weights -> what the file is, when it is not MiniMind-O
+    "quantizer": "the Mimi codec (it goes to --mimi)",
+    "xvector": "the CAM++ speaker encoder (its folder goes to --campplus)",
+}
+RESUME_FILE = ("a train.py resume state (--resume reads it); the weights are the <save_weight>_<hidden>.pth "
+               "file beside it")
+
+
+def other_weights(path):
+    """What a file that is not MiniMind-O weights is (another published part, a resume state), or None."""
+    import zipfile
+    file = mo.weights_file(path)
+    try:
+        if file.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(file, "pt") as f:
+                names = list(f.keys())
+        else:
+            names = list(torch.load(file, map_location="cpu", weights_only=True))
+    except Exception:  # not plain tensors: train.py's resume state also pickles its random states
+        try:
+            with zipfile.ZipFile(file) as z:
+                pickled = b"".join(z.read(n) for n in z.namelist() if n.endswith("data.pkl"))
+        except (zipfile.BadZipFile, OSError):
+            return None
+        return RESUME_FILE if b"optimizer" in pickled and b"position" in pickled else None
+    tops = {str(n).split(".")[0] for n in names}
+    return next((what for top, what in OTHER_WEIGHTS.items() if top in tops), None)
+
+
 def int8_linears(model):
     """CPU speed-up: every Linear layer's weights in int8, activations quantised on the fly (PyTorch's
     dynamic quantisation). A decoding step reads each weight once and is bound by memory traffic, so
@@ -533,8 +564,14 @@ class Chat:
     def __init__(self, args, player=None):
         self.args, self.player = args, player
         self.device = torch.device(args.device)
-        with mo.loading("checkpoint", args.checkpoint):
-            self.model = mo.load_model(args.checkpoint, self.device, getattr(torch, args.dtype))
+        try:
+            with mo.loading("checkpoint", args.checkpoint):
+                self.model = mo.load_model(args.checkpoint, self.device, getattr(torch, args.dtype))
+        except mo.DamagedPartError:
+            other = other_weights(args.checkpoint)
+            if other is None:
+                raise
+            raise ValueError(f"--checkpoint {args.checkpoint} is {other}, not MiniMind-O weights") from None
         if args.int8:
             self.model = int8_linears(self.model)
         with mo.loading("tokenizer", args.tokenizer):
@@ -596,12 +633,23 @@ class Chat:
         content = text
         if audio is not None:  # a file, or a 16 kHz waveform from the microphone
             wav = audio if isinstance(audio, np.ndarray) else mo.load_audio(audio, mo.SAMPLE_RATE_SPEECH)
+            self.check_question_length(wav)
             feats = mo.encode_speech(self.part("sensevoice"), [wav])[0]                 # (L, 512)
             content = mo.place_audio(text, len(feats), "text_blankline_audio" if text else "audio_only")
             audio_embeds = [feats]
         if not content:
             raise ValueError("nothing to answer: give some text, an audio file or an image")
         return content, text, audio_embeds, image_feats
+
+    def check_question_length(self, wav16k):
+        """Refuse, before encoding it, speech longer than the prompt may be (--max_context tokens, one per
+        SenseVoice frame): a 10-minute question would take ~10k tokens and gigabytes of memory."""
+        seconds = len(wav16k) / mo.SAMPLE_RATE_SPEECH
+        longest = self.args.max_context * SPEECH_FRAME_S
+        if seconds > longest:
+            raise ValueError(f"the spoken question is {seconds:.0f} s long, about {seconds / SPEECH_FRAME_S:.0f} "
+                             f"tokens; at most {longest:.0f} s fit --max_context {self.args.max_context}: cut it "
+                             "shorter (or raise --max_context)")
 
     def prompt(self, history, turn):
         """Token ids of system + history + turn + the reply's start, and the history they kept: the oldest

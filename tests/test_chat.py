@@ -292,6 +292,23 @@ def test_a_damaged_checkpoint_is_named_not_a_traceback(tmp_path, flags):
         chat.main(flags + ["--checkpoint", str(pointer), "--text", "hi", "--no_speech"])
 
 
+def test_another_file_given_as_the_checkpoint_is_named_for_what_it_is(parts, demo_checkpoint, flags):
+    for other, what in [(parts["mimi"] / mo.MIMI_WEIGHTS, "the Mimi codec"),
+                        (parts["campplus"] / mo.CAMPP_WEIGHTS, "the CAM++ speaker encoder"),
+                        (demo_checkpoint.parent / "demo_resume.pt", "a train.py resume state")]:
+        with pytest.raises(SystemExit) as e:
+            chat.main(flags + ["--checkpoint", str(other), "--text", "hi", "--no_speech"])
+        assert str(e.value).startswith(f"chat.py: --checkpoint {other} is {what}") and "git-lfs" not in str(e.value)
+
+
+def test_a_question_too_long_for_the_prompt_is_refused_before_it_is_encoded(flags):
+    session = chat.Chat(chat.parse_args(flags + ["--max_context", "20", "--no_speech"]))  # 20 tokens: 1.2 s
+    with pytest.raises(ValueError, match="the spoken question is 2 s long, about 33 tokens; at most 1 s fit "
+                                         "--max_context 20"):
+        session.ask(audio=np.zeros(2 * mo.SAMPLE_RATE_SPEECH, np.float32))
+    assert "sensevoice" not in session.parts and session.history == []
+
+
 def test_download_while_offline_says_what_failed_and_what_to_do(tmp_path, monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

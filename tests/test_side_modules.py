@@ -228,6 +228,14 @@ def test_unreadable_image_names_the_file(vision, tmp_path):
         sm.encode_images(*vision, [bad])
 
 
+def test_a_decompression_bomb_image_is_refused_by_name(vision, tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 40x30 picture then counts as a bomb (> 2x the limit)
+    bomb = tmp_path / "bomb.png"
+    Image.new("RGB", (40, 30)).save(bomb)
+    with pytest.raises(ValueError, match="cannot read image .*bomb.png: .*decompression bomb"):
+        sm.encode_images(*vision, [bomb])
+
+
 def test_vision_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"siglip/config.json not found.*hf download jingyaogong/siglip2"):
         with sm.loading("siglip", tmp_path / "siglip"):
