@@ -606,20 +606,30 @@ class Chat:
             return "voice: the model's own (no voice prompt)"
         if os.path.isfile(spec):
             voice = clone_voice(spec, self.part("mimi"), self.part("campplus"))
-            if save_as:
-                save_voice(self.args.voices, save_as, voice)
-                self.parts.pop("voices", None)  # reload with the new voice next time
+            if save_as:  # never into the release's file: --download could then not tell it is missing
+                save_voice(self.args.my_voices, save_as, voice)
             self.voice = voice
-            saved = f", saved as {save_as!r} in {self.args.voices}" if save_as else ""
+            saved = f", saved as {save_as!r} in {self.args.my_voices}" if save_as else ""
             return f"voice: cloned from {spec} ({voice['ref_codes'].shape[1]} frames){saved}"
         if spec.lower().endswith(AUDIO_EXTENSIONS) or os.sep in spec:
             raise FileNotFoundError(f"voice file {spec} not found")
-        voices = self.part("voices")
+        voices = self.voices()
         if spec not in voices:
-            raise ValueError(f"no voice {spec!r} in {self.args.voices} (it has {', '.join(sorted(voices))}); "
-                             "or give an audio file to clone")
+            raise ValueError(f"no voice {spec!r} (there are: {', '.join(sorted(voices)) or 'none'}); give an audio "
+                             f"file to clone{self.released_voices_hint()}")
         self.voice = voices[spec]
         return f"voice: {spec}"
+
+    def voices(self):
+        """The release's voices (when --voices is there) and the ones cloned with --save_voice (--my_voices)."""
+        released = self.part("voices") if PARTS["voices"].present(self.args.voices) else {}
+        return {**released, **my_voices(self.args)}
+
+    def released_voices_hint(self):
+        if PARTS["voices"].present(self.args.voices):
+            return ""
+        get = mo.PUBLISHED["voices"].download
+        return f"; the released voices are not in {self.args.voices}: get them with `{get}` or --download"
 
     def user_turn(self, text, audio, image):
         """The user's message -> (prompt text, the same without its speech placeholders (what the history
@@ -906,9 +916,12 @@ def parse_args(argv=None):
     voice = p.add_argument_group("voice")
     voice.add_argument("--voice", metavar="NAME|FILE", help="a voice from --voices, or an audio clip to clone "
                        "(1-24 s of clean speech); default: the model's own")
-    voice.add_argument("--save_voice", metavar="NAME", help="keep the voice cloned from --voice FILE in --voices "
+    voice.add_argument("--save_voice", metavar="NAME", help="keep the voice cloned from --voice FILE in --my_voices "
                        "under NAME")
-    voice.add_argument("--voices", default=str(MODELS / "voices.pt"), help="voices file (default models/voices.pt)")
+    voice.add_argument("--voices", default=str(MODELS / "voices.pt"), help="the release's voices file (default "
+                       "models/voices.pt; --download fetches it)")
+    voice.add_argument("--my_voices", default=str(MODELS / "my_voices.pt"), help="the voices you cloned with "
+                       "--save_voice, kept apart from the released ones (default models/my_voices.pt)")
     parts = p.add_argument_group("published files (see --download)")
     parts.add_argument("--checkpoint", default=default_checkpoint(MODELS / "minimind-3o", MODELS / "sft_omni_768.pth"),
                        help="released folder or .pth, or a train.py checkpoint (default models/minimind-3o, else "
@@ -976,9 +989,16 @@ def parts_needed(args):
         keys.append("sensevoice")
     if args.image:
         keys.append("siglip")
-    if args.voice:
-        keys += ["mimi", "campplus"] if os.path.isfile(args.voice) else (["voices"] if args.voice != "none" else [])
+    if args.voice and os.path.isfile(args.voice):
+        keys += ["mimi", "campplus"]
+    elif args.voice and args.voice != "none" and args.voice not in my_voices(args):
+        keys.append("voices")
     return list(dict.fromkeys(keys))
+
+
+def my_voices(args):
+    """The voices cloned with --save_voice (name -> voice), {} before the first."""
+    return load_voices(args.my_voices) if os.path.isfile(args.my_voices) else {}
 
 
 def numbered(path, n):
@@ -1041,7 +1061,8 @@ def interactive(chat, args):
                 continue
             if line.split()[0] == "/voice":
                 rest = line[len("/voice"):].strip()
-                print(chat.set_voice(rest) if rest else "voices: " + ", ".join(sorted(chat.part("voices"))))
+                print(chat.set_voice(rest) if rest else "voices: " + (", ".join(sorted(chat.voices())) or "none")
+                      + chat.released_voices_hint())
                 continue
             if line.startswith("/") and line.split()[0] not in ("/audio", "/image"):
                 print(f"unknown command {line.split()[0]} (commands: /audio /image /voice /reset /quit)")

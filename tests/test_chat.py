@@ -47,7 +47,7 @@ def demo_checkpoint(tmp_path_factory, tokenizer_flag):
 def flags(tmp_path, parts, demo_checkpoint, tokenizer_flag):
     return ["--checkpoint", str(demo_checkpoint), *tokenizer_flag, "--mimi", str(parts["mimi"]),
             "--campplus", str(parts["campplus"]), "--sensevoice", str(parts["sensevoice"]), "--siglip", str(parts["siglip"]),
-            "--voices", str(tmp_path / "voices.pt"), "--max_new_tokens", str(REPLY_STEPS), "--seed", "0", "--mute"]
+            "--voices", str(tmp_path / "voices.pt"), "--my_voices", str(tmp_path / "my_voices.pt"), "--max_new_tokens", str(REPLY_STEPS), "--seed", "0", "--mute"]
 
 
 def speech16k(seconds_before=0.0, seconds_after=0.0):
@@ -155,14 +155,18 @@ def test_cloning_keeps_at_most_300_frames_and_a_192_d_embedding(tmp_path, flags)
     long_clip = write(tmp_path / "long.wav", np.tile(speech16k(0.2, 0.2), 12))       # about 26 s
     print(session.set_voice(long_clip, save_as="long"))
     session.set_voice(str(SPEECH), save_as="short")
-    voices = chat.load_voices(tmp_path / "voices.pt")
+    voices = chat.load_voices(tmp_path / "my_voices.pt")  # the user's own file: the released one is still missing
+    assert not (tmp_path / "voices.pt").exists() and chat.parts_needed(chat.parse_args(flags + ["--voice", "short"])) \
+        == ["checkpoint", "tokenizer", "mimi"]
     assert voices["long"]["ref_codes"].shape == (mo.N_CODEBOOKS, chat.MAX_REF_FRAMES)
     seconds = len(speech16k()) / mo.SAMPLE_RATE_SPEECH
     assert voices["short"]["ref_codes"].shape[1] == pytest.approx(seconds * 12.5, abs=1)
     assert all(v["spk_emb"].shape == (192,) for v in voices.values())
     assert session.set_voice("short") == "voice: short"  # by name, from the voices file
-    with pytest.raises(ValueError, match="no voice 'nobody'.*long, short"):
+    with pytest.raises(ValueError, match="no voice 'nobody' \\(there are: long, short\\).*the released voices are "
+                                         "not in .*voices.pt: get them with `curl .*` or --download"):
         session.set_voice("nobody")
+    assert "voices" in chat.parts_needed(chat.parse_args(flags + ["--voice", "vivian"]))  # what --download fetches
 
 
 @pytest.mark.parametrize("clip, message", [
