@@ -44,6 +44,7 @@ RELEASE_FOLDERS = ("minimind-3o", "minimind-3o-moe")   # Transformers-format fol
 RELEASE_FILES = ("sft_omni_768.pth", "sft_omni_768_moe.pth", "llm_768.pth")  # in `minimind-3o-pytorch`
 VOICES_URL = "https://raw.githubusercontent.com/jingyaogong/minimind-o/master/model/speaker/voices.pt"
 DOWNLOAD_TIMEOUT_S = 60
+CONNECT_TIMEOUT_S = 5      # a server that does not answer this soon is taken for being offline
 
 LEAD_IN_CHUNKS = 10        # 320 ms of audio kept before the VAD says "speech": it fires a little late
 PLAYBACK_POLL_S = 0.02     # how often --mic listens for barge-in while the last of a reply plays
@@ -141,23 +142,56 @@ def missing_report(args, keys):
         p = PARTS[k]
         published = mo.PUBLISHED[k]
         lines.append(f"  {p.name} (for {p.needed_for}): {getattr(args, k)}  [{p.option}]\n"
-                     f"      get it with `{published.download}` (published: {published.source})")
+                     f"      get it with {published.how} (published: {published.source})")
+        if k == "mimi":
+            lines.append("      or chat in text only, without it: add --no_speech")
     return MissingParts("\n".join(lines))
+
+
+def site_of(key):
+    """The address a part is fetched from: GitHub for the voices, the Hugging Face hub for the rest."""
+    from huggingface_hub import constants
+    return VOICES_URL if key == "voices" else constants.ENDPOINT
+
+
+def hub_offline():
+    from huggingface_hub import constants
+    return constants.HF_HUB_OFFLINE
+
+
+def reachable(url):
+    """Whether the server of `url` takes a connection within CONNECT_TIMEOUT_S: offline, each part's
+    download would otherwise retry for many seconds before failing."""
+    import socket
+    import urllib.parse
+    address = urllib.parse.urlsplit(url)
+    try:
+        socket.create_connection((address.hostname, address.port or 443), timeout=CONNECT_TIMEOUT_S).close()
+        return True
+    except OSError:
+        return False
 
 
 def download(args, keys):
     """Fetch the parts in `keys` that are missing; returns the list of failures (empty when all went well)."""
-    failures = []
+    failures, online = [], {}
     for key in keys:
         part, path = PARTS[key], Path(getattr(args, key))
         if part.present(path):
+            continue
+        site = site_of(key)
+        if site not in online:  # HF_HUB_OFFLINE=1 says so for the hub without asking
+            online[site] = not (site != VOICES_URL and hub_offline()) and reachable(site)
+        if not online[site]:
+            failures.append(f"{part.name}: {site} cannot be reached (are you online? or get it by hand: "
+                            f"{mo.PUBLISHED[key].how})")
             continue
         print(f"downloading {part.name} into {path} ...", flush=True)
         try:
             part.fetch(path)
         except Exception as e:  # offline, unknown repo, refused: all end in the same advice
             failures.append(f"{part.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                            f"(are you online? or get it by hand: {mo.PUBLISHED[key].download})")
+                            f"(are you online? or get it by hand: {mo.PUBLISHED[key].how})")
     return failures
 
 
@@ -628,8 +662,8 @@ class Chat:
     def released_voices_hint(self):
         if PARTS["voices"].present(self.args.voices):
             return ""
-        get = mo.PUBLISHED["voices"].download
-        return f"; the released voices are not in {self.args.voices}: get them with `{get}` or --download"
+        get = mo.PUBLISHED["voices"].how
+        return f"; the released voices are not in {self.args.voices}: get them with {get} or --download"
 
     def user_turn(self, text, audio, image):
         """The user's message -> (prompt text, the same without its speech placeholders (what the history

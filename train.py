@@ -1321,6 +1321,15 @@ def tokenizer_folder(args):
     return folder
 
 
+def published_weights(path):
+    """How to get a published .pth (llm_768.pth, sft_omni_768.pth ...) to `path`, or the release folder."""
+    if not path.endswith(".pth"):
+        return mo.PUBLISHED["checkpoint"].how
+    folder, name = os.path.dirname(path) or ".", os.path.basename(path)
+    return (f"`modelscope download --model gongjy/minimind-3o-pytorch {name} --local_dir {folder}` or "
+            f"`hf download jingyaogong/minimind-3o-pytorch {name} --local-dir {folder}`")
+
+
 def missing_inputs(args):
     """Every input file that is not there (tokenizer, data, start weights), as one message, or None: a
     first run learns all it has to download at once, not one file per attempt."""
@@ -1332,7 +1341,7 @@ def missing_inputs(args):
     missing += [f"data file not found: {p} ({PUBLISHED_DATA})" for p in args.data if not os.path.exists(p)]
     if args.from_weight != "none" and not args.resume and mo.weights_file(args.from_weight) is None:
         missing.append(f"--from_weight {args.from_weight} not found; get the published weights with "
-                       f"`{mo.PUBLISHED['checkpoint'].download}` ({mo.PUBLISHED['checkpoint'].source})")
+                       f"{published_weights(args.from_weight)} ({mo.PUBLISHED['checkpoint'].source})")
     return "\n".join(missing) or None
 
 

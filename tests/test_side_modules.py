@@ -236,6 +236,23 @@ def test_a_decompression_bomb_image_is_refused_by_name(vision, tmp_path, monkeyp
         sm.encode_images(*vision, [bomb])
 
 
+def test_googles_whole_siglip2_folder_loads_as_its_vision_tower(tmp_path):
+    """PUBLISHED offers google/siglip2-base-patch32-256 (text and vision towers): the loader keeps the vision one."""
+    from transformers import SiglipConfig, SiglipModel
+    torch.manual_seed(0)
+    vision = dict(image_size=assets.SIGLIP_IMAGE_SIZE, patch_size=assets.SIGLIP_PATCH, **assets.TINY_SIGLIP)
+    whole = SiglipModel(SiglipConfig(vision_config=vision, text_config=dict(hidden_size=32, intermediate_size=64,
+                                                                          num_hidden_layers=1, num_attention_heads=2)))
+    folder = assets.build_siglip(tmp_path)  # the release's layout, whose processor files are the same
+    whole.save_pretrained(folder, safe_serialization=True)
+    encoder, processor = sm.load_vision_encoder(folder)
+    pixels = sm.image_pixels(processor, [image_inputs(tmp_path)[0]])
+    with torch.no_grad():
+        assert torch.equal(encoder(pixel_values=pixels).last_hidden_state,
+                           whole.vision_model(pixel_values=pixels).last_hidden_state)
+    assert "google/siglip2-base-patch32-256 --local-dir models/siglip2-base-p32-256-ve" in sm.PUBLISHED["siglip"].how
+
+
 def test_vision_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"siglip/config.json not found.*hf download jingyaogong/siglip2"):
         with sm.loading("siglip", tmp_path / "siglip"):
