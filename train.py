@@ -70,7 +70,9 @@ DEMO = dict(from_weight="none", out_dir="out/demo", save_weight="demo", hidden_s
 PUBLISHED_DATA = ("the release's data is `minimind-o_dataset` under `jingyaogong` on Hugging Face / `gongjy` on "
                   "ModelScope")
 TOKENIZER_FOLDER = "models/minimind-3o"   # the release's model folder, which holds its tokenizer
-GET_TOKENIZER = f'hf download jingyaogong/minimind-3o --include "tokenizer*" --local-dir {TOKENIZER_FOLDER}'
+TOKENIZER_REPO = "jingyaogong/minimind-3o"
+GET_TOKENIZER = f'hf download {TOKENIZER_REPO} --include "tokenizer*" --local-dir {TOKENIZER_FOLDER}'
+HUB_CONNECT_S = 5         # the hub not answering this soon is taken for being offline
 
 
 MIN_SEQ_LEN = 16  # a one-turn conversation's template alone takes about 10 tokens
@@ -1307,6 +1309,31 @@ class Progress:
             self.bar.set_postfix(loss=f"{loss:.3f}", text=f"{text:.3f}", audio=f"{audio:.3f}", lr=f"{lr:.2e}")
 
 
+def hub_reachable():
+    """Whether the Hugging Face hub takes a connection within HUB_CONNECT_S (offline: no waiting on retries)."""
+    import socket
+    import urllib.parse
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    address = urllib.parse.urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((address.hostname, address.port or 443), timeout=HUB_CONNECT_S).close()
+        return True
+    except OSError:
+        return False
+
+
+def fetch_tokenizer(folder):
+    """The released tokenizer.json (about 450 KB) into `folder`; a failure leaves it missing, to be reported."""
+    from huggingface_hub import hf_hub_download
+    tqdm.write(f"fetching the released tokenizer into {folder} ...")
+    try:
+        hf_hub_download(TOKENIZER_REPO, "tokenizer.json", local_dir=folder)
+    except Exception as e:  # refused, cut off: the caller says how to get it by hand
+        tqdm.write(f"could not fetch it ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
+
+
 def tokenizer_folder(args):
     """--tokenizer, else the --from_weight folder (release folders ship it), else TOKENIZER_FOLDER."""
     if args.tokenizer:
@@ -1315,6 +1342,8 @@ def tokenizer_folder(args):
     if start and os.path.isfile(os.path.join(start, "tokenizer.json")):
         return start
     folder = os.path.join(HERE, TOKENIZER_FOLDER)
+    if not os.path.isfile(os.path.join(folder, "tokenizer.json")) and hub_reachable():
+        fetch_tokenizer(folder)
     if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
         raise FileNotFoundError(f"no tokenizer in {folder}: training needs the released MiniMind tokenizer. Get it "
                                 f"with\n  {GET_TOKENIZER}\nor point --tokenizer at a folder that has tokenizer.json")
@@ -1438,6 +1467,7 @@ def train_stage(args, procs):
     """train() once this run holds its outputs."""
     demo = args.data is None
     if demo:
+        tokenizer_folder(args)  # checked (fetched when possible) before the demo's data is written
         args.data = [demo_data(args, procs)]
     dataset = prepare_data(args, procs)
     n_batches = batches_per_epoch(len(dataset), args.batch_size, procs.world)
