@@ -1261,7 +1261,7 @@ class MetricsLog:
         with open(self.path) as f:
             return [json.loads(line) for line in f]
 
-    def plot(self, png):
+    def plot(self, png, title):
         import matplotlib
         matplotlib.use("Agg")  # files only, no display needed
         import matplotlib.pyplot as plt
@@ -1272,7 +1272,7 @@ class MetricsLog:
         fig, ax = plt.subplots(figsize=(8, 4.5))
         for key in ("loss", "text", "audio"):
             ax.plot(steps, [r[key] for r in records], label=key)
-        ax.set(xlabel="optimizer step", ylabel="loss", yscale="log", title=os.path.basename(png))
+        ax.set(xlabel="optimizer step", ylabel="loss", yscale="log", title=title)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -1306,7 +1306,8 @@ class Progress:
             self.log.write(dict(step=position["step"], epoch=position["epoch"], loss=loss, text=text, audio=audio,
                                 aux=aux, lr=lr, samples_per_s=sums[5].item() / seconds,
                                 tokens_per_s=sums[4].item() / seconds, elapsed_s=self.seconds()))
-            self.bar.set_postfix(loss=f"{loss:.3f}", text=f"{text:.3f}", audio=f"{audio:.3f}", lr=f"{lr:.2e}")
+            self.bar.set_postfix(loss=f"{loss:.3f}", text=f"{text:.3f}", audio=f"{audio:.3f}", lr=f"{lr:.2e}",
+                                 refresh=False)  # the step's update() draws the bar: once a step
 
 
 def hub_reachable():
@@ -1510,11 +1511,20 @@ def finish(args, procs, learner, position, progress, demo):
         log = progress.log
         records = log.records()
         summary.update(first_loss=records[0]["loss"], last_loss=records[-1]["loss"], metrics=log.path,
-                       plot=log.plot(run_file(args, "loss.png")))
+                       plot=log.plot(run_file(args, "loss.png"), plot_title(args, learner.model.config, demo)))
         report(summary, args, demo)
     if procs.world > 1:
         dist.destroy_process_group()
     return summary
+
+
+def plot_title(args, cfg, demo):
+    """What run the loss plot is of; the demo's says that its "audio" loss is made-up codes learned by heart."""
+    data = "the demo's colour and sum questions" if demo else ", ".join(os.path.basename(p) for p in args.data)
+    title = f"{args.save_weight}: {cfg.hidden_size}-wide model, --mode {args.mode}, on {data}"
+    if demo:
+        title += '\n"audio" is memorising made-up codes (one per character), not learning speech'
+    return title
 
 
 def report(summary, args, demo):
@@ -1528,6 +1538,9 @@ def report(summary, args, demo):
     if demo:
         lines = [f"demo: wrote {args.data[0]} ({DEMO_ROWS} T2A rows in the release's schema) and trained a "
                  f"{args.hidden_size}-wide model on it from random weights."] + lines + [
+            "it was taught six colour questions, " + ", ".join(f'"What colour is the {thing}?"'
+                                                              for thing in sorted(DEMO_COLOURS))
+            + ', and sums of two digits ("What is 3 plus 4?").',
             "next: ask it what it was taught. It gets the colours right; sums come out in the right form but "
             "mostly wrong (a tiny model learns the format in two minutes, not arithmetic). Its 'speech' is "
             "made-up codes, so ask for text only:",

@@ -392,9 +392,15 @@ def test_missing_start_weights_say_where_the_published_ones_are(tmp_path, demo_f
 
 # -- runs ----------------------------------------------------------------------------------------
 
-def test_demo_run_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path, tokenizer_flag):
+def test_demo_run_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path, tokenizer_flag, capsys, monkeypatch):
+    titles, plot = [], train.MetricsLog.plot
+    monkeypatch.setattr(train.MetricsLog, "plot", lambda self, png, title: titles.append(title) or plot(self, png, title))
     summary = train.main(["--out_dir", str(tmp_path), "--max_steps", "6", "--save_every", "0", *TINY_RUN,
                           *tokenizer_flag])
+    out, err = capsys.readouterr()
+    assert "it was taught six colour questions" in out and '"What colour is the sky?"' in out
+    assert err.count(" 3/6 [") == 1  # the progress bar is drawn once a step
+    assert titles[0].startswith("demo: 64-wide model") and '"audio" is memorising made-up codes' in titles[0]
     assert summary["last_loss"] < 0.9 * summary["first_loss"]
     lrs = [r["lr"] for r in map(json.loads, open(summary["metrics"]))]
     peak = train.DEMO["learning_rate"]
