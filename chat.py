@@ -393,12 +393,20 @@ class Player:
         self.stream.close()
 
 
+GET_PORTAUDIO = "install PortAudio: `apt-get install libportaudio2` (Debian, Ubuntu) or `brew install portaudio` (macOS)"
+
+
+def sound_problem(e):
+    """Why the sound card cannot be used, with what to install when it is the PortAudio library that is missing."""
+    return f"{e}; {GET_PORTAUDIO}" if "PortAudio library not found" in str(e) else str(e)
+
+
 def open_player():
     """A Player, or None (said once) when there is no sound output here."""
     try:
         return Player()
     except Exception as e:  # OSError without PortAudio, sounddevice.PortAudioError without a device
-        print(f"(no sound output: {e}; speech is not played, --out FILE keeps it)", file=sys.stderr)
+        print(f"(no sound output: {sound_problem(e)}; speech is not played, --out FILE keeps it)", file=sys.stderr)
         return None
 
 
@@ -1137,7 +1145,7 @@ def main(argv=None):
             try:
                 mic = MicStream()
             except Exception as e:  # OSError without PortAudio, sounddevice.PortAudioError without a microphone
-                sys.exit(f"chat.py: --mic needs a microphone ({e})")
+                sys.exit(f"chat.py: --mic needs a microphone ({sound_problem(e)})")
             print("listening: speak, then pause (Ctrl-C to leave)", file=sys.stderr)
             return converse(chat, mic, VoiceActivity(), on_reply=saver(args.out))
         if args.text or args.audio or args.image:

@@ -132,7 +132,17 @@ def test_without_a_sound_card_speech_is_not_played_and_that_is_said_once(monkeyp
         raise OSError("PortAudio library not found")
     monkeypatch.setattr(chat, "Player", no_device)
     assert chat.open_player() is None
-    assert "no sound output: PortAudio library not found" in capsys.readouterr().err
+    assert "no sound output: PortAudio library not found; install PortAudio: `apt-get install libportaudio2` " \
+           "(Debian, Ubuntu) or `brew install portaudio` (macOS)" in capsys.readouterr().err
+
+
+def test_mic_without_portaudio_names_the_package(flags, monkeypatch):
+    def no_portaudio():
+        raise OSError("PortAudio library not found")
+    monkeypatch.setattr(chat, "MicStream", no_portaudio)
+    with pytest.raises(SystemExit, match="--mic needs a microphone .*apt-get install libportaudio2.*brew install "
+                                         "portaudio"):
+        chat.main(flags + ["--mic", "--no_speech"])
 
 
 def test_player_plays_chunks_in_order_and_stop_silences_it():
