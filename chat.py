@@ -1122,6 +1122,20 @@ def interactive(chat, args):
             print(f"\nerror: {type(e).__name__}: {e} (the conversation goes on; /reset to start afresh)")
 
 
+def load_session(args, player):
+    """The Chat, with every part this session needs loaded now (said, and timed apart): the first reply's
+    time, and its first sound, then measure the reply, not the loading."""
+    keys = parts_needed(args)
+    started = time.perf_counter()
+    print(f"loading {', '.join(PARTS[k].name for k in keys)} ...", file=sys.stderr, flush=True)
+    chat = Chat(args, player)
+    for key in keys:
+        if key in ("mimi", "sensevoice", "siglip"):  # voices and CAM++ are loaded by set_voice, also at start
+            chat.part(key)
+    print(f"(loaded in {time.perf_counter() - started:.1f} s)", file=sys.stderr)
+    return chat
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.seed is not None:
@@ -1138,7 +1152,7 @@ def main(argv=None):
         sys.exit(f"chat.py: {missing}")
     player = None if args.no_speech or args.mute else open_player()
     try:
-        chat = Chat(args, player)
+        chat = load_session(args, player)
         if args.voice:
             print(chat.set_voice(args.voice, args.save_voice), file=sys.stderr)
         if args.mic:

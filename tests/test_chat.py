@@ -2,6 +2,7 @@
 saved in their published formats and loaded through the real loaders (tests/side_assets.py)."""
 import collections
 import os
+import re
 import shutil
 import threading
 
@@ -71,6 +72,17 @@ def test_one_shot_writes_a_24khz_wav_as_long_as_the_frames_made(tmp_path, flags)
     assert reply.frames == REPLY_STEPS - mo.N_CODEBOOKS  # frame 0 completes at step 8, then one per step
     assert len(pcm) == reply.frames * mo.MIMI_FRAME_SAMPLES
     assert np.abs(pcm).max() > 0 and reply.first_audio_s < reply.seconds
+
+
+def test_what_the_session_needs_is_loaded_before_the_first_question(tmp_path, flags, monkeypatch, capsys):
+    loaded_when_asked, ask = [], chat.Chat.ask
+    monkeypatch.setattr(chat.Chat, "ask", lambda self, *a, **k: loaded_when_asked.append(sorted(self.parts))
+                        or ask(self, *a, **k))
+    chat.main(flags + ["--audio", str(SPEECH), "--out", str(tmp_path / "reply.wav")])
+    assert loaded_when_asked == [["mimi", "sensevoice"]]
+    err = capsys.readouterr().err
+    assert "loading MiniMind-O weights, tokenizer, Mimi codec, speech encoder (SenseVoice-Small) ..." in err
+    assert re.search(r"\(loaded in [0-9.]+ s\)", err) and "first sound after" in err
 
 
 def test_int8_cpu_reply_has_the_same_shape(tmp_path, flags):
