@@ -742,6 +742,8 @@ class Chat:
         try:
             for step in steps:
                 n_steps += 1
+                if step.text == mo.IM_END and speech is None:
+                    break  # text only: the Talker's steps to the end of its speech would be wasted
                 if step.text is not None and step.text != mo.IM_END:
                     piece = text_out.add(step.text)
                     if piece and on_text:

@@ -64,8 +64,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REAL = dict(from_weight="out/llm_768.pth", out_dir="out", save_weight="sft_omni", hidden_size=768,
             num_hidden_layers=8, max_seq_len=512, batch_size=32, learning_rate=5e-4, epochs=1, num_workers=4,
             log_every=10, save_every=1000)
+# The demo's max_seq_len leaves its two-exchange rows (~70 tokens) whole: cut_conversation keeps an earlier
+# exchange only with 100 tokens to spare, so at 96 every row was cut to its first exchange, the model never
+# saw a conversation go on, and a second question in the chat got blank lines back. Batches are padded to
+# their longest sample, so the longer limit costs nothing.
 DEMO = dict(from_weight="none", out_dir="out/demo", save_weight="demo", hidden_size=64, num_hidden_layers=4,
-            max_seq_len=96, batch_size=8, learning_rate=2e-3, epochs=6, num_workers=0, log_every=1,
+            max_seq_len=192, batch_size=8, learning_rate=2e-3, epochs=6, num_workers=0, log_every=1,
             save_every=50)
 PUBLISHED_DATA = ("the release's data is `minimind-o_dataset` under `jingyaogong` on Hugging Face / `gongjy` on "
                   "ModelScope")

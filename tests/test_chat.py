@@ -1,6 +1,7 @@
 """chat.py end to end, offline: a train.py demo checkpoint, and Mimi, CAM++ and SenseVoice with random weights
 saved in their published formats and loaded through the real loaders (tests/side_assets.py)."""
 import collections
+import itertools
 import os
 import re
 import shutil
@@ -239,6 +240,16 @@ def test_a_failed_turn_leaves_the_conversation_as_it_was(tmp_path, flags):
     with pytest.raises(FileNotFoundError):
         session.ask("And this?", image=str(picture), audio=str(tmp_path / "missing.wav"))
     assert session.history == history and session.image is image
+
+
+def test_a_text_only_reply_ends_with_its_text(flags, monkeypatch):
+    def speech_never_ends(model, ids, max_new_tokens, **kwargs):  # the Talker of an untrained model may not stop
+        yield from [mo.GenStep(mo.encode(session.tok, "Blue")[0], None), mo.GenStep(mo.IM_END, None)]
+        yield from itertools.repeat(mo.GenStep(None, None), max_new_tokens - 2)
+    session = chat.Chat(chat.parse_args(flags + ["--no_speech", "--max_new_tokens", "500"]))
+    monkeypatch.setattr(mo, "stream_generate", speech_never_ends)
+    reply = session.ask("What colour is the sky?")
+    assert reply.steps == 2 and reply.text == session.tok.decode(mo.encode(session.tok, "Blue")[:1])
 
 
 def test_old_turns_are_forgotten_beyond_max_context(flags):

@@ -174,6 +174,14 @@ def test_epoch_batches_split_rows_across_processes_and_resume_mid_epoch():
     assert list(train.EpochBatches(10, 2, seed=1, epoch=1)) != list(train.EpochBatches(10, 2, seed=1, epoch=0))
 
 
+def test_the_demo_trains_its_two_exchange_rows_whole(tokenizer, demo_file):
+    """At the demo's max_seq_len a second exchange is kept with the first (a second question in the chat needs it)."""
+    rows = train.ParquetRows([demo_file])
+    two = [c for c in (rows.read(i).conversations for i in range(len(rows))) if len(c) == 4]
+    max_len = train.parse_args([]).max_seq_len
+    assert two and all(train.cut_conversation(c, 1, tokenizer, max_len) == c for c in two)
+
+
 def test_learning_rate_schedule_is_the_release_cosine():
     assert train.lr_at(0, 100, 5e-4) == pytest.approx(5e-4)
     assert train.lr_at(50, 100, 5e-4) == pytest.approx(5e-4 * 0.55)
