@@ -97,7 +97,7 @@ def test_a_spoken_question_in_a_cloned_voice(tmp_path, flags):
     reply = chat.main(flags + ["--audio", str(side_assets.QUESTION_WAV), "--voice", str(SPEECH), "--save_voice", "me",
                                "--out", str(tmp_path / "reply.wav")])
     assert len(reply.pcm) == reply.frames * mo.MIMI_FRAME_SAMPLES > 0
-    assert set(chat.load_voices(tmp_path / "voices.pt")) == {"me"}
+    assert set(chat.load_voices(tmp_path / "my_voices.pt")) == {"me"} and not (tmp_path / "voices.pt").exists()
 
 
 def test_an_image_question_reaches_the_placeholders(tmp_path, flags, monkeypatch):
