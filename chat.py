@@ -393,7 +393,8 @@ class Player:
         self.stream.close()
 
 
-GET_PORTAUDIO = "install PortAudio: `apt-get install libportaudio2` (Debian, Ubuntu) or `brew install portaudio` (macOS)"
+GET_PORTAUDIO = ("install PortAudio: `apt-get install libportaudio2` (Debian, Ubuntu) or `brew install portaudio` "
+                 "(macOS)")
 
 
 def sound_problem(e):
@@ -986,9 +987,11 @@ def parse_args(argv=None):
                      help="earlier turns are forgotten, oldest first, while the prompt is longer than this many "
                           "tokens (default 2048; the model was trained on samples of 512-1024, and every reply "
                           "reads the whole prompt again)")
-    gen.add_argument("--temperature", type=finite_at_least_0, default=0.75, help="text sampling temperature (default 0.75)")
+    gen.add_argument("--temperature", type=finite_at_least_0, default=0.75,
+                     help="text sampling temperature (default 0.75)")
     gen.add_argument("--top_p", type=nucleus, default=0.9, help="text nucleus sampling (default 0.9)")
-    gen.add_argument("--repetition_penalty", type=finite_above_0, default=1.0, help="text repetition penalty (default 1.0)")
+    gen.add_argument("--repetition_penalty", type=finite_above_0, default=1.0,
+                     help="text repetition penalty (default 1.0)")
     gen.add_argument("--greedy", action="store_true", help="always the most likely text token and codes")
     gen.add_argument("--seed", type=int, help="random seed, for a repeatable reply")
     gen.add_argument("--system", help="a system prompt")

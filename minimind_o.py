@@ -757,8 +757,8 @@ PUBLISHED = {
     "tokenizer": PublishedPart("tokenizer", "tokenizer.json in the `jingyaogong/minimind-3o` folder and in the "
                                "release's GitHub repository (model/tokenizer.json)",
                                (f"{HF} jingyaogong/minimind-3o --include 'tokenizer*' --local-dir models/minimind-3o",
-                                "curl -L --create-dirs -o models/minimind-3o/tokenizer.json https://raw.githubusercontent"
-                                ".com/jingyaogong/minimind-o/master/model/tokenizer.json")),
+                                "curl -L --create-dirs -o models/minimind-3o/tokenizer.json https://raw."
+                                "githubusercontent.com/jingyaogong/minimind-o/master/model/tokenizer.json")),
     "sensevoice": PublishedPart("speech encoder (SenseVoice-Small)", "`gongjy/SenseVoiceSmall` on ModelScope, "
                                 "`FunAudioLLM/SenseVoiceSmall` on Hugging Face",
                                 (f"{MS} gongjy/SenseVoiceSmall --local_dir models/SenseVoiceSmall",
@@ -776,7 +776,8 @@ PUBLISHED = {
     # the .bin of the official copies; the release's `gongjy/campplus` holds a .pt of another name
     "campplus": PublishedPart("speaker encoder (CAM++)", "`iic/speech_campplus_sv_zh-cn_16k-common` on ModelScope, "
                               "`funasr/campplus` on Hugging Face",
-                              (f"{MS} iic/speech_campplus_sv_zh-cn_16k-common {CAMPP_WEIGHTS} --local_dir models/campplus",
+                              (f"{MS} iic/speech_campplus_sv_zh-cn_16k-common {CAMPP_WEIGHTS} "
+                               "--local_dir models/campplus",
                                f"{HF} funasr/campplus {CAMPP_WEIGHTS} --local-dir models/campplus")),
     "voices": PublishedPart("voices", "the release's model/speaker/voices.pt (GitHub jingyaogong/minimind-o)",
                             ("curl -L -o models/voices.pt https://raw.githubusercontent.com/jingyaogong/minimind-o/"

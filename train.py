@@ -138,7 +138,8 @@ def data_flags(data):
     data.add_argument("--skip_bad_rows", action="store_true",
                       help="log and count malformed rows (each is replaced by the next good row) instead of "
                            "stopping at the first one")
-    data.add_argument("--num_workers", type=at_least_0, help=f"DataLoader processes per GPU ({defaults('num_workers')})")
+    data.add_argument("--num_workers", type=at_least_0,
+                      help=f"DataLoader processes per GPU ({defaults('num_workers')})")
     data.add_argument("--tokenizer", help="folder with the released tokenizer.json (default: the --from_weight "
                                           f"folder if it has one, else {TOKENIZER_FOLDER}; get it with: "
                                           f"{GET_TOKENIZER})")
@@ -174,7 +175,8 @@ def model_flags(model):
 
 def optimisation_flags(opt):
     opt.add_argument("--epochs", type=positive, help=f"passes over the data ({defaults('epochs')})")
-    opt.add_argument("--max_steps", type=positive, help="stop after this many optimizer steps (the lr schedule ends there)")
+    opt.add_argument("--max_steps", type=positive,
+                     help="stop after this many optimizer steps (the lr schedule ends there)")
     opt.add_argument("--batch_size", type=positive, help=f"samples per GPU per micro-batch ({defaults('batch_size')})")
     opt.add_argument("--accumulation_steps", type=positive, default=1,
                      help="micro-batches summed before each optimizer step (default 1)")
@@ -183,7 +185,8 @@ def optimisation_flags(opt):
                           f"({defaults('learning_rate')})")
     opt.add_argument("--weight_decay", type=finite_at_least_0, default=0.01,
                      help="AdamW weight decay (default 0.01, PyTorch's default, which the release uses)")
-    opt.add_argument("--grad_clip", type=finite_above_0, default=1.0, help="clip the gradient norm to this (default 1.0)")
+    opt.add_argument("--grad_clip", type=finite_above_0, default=1.0,
+                     help="clip the gradient norm to this (default 1.0)")
     opt.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                      help="autocast precision on GPU (float16 adds a loss scaler); the CPU trains in float32 "
                           "(default bfloat16)")
@@ -200,7 +203,8 @@ def output_flags(out):
                                            f"({defaults('save_weight')})")
     out.add_argument("--save_every", type=at_least_0,
                      help=f"optimizer steps between checkpoints, 0 for the end only ({defaults('save_every')})")
-    out.add_argument("--log_every", type=positive, help=f"optimizer steps between metric lines ({defaults('log_every')})")
+    out.add_argument("--log_every", type=positive,
+                     help=f"optimizer steps between metric lines ({defaults('log_every')})")
     out.add_argument("--resume", action="store_true",
                      help="continue from <out_dir>/<save_weight>_resume.pt: weights, optimizer, loss scaler, step, "
                           "data position and random states, exactly as when it was written")

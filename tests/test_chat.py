@@ -49,7 +49,8 @@ def demo_checkpoint(tmp_path_factory, tokenizer_flag):
 def flags(tmp_path, parts, demo_checkpoint, tokenizer_flag):
     return ["--checkpoint", str(demo_checkpoint), *tokenizer_flag, "--mimi", str(parts["mimi"]),
             "--campplus", str(parts["campplus"]), "--sensevoice", str(parts["sensevoice"]), "--siglip", str(parts["siglip"]),
-            "--voices", str(tmp_path / "voices.pt"), "--my_voices", str(tmp_path / "my_voices.pt"), "--max_new_tokens", str(REPLY_STEPS), "--seed", "0", "--mute"]
+            "--voices", str(tmp_path / "voices.pt"), "--my_voices", str(tmp_path / "my_voices.pt"),
+            "--max_new_tokens", str(REPLY_STEPS), "--seed", "0", "--mute"]
 
 
 def speech16k(seconds_before=0.0, seconds_after=0.0):

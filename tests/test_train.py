@@ -402,7 +402,8 @@ def test_missing_start_weights_say_where_the_published_ones_are(tmp_path, demo_f
 
 def test_demo_run_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path, tokenizer_flag, capsys, monkeypatch):
     titles, plot = [], train.MetricsLog.plot
-    monkeypatch.setattr(train.MetricsLog, "plot", lambda self, png, title: titles.append(title) or plot(self, png, title))
+    monkeypatch.setattr(train.MetricsLog, "plot",
+                        lambda self, png, title: titles.append(title) or plot(self, png, title))
     summary = train.main(["--out_dir", str(tmp_path), "--max_steps", "6", "--save_every", "0", *TINY_RUN,
                           *tokenizer_flag])
     out, err = capsys.readouterr()
