@@ -22,6 +22,7 @@ import json
 import math
 import os
 import queue
+import re
 import shlex
 import sys
 import tempfile
@@ -52,9 +53,11 @@ RELEASE_FOLDERS = ("minimind-3o", "minimind-3o-moe")   # Transformers-format fol
 RELEASE_FILES = ("sft_omni_768.pth", "sft_omni_768_moe.pth", "llm_768.pth")  # in `minimind-3o-pytorch`
 VOICES_URL = "https://raw.githubusercontent.com/jingyaogong/minimind-o/master/model/speaker/voices.pt"
 DOWNLOAD_TIMEOUT_S = 60
+CONNECT_TIMEOUT_S = 5      # a server that does not answer this soon is taken for being offline
 
 LEAD_IN_CHUNKS = 10        # 320 ms of audio kept before the VAD says "speech": it fires a little late
 PLAYBACK_POLL_S = 0.02     # how often --mic listens for barge-in while the last of a reply plays
+SPEECH_FRAME_S = 0.06     # one SenseVoice output frame (a prompt token) per 6 fbank frames of 10 ms
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus", ".aiff")
 
 
@@ -109,6 +112,7 @@ def url_file(url):
             data = r.read()
         with mo.atomic_path(path) as tmp:
             Path(tmp).write_bytes(data)
+    fetch.url = url  # where --download checks it can reach
     return fetch
 
 
@@ -150,23 +154,57 @@ def missing_report(args, keys, parts=PARTS):
     for k in missing:
         p = parts[k]
         lines.append(f"  {p.name} (for {p.needed_for}): {getattr(args, k)}  [{p.option}]\n"
-                     f"      get it with `{p.published.download}` (published: {p.published.source})")
+                     f"      get it with {p.published.how} (published: {p.published.source})")
+        if k == "mimi":
+            lines.append("      or chat in text only, without it: add --no_speech")
     return MissingParts("\n".join(lines))
+
+
+def site_of(part):
+    """The address a part is fetched from: its file's URL (url_file), else the Hugging Face hub."""
+    from huggingface_hub import constants
+    return getattr(part.fetch, "url", constants.ENDPOINT)
+
+
+def hub_offline():
+    from huggingface_hub import constants
+    return constants.HF_HUB_OFFLINE
+
+
+def reachable(url):
+    """Whether the server of `url` takes a connection within CONNECT_TIMEOUT_S: offline, each part's
+    download would otherwise retry for many seconds before failing."""
+    import socket
+    import urllib.parse
+    address = urllib.parse.urlsplit(url)
+    try:
+        socket.create_connection((address.hostname, address.port or 443), timeout=CONNECT_TIMEOUT_S).close()
+        return True
+    except OSError:
+        return False
 
 
 def download(args, keys, parts=PARTS):
     """Fetch the parts in `keys` that are missing; returns the list of failures (empty when all went well)."""
-    failures = []
+    failures, online = [], {}
     for key in keys:
         part, path = parts[key], Path(getattr(args, key))
         if part.present(path):
+            continue
+        site = site_of(part)
+        if site not in online:  # HF_HUB_OFFLINE=1 says so for the hub without asking
+            on_hub = not hasattr(part.fetch, "url")
+            online[site] = not (on_hub and hub_offline()) and reachable(site)
+        if not online[site]:
+            failures.append(f"{part.name}: {site} cannot be reached (are you online? or get it by hand: "
+                            f"{part.published.how})")
             continue
         print(f"downloading {part.name} into {path} ...", flush=True)
         try:
             part.fetch(path)
         except Exception as e:  # offline, unknown repo, refused: all end in the same advice
             failures.append(f"{part.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                            f"(are you online? or get it by hand: {part.published.download})")
+                            f"(are you online? or get it by hand: {part.published.how})")
     return failures
 
 
@@ -368,12 +406,21 @@ class Player:
         self.stream.close()
 
 
+GET_PORTAUDIO = ("install PortAudio: `apt-get install libportaudio2` (Debian, Ubuntu) or `brew install portaudio` "
+                 "(macOS)")
+
+
+def sound_problem(e):
+    """Why the sound card cannot be used, with what to install when it is the PortAudio library that is missing."""
+    return f"{e}; {GET_PORTAUDIO}" if "PortAudio library not found" in str(e) else str(e)
+
+
 def open_player():
     """A Player, or None (said once) when there is no sound output here."""
     try:
         return Player()
     except Exception as e:  # OSError without PortAudio, sounddevice.PortAudioError without a device
-        print(f"(no sound output: {e}; speech is not played, --out FILE keeps it)", file=sys.stderr)
+        print(f"(no sound output: {sound_problem(e)}; speech is not played, --out FILE keeps it)", file=sys.stderr)
         return None
 
 
@@ -444,8 +491,8 @@ class SpeechOut:
 def write_wav(path, pcm):
     """24 kHz speech as a 16-bit wav, atomically (a kill leaves the old file or the new one)."""
     import soundfile as sf
-    with mo.atomic_path(path) as tmp:
-        sf.write(tmp, pcm, mo.SAMPLE_RATE_MIMI, subtype="PCM_16")
+    with mo.atomic_path(path) as tmp:  # the temporary name keeps the extension soundfile goes by
+        sf.write(str(tmp), pcm, mo.SAMPLE_RATE_MIMI, subtype="PCM_16")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -485,6 +532,79 @@ class TextStream:
         return piece
 
 
+# Typed text never becomes control ids: only the chat template makes <|im_start|>, <|im_end|> and the
+# placeholders. A control token's text inside a message (what a person typed, a reply of the model) is
+# escaped before the template is applied, and prompt_ids encodes the text between the template's control
+# tokens as plain text. The tokenizer splits at control tokens first anyway, so an ordinary prompt gets
+# exactly the ids of encoding it whole (what the model was trained on).
+ESCAPE = "\ue000"  # a private-use character: after a control token's first character, it breaks the match
+
+
+def control_tokens(tok):
+    """The tokenizer's special tokens, longest first: {text: id}."""
+    found = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    return dict(sorted(found.items(), key=lambda kv: -len(kv[0])))
+
+
+def escaped(tok, text):
+    """Message text made unable to produce a control id or an image mark (ESCAPE itself is dropped)."""
+    text = text.replace(ESCAPE, "")
+    for control in [*control_tokens(tok), mo.IMAGE_MARK]:
+        text = text.replace(control, control[0] + ESCAPE + control[1:])
+    return text
+
+
+def prompt_ids(tok, text):
+    """Token ids of chat text whose messages went through escaped(): the template's control tokens, and
+    plain text between them (an escaped control token there becomes its characters, not its id)."""
+    controls = control_tokens(tok)
+    ids, pos = [], 0
+    for match in re.finditer("|".join(map(re.escape, controls)), text):
+        ids += plain_ids(tok, text[pos:match.start()]) + [controls[match.group()]]
+        pos = match.end()
+    return ids + plain_ids(tok, text[pos:])
+
+
+def plain_ids(tok, text):
+    if not text:
+        return []
+    tok.encode_special_tokens = True  # special tokens' text is encoded as the text it is
+    try:
+        return mo.encode(tok, text.replace(ESCAPE, ""))
+    finally:
+        tok.encode_special_tokens = False
+
+
+OTHER_WEIGHTS = {  # a top-level module name in the weights -> what the file is, when it is not MiniMind-O
+    "quantizer": "the Mimi codec (it goes to --mimi)",
+    "xvector": "the CAM++ speaker encoder (its folder goes to --campplus)",
+}
+RESUME_FILE = ("a train.py resume state (--resume reads it); the weights are the <save_weight>_<hidden>.pth "
+               "file beside it")
+
+
+def other_weights(path):
+    """What a file that is not MiniMind-O weights is (another published part, a resume state), or None."""
+    import zipfile
+    file = mo.weights_file(path)
+    try:
+        if file.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(file, "pt") as f:
+                names = list(f.keys())
+        else:
+            names = list(torch.load(file, map_location="cpu", weights_only=True))
+    except Exception:  # not plain tensors: train.py's resume state also pickles its random states
+        try:
+            with zipfile.ZipFile(file) as z:
+                pickled = b"".join(z.read(n) for n in z.namelist() if n.endswith("data.pkl"))
+        except (zipfile.BadZipFile, OSError):
+            return None
+        return RESUME_FILE if b"optimizer" in pickled and b"position" in pickled else None
+    tops = {str(n).split(".")[0] for n in names}
+    return next((what for top, what in OTHER_WEIGHTS.items() if top in tops), None)
+
+
 def int8_linears(model):
     """CPU speed-up: every Linear layer's weights in int8, activations quantised on the fly (PyTorch's
     dynamic quantisation). A decoding step reads each weight once and is bound by memory traffic, so
@@ -501,8 +621,14 @@ class Chat:
     def __init__(self, args, player=None):
         self.args, self.player = args, player
         self.device = torch.device(args.device)
-        with mo.loading("checkpoint", args.checkpoint):
-            self.model = mo.load_model(args.checkpoint, self.device, getattr(torch, args.dtype))
+        try:
+            with mo.loading("checkpoint", args.checkpoint):
+                self.model = mo.load_model(args.checkpoint, self.device, getattr(torch, args.dtype))
+        except mo.DamagedPartError:
+            other = other_weights(args.checkpoint)
+            if other is None:
+                raise
+            raise ValueError(f"--checkpoint {args.checkpoint} is {other}, not MiniMind-O weights") from None
         if args.int8:
             self.model = int8_linears(self.model)
         with mo.loading("tokenizer", args.tokenizer):
@@ -544,26 +670,36 @@ class Chat:
             return "voice: the model's own (no voice prompt)"
         if os.path.isfile(spec):
             voice = clone_voice(spec, self.part("mimi"), self.part("campplus"))
-            if save_as:
-                save_voice(self.args.voices, save_as, voice)
-                self.parts.pop("voices", None)  # reload with the new voice next time
+            if save_as:  # never into the release's file: --download could then not tell it is missing
+                save_voice(self.args.my_voices, save_as, voice)
             self.voice = voice
-            saved = f", saved as {save_as!r} in {self.args.voices}" if save_as else ""
+            saved = f", saved as {save_as!r} in {self.args.my_voices}" if save_as else ""
             return f"voice: cloned from {spec} ({voice['ref_codes'].shape[1]} frames){saved}"
         if spec.lower().endswith(AUDIO_EXTENSIONS) or os.sep in spec:
             raise FileNotFoundError(f"voice file {spec} not found")
-        voices = self.part("voices")
+        voices = self.voices()
         if spec not in voices:
-            raise ValueError(f"no voice {spec!r} in {self.args.voices} (it has {', '.join(sorted(voices))}); "
-                             "or give an audio file to clone")
+            raise ValueError(f"no voice {spec!r} (there are: {', '.join(sorted(voices)) or 'none'}); give an audio "
+                             f"file to clone{self.released_voices_hint()}")
         self.voice = voices[spec]
         return f"voice: {spec}"
+
+    def voices(self):
+        """The release's voices (when --voices is there) and the ones cloned with --save_voice (--my_voices)."""
+        released = self.part("voices") if PARTS["voices"].present(self.args.voices) else {}
+        return {**released, **my_voices(self.args)}
+
+    def released_voices_hint(self):
+        if PARTS["voices"].present(self.args.voices):
+            return ""
+        get = mo.PUBLISHED["voices"].how
+        return f"; the released voices are not in {self.args.voices}: get them with {get} or --download"
 
     def user_turn(self, text, audio, image):
         """The user's message -> (prompt text, the same without its speech placeholders (what the history
         keeps: only the last question's speech can be injected), speech features or None, the image's
         (64, 768) features or None). Changes nothing in the conversation: a turn that fails leaves no trace."""
-        text, audio_embeds, image_feats = text.replace(mo.IMAGE_MARK, "").strip(), None, None
+        text, audio_embeds, image_feats = escaped(self.tok, text.replace(mo.IMAGE_MARK, "").strip()), None, None
         if image is not None:  # one image per conversation: a new one replaces the old
             encoder, processor = self.part("siglip")
             image_feats = mo.encode_images(encoder, processor, [image])[0]              # (64, 768)
@@ -571,6 +707,7 @@ class Chat:
         content = text
         if audio is not None:  # a file, or a 16 kHz waveform from the microphone
             wav = audio if isinstance(audio, np.ndarray) else mo.load_audio(audio, mo.SAMPLE_RATE_SPEECH)
+            self.check_question_length(wav)
             feats = mo.encode_speech(self.part("sensevoice"), [wav])[0]                 # (L, 512)
             content = mo.place_audio(text, len(feats), "text_blankline_audio" if text else "audio_only")
             audio_embeds = [feats]
@@ -578,14 +715,24 @@ class Chat:
             raise ValueError("nothing to answer: give some text, an audio file or an image")
         return content, text, audio_embeds, image_feats
 
+    def check_question_length(self, wav16k):
+        """Refuse, before encoding it, speech longer than the prompt may be (--max_context tokens, one per
+        SenseVoice frame): a 10-minute question would take ~10k tokens and gigabytes of memory."""
+        seconds = len(wav16k) / mo.SAMPLE_RATE_SPEECH
+        longest = self.args.max_context * SPEECH_FRAME_S
+        if seconds > longest:
+            raise ValueError(f"the spoken question is {seconds:.0f} s long, about {seconds / SPEECH_FRAME_S:.0f} "
+                             f"tokens; at most {longest:.0f} s fit --max_context {self.args.max_context}: cut it "
+                             "shorter (or raise --max_context)")
+
     def prompt(self, history, turn):
         """Token ids of system + history + turn + the reply's start, and the history they kept: the oldest
         question and answer go first while the prompt is longer than --max_context."""
-        system = [{"role": "system", "content": self.args.system}] if self.args.system else []
+        system = [{"role": "system", "content": escaped(self.tok, self.args.system)}] if self.args.system else []
         positions = self.model.config.max_position_embeddings - self.args.max_new_tokens
         while True:
             text = mo.render_chat(system + history + [turn], add_generation_prompt=True)
-            ids = mo.encode(self.tok, mo.expand_image_marks(text))
+            ids = prompt_ids(self.tok, mo.expand_image_marks(text))
             if len(ids) <= min(self.args.max_context, positions) or not history:
                 break
             history = history[2:]
@@ -617,6 +764,8 @@ class Chat:
         try:
             for step in steps:
                 n_steps += 1
+                if step.text == mo.IM_END and speech is None:
+                    break  # text only: the Talker's steps to the end of its speech would be wasted
                 if step.text is not None and step.text != mo.IM_END:
                     piece = text_out.add(step.text)
                     if piece and on_text:
@@ -637,7 +786,7 @@ class Chat:
             self.player.stop()
         self.image = image_feats
         self.history = history + [{"role": "user", "content": remembered},
-                                  {"role": "assistant", "content": text_out.text}]
+                                  {"role": "assistant", "content": escaped(self.tok, text_out.text)}]
         first = speech.first_audio - start if speech and speech.first_audio else None
         return Reply(text_out.text, n_frames, pcm, n_steps, interrupted, time.perf_counter() - start, first)
 
@@ -1227,10 +1376,43 @@ interactive commands:
 """
 
 
-def positive(value):
-    if int(value) < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
-    return int(value)
+def number(kind, fits, rule):
+    """An argparse type: `kind(value)`, refused (the message names the flag) unless fits(it)."""
+    def parse(value):
+        try:
+            x = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+        if not fits(x):
+            raise argparse.ArgumentTypeError(f"{value} is not {rule}")
+        return x
+    return parse
+
+
+positive = number(int, lambda n: n >= 1, "a positive number")
+finite_at_least_0 = number(float, lambda x: 0 <= x < math.inf, "a number >= 0")
+finite_above_0 = number(float, lambda x: 0 < x < math.inf, "a number > 0")
+nucleus = number(float, lambda p: 0 < p <= 1, "in (0, 1]: the share of probability kept")
+
+
+def device_name(value):
+    try:
+        torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a PyTorch device (cpu, cuda, cuda:1, mps)") from None
+    return value
+
+
+def check_out(path, one_shot):
+    """The problem with --out, or None: what it names must be a file of a format soundfile writes as 16-bit
+    PCM (the interactive chat's numbered files add .wav to a name without one). Said before any reply is made."""
+    import soundfile as sf
+    if Path(path).is_dir():
+        return f"--out {path} is a folder; give a file name such as {Path(path) / 'reply.wav'}"
+    fmt = Path(path if one_shot else numbered(path, 1)).suffix[1:].upper()
+    if not (fmt in sf.available_formats() and sf.check_format(fmt, "PCM_16")):
+        return f"--out {path}: cannot write 16-bit sound as {Path(path).suffix or '(no extension)'}; use .wav or .flac"
+    return None
 
 
 def default_checkpoint(*candidates):
@@ -1266,9 +1448,12 @@ def parse_args(argv=None):
     voice = p.add_argument_group("voice")
     voice.add_argument("--voice", metavar="NAME|FILE", help="a voice from --voices, or an audio clip to clone "
                        "(1-24 s of clean speech); default: the model's own")
-    voice.add_argument("--save_voice", metavar="NAME", help="keep the voice cloned from --voice FILE in --voices "
+    voice.add_argument("--save_voice", metavar="NAME", help="keep the voice cloned from --voice FILE in --my_voices "
                        "under NAME")
-    voice.add_argument("--voices", default=str(MODELS / "voices.pt"), help="voices file (default models/voices.pt)")
+    voice.add_argument("--voices", default=str(MODELS / "voices.pt"), help="the release's voices file (default "
+                       "models/voices.pt; --download fetches it)")
+    voice.add_argument("--my_voices", default=str(MODELS / "my_voices.pt"), help="the voices you cloned with "
+                       "--save_voice, kept apart from the released ones (default models/my_voices.pt)")
     parts = p.add_argument_group("published files (see --download)")
     parts.add_argument("--checkpoint", default=default_checkpoint(MODELS / "minimind-3o", MODELS / "sft_omni_768.pth"),
                        help="released folder or .pth, or a train.py checkpoint (default models/minimind-3o, else "
@@ -1289,9 +1474,11 @@ def parse_args(argv=None):
                      help="earlier turns are forgotten, oldest first, while the prompt is longer than this many "
                           "tokens (default 2048; the model was trained on samples of 512-1024, and every reply "
                           "reads the whole prompt again)")
-    gen.add_argument("--temperature", type=float, default=0.75, help="text sampling temperature (default 0.75)")
-    gen.add_argument("--top_p", type=float, default=0.9, help="text nucleus sampling (default 0.9)")
-    gen.add_argument("--repetition_penalty", type=float, default=1.0, help="text repetition penalty (default 1.0)")
+    gen.add_argument("--temperature", type=finite_at_least_0, default=0.75,
+                     help="text sampling temperature (default 0.75)")
+    gen.add_argument("--top_p", type=nucleus, default=0.9, help="text nucleus sampling (default 0.9)")
+    gen.add_argument("--repetition_penalty", type=finite_above_0, default=1.0,
+                     help="text repetition penalty (default 1.0)")
     gen.add_argument("--greedy", action="store_true", help="always the most likely text token and codes")
     gen.add_argument("--seed", type=int, help="random seed, for a repeatable reply")
     gen.add_argument("--system", help="a system prompt")
@@ -1301,13 +1488,13 @@ def parse_args(argv=None):
     run.add_argument("--frames_per_call", type=int, default=2, choices=range(1, 5), metavar="{1..4}",
                      help="Mimi frames (80 ms each) per decode call, after the first frame (decoded alone, "
                           "for the earliest sound): 1 = least delay, 4 = least CPU (default 2)")
-    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                      help="model weights (default float32; bfloat16 suits GPUs)")
     run.add_argument("--int8", action="store_true",
                      help="CPU only: int8 weights in every Linear layer, about 1.5x faster steps on 2 cores, "
                           "at a small cost in accuracy")
-    run.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: its own choice)")
+    run.add_argument("--threads", type=positive, help="CPU threads for PyTorch (default: its own choice)")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: PyTorch sees no CUDA GPU here; use --device cpu")
@@ -1326,6 +1513,11 @@ def parse_args(argv=None):
         p.error("--save_voice NAME needs --voice FILE (an audio clip to clone)")
     if args.no_speech and args.out:
         p.error("--out writes the spoken reply: it cannot go with --no_speech")
+    if args.text is not None and not args.text.strip():
+        p.error("--text is empty: give the question, or leave --text out for the interactive chat")
+    problem = args.out and check_out(args.out, one_shot=bool(args.text or args.audio or args.image))
+    if problem:
+        p.error(problem)
     return args
 
 
@@ -1335,9 +1527,16 @@ def parts_needed(args):
         keys.append("sensevoice")
     if args.image:
         keys.append("siglip")
-    if args.voice:
-        keys += ["mimi", "campplus"] if os.path.isfile(args.voice) else (["voices"] if args.voice != "none" else [])
+    if args.voice and os.path.isfile(args.voice):
+        keys += ["mimi", "campplus"]
+    elif args.voice and args.voice != "none" and args.voice not in my_voices(args):
+        keys.append("voices")
     return list(dict.fromkeys(keys))
+
+
+def my_voices(args):
+    """The voices cloned with --save_voice (name -> voice), {} before the first."""
+    return load_voices(args.my_voices) if os.path.isfile(args.my_voices) else {}
 
 
 def numbered(path, n):
@@ -1400,7 +1599,8 @@ def interactive(chat, args):
                 continue
             if line.split()[0] == "/voice":
                 rest = line[len("/voice"):].strip()
-                print(chat.set_voice(rest) if rest else "voices: " + ", ".join(sorted(chat.part("voices"))))
+                print(chat.set_voice(rest) if rest else "voices: " + (", ".join(sorted(chat.voices())) or "none")
+                      + chat.released_voices_hint())
                 continue
             if line.startswith("/") and line.split()[0] not in ("/audio", "/image"):
                 print(f"unknown command {line.split()[0]} (commands: /audio /image /voice /reset /quit)")
@@ -1416,6 +1616,20 @@ def interactive(chat, args):
             print("\n(stopped)")
         except Exception as e:  # e.g. Mimi failing mid-reply: the conversation so far is kept
             print(f"\nerror: {type(e).__name__}: {e} (the conversation goes on; /reset to start afresh)")
+
+
+def load_session(args, player):
+    """The Chat, with every part this session needs loaded now (said, and timed apart): the first reply's
+    time, and its first sound, then measure the reply, not the loading."""
+    keys = parts_needed(args)
+    started = time.perf_counter()
+    print(f"loading {', '.join(PARTS[k].name for k in keys)} ...", file=sys.stderr, flush=True)
+    chat = Chat(args, player)
+    for key in keys:
+        if key in ("mimi", "sensevoice", "siglip"):  # voices and CAM++ are loaded by set_voice, also at start
+            chat.part(key)
+    print(f"(loaded in {time.perf_counter() - started:.1f} s)", file=sys.stderr)
+    return chat
 
 
 def main(argv=None):
@@ -1434,7 +1648,7 @@ def main(argv=None):
         sys.exit(f"chat.py: {missing}")
     player = None if args.no_speech or args.mute or args.web else open_player()
     try:
-        chat = Chat(args, player)
+        chat = load_session(args, player)
         if args.voice:
             print(chat.set_voice(args.voice, args.save_voice), file=sys.stderr)
         if args.web:
@@ -1443,7 +1657,7 @@ def main(argv=None):
             try:
                 mic = MicStream()
             except Exception as e:  # OSError without PortAudio, sounddevice.PortAudioError without a microphone
-                sys.exit(f"chat.py: --mic needs a microphone ({e})")
+                sys.exit(f"chat.py: --mic needs a microphone ({sound_problem(e)})")
             print("listening: speak, then pause (Ctrl-C to leave)", file=sys.stderr)
             return converse(chat, mic, VoiceActivity(), on_reply=saver(args.out))
         if args.text or args.audio or args.image:

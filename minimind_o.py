@@ -740,28 +740,48 @@ CAMPP_WEIGHTS = "campplus_cn_common.bin"
 class PublishedPart:
     name: str        # what it is, for people
     source: str      # where it is published
-    download: str    # the command that puts it where the entry points look by default
+    download: tuple  # commands, each putting it where the entry points look by default (the release's first)
+
+    @property
+    def how(self):
+        """The download commands, for a message: `one` or `another`."""
+        return " or ".join(f"`{command}`" for command in self.download)
 
 
-HF = "hf download"
+HF, MS = "hf download", "modelscope download --model"  # the Hugging Face CLI; ModelScope's, as the release writes it
 PUBLISHED = {
     "checkpoint": PublishedPart("MiniMind-O weights", "`jingyaogong/minimind-3o` (or `minimind-3o-moe`, or the .pth "
                                 "files of `minimind-3o-pytorch`) on Hugging Face, `gongjy` on ModelScope",
-                                f"{HF} jingyaogong/minimind-3o --local-dir models/minimind-3o"),
-    "tokenizer": PublishedPart("tokenizer", "tokenizer.json in the `jingyaogong/minimind-3o` folder",
-                               f"{HF} jingyaogong/minimind-3o --include 'tokenizer*' --local-dir models/minimind-3o"),
-    "sensevoice": PublishedPart("speech encoder (SenseVoice-Small)", "`FunAudioLLM/SenseVoiceSmall` on Hugging Face",
-                                f"{HF} FunAudioLLM/SenseVoiceSmall --local-dir models/SenseVoiceSmall"),
-    "siglip": PublishedPart("vision encoder (SigLIP2)", "the release's `jingyaogong/siglip2-base-p32-256-ve`",
-                            f"{HF} jingyaogong/siglip2-base-p32-256-ve --local-dir models/siglip2-base-p32-256-ve"),
+                                (f"{MS} gongjy/minimind-3o-pytorch sft_omni_768.pth --local_dir models",
+                                 f"{HF} jingyaogong/minimind-3o --local-dir models/minimind-3o")),
+    "tokenizer": PublishedPart("tokenizer", "tokenizer.json in the `jingyaogong/minimind-3o` folder and in the "
+                               "release's GitHub repository (model/tokenizer.json)",
+                               (f"{HF} jingyaogong/minimind-3o --include 'tokenizer*' --local-dir models/minimind-3o",
+                                "curl -L --create-dirs -o models/minimind-3o/tokenizer.json https://raw."
+                                "githubusercontent.com/jingyaogong/minimind-o/master/model/tokenizer.json")),
+    "sensevoice": PublishedPart("speech encoder (SenseVoice-Small)", "`gongjy/SenseVoiceSmall` on ModelScope, "
+                                "`FunAudioLLM/SenseVoiceSmall` on Hugging Face",
+                                (f"{MS} gongjy/SenseVoiceSmall --local_dir models/SenseVoiceSmall",
+                                 f"{HF} FunAudioLLM/SenseVoiceSmall --local-dir models/SenseVoiceSmall")),
+    # the release's vision tower alone, or google's whole SigLIP2 (its text tower is skipped when loading)
+    "siglip": PublishedPart("vision encoder (SigLIP2)", "the release's `gongjy/siglip2-base-p32-256-ve` (ModelScope) "
+                            "and `jingyaogong/siglip2-base-p32-256-ve` (Hugging Face); google's "
+                            "`google/siglip2-base-patch32-256`",
+                            (f"{MS} gongjy/siglip2-base-p32-256-ve --local_dir models/siglip2-base-p32-256-ve",
+                             f"{HF} jingyaogong/siglip2-base-p32-256-ve --local-dir models/siglip2-base-p32-256-ve",
+                             f"{HF} google/siglip2-base-patch32-256 --local-dir models/siglip2-base-p32-256-ve")),
+    # moshi's file, which load_mimi reads; the release's `gongjy/mimi` is the Transformers layout, which it does not
     "mimi": PublishedPart("Mimi codec", f"{MIMI_WEIGHTS} in `kyutai/moshiko-pytorch-bf16` on Hugging Face",
-                          f"{HF} kyutai/moshiko-pytorch-bf16 {MIMI_WEIGHTS} --local-dir models/mimi"),
-    "campplus": PublishedPart("speaker encoder (CAM++)", "`funasr/campplus` on Hugging Face, "
-                              "`iic/speech_campplus_sv_zh-cn_16k-common` on ModelScope",
-                              f"{HF} funasr/campplus {CAMPP_WEIGHTS} --local-dir models/campplus"),
+                          (f"{HF} kyutai/moshiko-pytorch-bf16 {MIMI_WEIGHTS} --local-dir models/mimi",)),
+    # the .bin of the official copies; the release's `gongjy/campplus` holds a .pt of another name
+    "campplus": PublishedPart("speaker encoder (CAM++)", "`iic/speech_campplus_sv_zh-cn_16k-common` on ModelScope, "
+                              "`funasr/campplus` on Hugging Face",
+                              (f"{MS} iic/speech_campplus_sv_zh-cn_16k-common {CAMPP_WEIGHTS} "
+                               "--local_dir models/campplus",
+                               f"{HF} funasr/campplus {CAMPP_WEIGHTS} --local-dir models/campplus")),
     "voices": PublishedPart("voices", "the release's model/speaker/voices.pt (GitHub jingyaogong/minimind-o)",
-                            "curl -L -o models/voices.pt https://raw.githubusercontent.com/jingyaogong/minimind-o/"
-                            "master/model/speaker/voices.pt"),
+                            ("curl -L -o models/voices.pt https://raw.githubusercontent.com/jingyaogong/minimind-o/"
+                             "master/model/speaker/voices.pt",)),
 }
 
 
@@ -777,12 +797,12 @@ def loading(part, path):
     try:
         yield
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{p.name}: {e}. Get it with `{p.download}` (published: {p.source})") from e
+        raise FileNotFoundError(f"{p.name}: {e}. Get it with {p.how} (published: {p.source})") from e
     except Exception as e:
         detail = (str(e).strip().splitlines() or [""])[0][:200]
         raise DamagedPartError(f"cannot read the {p.name} at {path} ({type(e).__name__}: {detail}). Is it the "
                                "published file, whole? A git-lfs pointer (a clone without git-lfs) or a cut "
-                               f"download fails like this. Get it with `{p.download}` (published: {p.source})") from e
+                               f"download fails like this. Get it with {p.how} (published: {p.source})") from e
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1242,7 +1262,7 @@ def open_image(image):
             grey = np.asarray(im, dtype=np.float32) / GREY16_PER_GREY8
             im = Image.fromarray(grey.clip(0, 255).astype(np.uint8))
         return im.convert("RGB")
-    except OSError as e:        # PIL's UnidentifiedImageError is an OSError
+    except (OSError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
         raise ValueError(f"cannot read image {name}: {e}") from e
 
 

@@ -28,6 +28,8 @@ A training run writes into --out_dir: `<save_weight>_<hidden>[_moe].pth` (the we
 """
 import argparse
 import contextlib
+import fcntl
+import glob
 import hashlib
 import io
 import json
@@ -66,13 +68,43 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REAL = dict(from_weight="out/llm_768.pth", out_dir="out", save_weight="sft_omni", hidden_size=768,
             num_hidden_layers=8, max_seq_len=512, batch_size=32, learning_rate=5e-4, epochs=1, num_workers=4,
             log_every=10, save_every=1000)
+# The demo's max_seq_len leaves its two-exchange rows (~70 tokens) whole: cut_conversation keeps an earlier
+# exchange only with 100 tokens to spare, so at 96 every row was cut to its first exchange, the model never
+# saw a conversation go on, and a second question in the chat got blank lines back. Batches are padded to
+# their longest sample, so the longer limit costs nothing.
 DEMO = dict(from_weight="none", out_dir="out/demo", save_weight="demo", hidden_size=64, num_hidden_layers=4,
-            max_seq_len=96, batch_size=8, learning_rate=2e-3, epochs=6, num_workers=0, log_every=1,
+            max_seq_len=192, batch_size=8, learning_rate=2e-3, epochs=6, num_workers=0, log_every=1,
             save_every=50)
 PUBLISHED_DATA = ("the release's data is `minimind-o_dataset` under `jingyaogong` on Hugging Face / `gongjy` on "
                   "ModelScope")
 TOKENIZER_FOLDER = "models/minimind-3o"   # the release's model folder, which holds its tokenizer
-GET_TOKENIZER = f'hf download jingyaogong/minimind-3o --include "tokenizer*" --local-dir {TOKENIZER_FOLDER}'
+TOKENIZER_REPO = "jingyaogong/minimind-3o"
+GET_TOKENIZER = f'hf download {TOKENIZER_REPO} --include "tokenizer*" --local-dir {TOKENIZER_FOLDER}'
+HUB_CONNECT_S = 5         # the hub not answering this soon is taken for being offline
+
+
+MIN_SEQ_LEN = 16  # a one-turn conversation's template alone takes about 10 tokens
+
+
+def number(kind, fits, rule):
+    """An argparse type: `kind(value)`, refused (the message names the flag) unless fits(it)."""
+    def parse(value):
+        try:
+            x = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+        if not fits(x):
+            raise argparse.ArgumentTypeError(f"{value} is not {rule}")
+        return x
+    return parse
+
+
+positive = number(int, lambda n: n >= 1, "a positive number")
+at_least_0 = number(int, lambda n: n >= 0, "a number >= 0")
+finite_above_0 = number(float, lambda x: 0 < x < math.inf, "a number > 0")
+finite_at_least_0 = number(float, lambda x: 0 <= x < math.inf, "a number >= 0")
+probability = number(float, lambda p: 0 <= p <= 1, "a probability (0 to 1)")
+sequence_length = number(int, lambda n: n >= MIN_SEQ_LEN, f"a length of at least {MIN_SEQ_LEN} tokens")
 
 
 def defaults(name):
@@ -101,17 +133,18 @@ def data_flags(data):
     data.add_argument("--data", nargs="+", metavar="PARQUET",
                       help="one or more parquet files (columns: conversations, question_audios, answer_audios, "
                            "image_bytes, ref_audios, spk_emb); omitted: run the demo")
-    data.add_argument("--max_seq_len", type=int,
+    data.add_argument("--max_seq_len", type=sequence_length,
                       help=f"sample length in tokens; longer conversations are cut ({defaults('max_seq_len')})")
     data.add_argument("--augment", choices=["both", "wave", "spec", "none"], default="both",
                       help="the release's augmentations of question audio: waveform (speed, noise, volume, dropout, "
                            "low-pass, reverb, rumble), spectrogram (SpecAugment masks), both or none (default both)")
-    data.add_argument("--scheduled_sampling", type=float, default=0.05,
+    data.add_argument("--scheduled_sampling", type=probability, default=0.05,
                       help="probability that a labelled input id is replaced by a random one (default 0.05)")
     data.add_argument("--skip_bad_rows", action="store_true",
                       help="log and count malformed rows (each is replaced by the next good row) instead of "
                            "stopping at the first one; with --prepare, bad manifest lines are left out and counted")
-    data.add_argument("--num_workers", type=int, help=f"DataLoader processes per GPU ({defaults('num_workers')})")
+    data.add_argument("--num_workers", type=at_least_0,
+                      help=f"DataLoader processes per GPU ({defaults('num_workers')})")
     data.add_argument("--tokenizer", help="folder with the released tokenizer.json (default: the --from_weight "
                                           f"folder if it has one, else {TOKENIZER_FOLDER}; get it with: "
                                           f"{GET_TOKENIZER})")
@@ -138,25 +171,27 @@ def model_flags(model):
                        help="what is trained: everything, or only the speech / image projector (default all)")
     model.add_argument("--use_moe", action="store_true",
                        help="mixture-of-experts FFNs (with --from_weight none; a checkpoint brings its own)")
-    model.add_argument("--hidden_size", type=int,
+    model.add_argument("--hidden_size", type=positive,
                        help=f"Thinker and Talker width, with --from_weight none ({defaults('hidden_size')})")
-    model.add_argument("--num_hidden_layers", type=int,
+    model.add_argument("--num_hidden_layers", type=positive,
                        help="Thinker blocks, with --from_weight none; the Talker gets half as many "
                             f"({defaults('num_hidden_layers')})")
 
 
 def optimisation_flags(opt):
-    opt.add_argument("--epochs", type=int, help=f"passes over the data ({defaults('epochs')})")
-    opt.add_argument("--max_steps", type=int, help="stop after this many optimizer steps (the lr schedule ends there)")
-    opt.add_argument("--batch_size", type=int, help=f"samples per GPU per micro-batch ({defaults('batch_size')})")
-    opt.add_argument("--accumulation_steps", type=int, default=1,
+    opt.add_argument("--epochs", type=positive, help=f"passes over the data ({defaults('epochs')})")
+    opt.add_argument("--max_steps", type=positive,
+                     help="stop after this many optimizer steps (the lr schedule ends there)")
+    opt.add_argument("--batch_size", type=positive, help=f"samples per GPU per micro-batch ({defaults('batch_size')})")
+    opt.add_argument("--accumulation_steps", type=positive, default=1,
                      help="micro-batches summed before each optimizer step (default 1)")
-    opt.add_argument("--learning_rate", type=float,
+    opt.add_argument("--learning_rate", type=finite_above_0,
                      help="peak lr; step t of T uses lr*(0.1 + 0.45*(1 + cos(pi*t/T))), from lr down to lr/10 "
                           f"({defaults('learning_rate')})")
-    opt.add_argument("--weight_decay", type=float, default=0.01,
+    opt.add_argument("--weight_decay", type=finite_at_least_0, default=0.01,
                      help="AdamW weight decay (default 0.01, PyTorch's default, which the release uses)")
-    opt.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (default 1.0)")
+    opt.add_argument("--grad_clip", type=finite_above_0, default=1.0,
+                     help="clip the gradient norm to this (default 1.0)")
     opt.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                      help="autocast precision on GPU (float16 adds a loss scaler); the CPU trains in float32 "
                           "(default bfloat16)")
@@ -187,9 +222,10 @@ def output_flags(out):
     out.add_argument("--out_dir", help=f"where checkpoints and logs go ({defaults('out_dir')})")
     out.add_argument("--save_weight", help="checkpoint name: <out_dir>/<save_weight>_<hidden>[_moe].pth "
                                            f"({defaults('save_weight')})")
-    out.add_argument("--save_every", type=int,
+    out.add_argument("--save_every", type=at_least_0,
                      help=f"optimizer steps between checkpoints, 0 for the end only ({defaults('save_every')})")
-    out.add_argument("--log_every", type=int, help=f"optimizer steps between metric lines ({defaults('log_every')})")
+    out.add_argument("--log_every", type=positive,
+                     help=f"optimizer steps between metric lines ({defaults('log_every')})")
     out.add_argument("--resume", action="store_true",
                      help="continue from <out_dir>/<save_weight>_resume.pt: weights, optimizer, loss scaler, step, "
                           "data position and random states, exactly as when it was written")
@@ -405,7 +441,12 @@ class ParquetRows:
         for path in paths:
             if not os.path.exists(path):
                 raise FileNotFoundError(f"data file not found: {path} ({PUBLISHED_DATA})")
-            table = pq.read_table(path, memory_map=True)
+            try:
+                table = pq.read_table(path, memory_map=True)
+            except pa.ArrowException as e:
+                raise ValueError(f"{path} is not a readable parquet file ({e})") from None
+            if len(table) == 0:
+                raise ValueError(f"{path} has no rows")
             if "conversations" not in table.column_names:
                 raise BadRow.at(path, "-", "conversations", "missing: every row needs its conversation")
             for column, (holds, fits) in COLUMNS.items():
@@ -615,6 +656,18 @@ def sample_rng(seed, epoch, index):
     return random.Random(f"{seed}/{epoch}/{index}")
 
 
+def teaches_nothing(row, replies):
+    """Raise BadRow for a row that would be trained on without teaching anything: no reply to learn,
+    an image no turn points at (its features would never be injected), an empty question audio."""
+    if replies == 0:
+        raise BadRow.at(row.file, row.row, "conversations", "no assistant turn: there is no reply to learn")
+    if row.image and not any(mo.IMAGE_MARK in t["content"] for t in row.conversations):
+        raise BadRow.at(row.file, row.row, "image_bytes", f"an image, but no turn has an {mo.IMAGE_MARK} mark "
+                                                           "where it goes")
+    if any(len(audio) == 0 for audio in row.question_audios):
+        raise BadRow.at(row.file, row.row, "question_audios", "an empty (0-byte) audio file")
+
+
 class OmniDataset(Dataset):
     def __init__(self, rows, tok, max_len, encoders=None, augment="both", scheduled_sampling=0.05, seed=0,
                  skip_bad_rows=False):
@@ -652,6 +705,7 @@ class OmniDataset(Dataset):
             conversations = cut_conversation(conversations, rng.randrange(replies), self.tok, self.max_len)
         users = sum(t["role"] == "user" for t in conversations)
         replies = sum(t["role"] == "assistant" for t in conversations)
+        teaches_nothing(row, replies)
 
         # the question audio (of the last kept user turn) and the image: encoder outputs read from the
         # cache, or encoder inputs (a miss keeps its key, to store the output once it is encoded)
@@ -674,6 +728,9 @@ class OmniDataset(Dataset):
             has_spk=row.spk_emb is not None, n_audio_tokens=0 if question is None else len(question),
             has_image=bool(row.image), **variations)
         length = valid_length(text_labels, audio_labels)
+        if text_labels[:length].eq(mo.IGNORE).all() and audio_labels[:, :length].eq(mo.IGNORE).all():
+            raise BadRow.at(row.file, row.row, "conversations", f"the reply starts after --max_seq_len "
+                            f"{self.max_len} tokens, so nothing of it is learned")
         if self.scheduled_sampling > 0:
             noise = torch.Generator().manual_seed(rng.getrandbits(63))
             input_ids = scheduled_sampling(input_ids, text_labels, audio_labels, self.scheduled_sampling,
@@ -956,6 +1013,54 @@ def resume_path(args):
     return run_file(args, "resume.pt")
 
 
+class OutputInUse(ValueError):
+    """Another live run writes the same --out_dir/--save_weight files."""
+
+
+@contextlib.contextmanager
+def output_lock(args, procs):
+    """Hold <out_dir>/<save_weight>.lock (rank 0) for the whole run: a second run on the same outputs
+    would interleave their metrics and leave a checkpoint of neither, so it is refused at start. The
+    lock is the kernel's (flock): it dies with its process, so a killed run's lock file is simply taken
+    over. The file holds the owner's pid, for the message. Under the lock, temporary files that killed
+    runs left beside this run's outputs are removed."""
+    if not procs.is_main:
+        yield
+        return
+    path = os.path.join(args.out_dir, f"{args.save_weight}.lock")
+    f = take_lock(path)
+    try:
+        for leftover in glob.glob(os.path.join(glob.escape(args.out_dir), f".{glob.escape(args.save_weight)}_*.tmp*")):
+            os.remove(leftover)  # mo.atomic_path's temporary names: .<file>.<hex>.tmp<ext>
+        yield
+    finally:
+        os.remove(path)  # while still holding it: a run that opened it meanwhile finds it locked, then gone
+        f.close()
+
+
+def take_lock(path):
+    """The open, locked lock file at `path`, with this process's pid in it; OutputInUse when a live
+    process holds it."""
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "unknown"
+            f.close()
+            raise OutputInUse(f"{path} is held by another training run (pid {owner}) writing the same --out_dir "
+                              "and --save_weight; wait for it to finish, or choose another --save_weight or "
+                              "--out_dir") from None
+        if os.path.exists(path) and os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+            break
+        f.close()  # its owner removed it between our open and our lock: try again
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def rng_states(device):
     states = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
     if device.type == "cuda":  # this process's GPU only: touching the others would give each a context
@@ -975,7 +1080,7 @@ def save_resume_state(path, learner, position, args, procs):
     model = learner.model
     state = dict(model=model.state_dict(), config=model.config.to_dict(), optimizer=learner.optimizer.state_dict(),
                  scaler=learner.scaler.state_dict(), position=position, rng=rng_states(procs.device),
-                 args={k: getattr(args, k) for k in RESUME_MUST_MATCH}, world=procs.world)
+                 args={k: resume_setting(args, k) for k in RESUME_MUST_MATCH}, world=procs.world)
     with mo.atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -985,14 +1090,22 @@ def load_resume_state(path, args, world):
         raise FileNotFoundError(f"--resume: no resume state at {path} (it is written every --save_every steps "
                                 "by a run with the same --out_dir and --save_weight)")
     state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states are not tensors
-    changed = [f"--{k} {state['args'][k]} -> {getattr(args, k)}" for k in RESUME_MUST_MATCH
-               if state["args"][k] != getattr(args, k)]
+    changed = [f"--{k} {state['args'][k]} -> {resume_setting(args, k)}" for k in RESUME_MUST_MATCH
+               if state["args"][k] != resume_setting(args, k)]
     if state["world"] != world:
         changed.append(f"processes {state['world']} -> {world}")
     if changed:
         raise ValueError(f"--resume: {path} belongs to a different run ({'; '.join(changed)}); resume with the "
                          "original settings, or start afresh without --resume")
     return state
+
+
+def resume_setting(args, name):
+    """A setting as the resume state keeps it: the data files by what they are (real path and size), not
+    by how the command spelled them (data.parquet, ./data.parquet, a link to it)."""
+    if name == "data":
+        return [f"{os.path.realpath(p)} ({os.path.getsize(p)} bytes)" for p in args.data]
+    return getattr(args, name)
 
 
 def resumed_model(resume):
@@ -1016,9 +1129,20 @@ def save(args, procs, learner, position, seconds):
     many rows were skipped. seconds(): the run's time so far."""
     bad_rows = procs.union(position["bad_rows"])
     if procs.is_main:
-        mo.save_checkpoint(learner.model, weight_path(args, learner.model.config))
-        save_resume_state(resume_path(args), learner, dict(position, bad_rows=bad_rows, seconds=seconds()), args, procs)
+        path = weight_path(args, learner.model.config)
+        try:
+            mo.save_checkpoint(learner.model, path)
+            path = resume_path(args)
+            save_resume_state(path, learner, dict(position, bad_rows=bad_rows, seconds=seconds()), args, procs)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            free = shutil.disk_usage(args.out_dir).free / 1e6
+            raise SaveFailed(f"cannot write {path}: {(str(e).splitlines() or [''])[0]} ({free:.0f} MB free on its "
+                             "disk: is it full?). The previous file there is kept whole") from e
     return len(bad_rows)
+
+
+class SaveFailed(OSError):
+    """A checkpoint could not be written (full disk, no permission); the previous one is intact."""
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1140,10 +1264,23 @@ class MetricsLog:
         self.path = path
         kept = []
         if resume_step is not None and os.path.exists(path):
-            with open(path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+            kept = [line for line in self.lines() if json.loads(line)["step"] <= resume_step]
         with mo.atomic_path(path) as tmp, open(tmp, "w") as f:
             f.writelines(kept)
+
+    def lines(self):
+        """The file's whole lines. A kill mid-write can leave the last one cut off: it is dropped (that step
+        is written again); any other line that is not JSON is an error naming the file and line."""
+        with open(self.path) as f:
+            lines = f.readlines()
+        for number, line in enumerate(lines, 1):
+            try:
+                json.loads(line)["step"]
+            except (json.JSONDecodeError, TypeError, KeyError):
+                if number == len(lines) and not line.endswith("\n"):
+                    return lines[:-1]
+                raise ValueError(f"{self.path}, line {number}: not a metrics record ({line.strip()[:80]!r})") from None
+        return lines
 
     def write(self, record):
         with open(self.path, "a") as f:
@@ -1153,7 +1290,7 @@ class MetricsLog:
         with open(self.path) as f:
             return [json.loads(line) for line in f]
 
-    def plot(self, png):
+    def plot(self, png, title):
         import matplotlib
         matplotlib.use("Agg")  # files only, no display needed
         import matplotlib.pyplot as plt
@@ -1164,7 +1301,7 @@ class MetricsLog:
         fig, ax = plt.subplots(figsize=(8, 4.5))
         for key in ("loss", "text", "audio"):
             ax.plot(steps, [r[key] for r in records], label=key)
-        ax.set(xlabel="optimizer step", ylabel="loss", yscale="log", title=os.path.basename(png))
+        ax.set(xlabel="optimizer step", ylabel="loss", yscale="log", title=title)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -1198,7 +1335,33 @@ class Progress:
             self.log.write(dict(step=position["step"], epoch=position["epoch"], loss=loss, text=text, audio=audio,
                                 aux=aux, lr=lr, samples_per_s=sums[5].item() / seconds,
                                 tokens_per_s=sums[4].item() / seconds, elapsed_s=self.seconds()))
-            self.bar.set_postfix(loss=f"{loss:.3f}", text=f"{text:.3f}", audio=f"{audio:.3f}", lr=f"{lr:.2e}")
+            self.bar.set_postfix(loss=f"{loss:.3f}", text=f"{text:.3f}", audio=f"{audio:.3f}", lr=f"{lr:.2e}",
+                                 refresh=False)  # the step's update() draws the bar: once a step
+
+
+def hub_reachable():
+    """Whether the Hugging Face hub takes a connection within HUB_CONNECT_S (offline: no waiting on retries)."""
+    import socket
+    import urllib.parse
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    address = urllib.parse.urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((address.hostname, address.port or 443), timeout=HUB_CONNECT_S).close()
+        return True
+    except OSError:
+        return False
+
+
+def fetch_tokenizer(folder):
+    """The released tokenizer.json (about 450 KB) into `folder`; a failure leaves it missing, to be reported."""
+    from huggingface_hub import hf_hub_download
+    tqdm.write(f"fetching the released tokenizer into {folder} ...")
+    try:
+        hf_hub_download(TOKENIZER_REPO, "tokenizer.json", local_dir=folder)
+    except Exception as e:  # refused, cut off: the caller says how to get it by hand
+        tqdm.write(f"could not fetch it ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
 
 
 def tokenizer_folder(args):
@@ -1209,10 +1372,21 @@ def tokenizer_folder(args):
     if start and os.path.isfile(os.path.join(start, "tokenizer.json")):
         return start
     folder = os.path.join(HERE, TOKENIZER_FOLDER)
+    if not os.path.isfile(os.path.join(folder, "tokenizer.json")) and hub_reachable():
+        fetch_tokenizer(folder)
     if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
         raise FileNotFoundError(f"no tokenizer in {folder}: training needs the released MiniMind tokenizer. Get it "
                                 f"with\n  {GET_TOKENIZER}\nor point --tokenizer at a folder that has tokenizer.json")
     return folder
+
+
+def published_weights(path):
+    """How to get a published .pth (llm_768.pth, sft_omni_768.pth ...) to `path`, or the release folder."""
+    if not path.endswith(".pth"):
+        return mo.PUBLISHED["checkpoint"].how
+    folder, name = os.path.dirname(path) or ".", os.path.basename(path)
+    return (f"`modelscope download --model gongjy/minimind-3o-pytorch {name} --local_dir {folder}` or "
+            f"`hf download jingyaogong/minimind-3o-pytorch {name} --local-dir {folder}`")
 
 
 def missing_inputs(args):
@@ -1226,7 +1400,7 @@ def missing_inputs(args):
     missing += [f"data file not found: {p} ({PUBLISHED_DATA})" for p in args.data if not os.path.exists(p)]
     if args.from_weight != "none" and not args.resume and mo.weights_file(args.from_weight) is None:
         missing.append(f"--from_weight {args.from_weight} not found; get the published weights with "
-                       f"`{mo.PUBLISHED['checkpoint'].download}` ({mo.PUBLISHED['checkpoint'].source})")
+                       f"{published_weights(args.from_weight)} ({mo.PUBLISHED['checkpoint'].source})")
     return "\n".join(missing) or None
 
 
@@ -1315,8 +1489,15 @@ def train(args):
     """Run one training stage; returns a summary dict (also printed)."""
     procs = setup_processes(args)
     os.makedirs(args.out_dir, exist_ok=True)
+    with output_lock(args, procs):
+        return train_stage(args, procs)
+
+
+def train_stage(args, procs):
+    """train() once this run holds its outputs."""
     demo = args.data is None
     if demo:
+        tokenizer_folder(args)  # checked (fetched when possible) before the demo's data is written
         args.data = [demo_data(args, procs)]
     dataset = prepare_data(args, procs)
     n_batches = batches_per_epoch(len(dataset), args.batch_size, procs.world)
@@ -1359,11 +1540,20 @@ def finish(args, procs, learner, position, progress, demo):
         log = progress.log
         records = log.records()
         summary.update(first_loss=records[0]["loss"], last_loss=records[-1]["loss"], metrics=log.path,
-                       plot=log.plot(run_file(args, "loss.png")))
+                       plot=log.plot(run_file(args, "loss.png"), plot_title(args, learner.model.config, demo)))
         report(summary, args, demo)
     if procs.world > 1:
         dist.destroy_process_group()
     return summary
+
+
+def plot_title(args, cfg, demo):
+    """What run the loss plot is of; the demo's says that its "audio" loss is made-up codes learned by heart."""
+    data = "the demo's colour and sum questions" if demo else ", ".join(os.path.basename(p) for p in args.data)
+    title = f"{args.save_weight}: {cfg.hidden_size}-wide model, --mode {args.mode}, on {data}"
+    if demo:
+        title += '\n"audio" is memorising made-up codes (one per character), not learning speech'
+    return title
 
 
 def report(summary, args, demo):
@@ -1377,6 +1567,9 @@ def report(summary, args, demo):
     if demo:
         lines = [f"demo: wrote {args.data[0]} ({DEMO_ROWS} T2A rows in the release's schema) and trained a "
                  f"{args.hidden_size}-wide model on it from random weights."] + lines + [
+            "it was taught six colour questions, " + ", ".join(f'"What colour is the {thing}?"'
+                                                              for thing in sorted(DEMO_COLOURS))
+            + ', and sums of two digits ("What is 3 plus 4?").',
             "next: ask it what it was taught. It gets the colours right; sums come out in the right form but "
             "mostly wrong (a tiny model learns the format in two minutes, not arithmetic). Its 'speech' is "
             "made-up codes, so ask for text only:",
@@ -1677,5 +1870,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError) as e:  # missing files, bad data or arguments: the message says where
+    except (FileNotFoundError, SaveFailed, ValueError) as e:  # missing files, bad data or arguments, a full disk
         sys.exit(f"train.py: {e}")

@@ -517,8 +517,7 @@ PARTS = {
     "campplus": dataclasses.replace(chat.PARTS["campplus"], needed_for="voice similarity"),
     "voices": dataclasses.replace(chat.PARTS["voices"], needed_for="voice similarity, seen voices"),
     "unseen_voices": chat.Part(mo.PublishedPart("unseen voices", "the release's model/speaker/voices_unseen.pt "
-                                                "(GitHub jingyaogong/minimind-o)", f"curl -L -o models/voices_unseen.pt "
-                                                f"{UNSEEN_VOICES_URL}"),
+                                                "(GitHub jingyaogong/minimind-o)", (f"curl -L -o models/voices_unseen.pt {UNSEEN_VOICES_URL}",)),
                                "--unseen_voices", "voice similarity, unseen voices", fetch=chat.url_file(UNSEEN_VOICES_URL)),
 }
 

@@ -9,6 +9,7 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 sys.path.insert(0, ROOT)
 
 import minimind_o as mo  # noqa: E402
+import train  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -29,10 +30,14 @@ def tiny_config(**kw):
 
 def tokenizer_folder():
     """The released tokenizer's folder: $MINIMIND_TOKENIZER, else models/minimind-3o (where the README's
-    `hf download` puts it), else ../shared/tokenizer (CI); a skip that says how to get it when none has it."""
+    `hf download` puts it), else ../shared/tokenizer (CI), else fetched into models/minimind-3o when the hub
+    can be reached; a skip that says how to get it when none has it."""
     places = [os.environ.get("MINIMIND_TOKENIZER"), os.path.join(ROOT, "models", "minimind-3o"),
               os.path.join(SHARED, "tokenizer")]
     found = next((p for p in places if p and os.path.exists(os.path.join(p, "tokenizer.json"))), None)
+    if found is None and train.hub_reachable():  # a fresh clone with internet: fetch it, as train.py does
+        train.fetch_tokenizer(places[1])
+        found = places[1] if os.path.exists(os.path.join(places[1], "tokenizer.json")) else None
     if found is None:
         pytest.skip("needs the released tokenizer: hf download jingyaogong/minimind-3o --include 'tokenizer*' "
                     "--local-dir models/minimind-3o (or set MINIMIND_TOKENIZER; CI has ../shared/tokenizer)")

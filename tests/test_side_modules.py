@@ -250,6 +250,31 @@ def test_unreadable_image_names_the_file(vision, tmp_path):
         sm.encode_images(*vision, [bad])
 
 
+def test_a_decompression_bomb_image_is_refused_by_name(vision, tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 40x30 picture then counts as a bomb (> 2x the limit)
+    bomb = tmp_path / "bomb.png"
+    Image.new("RGB", (40, 30)).save(bomb)
+    with pytest.raises(ValueError, match="cannot read image .*bomb.png: .*decompression bomb"):
+        sm.encode_images(*vision, [bomb])
+
+
+def test_googles_whole_siglip2_folder_loads_as_its_vision_tower(tmp_path):
+    """PUBLISHED offers google/siglip2-base-patch32-256 (text and vision towers): the loader keeps the vision one."""
+    from transformers import SiglipConfig, SiglipModel
+    torch.manual_seed(0)
+    vision = dict(image_size=assets.SIGLIP_IMAGE_SIZE, patch_size=assets.SIGLIP_PATCH, **assets.TINY_SIGLIP)
+    whole = SiglipModel(SiglipConfig(vision_config=vision, text_config=dict(hidden_size=32, intermediate_size=64,
+                                                                          num_hidden_layers=1, num_attention_heads=2)))
+    folder = assets.build_siglip(tmp_path)  # the release's layout, whose processor files are the same
+    whole.save_pretrained(folder, safe_serialization=True)
+    encoder, processor = sm.load_vision_encoder(folder)
+    pixels = sm.image_pixels(processor, [image_inputs(tmp_path)[0]])
+    with torch.no_grad():
+        assert torch.equal(encoder(pixel_values=pixels).last_hidden_state,
+                           whole.vision_model(pixel_values=pixels).last_hidden_state)
+    assert "google/siglip2-base-patch32-256 --local-dir models/siglip2-base-p32-256-ve" in sm.PUBLISHED["siglip"].how
+
+
 def test_vision_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"siglip/config.json not found.*hf download jingyaogong/siglip2"):
         with sm.loading("siglip", tmp_path / "siglip"):
@@ -333,6 +358,36 @@ def test_clone_save_and_load_voice(mimi, campp, tmp_path):
     loaded = chat.load_voices(voices_path)
     assert sorted(loaded) == ["copy", "question"]
     assert torch.equal(loaded["question"]["ref_codes"], voice["ref_codes"])
+
+
+def test_a_save_that_fails_midway_leaves_every_stored_voice(tmp_path, monkeypatch):
+    voices_path = tmp_path / "voices.pt"
+    voice = {"ref_codes": torch.zeros(8, 3, dtype=torch.long), "spk_emb": torch.zeros(192)}
+    chat.save_voice(voices_path, "kept", voice)
+    before = voices_path.read_bytes()
+
+    def dies_halfway(obj, f):  # a full disk or a kill: half a file written, then the error
+        Path(f).write_bytes(before[:len(before) // 2])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(OSError):
+        chat.save_voice(voices_path, "new", voice)
+    assert voices_path.read_bytes() == before and sorted(chat.load_voices(voices_path)) == ["kept"]
+    assert [p.name for p in tmp_path.iterdir()] == ["voices.pt"]  # no temporary file left behind
+
+
+def test_a_wav_write_that_fails_midway_leaves_the_previous_reply(tmp_path, monkeypatch):
+    out = tmp_path / "reply.wav"
+    chat.write_wav(out, np.zeros(2400, np.float32))
+    before = out.read_bytes()
+
+    def dies_halfway(path, *args, **kwargs):
+        Path(path).write_bytes(b"RIFF")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(sf, "write", dies_halfway)
+    with pytest.raises(OSError):
+        chat.write_wav(out, np.ones(2400, np.float32))
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["reply.wav"]
 
 
 def test_clone_keeps_at_most_max_ref_frames(mimi, campp, monkeypatch):

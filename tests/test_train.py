@@ -4,6 +4,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -173,6 +174,14 @@ def test_epoch_batches_split_rows_across_processes_and_resume_mid_epoch():
     assert list(train.EpochBatches(10, 2, seed=1, epoch=1)) != list(train.EpochBatches(10, 2, seed=1, epoch=0))
 
 
+def test_the_demo_trains_its_two_exchange_rows_whole(tokenizer, demo_file):
+    """At the demo's max_seq_len a second exchange is kept with the first (a second question in the chat needs it)."""
+    rows = train.ParquetRows([demo_file])
+    two = [c for c in (rows.read(i).conversations for i in range(len(rows))) if len(c) == 4]
+    max_len = train.parse_args([]).max_seq_len
+    assert two and all(train.cut_conversation(c, 1, tokenizer, max_len) == c for c in two)
+
+
 def test_learning_rate_schedule_is_the_release_cosine():
     assert train.lr_at(0, 100, 5e-4) == pytest.approx(5e-4)
     assert train.lr_at(50, 100, 5e-4) == pytest.approx(5e-4 * 0.55)
@@ -187,7 +196,14 @@ BAD = {"json": (dict(conversations='[{"role": "user", "content": "Hi"'), "conver
        "role": (dict(conversations=json.dumps([{"role": "robot", "content": "beep"}])), "conversations",
                 "unknown role 'robot'"),
        "audio": (dict(question_audios=[b"RIFF not really a wav"]), "question_audios", "cannot decode audio"),
-       "image": (dict(image_bytes=[b"\x89PNG broken"]), "image_bytes", "cannot read image")}
+       "image": (dict(conversations=chat("<image>Hi", "Hello."), image_bytes=[b"\x89PNG broken"]), "image_bytes",
+                 "cannot read image"),
+       # rows that would be trained on without teaching anything
+       "no_reply": (dict(conversations=chat("Hi")), "conversations", "no assistant turn"),
+       "cut_off": (dict(conversations=chat("word " * 80, "Hello.")), "conversations",
+                   "the reply starts after --max_seq_len 64"),
+       "unmarked_image": (dict(image_bytes=[png_bytes()]), "image_bytes", "an image, but no turn has an <image> mark"),
+       "empty_audio": (dict(question_audios=[b""]), "question_audios", "an empty \\(0-byte\\) audio file")}
 
 
 def bad_file(path, kinds):
@@ -220,6 +236,17 @@ def test_skip_bad_rows_counts_them_in_a_run(tmp_path, capsys, tokenizer_flag):
     assert "skipped 3 bad rows" in out and out.count("skipped bad row: ") == 3  # each once, not once an epoch
 
 
+def test_a_file_of_rows_that_teach_nothing_is_an_error_not_a_zero_loss(tmp_path, tokenizer_flag):
+    path = write(tmp_path / "silent.parquet", dict(conversations=[chat("Hi"), chat("Hello?")]),
+                 dict(conversations=pa.string()))
+    flags = ["--data", path, "--from_weight", "none", "--out_dir", str(tmp_path), "--num_workers", "0", *TINY_RUN,
+             *tokenizer_flag]
+    with pytest.raises(train.BadRow, match="silent.parquet, row 0, column conversations: no assistant turn"):
+        train.main(flags)
+    with pytest.raises(ValueError, match="every row of the data is bad"):
+        train.main(flags + ["--skip_bad_rows"])
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_bad_row_stops_the_run_with_its_own_message(tmp_path, tokenizer_flag, workers):
     """Also from DataLoader worker processes, which would turn an exception raised there into another type."""
@@ -243,6 +270,66 @@ def test_columns_of_the_wrong_type_are_named(tmp_path):
         train.ParquetRows([path])
 
 
+def test_an_empty_or_unreadable_parquet_file_is_named(tmp_path):
+    empty = write(tmp_path / "empty.parquet", dict(conversations=[]), dict(conversations=pa.string()))
+    with pytest.raises(ValueError, match=f"{empty} has no rows"):
+        train.ParquetRows([empty])
+    (tmp_path / "zero.parquet").write_bytes(b"")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'zero.parquet'} is not a readable parquet file"):
+        train.ParquetRows([str(tmp_path / "zero.parquet")])
+
+
+def test_a_decompression_bomb_image_is_a_bad_row(tokenizer, tmp_path, monkeypatch):
+    from PIL import Image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the 40x30 test image counts as a bomb (> 2x the limit)
+    rows = write(tmp_path / "bomb.parquet", dict(conversations=[chat("Hi", "Hello."), chat("<image>Hi", "Hello.")],
+                                                 image_bytes=[[], [png_bytes()]]), FULL_TYPES)
+    enc = train.Encoders(image_processor=image_processor())
+    bad = train.OmniDataset(train.ParquetRows([rows]), tokenizer, 64, enc)[1]
+    assert isinstance(bad, train.BadRow) and re.match("bomb.parquet, row 1, column image_bytes: cannot read image.*"
+                                                      "decompression bomb", str(bad))
+    skipping = train.OmniDataset(train.ParquetRows([rows]), tokenizer, 64, enc, skip_bad_rows=True)
+    assert "decompression bomb" in skipping[1].skipped[0]
+
+
+def test_metrics_cut_off_mid_line_are_resumed_and_a_broken_line_is_named(tmp_path):
+    path = tmp_path / "demo_metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')  # killed while writing step 3
+    train.MetricsLog(str(path), resume_step=2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    path.write_text('{"step": 1}\ngarbage\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=f"{path}, line 2: not a metrics record"):
+        train.MetricsLog(str(path), resume_step=2)
+
+
+def test_resume_knows_a_data_file_by_what_it_is_not_how_it_is_spelled(tmp_path, monkeypatch, demo_file):
+    monkeypatch.chdir(os.path.dirname(demo_file))
+    os.symlink(demo_file, tmp_path / "link.parquet")
+    setting = lambda *paths: train.resume_setting(train.parse_args(["--data", *paths]), "data")
+    name = os.path.basename(demo_file)
+    assert setting(name) == setting(f"./{name}") == setting(demo_file) == setting(str(tmp_path / "link.parquet"))
+    assert setting(name) != setting(a2a_file(tmp_path / "other.parquet"))
+
+
+def test_a_full_disk_during_a_save_is_said_and_the_previous_checkpoint_stays(tmp_path, tokenizer_flag, monkeypatch):
+    real_save, calls = torch.save, []
+
+    def fills_the_disk(obj, f):  # the first save (weights and resume state at step 1) fits, the next does not
+        calls.append(f)
+        if len(calls) > 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 128 vs 64")
+        real_save(obj, f)
+    monkeypatch.setattr(torch, "save", fills_the_disk)
+    flags = ["--out_dir", str(tmp_path), "--max_steps", "2", "--save_every", "1", "--num_workers", "0", *TINY_RUN,
+             *tokenizer_flag]
+    with pytest.raises(train.SaveFailed, match=f"cannot write {tmp_path / 'demo_64.pth'}: .*MB free on its disk: is "
+                                               "it full\\?\\). The previous file there is kept whole"):
+        train.main(flags)
+    assert torch.load(tmp_path / "demo_resume.pt", weights_only=False)["position"]["step"] == 1
+    mo.load_model(str(tmp_path / "demo_64.pth"))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporaries left
+
+
 def test_command_line_errors_are_one_line_not_a_traceback(tmp_path, tokenizer_flag):
     done = subprocess.run([sys.executable, "train.py", "--data", str(tmp_path / "nowhere.parquet"), *tokenizer_flag],
                           cwd=ROOT,
@@ -251,8 +338,22 @@ def test_command_line_errors_are_one_line_not_a_traceback(tmp_path, tokenizer_fl
     assert done.stderr.startswith(f"train.py: data file not found: {tmp_path / 'nowhere.parquet'}")
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch_size", "0", "0 is not a positive number"), ("--accumulation_steps", "0", "0 is not a positive number"),
+    ("--log_every", "0", "0 is not a positive number"), ("--epochs", "0", "0 is not a positive number"),
+    ("--max_steps", "-3", "-3 is not a positive number"), ("--max_seq_len", "1", "1 is not a length of at least 16"),
+    ("--scheduled_sampling", "2", "2 is not a probability"), ("--save_every", "-1", "-1 is not a number >= 0"),
+    ("--learning_rate", "nan", "nan is not a number > 0"), ("--batch_size", "two", "'two' is not a number"),
+])
+def test_numeric_flags_are_checked_when_parsed(capsys, flag, value, message):
+    with pytest.raises(SystemExit):
+        train.parse_args([flag, value])
+    assert f"argument {flag}: {message}" in capsys.readouterr().err
+
+
 def test_missing_inputs_are_listed_together(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "HERE", str(tmp_path))  # a fresh clone: no tokenizer in models/
+    monkeypatch.setattr(train, "hub_reachable", lambda: False)  # offline, so it cannot be fetched
     with pytest.raises(FileNotFoundError) as e:
         train.main(["--data", str(tmp_path / "sft_t2a_mini.parquet"), "--from_weight", str(tmp_path / "llm_768.pth"),
                     "--out_dir", str(tmp_path)])
@@ -269,8 +370,26 @@ def test_a_missing_encoder_names_its_option(tmp_path, tokenizer_flag):
 
 def test_without_a_tokenizer_it_says_how_to_get_one(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "HERE", str(tmp_path))  # a fresh clone: nothing in models/
+    monkeypatch.setattr(train, "hub_reachable", lambda: False)  # and offline
     with pytest.raises(FileNotFoundError, match=r"(?s)hf download jingyaogong/minimind-3o .*--tokenizer"):
-        train.main(["--out_dir", str(tmp_path), "--max_steps", "1"])
+        train.main(["--out_dir", str(tmp_path / "out"), "--max_steps", "1"])
+    assert not (tmp_path / "out" / "demo_t2a.parquet").exists()  # nothing written before the inputs were checked
+
+
+def test_without_a_tokenizer_but_online_it_is_fetched(tmp_path, monkeypatch, tokenizer_flag):
+    import huggingface_hub
+    fetched = []
+
+    def hub_download(repo, filename, local_dir):  # the hub, played by the tokenizer the tests use
+        fetched.append((repo, filename))
+        os.makedirs(local_dir, exist_ok=True)
+        shutil.copy(os.path.join(tokenizer_flag[1], filename), local_dir)
+    monkeypatch.setattr(train, "HERE", str(tmp_path))
+    monkeypatch.setattr(train, "hub_reachable", lambda: True)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub_download)
+    folder = train.tokenizer_folder(train.parse_args([]))
+    assert fetched == [("jingyaogong/minimind-3o", "tokenizer.json")] and folder == str(tmp_path / "models/minimind-3o")
+    mo.load_tokenizer(folder)
 
 
 def test_missing_start_weights_say_where_the_published_ones_are(tmp_path, demo_file, tokenizer_flag):
@@ -281,9 +400,16 @@ def test_missing_start_weights_say_where_the_published_ones_are(tmp_path, demo_f
 
 # -- runs ----------------------------------------------------------------------------------------
 
-def test_demo_run_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path, tokenizer_flag):
+def test_demo_run_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path, tokenizer_flag, capsys, monkeypatch):
+    titles, plot = [], train.MetricsLog.plot
+    monkeypatch.setattr(train.MetricsLog, "plot",
+                        lambda self, png, title: titles.append(title) or plot(self, png, title))
     summary = train.main(["--out_dir", str(tmp_path), "--max_steps", "6", "--save_every", "0", *TINY_RUN,
                           *tokenizer_flag])
+    out, err = capsys.readouterr()
+    assert "it was taught six colour questions" in out and '"What colour is the sky?"' in out
+    assert err.count(" 3/6 [") == 1  # the progress bar is drawn once a step
+    assert titles[0].startswith("demo: 64-wide model") and '"audio" is memorising made-up codes' in titles[0]
     assert summary["last_loss"] < 0.9 * summary["first_loss"]
     lrs = [r["lr"] for r in map(json.loads, open(summary["metrics"]))]
     peak = train.DEMO["learning_rate"]
@@ -326,6 +452,27 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path, tokenizer_flag, capsy
     again = train.main(["--out_dir", str(killed), "--resume", *flags])  # resuming a finished run trains nothing
     assert "nothing left to train" in capsys.readouterr().out
     assert again["steps"] == 6 and read(again["metrics"]) == read(resumed["metrics"])
+
+
+def test_a_second_run_on_the_same_outputs_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_path, tokenizer_flag):
+    flags = ["--out_dir", str(tmp_path), "--save_every", "0", "--num_workers", "0", *TINY_RUN, *tokenizer_flag]
+    lock = tmp_path / "demo.lock"
+    first = subprocess.Popen([sys.executable, "train.py", *flags], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (lock.exists() and lock.read_text().strip() == str(first.pid)):
+            time.sleep(0.05)
+        with pytest.raises(train.OutputInUse, match=f"{lock} is held by another training run \\(pid {first.pid}\\)"):
+            train.main(["--max_steps", "1", *flags])
+    finally:
+        first.kill()
+        first.wait()
+    assert lock.read_text().strip() == str(first.pid)  # the killed run's lock file is still there
+    leftover = tmp_path / ".demo_metrics.jsonl.0123456789ab.tmp.jsonl"  # what a kill mid-write leaves
+    leftover.write_text('{"step": 1')
+    summary = train.main(["--max_steps", "1", *flags])
+    assert summary["steps"] == 1 and not leftover.exists() and not lock.exists()
 
 
 def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path, tokenizer_flag):
