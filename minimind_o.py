@@ -33,6 +33,7 @@ import json
 import math
 import os
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -1257,12 +1258,16 @@ def open_image(image):
     from PIL import Image
     name = image if isinstance(image, (str, Path)) else "<image bytes>"
     try:
-        im = image if isinstance(image, Image.Image) else Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
-        if im.mode.startswith("I;16") or im.mode == "I":
-            grey = np.asarray(im, dtype=np.float32) / GREY16_PER_GREY8
-            im = Image.fromarray(grey.clip(0, 255).astype(np.uint8))
-        return im.convert("RGB")
-    except (OSError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+        with warnings.catch_warnings():  # PIL only warns between its pixel limit and twice it: refuse those too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = image
+            if not isinstance(im, Image.Image):
+                im = Image.open(io.BytesIO(im) if isinstance(im, bytes) else im)
+            if im.mode.startswith("I;16") or im.mode == "I":
+                grey = np.asarray(im, dtype=np.float32) / GREY16_PER_GREY8
+                im = Image.fromarray(grey.clip(0, 255).astype(np.uint8))
+            return im.convert("RGB")
+    except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # (and UnidentifiedImageError)
         raise ValueError(f"cannot read image {name}: {e}") from e
 
 
