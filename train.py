@@ -658,14 +658,18 @@ def sample_rng(seed, epoch, index):
 
 def teaches_nothing(row, replies):
     """Raise BadRow for a row that would be trained on without teaching anything: no reply to learn,
-    an image no turn points at (its features would never be injected), an empty question audio."""
+    an image no turn points at (its features would never be injected), a question with neither speech nor text."""
     if replies == 0:
         raise BadRow.at(row.file, row.row, "conversations", "no assistant turn: there is no reply to learn")
     if row.image and not any(mo.IMAGE_MARK in t["content"] for t in row.conversations):
         raise BadRow.at(row.file, row.row, "image_bytes", f"an image, but no turn has an {mo.IMAGE_MARK} mark "
                                                            "where it goes")
-    if any(len(audio) == 0 for audio in row.question_audios):
-        raise BadRow.at(row.file, row.row, "question_audios", "an empty (0-byte) audio file")
+    # An empty entry is how the release's data (and --prepare) say a turn was typed, not spoken: it is a
+    # bad row only where that question has no text either, so there is nothing to answer.
+    questions = [t["content"] for t in row.conversations if t["role"] == "user"]
+    if any(len(audio) == 0 and not text.strip() for audio, text in zip(row.question_audios, questions)):
+        raise BadRow.at(row.file, row.row, "question_audios", "an empty (0-byte) audio file for a question with "
+                                                              "no text: nothing to answer")
 
 
 class OmniDataset(Dataset):

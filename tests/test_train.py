@@ -203,7 +203,8 @@ BAD = {"json": (dict(conversations='[{"role": "user", "content": "Hi"'), "conver
        "cut_off": (dict(conversations=chat("word " * 80, "Hello.")), "conversations",
                    "the reply starts after --max_seq_len 64"),
        "unmarked_image": (dict(image_bytes=[png_bytes()]), "image_bytes", "an image, but no turn has an <image> mark"),
-       "empty_audio": (dict(question_audios=[b""]), "question_audios", "an empty \\(0-byte\\) audio file")}
+       "empty_audio": (dict(conversations=chat("", "Hello."), question_audios=[b""]), "question_audios",
+                       "an empty \\(0-byte\\) audio file for a question with no text")}
 
 
 def bad_file(path, kinds):
