@@ -7,8 +7,10 @@ so the first sound plays while the text is still being written and Mimi works wh
 its next steps. With --mic, Silero VAD cuts the microphone into questions, and speaking during a reply
 stops it (barge-in); the new question is heard from its first word. With --web, the same chat is a web page.
 
-Parts of the chat: `Part`/`PARTS` (published files, what is missing, --download), `SpeechOut` (Mimi in a
-background thread), `Player` (sound card), `Chat` (one conversation), `Listener`/`converse` (--mic), `main`.
+Parts of the chat, in order: `Part`/`PARTS` (published files, what is missing, --download); the side-module
+parts only the chat uses (`MimiStreamDecoder`, voices: `load_voices`/`clone_voice`/`save_voice`, Silero VAD's
+`VoiceActivity`); `SpeechOut` (Mimi in a background thread) and `Player` (sound card); `Chat` (one
+conversation); `Listener`/`converse` (--mic); the web chat (--web); `parse_args`, `main`.
 """
 import argparse
 import asyncio
