@@ -1422,13 +1422,9 @@ def default_checkpoint(*candidates):
     return next((str(c) for c in candidates if mo.weights_file(str(c))), str(candidates[0]))
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="chat.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        description="Talk with MiniMind-O in text, speech and images; it answers in text and streaming speech "
-                    "(24 kHz, played as it is made when there is a sound card). Without --text/--audio/--image/"
-                    "--mic it is interactive.")
-    ask = p.add_argument_group("one shot (for scripts)")
+def question_flags(parser):
+    """One-shot questions and the microphone."""
+    ask = parser.add_argument_group("one shot (for scripts)")
     ask.add_argument("--text", help="the question, as text")
     ask.add_argument("--audio", metavar="FILE", help="the question, spoken (any audio file)")
     ask.add_argument("--image", metavar="FILE", help="an image the question is about")
@@ -1436,7 +1432,11 @@ def parse_args(argv=None):
                      "reply, REPLY_01.wav ...)")
     ask.add_argument("--mic", action="store_true", help="live conversation through the microphone, with Silero VAD "
                      "and barge-in")
-    page = p.add_argument_group("web page")
+
+
+def web_flags(parser):
+    """The web page (--web)."""
+    page = parser.add_argument_group("web page")
     page.add_argument("--web", action="store_true", help="serve the chat as a web page (chat_web.html): type, hold "
                       "to talk or call hands-free with barge-in, images, voices; each browser tab its own conversation")
     page.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine "
@@ -1447,7 +1447,11 @@ def parse_args(argv=None):
     page.add_argument("--ssl_key", metavar="PEM", help="the certificate's private key")
     page.add_argument("--max_sessions", type=positive, default=4, metavar="N", help="browser tabs served at once "
                       "(default 4; they share the model, one reply at a time)")
-    voice = p.add_argument_group("voice")
+
+
+def voice_flags(parser):
+    """Which voice speaks, and cloning one."""
+    voice = parser.add_argument_group("voice")
     voice.add_argument("--voice", metavar="NAME|FILE", help="a voice from --voices, or an audio clip to clone "
                        "(1-24 s of clean speech); default: the model's own")
     voice.add_argument("--save_voice", metavar="NAME", help="keep the voice cloned from --voice FILE in --my_voices "
@@ -1456,7 +1460,11 @@ def parse_args(argv=None):
                        "models/voices.pt; --download fetches it)")
     voice.add_argument("--my_voices", default=str(MODELS / "my_voices.pt"), help="the voices you cloned with "
                        "--save_voice, kept apart from the released ones (default models/my_voices.pt)")
-    parts = p.add_argument_group("published files (see --download)")
+
+
+def part_flags(parser):
+    """Where the published files are, and --download."""
+    parts = parser.add_argument_group("published files (see --download)")
     parts.add_argument("--checkpoint", default=default_checkpoint(MODELS / "minimind-3o", MODELS / "sft_omni_768.pth"),
                        help="released folder or .pth, or a train.py checkpoint (default models/minimind-3o, else "
                             "models/sft_omni_768.pth)")
@@ -1469,7 +1477,11 @@ def parse_args(argv=None):
     parts.add_argument("--download", action="store_true", help="first fetch the missing parts (those a one-shot "
                        "question needs, or all for the interactive chat) from Hugging Face (voices.pt from GitHub), "
                        "then go on")
-    gen = p.add_argument_group("generation")
+
+
+def generation_flags(parser):
+    """How replies are sampled."""
+    gen = parser.add_argument_group("generation")
     gen.add_argument("--max_new_tokens", type=positive, default=1024, help="steps per reply at most (one step = "
                      "one text token and 80 ms of speech; default 1024)")
     gen.add_argument("--max_context", type=positive, default=2048,
@@ -1484,7 +1496,11 @@ def parse_args(argv=None):
     gen.add_argument("--greedy", action="store_true", help="always the most likely text token and codes")
     gen.add_argument("--seed", type=int, help="random seed, for a repeatable reply")
     gen.add_argument("--system", help="a system prompt")
-    run = p.add_argument_group("running")
+
+
+def running_flags(parser):
+    """Device, precision and speech output."""
+    run = parser.add_argument_group("running")
     run.add_argument("--no_speech", action="store_true", help="text replies only (no Mimi needed)")
     run.add_argument("--mute", action="store_true", help="do not play the speech (--out still writes it)")
     run.add_argument("--frames_per_call", type=int, default=2, choices=range(1, 5), metavar="{1..4}",
@@ -1497,7 +1513,10 @@ def parse_args(argv=None):
                      help="CPU only: int8 weights in every Linear layer, about 1.5x faster steps on 2 cores, "
                           "at a small cost in accuracy")
     run.add_argument("--threads", type=positive, help="CPU threads for PyTorch (default: its own choice)")
-    args = p.parse_args(argv)
+
+
+def check_flags(p, args):
+    """Refuse what cannot work together, naming the flags; fill in the defaults that depend on others."""
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: PyTorch sees no CUDA GPU here; use --device cpu")
     if args.int8 and (args.device != "cpu" or args.dtype != "float32"):
@@ -1520,6 +1539,22 @@ def parse_args(argv=None):
     problem = args.out and check_out(args.out, one_shot=bool(args.text or args.audio or args.image))
     if problem:
         p.error(problem)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="chat.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Talk with MiniMind-O in text, speech and images; it answers in text and streaming speech "
+                    "(24 kHz, played as it is made when there is a sound card). Without --text/--audio/--image/"
+                    "--mic it is interactive.")
+    question_flags(p)
+    web_flags(p)
+    voice_flags(p)
+    part_flags(p)
+    generation_flags(p)
+    running_flags(p)
+    args = p.parse_args(argv)
+    check_flags(p, args)
     return args
 
 
