@@ -56,6 +56,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 import minimind_o as mo
+import loaders
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -208,10 +209,10 @@ def prepare_flags(prep):
                            "line: question and/or question_audio, answer, answer_audio, optional voice and image, or "
                            "a list of turns) into OUT, a parquet file for --data (README.md, 'Your own data')")
     prep.add_argument("--mimi", default="models/mimi",
-                      help=f"folder with {mo.MIMI_WEIGHTS} (or the file), which turns answer speech and voice clips "
+                      help=f"folder with {loaders.MIMI_WEIGHTS} (or the file), which turns answer speech and voice clips "
                            "into codes (default models/mimi)")
     prep.add_argument("--campplus", default="models/campplus",
-                      help=f"folder with {mo.CAMPP_WEIGHTS}, which makes a voice clip's speaker embedding; "
+                      help=f"folder with {loaders.CAMPP_WEIGHTS}, which makes a voice clip's speaker embedding; "
                            "loaded only when a line names a voice (default models/campplus)")
     prep.add_argument("--prepare_chunk", type=int, default=PREPARE_CHUNK,
                       help="manifest lines per part file in OUT.parts/; a killed --prepare started again keeps the "
@@ -344,14 +345,14 @@ def load_encoders(rows, args, device):
     try:
         if rows.has_any("question_audios"):
             option = "--speech_encoder"
-            with mo.loading("sensevoice", args.speech_encoder):
-                enc.speech = mo.load_speech_encoder(args.speech_encoder, device)
+            with loaders.loading("sensevoice", args.speech_encoder):
+                enc.speech = loaders.load_speech_encoder(args.speech_encoder, device)
             enc.speech_frontend = enc.speech.frontend
         if rows.has_any("image_bytes"):
             option = "--vision_encoder"
-            with mo.loading("siglip", args.vision_encoder):
-                enc.vision, enc.image_processor = mo.load_vision_encoder(args.vision_encoder, device)
-    except (FileNotFoundError, mo.DamagedPartError) as e:  # say which option points there
+            with loaders.loading("siglip", args.vision_encoder):
+                enc.vision, enc.image_processor = loaders.load_vision_encoder(args.vision_encoder, device)
+    except (FileNotFoundError, loaders.DamagedPartError) as e:  # say which option points there
         raise type(e)(f"{option}: {e}") from e
     return enc
 
@@ -745,7 +746,7 @@ class OmniDataset(Dataset):
     def question_features(self, row, audio_bytes, rng):
         """Audio-file bytes of the question -> (L, 560) features (augmented when training asks for it)."""
         try:
-            wav = mo.load_audio(audio_bytes, SPEECH_RATE)  # any format soundfile reads; stereo -> mono
+            wav = loaders.load_audio(audio_bytes, SPEECH_RATE)  # any format soundfile reads; stereo -> mono
             if self.wave_augment:
                 wav = augment_wave(wav, rng, np.random.default_rng(rng.getrandbits(63)))
             feats = mo.speech_features(self.encoders.speech_frontend, wav)  # the CPU half of SenseVoice
@@ -756,7 +757,7 @@ class OmniDataset(Dataset):
     def image_pixels(self, row):
         """Image bytes -> (3, 256, 256) SigLIP2 input (any format PIL reads, made RGB)."""
         try:
-            return mo.image_pixels(self.encoders.image_processor, [row.image])[0]
+            return mo.image_pixels(self.encoders.image_processor, [loaders.open_image(row.image)])[0]
         except ValueError as e:
             raise BadRow.at(row.file, row.row, "image_bytes", str(e)) from None
 
@@ -1387,7 +1388,7 @@ def tokenizer_folder(args):
 def published_weights(path):
     """How to get a published .pth (llm_768.pth, sft_omni_768.pth ...) to `path`, or the release folder."""
     if not path.endswith(".pth"):
-        return mo.PUBLISHED["checkpoint"].how
+        return loaders.PUBLISHED["checkpoint"].how
     folder, name = os.path.dirname(path) or ".", os.path.basename(path)
     return (f"`modelscope download --model gongjy/minimind-3o-pytorch {name} --local_dir {folder}` or "
             f"`hf download jingyaogong/minimind-3o-pytorch {name} --local-dir {folder}`")
@@ -1404,7 +1405,7 @@ def missing_inputs(args):
     missing += [f"data file not found: {p} ({PUBLISHED_DATA})" for p in args.data if not os.path.exists(p)]
     if args.from_weight != "none" and not args.resume and mo.weights_file(args.from_weight) is None:
         missing.append(f"--from_weight {args.from_weight} not found; get the published weights with "
-                       f"{published_weights(args.from_weight)} ({mo.PUBLISHED['checkpoint'].source})")
+                       f"{published_weights(args.from_weight)} ({loaders.PUBLISHED['checkpoint'].source})")
     return "\n".join(missing) or None
 
 
@@ -1636,11 +1637,11 @@ class Exchange:
 
 
 def load_part(key, path, load, device):
-    """mo.PUBLISHED[key], loaded from path by load(path, device); a failure also names the option --key."""
+    """loaders.PUBLISHED[key], loaded from path by load(path, device); a failure also names the option --key."""
     try:
-        with mo.loading(key, path):
+        with loaders.loading(key, path):
             return load(path, device)
-    except (FileNotFoundError, mo.DamagedPartError) as e:
+    except (FileNotFoundError, loaders.DamagedPartError) as e:
         raise type(e)(f"--{key}: {e}") from e
 
 
@@ -1652,10 +1653,10 @@ class Preparer:
         from chat import clone_voice  # the chat's voice cloning: a prepared voice is what `chat.py --voice FILE` makes
         self.clone_voice = clone_voice
         self.folder = os.path.dirname(os.path.abspath(args.prepare[0]))   # manifest paths are relative to it
-        self.mimi = load_part("mimi", args.mimi, mo.load_mimi, args.device)
+        self.mimi = load_part("mimi", args.mimi, loaders.load_mimi, args.device)
         self.campp = None
         if needs_voices:
-            self.campp = load_part("campplus", args.campplus, mo.load_speaker_encoder, args.device)
+            self.campp = load_part("campplus", args.campplus, loaders.load_speaker_encoder, args.device)
         self.voices = {}
 
     def path(self, line, key):
@@ -1667,7 +1668,7 @@ class Preparer:
     def audio(self, line, key, rate):
         """The clip at line[key] as (S,) float32 at `rate`; a missing or undecodable file names the key."""
         try:
-            return mo.load_audio(self.path(line, key), rate)
+            return loaders.load_audio(self.path(line, key), rate)
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"{key}: {e}") from None
 
@@ -1684,7 +1685,7 @@ class Preparer:
         path = self.path(line, "image")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image: {path} not found")
-        mo.open_image(path)  # undecodable: a ValueError naming the file
+        loaders.open_image(path)  # undecodable: a ValueError naming the file
         with open(path, "rb") as f:
             return f.read()
 

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import chat  # noqa: E402  (first: it sets the OpenMP environment before torch loads)
 import minimind_o as mo  # noqa: E402
+import loaders  # noqa: E402
 import torch  # noqa: E402
 
 TARGET_RTF, TARGET_FIRST_AUDIO_S = 0.5, 0.4
@@ -131,10 +132,10 @@ def main(argv=None):
     if args.int8:
         model = chat.int8_linears(model)
     if args.mimi:
-        mimi = mo.load_mimi(args.mimi, device)
+        mimi = loaders.load_mimi(args.mimi, device)
     else:
-        from moshi.models import loaders
-        mimi = loaders.get_mimi(None, device=device)
+        from moshi.models import loaders as moshi_loaders
+        mimi = moshi_loaders.get_mimi(None, device=device)
         mimi.set_num_codebooks(mo.N_CODEBOOKS)
         mimi.eval().requires_grad_(False)
     mimi = mimi.to(dtype=getattr(torch, args.mimi_dtype))

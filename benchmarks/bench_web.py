@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import chat  # noqa: E402  (first: it sets the OpenMP environment before torch loads)
 import minimind_o as mo  # noqa: E402
+import loaders  # noqa: E402
 import side_assets  # noqa: E402
 import torch  # noqa: E402
 
@@ -63,7 +64,7 @@ def build_parts(folder):
 
 
 def fake_mic(path, questions):
-    speech = mo.load_audio(str(side_assets.HELLO_WAV), mo.SAMPLE_RATE_SPEECH)
+    speech = loaders.load_audio(str(side_assets.HELLO_WAV), mo.SAMPLE_RATE_SPEECH)
     silence = lambda s: np.zeros(int(s * mo.SAMPLE_RATE_SPEECH), np.float32)
     import soundfile as sf
     sf.write(path, np.concatenate([silence(LEAD_SILENCE_S)] + [np.concatenate([speech, silence(SILENCE_BETWEEN_S)])

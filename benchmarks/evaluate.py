@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import chat  # noqa: E402  (first: it sets the OpenMP environment before torch loads)
 import minimind_o as mo  # noqa: E402
+import loaders  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -216,7 +217,7 @@ def score(thinker_text, transcript):
 # -----------------------------------------------------------------------------------------------
 
 SENSEVOICE_BPE = "chn_jpn_yue_eng_ko_spectok.bpe.model"   # the CTC head's tokenizer, in the published folder
-ASR_FILES = mo.SENSEVOICE_FILES + (SENSEVOICE_BPE,)
+ASR_FILES = loaders.SENSEVOICE_FILES + (SENSEVOICE_BPE,)
 ASR_LANGUAGES = ("zh", "en")                               # SenseVoice also has yue/ja/ko; else "auto"
 MIN_SPEAKER_SECONDS = 0.5        # a speaker embedding of less speech than this says little about the voice
 
@@ -226,8 +227,8 @@ def sensevoice_transcriber(folder, device="cpu"):
     folder -> transcribe(wavs, sr, language) -> list of texts. Greedy CTC, no inverse text normalisation
     (numbers come out as words), no dither (a clip always gives the same transcript)."""
     import yaml
-    folder = mo.need_files(folder, ASR_FILES)
-    with mo.quiet_stdout():
+    folder = loaders.need_files(folder, ASR_FILES)
+    with loaders.quiet_stdout():
         from funasr.frontends.wav_frontend import WavFrontend
         from funasr.models.sense_voice.model import SenseVoiceSmall
         from funasr.tokenizer.sentencepiece_tokenizer import SentencepiecesTokenizer
@@ -253,7 +254,7 @@ def sensevoice_transcriber(folder, device="cpu"):
 
 
 def campplus_embedder(campplus):
-    """A loaded CAM++ (mo.load_speaker_encoder) -> embed_speaker(wav, sr) -> (192,) embedding."""
+    """A loaded CAM++ (loaders.load_speaker_encoder) -> embed_speaker(wav, sr) -> (192,) embedding."""
     def embed_speaker(wav, sr):
         return mo.speaker_embedding(campplus, mo.resample(np.asarray(wav, np.float32), sr, mo.SAMPLE_RATE_SPEECH))
     return embed_speaker
@@ -511,12 +512,12 @@ PARTS = {
     **chat.PARTS,
     "sensevoice": dataclasses.replace(
         chat.PARTS["sensevoice"], needed_for="transcribing the speech", files=ASR_FILES,
-        published=dataclasses.replace(mo.PUBLISHED["sensevoice"],
+        published=dataclasses.replace(loaders.PUBLISHED["sensevoice"],
                                       name="ASR and speech encoder (SenseVoiceSmall with its CTC head and tokenizer)"),
         fetch=chat.hub_folder("FunAudioLLM/SenseVoiceSmall", ASR_FILES)),
     "campplus": dataclasses.replace(chat.PARTS["campplus"], needed_for="voice similarity"),
     "voices": dataclasses.replace(chat.PARTS["voices"], needed_for="voice similarity, seen voices"),
-    "unseen_voices": chat.Part(mo.PublishedPart("unseen voices", "the release's model/speaker/voices_unseen.pt "
+    "unseen_voices": chat.Part(loaders.PublishedPart("unseen voices", "the release's model/speaker/voices_unseen.pt "
                                                 "(GitHub jingyaogong/minimind-o)", (f"curl -L -o models/voices_unseen.pt {UNSEEN_VOICES_URL}",)),
                                "--unseen_voices", "voice similarity, unseen voices", fetch=chat.url_file(UNSEEN_VOICES_URL)),
 }
@@ -529,10 +530,10 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default=chat.default_checkpoint(models / "minimind-3o", models / "sft_omni_768.pth"),
                    help="released folder or .pth, or a train.py checkpoint (default as chat.py)")
     p.add_argument("--tokenizer", help="folder with tokenizer.json (default as chat.py)")
-    p.add_argument("--mimi", default=str(models / "mimi"), help=f"folder with {mo.MIMI_WEIGHTS}, or the file")
+    p.add_argument("--mimi", default=str(models / "mimi"), help=f"folder with {loaders.MIMI_WEIGHTS}, or the file")
     p.add_argument("--sensevoice", default=str(models / "SenseVoiceSmall"),
                    help=f"SenseVoiceSmall folder: the ASR ({', '.join(ASR_FILES)})")
-    p.add_argument("--campplus", default=str(models / "campplus"), help=f"folder with {mo.CAMPP_WEIGHTS}")
+    p.add_argument("--campplus", default=str(models / "campplus"), help=f"folder with {loaders.CAMPP_WEIGHTS}")
     p.add_argument("--voices", default=str(models / "voices.pt"), help="seen voices (default models/voices.pt; "
                    "'none' skips them)")
     p.add_argument("--unseen_voices", default=str(models / "voices_unseen.pt"),
@@ -596,7 +597,7 @@ def main(argv=None):
         settings = settings_of(args, every_question, voice_sets)   # so a run may go on with a larger --limit
         check_settings(args.out, settings)
         session = chat.Chat(cargs)
-        with mo.loading("sensevoice", args.sensevoice):
+        with loaders.loading("sensevoice", args.sensevoice):
             transcribe = sensevoice_transcriber(args.sensevoice, session.device)
         embed_speaker = campplus_embedder(session.part("campplus")) if voice_sets else None
         rows = evaluate(session, questions, voice_sets, args.out, args.seed, transcribe, embed_speaker)

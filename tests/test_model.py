@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import minimind_o as mo
+import loaders
 from conftest import tiny_config
 
 
@@ -180,11 +181,11 @@ def test_missing_or_damaged_checkpoint_says_how_to_get_the_published_one(tmp_pat
     with pytest.raises(FileNotFoundError, match=r"no weights at .*nothing\.pth"):
         mo.load_model(str(tmp_path / "nothing.pth"))
     with pytest.raises(FileNotFoundError, match=r"MiniMind-O weights: no weights at .*hf download jingyaogong/minimind-3o"):
-        with mo.loading("checkpoint", tmp_path):
+        with loaders.loading("checkpoint", tmp_path):
             mo.load_model(str(tmp_path))
     (tmp_path / "cut.pth").write_bytes(b"version https://git-lfs.github.com/spec/v1\n")
-    with pytest.raises(mo.DamagedPartError, match=r"cannot read the MiniMind-O weights at .*cut\.pth.*hf download"):
-        with mo.loading("checkpoint", tmp_path / "cut.pth"):
+    with pytest.raises(loaders.DamagedPartError, match=r"cannot read the MiniMind-O weights at .*cut\.pth.*hf download"):
+        with loaders.loading("checkpoint", tmp_path / "cut.pth"):
             mo.load_model(str(tmp_path / "cut.pth"))
 
 

@@ -1,0 +1,234 @@
+"""
+Loading what MiniMind-O reads from disk but does not define: the frozen side modules' published
+weights, and the user's own audio and image files. Each failure says which file and what to do.
+
+  1. the published parts: what each is, where it is published, the command that downloads it, and
+     `loading`, which turns any failure to load one into a single message saying so
+  2. the side modules' loaders: SenseVoice-Small, SigLIP2, Mimi, CAM++ from their published files
+  3. the user's files: audio and images, decoded with an error that names the file
+
+minimind_o.py never imports this file: the model and its adapters (its section 12) take arrays and
+loaded modules. The entry points (chat.py, train.py, benchmarks/evaluate.py) load through here.
+"""
+import contextlib
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import minimind_o as mo
+
+# -----------------------------------------------------------------------------------------------
+# 1. The published parts, and one message when one cannot be loaded
+# -----------------------------------------------------------------------------------------------
+
+MIMI_WEIGHTS = "tokenizer-e351c8d8-checkpoint125.safetensors"  # what moshi.models.loaders fetches
+CAMPP_WEIGHTS = "campplus_cn_common.bin"
+
+
+@dataclass
+class PublishedPart:
+    name: str        # what it is, for people
+    source: str      # where it is published
+    download: tuple  # commands, each putting it where the entry points look by default (the release's first)
+
+    @property
+    def how(self):
+        """The download commands, for a message: `one` or `another`."""
+        return " or ".join(f"`{command}`" for command in self.download)
+
+
+HF, MS = "hf download", "modelscope download --model"  # the Hugging Face CLI; ModelScope's, as the release writes it
+PUBLISHED = {
+    "checkpoint": PublishedPart("MiniMind-O weights", "`jingyaogong/minimind-3o` (or `minimind-3o-moe`, or the .pth "
+                                "files of `minimind-3o-pytorch`) on Hugging Face, `gongjy` on ModelScope",
+                                (f"{MS} gongjy/minimind-3o-pytorch sft_omni_768.pth --local_dir models",
+                                 f"{HF} jingyaogong/minimind-3o --local-dir models/minimind-3o")),
+    "tokenizer": PublishedPart("tokenizer", "tokenizer.json in the `jingyaogong/minimind-3o` folder and in the "
+                               "release's GitHub repository (model/tokenizer.json)",
+                               (f"{HF} jingyaogong/minimind-3o --include 'tokenizer*' --local-dir models/minimind-3o",
+                                "curl -L --create-dirs -o models/minimind-3o/tokenizer.json https://raw."
+                                "githubusercontent.com/jingyaogong/minimind-o/master/model/tokenizer.json")),
+    "sensevoice": PublishedPart("speech encoder (SenseVoice-Small)", "`gongjy/SenseVoiceSmall` on ModelScope, "
+                                "`FunAudioLLM/SenseVoiceSmall` on Hugging Face",
+                                (f"{MS} gongjy/SenseVoiceSmall --local_dir models/SenseVoiceSmall",
+                                 f"{HF} FunAudioLLM/SenseVoiceSmall --local-dir models/SenseVoiceSmall")),
+    # the release's vision tower alone, or google's whole SigLIP2 (its text tower is skipped when loading)
+    "siglip": PublishedPart("vision encoder (SigLIP2)", "the release's `gongjy/siglip2-base-p32-256-ve` (ModelScope) "
+                            "and `jingyaogong/siglip2-base-p32-256-ve` (Hugging Face); google's "
+                            "`google/siglip2-base-patch32-256`",
+                            (f"{MS} gongjy/siglip2-base-p32-256-ve --local_dir models/siglip2-base-p32-256-ve",
+                             f"{HF} jingyaogong/siglip2-base-p32-256-ve --local-dir models/siglip2-base-p32-256-ve",
+                             f"{HF} google/siglip2-base-patch32-256 --local-dir models/siglip2-base-p32-256-ve")),
+    # moshi's file, which load_mimi reads; the release's `gongjy/mimi` is the Transformers layout, which it does not
+    "mimi": PublishedPart("Mimi codec", f"{MIMI_WEIGHTS} in `kyutai/moshiko-pytorch-bf16` on Hugging Face",
+                          (f"{HF} kyutai/moshiko-pytorch-bf16 {MIMI_WEIGHTS} --local-dir models/mimi",)),
+    # the .bin of the official copies; the release's `gongjy/campplus` holds a .pt of another name
+    "campplus": PublishedPart("speaker encoder (CAM++)", "`iic/speech_campplus_sv_zh-cn_16k-common` on ModelScope, "
+                              "`funasr/campplus` on Hugging Face",
+                              (f"{MS} iic/speech_campplus_sv_zh-cn_16k-common {CAMPP_WEIGHTS} "
+                               "--local_dir models/campplus",
+                               f"{HF} funasr/campplus {CAMPP_WEIGHTS} --local-dir models/campplus")),
+    "voices": PublishedPart("voices", "the release's model/speaker/voices.pt (GitHub jingyaogong/minimind-o)",
+                            ("curl -L -o models/voices.pt https://raw.githubusercontent.com/jingyaogong/minimind-o/"
+                             "master/model/speaker/voices.pt",)),
+}
+
+
+class DamagedPartError(ValueError):
+    """A published part is there but cannot be read (a git-lfs pointer, a cut download, another file)."""
+
+
+@contextlib.contextmanager
+def loading(part, path):
+    """Around the loading of PUBLISHED[part] from `path`: a failure becomes one message naming the file
+    and how to get it (a missing file stays a FileNotFoundError)."""
+    p = PUBLISHED[part]
+    try:
+        yield
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{p.name}: {e}. Get it with {p.how} (published: {p.source})") from e
+    except Exception as e:
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DamagedPartError(f"cannot read the {p.name} at {path} ({type(e).__name__}: {detail}). Is it the "
+                               "published file, whole? A git-lfs pointer (a clone without git-lfs) or a cut "
+                               f"download fails like this. Get it with {p.how} (published: {p.source})") from e
+
+
+# -----------------------------------------------------------------------------------------------
+# 2. The frozen side modules, from their published files
+# -----------------------------------------------------------------------------------------------
+# The libraries are imported inside the loaders: importing this file costs only torch and numpy.
+# A loader raises what its library raises; wrap it in `loading` for the message.
+
+SENSEVOICE_FILES = ("config.yaml", "model.pt", "am.mvn")
+SIGLIP_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
+
+
+def need_files(folder, names):
+    folder = Path(folder)
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder / missing[0]} not found")
+    return folder
+
+
+@contextlib.contextmanager
+def quiet_stdout():  # funasr prints an ffmpeg notice when first imported; chat.py's terminal is not its to write on
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+class SpeechEncoder(nn.Module):
+    """SenseVoice-Small: funasr's front end (fbank, LFR 7/6, the model's CMVN) and its encoder."""
+
+    def __init__(self, frontend, encoder):
+        super().__init__()
+        self.frontend, self.encoder = frontend, encoder
+
+
+def load_speech_encoder(folder, device="cpu"):
+    """Published SenseVoiceSmall folder (config.yaml, model.pt, am.mvn) -> frozen SpeechEncoder."""
+    import yaml
+    with quiet_stdout():
+        from funasr.frontends.wav_frontend import WavFrontend
+        from funasr.models.sense_voice.model import SenseVoiceEncoderSmall
+    folder = need_files(folder, SENSEVOICE_FILES)
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    frontend = WavFrontend(cmvn_file=str(folder / "am.mvn"), **dict(config["frontend_conf"], dither=0.0))
+    if frontend.cmvn.shape != (2, frontend.output_size()):
+        raise ValueError(f"{folder / 'am.mvn'}: expected a shift and a scale of {frontend.output_size()} values")
+    encoder = SenseVoiceEncoderSmall(input_size=frontend.output_size(), **config["encoder_conf"])
+    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)   # model.pt holds the whole ASR model; we keep its encoder
+    encoder.load_state_dict({k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")})
+    if encoder.output_size() != mo.SPEECH_EMBED_DIM:
+        raise ValueError(f"{folder / 'model.pt'}: encoder width {encoder.output_size()}, expected {mo.SPEECH_EMBED_DIM}")
+    return SpeechEncoder(frontend, encoder).eval().requires_grad_(False).to(device)
+
+
+def load_vision_encoder(folder, device="cpu"):
+    """Published SigLIP2 folder (full model or vision-only) -> (frozen SiglipVisionModel, its image processor)."""
+    from transformers import SiglipImageProcessor, SiglipVisionModel
+    folder = need_files(folder, SIGLIP_FILES)
+    model = SiglipVisionModel.from_pretrained(folder, dtype=torch.float32)   # a text tower's weights are skipped
+    return model.eval().requires_grad_(False).to(device), SiglipImageProcessor.from_pretrained(folder)
+
+
+def load_mimi(path, device="cpu"):
+    """Mimi from the published safetensors file (or a folder holding it), using its first 8 codebooks."""
+    from moshi.models import loaders as moshi_loaders
+    path = Path(path) / MIMI_WEIGHTS if Path(path).is_dir() else Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    mimi = moshi_loaders.get_mimi(str(path), device=device)
+    mimi.set_num_codebooks(mo.N_CODEBOOKS)
+    return mimi.eval().requires_grad_(False)
+
+
+def load_speaker_encoder(folder, device="cpu"):
+    """Published CAM++ folder (campplus_cn_common.bin) -> frozen funasr CAMPPlus (80 mels -> 192)."""
+    with quiet_stdout():
+        from funasr.models.campplus.model import CAMPPlus
+    folder = need_files(folder, (CAMPP_WEIGHTS,))
+    model = CAMPPlus(feat_dim=mo.SPK_MEL["n_mels"], embedding_size=mo.SPK_EMBED_DIM)
+    model.load_state_dict(torch.load(folder / CAMPP_WEIGHTS, map_location="cpu", weights_only=True))
+    return model.eval().requires_grad_(False).to(device)
+
+
+# -----------------------------------------------------------------------------------------------
+# 3. The user's audio and image files
+# -----------------------------------------------------------------------------------------------
+
+SILENCE_PEAK = 1e-4                 # a file whose loudest sample is below -80 dBFS holds no speech
+SHORTEST_CLIP_S = 0.025             # one 25 ms analysis window of the speech front end
+GREY16_PER_GREY8 = 257              # 65535 / 255: a 16-bit grey level per 8-bit one
+
+
+def read_audio(source):
+    """An audio file (path or bytes) -> (mono float32 numpy (S,), its sample rate)."""
+    import soundfile as sf
+    name = source if isinstance(source, (str, Path)) else f"<{len(source)} bytes of audio>"
+    if isinstance(source, (str, Path)) and not Path(source).is_file():
+        raise FileNotFoundError(f"audio file {name} not found")
+    try:
+        data, sr = sf.read(source if isinstance(source, (str, Path)) else io.BytesIO(source), dtype="float32",
+                           always_2d=True)                                     # (S, channels)
+    except Exception as e:      # libsndfile reports undecodable data in several exception types
+        raise ValueError(f"cannot decode audio {name}: {e}") from e
+    wav = data.mean(axis=1)     # stereo -> mono by averaging, which keeps both speakers of a 2-channel call
+    if wav.size < sr * SHORTEST_CLIP_S:
+        raise ValueError(f"audio {name} lasts {wav.size * 1000 / sr:.1f} ms, less than one "
+                         f"{SHORTEST_CLIP_S * 1000:.0f} ms analysis window: too short to hear")
+    if np.abs(wav).max() < SILENCE_PEAK:
+        raise ValueError(f"audio {name} is silent (peak below {SILENCE_PEAK})")
+    return wav, sr
+
+
+def load_audio(source, target_sr):
+    """Any file soundfile reads (path or bytes) -> mono float32 numpy (S,) at target_sr."""
+    wav, sr = read_audio(source)
+    return mo.resample(wav, sr, target_sr)
+
+
+def open_image(image):
+    """A path, bytes or PIL image -> 8-bit RGB PIL image. 16-bit grey is scaled to 8 bits first:
+    convert() would clip it, and most of the picture would turn white."""
+    from PIL import Image
+    name = image if isinstance(image, (str, Path)) else "<image bytes>"
+    try:
+        with warnings.catch_warnings():  # PIL only warns between its pixel limit and twice it: refuse those too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = image
+            if not isinstance(im, Image.Image):
+                im = Image.open(io.BytesIO(im) if isinstance(im, bytes) else im)
+            if im.mode.startswith("I;16") or im.mode == "I":
+                grey = np.asarray(im, dtype=np.float32) / GREY16_PER_GREY8
+                im = Image.fromarray(grey.clip(0, 255).astype(np.uint8))
+            return im.convert("RGB")
+    except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # (and UnidentifiedImageError)
+        raise ValueError(f"cannot read image {name}: {e}") from e
