@@ -32,7 +32,7 @@ import json
 import math
 import os
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -111,9 +111,6 @@ class OmniConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
-    def to_dict(self):
-        return asdict(self)
-
 
 def ffn_width(dim):
     """SwiGLU width used by MiniMind: about pi * dim, rounded up to a multiple of 64."""
@@ -122,32 +119,19 @@ def ffn_width(dim):
 
 @dataclass
 class BlockShape:
-    """What one stack of blocks needs to know (the Thinker and the Talker differ only in this)."""
+    """What differs between the Thinker's blocks and the Talker's. What they share (the norm's eps, the
+    kind of feed-forward) is read from the OmniConfig."""
     dim: int
     n_layers: int
     n_heads: int
     n_kv_heads: int
     head_dim: int
     ffn_dim: int
-    eps: float
-    use_moe: bool
-    num_experts: int
-    experts_per_tok: int
-    norm_topk_prob: bool
-    aux_loss_coef: float
-
-
-def shared_shape(cfg):
-    """What the Thinker's and the Talker's blocks have in common: the norm's eps and the FFN kind."""
-    return dict(eps=cfg.rms_norm_eps, use_moe=cfg.use_moe, num_experts=cfg.num_experts,
-                experts_per_tok=cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
-                aux_loss_coef=cfg.router_aux_loss_coef)
 
 
 def thinker_shape(cfg):
-    return BlockShape(dim=cfg.hidden_size, n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
-                      n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, ffn_dim=cfg.intermediate_size,
-                      **shared_shape(cfg))
+    return BlockShape(cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
+                      cfg.head_dim, cfg.intermediate_size)
 
 
 TALKER_HEADS, TALKER_KV_HEADS = 8, 4  # the release builds the Talker from a default MiniMind config of width d
@@ -155,8 +139,7 @@ TALKER_HEADS, TALKER_KV_HEADS = 8, 4  # the release builds the Talker from a def
 
 def talker_shape(cfg):
     d = cfg.talker_hidden_size
-    return BlockShape(dim=d, n_layers=cfg.num_talker_hidden_layers, n_heads=TALKER_HEADS, n_kv_heads=TALKER_KV_HEADS,
-                      head_dim=d // TALKER_HEADS, ffn_dim=ffn_width(d), **shared_shape(cfg))
+    return BlockShape(d, cfg.num_talker_hidden_layers, TALKER_HEADS, TALKER_KV_HEADS, d // TALKER_HEADS, ffn_width(d))
 
 # -----------------------------------------------------------------------------------------------
 # 2. RMSNorm, rotary positions, KV cache
@@ -229,7 +212,7 @@ class KVCache(nn.Module):
 # -----------------------------------------------------------------------------------------------
 
 class Attention(nn.Module):
-    def __init__(self, s: BlockShape):
+    def __init__(self, s: BlockShape, eps):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = s.n_heads, s.n_kv_heads, s.head_dim
         self.q_proj = nn.Linear(s.dim, s.n_heads * s.head_dim, bias=False)
@@ -237,8 +220,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(s.dim, s.n_kv_heads * s.head_dim, bias=False)
         self.o_proj = nn.Linear(s.n_heads * s.head_dim, s.dim, bias=False)
         # Normalising q and k per head keeps attention logits bounded (stable training at small size).
-        self.q_norm = RMSNorm(s.head_dim, s.eps)
-        self.k_norm = RMSNorm(s.head_dim, s.eps)
+        self.q_norm = RMSNorm(s.head_dim, eps)
+        self.k_norm = RMSNorm(s.head_dim, eps)
         self.kv_cache = None  # a KVCache while generating (MiniMindO.setup_caches)
 
     def forward(self, x, cos, sin, pos=None):
@@ -277,11 +260,12 @@ class FeedForward(nn.Module):
 class MoEFeedForward(nn.Module):
     """Each token goes to its top-k experts (k = 1 in the release), weighted by the router."""
 
-    def __init__(self, s: BlockShape):
+    def __init__(self, s: BlockShape, cfg: OmniConfig):
         super().__init__()
-        self.top_k, self.norm_topk_prob, self.aux_loss_coef = s.experts_per_tok, s.norm_topk_prob, s.aux_loss_coef
-        self.gate = nn.Linear(s.dim, s.num_experts, bias=False)  # the router
-        self.experts = nn.ModuleList(FeedForward(s.dim, s.ffn_dim) for _ in range(s.num_experts))
+        self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.aux_loss_coef = cfg.router_aux_loss_coef
+        self.gate = nn.Linear(s.dim, cfg.num_experts, bias=False)  # the router
+        self.experts = nn.ModuleList(FeedForward(s.dim, s.ffn_dim) for _ in range(cfg.num_experts))
 
     def forward(self, x):
         B, T, D = x.shape
@@ -309,12 +293,12 @@ class MoEFeedForward(nn.Module):
 # -----------------------------------------------------------------------------------------------
 
 class Block(nn.Module):
-    def __init__(self, s: BlockShape):
+    def __init__(self, s: BlockShape, cfg: OmniConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(s.dim, s.eps)
-        self.self_attn = Attention(s)
-        self.post_attention_layernorm = RMSNorm(s.dim, s.eps)
-        self.mlp = MoEFeedForward(s) if s.use_moe else FeedForward(s.dim, s.ffn_dim)
+        self.input_layernorm = RMSNorm(s.dim, cfg.rms_norm_eps)
+        self.self_attn = Attention(s, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(s.dim, cfg.rms_norm_eps)
+        self.mlp = MoEFeedForward(s, cfg) if cfg.use_moe else FeedForward(s.dim, s.ffn_dim)
 
     def forward(self, h, cos, sin, pos=None):
         """h: (B, T, dim) -> (B, T, dim), and the MoE load-balance loss (0 for a dense block)."""
@@ -330,8 +314,8 @@ class BlockStack(nn.Module):
 
     def __init__(self, s: BlockShape, cfg: OmniConfig):
         super().__init__()
-        self.layers = nn.ModuleList(Block(s) for _ in range(s.n_layers))
-        self.norm = RMSNorm(s.dim, s.eps)
+        self.layers = nn.ModuleList(Block(s, cfg) for _ in range(s.n_layers))
+        self.norm = RMSNorm(s.dim, cfg.rms_norm_eps)
         cos, sin = rope_tables(s.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.inference_rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_pos, head_dim)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -626,27 +610,6 @@ def load_official_state_dict(model, state_dict):
     model.load_state_dict(ours)
 
 
-def start_from_text_model(model, state_dict):
-    """Start from the text-only MiniMind (`llm_768.pth`: `model.*` and `lm_head.weight`).
-
-    The Thinker loads strictly. When the widths match, Talker block i starts as a copy of Thinker
-    block n_thinker - n_talker + i: the last Thinker blocks already know how to read the text."""
-    other = [k for k in state_dict if not k.startswith("model.") and k != "lm_head.weight"]
-    if other:
-        raise ValueError(f"not a MiniMind checkpoint: it has {other[0]!r} and {len(other) - 1} more keys that are "
-                         "neither model.* (the Thinker) nor talker.*")
-    thinker = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
-    model.thinker.load_state_dict(thinker)
-    if "lm_head.weight" in state_dict:  # tied to the embedding, so a checkpoint may leave it out
-        with torch.no_grad():
-            model.lm_head.weight.copy_(state_dict["lm_head.weight"])
-    cfg = model.config
-    if cfg.talker_hidden_size == cfg.hidden_size:
-        offset = cfg.num_hidden_layers - cfg.num_talker_hidden_layers
-        for i, block in enumerate(model.talker.layers):
-            block.load_state_dict(model.thinker.layers[offset + i].state_dict())
-
-
 def weights_file(path):
     """The file holding a checkpoint's weights: `path` itself, or in a release folder the first of
     model.safetensors, pytorch_model.bin, *.pth; None when there is none."""
@@ -680,25 +643,29 @@ def config_from_state_dict(state_dict):
     if "talker.norm.weight" in state_dict:
         cfg.update(talker_hidden_size=state_dict["talker.norm.weight"].shape[0],
                    num_talker_hidden_layers=layers("talker.layers."))
-    else:  # a text-only start: a Talker as wide as the Thinker, so it can start from its last blocks
+    else:  # a text-only start (train.py): a Talker as wide as the Thinker, so it can start from its last blocks
         cfg.update(talker_hidden_size=embed.shape[1])
     return OmniConfig(**cfg)
 
 
-def load_model(path, device="cpu", dtype=torch.float32, config=None):
-    """A ready MiniMindO from a release checkpoint (file or folder), a train.py checkpoint, or
-    the text-only MiniMind start. The shape comes from `config`, else the folder's config.json,
-    else the weights themselves."""
-    state = read_checkpoint(path)
+def checkpoint_config(path, state_dict):
+    """A checkpoint's shape: its folder's config.json, else read off the weights."""
     config_file = os.path.join(path, "config.json")
-    if config is None and os.path.isfile(config_file):
-        with open(config_file) as f:
-            config = OmniConfig.from_dict(json.load(f))
-    model = MiniMindO(config or config_from_state_dict(state))
-    if any(k.startswith("talker.") for k in state):
-        load_official_state_dict(model, state)
-    else:
-        start_from_text_model(model, state)
+    if not os.path.isfile(config_file):
+        return config_from_state_dict(state_dict)
+    with open(config_file) as f:
+        return OmniConfig.from_dict(json.load(f))
+
+
+def load_model(path, device="cpu", dtype=torch.float32, config=None):
+    """A ready MiniMindO from a release checkpoint (file or folder) or a train.py checkpoint. The shape
+    comes from `config`, else the folder's config.json, else the weights themselves."""
+    state = read_checkpoint(path)
+    if not any(k.startswith("talker.") for k in state):
+        raise ValueError(f"{path} holds no talker.* weights, so no MiniMind-O to run (a text-only MiniMind, "
+                         "llm_768.pth, is where training starts: train.py --from_weight)")
+    model = MiniMindO(config or checkpoint_config(path, state))
+    load_official_state_dict(model, state)
     return model.to(device, dtype).eval()
 
 
@@ -922,11 +889,6 @@ def penalized(logits, penalty):
     return torch.where(logits > 0, logits / penalty, logits * penalty)
 
 
-def penalize(logits, ids, penalty):
-    """The repetition penalty applied at `ids` (last dim)."""
-    return logits.scatter(-1, ids, penalized(logits.gather(-1, ids), penalty))
-
-
 def sample_text(logits, seen, temperature, top_p, repetition_penalty, greedy):
     """logits (V,), seen (V,) bool: every token of the prompt and reply so far -> 0-d token tensor."""
     logits = logits.float()
@@ -948,7 +910,8 @@ def sample_audio(logits, recent, greedy):
     """logits (8, V), recent (8, <=3) ids each layer emitted last -> (8,) ids."""
     logits = logits.float() / AUDIO_TEMPERATURE
     for j in range(recent.shape[1]):  # once per recent id, as the release does (a repeat counts twice)
-        logits = penalize(logits, recent[:, j:j + 1], AUDIO_PENALTY)
+        ids = recent[:, j:j + 1]                                    # (8, 1)
+        logits = logits.scatter(-1, ids, penalized(logits.gather(-1, ids), AUDIO_PENALTY))
     if greedy:
         return logits.argmax(-1)
     top, idx = logits.topk(AUDIO_TOP_K, dim=-1)

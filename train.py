@@ -39,7 +39,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from typing import NamedTuple, Optional
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork after tokenizing
@@ -931,11 +931,37 @@ def build_model(args):
                             talker_hidden_size=args.hidden_size, num_talker_hidden_layers=args.num_hidden_layers // 2,
                             use_moe=args.use_moe)
         return mo.MiniMindO(cfg)
-    model = mo.load_model(args.from_weight)
+    state = mo.read_checkpoint(args.from_weight)
+    model = mo.MiniMindO(mo.checkpoint_config(args.from_weight, state))
+    if any(k.startswith("talker.") for k in state):
+        mo.load_official_state_dict(model, state)
+    else:
+        start_from_text_model(model, state)
     if args.use_moe and not model.config.use_moe:
         raise ValueError(f"--use_moe, but {args.from_weight} holds a dense model; start from a MoE checkpoint "
                          "(sft_omni_768_moe.pth) or --from_weight none")
     return model
+
+
+def start_from_text_model(model, state_dict):
+    """Start from the text-only MiniMind (`llm_768.pth`: `model.*` and `lm_head.weight`).
+
+    The Thinker loads strictly. When the widths match, Talker block i starts as a copy of Thinker
+    block n_thinker - n_talker + i: the last Thinker blocks already know how to read the text."""
+    other = [k for k in state_dict if not k.startswith("model.") and k != "lm_head.weight"]
+    if other:
+        raise ValueError(f"not a MiniMind checkpoint: it has {other[0]!r} and {len(other) - 1} more keys that are "
+                         "neither model.* (the Thinker) nor talker.*")
+    thinker = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+    model.thinker.load_state_dict(thinker)
+    if "lm_head.weight" in state_dict:  # tied to the embedding, so a checkpoint may leave it out
+        with torch.no_grad():
+            model.lm_head.weight.copy_(state_dict["lm_head.weight"])
+    cfg = model.config
+    if cfg.talker_hidden_size == cfg.hidden_size:
+        offset = cfg.num_hidden_layers - cfg.num_talker_hidden_layers
+        for i, block in enumerate(model.talker.layers):
+            block.load_state_dict(model.thinker.layers[offset + i].state_dict())
 
 
 def set_trainable(model, mode):
@@ -1083,7 +1109,7 @@ def set_rng_states(states, device):
 
 def save_resume_state(path, learner, position, args, procs):
     model = learner.model
-    state = dict(model=model.state_dict(), config=model.config.to_dict(), optimizer=learner.optimizer.state_dict(),
+    state = dict(model=model.state_dict(), config=asdict(model.config), optimizer=learner.optimizer.state_dict(),
                  scaler=learner.scaler.state_dict(), position=position, rng=rng_states(procs.device),
                  args={k: resume_setting(args, k) for k in RESUME_MUST_MATCH}, world=procs.world)
     with mo.atomic_path(path) as tmp:

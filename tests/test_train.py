@@ -1,4 +1,5 @@
 """train.py: parquet rows, samples and batches, bad rows, and short runs (demo, resume after a kill, DDP)."""
+import argparse
 import io
 import json
 import os
@@ -603,3 +604,42 @@ def test_encoder_cache_is_written_then_read_with_the_same_losses(tmp_path, encod
     assert augmented_encoded == dict(speech=2 * epochs, image=1)
     assert not list((tmp_path / "aug").glob("speech-*")) and len(list((tmp_path / "aug").glob("image-*/*/*"))) == 1
     assert "question audio is not cached: --augment both" in capsys.readouterr().out
+
+
+# ---- starting from the text-only MiniMind (llm_768.pth) ---------------------------------------------
+
+def text_only_weights(lm_head=True):
+    """A tiny text-only MiniMind's weights in the release's layout: model.* and (optionally) lm_head.weight."""
+    official = mo.official_state_dict(mo.MiniMindO(tiny_config()), torch.float32)
+    return {k: v for k, v in official.items() if k.startswith("model.") or (lm_head and k == "lm_head.weight")}
+
+
+def test_text_only_start_copies_last_thinker_blocks_into_talker(tmp_path):
+    llm = text_only_weights()
+    model = mo.MiniMindO(tiny_config())
+    train.start_from_text_model(model, llm)
+    assert torch.equal(model.thinker.embed_tokens.weight, llm["model.embed_tokens.weight"])
+    for i in range(2):  # Talker block i <- Thinker block 4 - 2 + i
+        assert torch.equal(model.talker.layers[i].self_attn.q_proj.weight, llm[f"model.layers.{2 + i}.self_attn.q_proj.weight"])
+    torch.save(llm, tmp_path / "llm_64.pth")
+    args = argparse.Namespace(seed=0, from_weight=str(tmp_path / "llm_64.pth"), use_moe=False)
+    inferred = train.build_model(args)   # no config: a Talker as wide as the Thinker, 4 blocks, from its last blocks
+    assert inferred.config.talker_hidden_size == 64 and len(inferred.talker.layers) == 4
+    assert torch.equal(inferred.talker.layers[0].mlp.up_proj.weight, llm["model.layers.0.mlp.up_proj.weight"])
+    with pytest.raises(ValueError, match="llm_64.pth holds no talker.* weights.*train.py --from_weight"):
+        mo.load_model(args.from_weight)   # a text-only MiniMind is a training start, not a model to chat with
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_text_only_start_without_lm_head_keeps_the_embedding(dtype):
+    """lm_head is tied to the embedding, so a checkpoint may leave it out; the embedding must still load
+    (into a model of any dtype: the model's own random lm_head must not be copied over it)."""
+    llm = text_only_weights(lm_head=False)
+    model = mo.MiniMindO(tiny_config()).to(dtype)
+    train.start_from_text_model(model, llm)
+    assert torch.equal(model.thinker.embed_tokens.weight, llm["model.embed_tokens.weight"].to(dtype))
+
+
+def test_a_foreign_checkpoint_is_not_taken_for_a_text_model():
+    with pytest.raises(ValueError, match="not a MiniMind checkpoint: it has 'encoder.weight'"):
+        train.start_from_text_model(mo.MiniMindO(tiny_config()), {"encoder.weight": torch.zeros(2)})
