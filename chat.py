@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import minimind_o as mo  # the model (sections 1-11) and the frozen side modules' adapters (section 12)
-import loaders     # the published parts (where each comes from, how to get it), and the user's audio and images
+import files     # the published parts (where each comes from, how to get it), and the user's audio and images
 
 ROOT = Path(__file__).resolve().parent
 MODELS = ROOT / "models"
@@ -74,7 +74,7 @@ class MissingParts(FileNotFoundError):
 
 @dataclass
 class Part:
-    published: loaders.PublishedPart     # what it is, where it is published, the command that gets it
+    published: files.PublishedPart     # what it is, where it is published, the command that gets it
     option: str                     # the command-line option that points at it
     needed_for: str
     files: tuple = ()               # for a folder: the files that must be in it
@@ -113,7 +113,7 @@ def url_file(url):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r:
             data = r.read()
-        with mo.atomic_path(path) as tmp:
+        with files.atomic_path(path) as tmp:
             Path(tmp).write_bytes(data)
     fetch.url = url  # where --download checks it can reach
     return fetch
@@ -130,20 +130,20 @@ def fetch_checkpoint(path):
                             "so --download cannot fetch it")
 
 
-PARTS = {  # key = the argparse dest of the option that points at the part, and its row in loaders.PUBLISHED
-    "checkpoint": Part(loaders.PUBLISHED["checkpoint"], "--checkpoint", "everything", fetch=fetch_checkpoint,
-                       is_there=lambda path: mo.weights_file(str(path)) is not None),  # not just a tokenizer
-    "tokenizer": Part(loaders.PUBLISHED["tokenizer"], "--tokenizer", "everything", files=("tokenizer.json",),
+PARTS = {  # key = the argparse dest of the option that points at the part, and its row in files.PUBLISHED
+    "checkpoint": Part(files.PUBLISHED["checkpoint"], "--checkpoint", "everything", fetch=fetch_checkpoint,
+                       is_there=lambda path: files.weights_file(str(path)) is not None),  # not just a tokenizer
+    "tokenizer": Part(files.PUBLISHED["tokenizer"], "--tokenizer", "everything", files=("tokenizer.json",),
                       fetch=hub_folder(f"{HUB}/minimind-3o", ["tokenizer*.json", "*.txt"])),
-    "mimi": Part(loaders.PUBLISHED["mimi"], "--mimi", "speech out and voice cloning", files=(loaders.MIMI_WEIGHTS,),
-                 fetch=hub_file("kyutai/moshiko-pytorch-bf16", loaders.MIMI_WEIGHTS)),
-    "sensevoice": Part(loaders.PUBLISHED["sensevoice"], "--sensevoice", "speech in (/audio, --audio, --mic)", files=loaders.SENSEVOICE_FILES,
-                       fetch=hub_folder("FunAudioLLM/SenseVoiceSmall", loaders.SENSEVOICE_FILES)),
-    "siglip": Part(loaders.PUBLISHED["siglip"], "--siglip", "images (/image, --image)", files=loaders.SIGLIP_FILES,
-                   fetch=hub_folder(f"{HUB}/siglip2-base-p32-256-ve", loaders.SIGLIP_FILES)),
-    "campplus": Part(loaders.PUBLISHED["campplus"], "--campplus", "voice cloning from an audio file", files=(loaders.CAMPP_WEIGHTS,),
-                     fetch=hub_file("funasr/campplus", loaders.CAMPP_WEIGHTS)),
-    "voices": Part(loaders.PUBLISHED["voices"], "--voices", "/voice NAME", fetch=url_file(VOICES_URL)),
+    "mimi": Part(files.PUBLISHED["mimi"], "--mimi", "speech out and voice cloning", files=(files.MIMI_WEIGHTS,),
+                 fetch=hub_file("kyutai/moshiko-pytorch-bf16", files.MIMI_WEIGHTS)),
+    "sensevoice": Part(files.PUBLISHED["sensevoice"], "--sensevoice", "speech in (/audio, --audio, --mic)", files=files.SENSEVOICE_FILES,
+                       fetch=hub_folder("FunAudioLLM/SenseVoiceSmall", files.SENSEVOICE_FILES)),
+    "siglip": Part(files.PUBLISHED["siglip"], "--siglip", "images (/image, --image)", files=files.SIGLIP_FILES,
+                   fetch=hub_folder(f"{HUB}/siglip2-base-p32-256-ve", files.SIGLIP_FILES)),
+    "campplus": Part(files.PUBLISHED["campplus"], "--campplus", "voice cloning from an audio file", files=(files.CAMPP_WEIGHTS,),
+                     fetch=hub_file("funasr/campplus", files.CAMPP_WEIGHTS)),
+    "voices": Part(files.PUBLISHED["voices"], "--voices", "/voice NAME", fetch=url_file(VOICES_URL)),
 }
 
 
@@ -323,7 +323,7 @@ def check_clone_clip(wav, sr, name):
 
 def clone_voice(wav_path, mimi, campp):
     """A speech clip -> voice dict: its first <= 300 Mimi frames as ref_codes and its CAM++ embedding."""
-    wav, sr = loaders.read_audio(wav_path)
+    wav, sr = files.read_audio(wav_path)
     check_clone_clip(wav, sr, wav_path)     # judged at the file's own rate, before resampling smooths clipping
     wav24 = mo.resample(wav, sr, mo.SAMPLE_RATE_MIMI)[:MAX_REF_FRAMES * mo.MIMI_FRAME_SAMPLES]
     voice = {"ref_codes": mo.encode_audio_codes(mimi, wav24).cpu(),                            # (8, <= 300)
@@ -338,7 +338,7 @@ def save_voice(voices_path, name, voice):
     voices_path = Path(voices_path)
     voices = load_voices(voices_path) if voices_path.exists() else {}
     voices[name] = {"ref_codes": voice["ref_codes"].long().cpu(), "spk_emb": voice["spk_emb"].float().cpu()}
-    with mo.atomic_path(voices_path) as tmp:  # a failure midway leaves every stored voice as it was
+    with files.atomic_path(voices_path) as tmp:  # a failure midway leaves every stored voice as it was
         torch.save(voices, tmp)
 
 
@@ -494,7 +494,7 @@ class SpeechOut:
 def write_wav(path, pcm):
     """24 kHz speech as a 16-bit wav, atomically (a kill leaves the old file or the new one)."""
     import soundfile as sf
-    with mo.atomic_path(path) as tmp:  # the temporary name keeps the extension soundfile goes by
+    with files.atomic_path(path) as tmp:  # the temporary name keeps the extension soundfile goes by
         sf.write(str(tmp), pcm, mo.SAMPLE_RATE_MIMI, subtype="PCM_16")
 
 
@@ -589,7 +589,7 @@ RESUME_FILE = ("a train.py resume state (--resume reads it); the weights are the
 def other_weights(path):
     """What a file that is not MiniMind-O weights is (another published part, a resume state), or None."""
     import zipfile
-    file = mo.weights_file(path)
+    file = files.weights_file(path)
     try:
         if file.endswith(".safetensors"):
             from safetensors import safe_open
@@ -625,16 +625,16 @@ class Chat:
         self.args, self.player = args, player
         self.device = torch.device(args.device)
         try:
-            with loaders.loading("checkpoint", args.checkpoint):
-                self.model = mo.load_model(args.checkpoint, self.device, getattr(torch, args.dtype))
-        except loaders.DamagedPartError:
+            with files.loading("checkpoint", args.checkpoint):
+                self.model = files.load_model(args.checkpoint, self.device, getattr(torch, args.dtype))
+        except files.DamagedPartError:
             other = other_weights(args.checkpoint)
             if other is None:
                 raise
             raise ValueError(f"--checkpoint {args.checkpoint} is {other}, not MiniMind-O weights") from None
         if args.int8:
             self.model = int8_linears(self.model)
-        with loaders.loading("tokenizer", args.tokenizer):
+        with files.loading("tokenizer", args.tokenizer):
             self.tok = mo.load_tokenizer(args.tokenizer)
         self.history = []     # earlier turns: [{"role", "content"}], text only (their speech is not kept)
         self.image = None     # (64, 768) features of the conversation's image (the latest one shown)
@@ -648,11 +648,11 @@ class Chat:
             if missing:
                 raise missing
             path, device = getattr(self.args, key), self.device
-            load = {"mimi": lambda: loaders.load_mimi(path, device),
-                    "campplus": lambda: loaders.load_speaker_encoder(path, device),
-                    "sensevoice": lambda: loaders.load_speech_encoder(path, device),
-                    "siglip": lambda: loaders.load_vision_encoder(path, device), "voices": lambda: load_voices(path)}
-            with loaders.loading(key, path):
+            load = {"mimi": lambda: files.load_mimi(path, device),
+                    "campplus": lambda: files.load_speaker_encoder(path, device),
+                    "sensevoice": lambda: files.load_speech_encoder(path, device),
+                    "siglip": lambda: files.load_vision_encoder(path, device), "voices": lambda: load_voices(path)}
+            with files.loading(key, path):
                 self.parts[key] = load[key]()
         return self.parts[key]
 
@@ -695,7 +695,7 @@ class Chat:
     def released_voices_hint(self):
         if PARTS["voices"].present(self.args.voices):
             return ""
-        get = loaders.PUBLISHED["voices"].how
+        get = files.PUBLISHED["voices"].how
         return f"; the released voices are not in {self.args.voices}: get them with {get} or --download"
 
     def user_turn(self, text, audio, image):
@@ -705,11 +705,11 @@ class Chat:
         text, audio_embeds, image_feats = escaped(self.tok, text.replace(mo.IMAGE_MARK, "").strip()), None, None
         if image is not None:  # one image per conversation: a new one replaces the old
             encoder, processor = self.part("siglip")
-            image_feats = mo.encode_images(encoder, processor, [loaders.open_image(image)])[0]  # (64, 768)
+            image_feats = mo.encode_images(encoder, processor, [files.open_image(image)])[0]  # (64, 768)
             text = f"{text}\n\n{mo.IMAGE_MARK}" if text else mo.IMAGE_MARK
         content = text
         if audio is not None:  # a file, or a 16 kHz waveform from the microphone
-            wav = audio if isinstance(audio, np.ndarray) else loaders.load_audio(audio, mo.SAMPLE_RATE_SPEECH)
+            wav = audio if isinstance(audio, np.ndarray) else files.load_audio(audio, mo.SAMPLE_RATE_SPEECH)
             self.check_question_length(wav)
             feats = mo.encode_speech(self.part("sensevoice"), [wav])[0]                 # (L, 512)
             content = mo.place_audio(text, len(feats), "text_blankline_audio" if text else "audio_only")
@@ -969,7 +969,7 @@ def uploaded_audio(upload):
     """(name, bytes) of an audio file -> 16 kHz samples (S,), or a ValueError that names the file."""
     name, data = upload
     try:
-        wav, rate = loaders.read_audio(data)
+        wav, rate = files.read_audio(data)
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
     check_audio_length(len(wav), rate, name)
@@ -1206,7 +1206,7 @@ class WebTab:
         else:  # set_voice clones from a file: the clip goes to one, which no message names
             clip_name, data = clip
             try:
-                wav, rate = loaders.read_audio(data)
+                wav, rate = files.read_audio(data)
             except ValueError as e:
                 raise ValueError(f"voice clip {clip_name}: {e}") from None
             check_audio_length(len(wav), rate, f"voice clip {clip_name}")
@@ -1420,7 +1420,7 @@ def check_out(path, one_shot):
 
 def default_checkpoint(*candidates):
     """The first candidate that holds weights, else the first (reported as missing where it matters)."""
-    return next((str(c) for c in candidates if mo.weights_file(str(c))), str(candidates[0]))
+    return next((str(c) for c in candidates if files.weights_file(str(c))), str(candidates[0]))
 
 
 def question_flags(parser):
@@ -1471,10 +1471,10 @@ def part_flags(parser):
                             "models/sft_omni_768.pth)")
     parts.add_argument("--tokenizer", help="folder with tokenizer.json (default: the checkpoint's folder if it has "
                        "one, else models/minimind-3o)")
-    parts.add_argument("--mimi", default=str(MODELS / "mimi"), help=f"folder with {loaders.MIMI_WEIGHTS}, or the file")
+    parts.add_argument("--mimi", default=str(MODELS / "mimi"), help=f"folder with {files.MIMI_WEIGHTS}, or the file")
     parts.add_argument("--sensevoice", default=str(MODELS / "SenseVoiceSmall"), help="SenseVoiceSmall folder")
     parts.add_argument("--siglip", default=str(MODELS / "siglip2-base-p32-256-ve"), help="SigLIP2 folder")
-    parts.add_argument("--campplus", default=str(MODELS / "campplus"), help=f"folder with {loaders.CAMPP_WEIGHTS}")
+    parts.add_argument("--campplus", default=str(MODELS / "campplus"), help=f"folder with {files.CAMPP_WEIGHTS}")
     parts.add_argument("--download", action="store_true", help="first fetch the missing parts (those a one-shot "
                        "question needs, or all for the interactive chat) from Hugging Face (voices.pt from GitHub), "
                        "then go on")

@@ -22,18 +22,17 @@ Read top to bottom, in the order data flows:
   5. block and Thinker              11. streaming generation
   6. projectors and injection       12. thin adapters to the frozen side modules
 
+Files are files.py's: it reads checkpoints, the side modules' published weights and the user's audio and
+images into what this file takes (state dicts, loaded modules, arrays), and writes every file atomically.
+
 The binding facts (weight layout, token layout, delays, sampling, loss) are written down in
 ../shared/spec/conformance.md and checked by ../shared/checks/conformance.py against fixtures from the
 public reference implementation.
 """
-import contextlib
 import itertools
-import json
 import math
 import os
-import uuid
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -202,10 +201,6 @@ class KVCache(nn.Module):
         self.values.index_copy_(2, pos, v)
         return self.keys, self.values                                 # (1, kv_heads, max_len, head_dim)
 
-    def visible(self, pos):
-        """(T, max_len) mask: a query at pos sees the slots up to its own (later ones are not written yet)."""
-        return self.slots[None] <= pos[:, None]
-
 
 # -----------------------------------------------------------------------------------------------
 # 3. Attention: grouped kv heads, q/k RMSNorm, RoPE, causal
@@ -236,9 +231,9 @@ class Attention(nn.Module):
             keys, values = self.kv_cache.update(pos, k, v)
         if pos is None or T > 1:  # training, or a whole prompt (it starts at position 0): causal over itself
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:                     # one new position: it sees every position cached so far
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.kv_cache.visible(pos),
-                                                 enable_gqa=True)
+        else:                     # one new position: it sees the slots up to its own (later ones are unwritten)
+            visible = self.kv_cache.slots <= pos[:, None]                                    # (1, max_len)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -363,10 +358,14 @@ class Projector(nn.Module):
         return self.mlp(x)
 
 
-def pad_features(feats, dim, device):
-    """Per-sample features (list of (L_i, dim) tensors or None) -> (B, L_max, dim) padded, (B,) lengths.
+def pad_features(feats, dim, device, lengths=None):
+    """Per-sample features -> (B, L, dim) padded, on `device`, and (B,) lengths. feats: a list of (L_i, dim)
+    tensors or None, or a (B, L, dim) tensor padded already (lengths: (B,), or all L when None).
 
     Batch preparation, not the forward pass: collate functions can hand the padded form directly."""
+    if torch.is_tensor(feats):
+        lengths = torch.full(feats.shape[:1], feats.shape[1]) if lengths is None else lengths
+        return feats.to(device), lengths.to(device)
     lengths = torch.tensor([0 if f is None else f.shape[0] for f in feats], device=device)
     empty = torch.zeros(0, dim, device=device)
     padded = nn.utils.rnn.pad_sequence([empty if f is None else f.to(device) for f in feats], batch_first=True)
@@ -504,17 +503,11 @@ class MiniMindO(nn.Module):
         """Text ids (B, T) -> (B, T, H) embeddings, encoder features put on their placeholders."""
         h = self.thinker.embed_tokens(text)
         if audio_embeds is not None:
-            if isinstance(audio_embeds, (list, tuple)):
-                audio_embeds, audio_lengths = pad_features(audio_embeds, self.config.audio_hidden_size, h.device)
-            feats = self.audio_proj(audio_embeds.to(h.device, next(self.audio_proj.parameters()).dtype))
-            h = inject(h, text, AUDIO_PLACEHOLDER, feats, audio_lengths.to(h.device))
+            feats, lengths = pad_features(audio_embeds, self.config.audio_hidden_size, h.device, audio_lengths)
+            h = inject(h, text, AUDIO_PLACEHOLDER, self.audio_proj(feats.to(h.dtype)), lengths)
         if image_embeds is not None:
-            if isinstance(image_embeds, (list, tuple)):
-                image_embeds, lengths = pad_features(image_embeds, self.config.image_hidden_size, h.device)
-            else:
-                lengths = torch.full((h.shape[0],), image_embeds.shape[1], device=h.device)
-            feats = self.vision_proj(image_embeds.to(h.device, next(self.vision_proj.parameters()).dtype))
-            h = inject(h, text, IMAGE_PLACEHOLDER, feats, lengths)
+            feats, lengths = pad_features(image_embeds, self.config.image_hidden_size, h.device)
+            h = inject(h, text, IMAGE_PLACEHOLDER, self.vision_proj(feats.to(h.dtype)), lengths)
         return h
 
     def setup_caches(self, max_len):
@@ -584,9 +577,8 @@ def omni_loss(out, text_labels, audio_labels, stop_weight=10.0):
 # -----------------------------------------------------------------------------------------------
 # 9. Weights in the published layout
 # -----------------------------------------------------------------------------------------------
-# The release names the Thinker `model.`; everything else has the same name here. Checkpoints are
-# float16 .pth files (`sft_omni_768.pth`, `sft_omni_768_moe.pth`, the text-only start `llm_768.pth`)
-# or Transformers-format folders (config.json + weights, the tied lm_head.weight may be absent).
+# The release names the Thinker `model.`; everything else has the same name here. Reading and writing
+# the checkpoint files (float16 .pth files, Transformers-format folders) is files.py's work.
 
 def official_key(our_key):
     return "model." + our_key[len("thinker."):] if our_key.startswith("thinker.") else our_key
@@ -608,87 +600,6 @@ def load_official_state_dict(model, state_dict):
     if "lm_head.weight" not in ours and "thinker.embed_tokens.weight" in ours:
         ours["lm_head.weight"] = ours["thinker.embed_tokens.weight"]  # tied; folders may leave it out
     model.load_state_dict(ours)
-
-
-def weights_file(path):
-    """The file holding a checkpoint's weights: `path` itself, or in a release folder the first of
-    model.safetensors, pytorch_model.bin, *.pth; None when there is none."""
-    if os.path.isfile(path):
-        return path
-    if not os.path.isdir(path):
-        return None
-    candidates = ["model.safetensors", "pytorch_model.bin"] + sorted(f for f in os.listdir(path) if f.endswith(".pth"))
-    return next((os.path.join(path, f) for f in candidates if os.path.isfile(os.path.join(path, f))), None)
-
-
-def read_checkpoint(path):
-    """A state dict from a .pth/.bin/.safetensors file, or from a release folder."""
-    found = weights_file(path)
-    if found is None:
-        raise FileNotFoundError(f"no weights at {path} (a file, or a folder with model.safetensors, "
-                                "pytorch_model.bin or *.pth)")
-    if found.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(found)
-    state = torch.load(found, map_location="cpu", weights_only=True)
-    return state["model"] if isinstance(state.get("model"), dict) else state  # train.py's resume files nest it
-
-
-def config_from_state_dict(state_dict):
-    """Model shape read off the weights themselves, so any checkpoint file loads without a config."""
-    layers = lambda prefix: len({k.split(".")[2] for k in state_dict if k.startswith(prefix)})
-    embed = state_dict["model.embed_tokens.weight"]
-    cfg = dict(vocab_size=embed.shape[0], hidden_size=embed.shape[1], num_hidden_layers=layers("model.layers."),
-               use_moe=any(".mlp.experts." in k for k in state_dict))
-    if "talker.norm.weight" in state_dict:
-        cfg.update(talker_hidden_size=state_dict["talker.norm.weight"].shape[0],
-                   num_talker_hidden_layers=layers("talker.layers."))
-    else:  # a text-only start (train.py): a Talker as wide as the Thinker, so it can start from its last blocks
-        cfg.update(talker_hidden_size=embed.shape[1])
-    return OmniConfig(**cfg)
-
-
-def checkpoint_config(path, state_dict):
-    """A checkpoint's shape: its folder's config.json, else read off the weights."""
-    config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        return config_from_state_dict(state_dict)
-    with open(config_file) as f:
-        return OmniConfig.from_dict(json.load(f))
-
-
-def load_model(path, device="cpu", dtype=torch.float32, config=None):
-    """A ready MiniMindO from a release checkpoint (file or folder) or a train.py checkpoint. The shape
-    comes from `config`, else the folder's config.json, else the weights themselves."""
-    state = read_checkpoint(path)
-    if not any(k.startswith("talker.") for k in state):
-        raise ValueError(f"{path} holds no talker.* weights, so no MiniMind-O to run (a text-only MiniMind, "
-                         "llm_768.pth, is where training starts: train.py --from_weight)")
-    model = MiniMindO(config or checkpoint_config(path, state))
-    load_official_state_dict(model, state)
-    return model.to(device, dtype).eval()
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Write to the yielded temporary path; it replaces `path` in one rename only when the block succeeds.
-    A crash, a kill or a full disk leaves the previous file whole. The temporary name is unique (two
-    writers never share it) and keeps the extension, for writers that go by it (soundfile)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")  # the writer creates it
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_checkpoint(model, path):
-    """Save in the release's layout (float16 .pth), atomically: a crash never leaves half a file."""
-    with atomic_path(path) as tmp:
-        torch.save(official_state_dict(model), tmp)
 
 
 def parameter_counts(model):
@@ -918,28 +829,19 @@ def sample_audio(logits, recent, greedy):
     return idx.gather(-1, torch.multinomial(top.softmax(-1), 1))[:, 0]
 
 
-class SpeechSchedule:
-    """The delay pattern, on the host: where each layer stopped, and whether a frame is complete."""
-
-    def __init__(self):
-        self.stops = [None] * N_CODEBOOKS   # the step of each layer's first id >= CODEBOOK_SIZE
-
-    def record(self, n, codes):
-        """codes: the 8 ids emitted at step n (layer i only counts once it has started, at step i + 1)."""
-        for i, code in enumerate(codes):
-            if self.stops[i] is None and code >= CODEBOOK_SIZE and i < n:
-                self.stops[i] = n
-
-    def frame(self, n, frame_codes):
-        """The frame completed at step n (layer i emitted its code at step n - 7 + i), or None."""
-        if n < N_CODEBOOKS:
-            return None
-        emitted_at = [n - N_CODEBOOKS + 1 + i for i in range(N_CODEBOOKS)]
-        return frame_codes if all(s is None or at < s for at, s in zip(emitted_at, self.stops)) else None
-
-    @property
-    def done(self):
-        return all(s is not None for s in self.stops)
+def emit_codes(codes, n, audio_logits, stop_at, greedy):
+    """Sample step n's ids into codes[:, n] (8, steps): layer i speaks from step i + 1 on; before, it pads.
+    stop_at (8,): the step of each layer's first id >= CODEBOOK_SIZE (its stop), updated here.
+    -> the frame step n may complete (layer i emitted it at step n - 7 + i), and whether it is complete:
+    past the delay, and every code emitted before its layer stopped. Device tensors only: no sync."""
+    layer = torch.arange(N_CODEBOOKS, device=codes.device)
+    recent = codes[:, max(0, n - AUDIO_PENALTY_WINDOW):n]
+    ids = sample_audio(audio_logits, recent, greedy)                                # (8,)
+    codes[:, n] = torch.where(layer < n, ids, AUDIO_PAD)
+    stop_at.copy_(torch.where((layer < n) & (ids >= CODEBOOK_SIZE), stop_at.clamp(max=n), stop_at))
+    emitted_at = n - N_CODEBOOKS + 1 + layer                                        # (8,)
+    frame = codes[layer, emitted_at.clamp(min=0)]
+    return frame, (emitted_at > 0).all() & (emitted_at < stop_at).all()
 
 
 def prompt_columns(model, prompt_ids, max_new_tokens, ref_codes, has_speaker):
@@ -966,8 +868,8 @@ def stream_generate(model, prompt_ids, max_new_tokens=1024, temperature=0.75, to
     seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
     seen[column[0, TEXT_ROW]] = True                        # the text penalty counts the prompt too
     codes = torch.full((N_CODEBOOKS, max_new_tokens), AUDIO_PAD, device=device)  # every id emitted, per step
-    layer = torch.arange(N_CODEBOOKS, device=device)
-    speech, forced = SpeechSchedule(), None                  # forced: the text inputs after EOS
+    stop_at = torch.full((N_CODEBOOKS,), max_new_tokens, device=device)            # no layer has stopped yet
+    forced = None                                                                  # the text inputs after EOS
     model.setup_caches(column.shape[-1] + max_new_tokens)
     try:
         for n in range(max_new_tokens):
@@ -977,16 +879,14 @@ def stream_generate(model, prompt_ids, max_new_tokens=1024, temperature=0.75, to
                 text_logits, audio_logits = model.step(column, positions[n - 1:n], spk)
             else:  # the text has ended: only the Talker's logits are needed
                 audio_logits = model.speech_step(column, positions[n - 1:n], spk)
-            recent = codes[:, max(0, n - AUDIO_PENALTY_WINDOW):n]
-            codes[:, n] = torch.where(layer < n, sample_audio(audio_logits[0], recent, greedy), AUDIO_PAD)
+            frame, complete = emit_codes(codes, n, audio_logits[0], stop_at, greedy)
             text = (sample_text(text_logits[0], seen, temperature, top_p, repetition_penalty, greedy) if forced is None
                     else torch.tensor(next(forced), device=device))
-            frame = codes[layer, (n - N_CODEBOOKS + 1 + layer).clamp(min=0)]   # the frame step n may complete
-            text_id, *ids = torch.cat([text[None], codes[:, n], frame]).tolist()  # the step's one host sync
-            speech.record(n, ids[:N_CODEBOOKS])
-            if forced is not None and speech.done:
+            flags = torch.stack([complete, (stop_at < max_new_tokens).all()])            # (2,) bool
+            text_id, complete, all_stopped, *frame = torch.cat([text[None], flags, frame]).tolist()  # the one sync
+            if forced is not None and all_stopped:
                 return
-            yield GenStep(text_id if forced is None else None, speech.frame(n, ids[N_CODEBOOKS:]))
+            yield GenStep(text_id if forced is None else None, frame if complete else None)
             if forced is None and text_id == eos_token_id:
                 forced = itertools.chain([NEWLINE], itertools.repeat(TEXT_PAD))
             seen[text] = True
@@ -1015,7 +915,7 @@ def generate(model, prompt_ids, max_new_tokens=1024, **kwargs):
 #   Mimi codec                speech (24 kHz)  <-> (8, F) codes, 1920 samples a frame (moshi)
 #   CAM++                     speech (16 kHz)   -> (192,) speaker embedding (funasr)
 # The adapters take loaded modules and arrays. Loading the modules from their published files, and
-# reading the user's audio and image files, is loaders.py's work (this file never imports it).
+# reading the user's audio and image files, is files.py's work (this file never imports it).
 
 SAMPLE_RATE_SPEECH = 16000          # SenseVoice and CAM++ take 16 kHz
 SAMPLE_RATE_MIMI = 24000
@@ -1058,7 +958,7 @@ def encode_speech(encoder, wavs):
 
 
 def image_pixels(processor, images):
-    """List of 8-bit RGB PIL images (loaders.open_image) -> (N, 3, 256, 256) SigLIP2 input. channels_last
+    """List of 8-bit RGB PIL images (files.open_image) -> (N, 3, 256, 256) SigLIP2 input. channels_last
     is said outright: an image 1 or 3 pixels tall would otherwise be taken for channels-first."""
     return processor(images=images, return_tensors="pt", input_data_format="channels_last")["pixel_values"]
 

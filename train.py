@@ -23,7 +23,7 @@ What happens, in the order of this file:
  11. data preparation      --prepare: a manifest of your own recordings -> parquet rows in the release's schema
 
 A training run writes into --out_dir: `<save_weight>_<hidden>[_moe].pth` (the weights, loadable by
-`minimind_o.load_model` and chat.py), `<save_weight>_resume.pt` (everything else needed to resume),
+`files.load_model` and chat.py), `<save_weight>_resume.pt` (everything else needed to resume),
 `<save_weight>_metrics.jsonl` (one line per logged step) and `<save_weight>_loss.png`.
 """
 import argparse
@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 import minimind_o as mo
-import loaders
+import files
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -209,10 +209,10 @@ def prepare_flags(prep):
                            "line: question and/or question_audio, answer, answer_audio, optional voice and image, or "
                            "a list of turns) into OUT, a parquet file for --data (README.md, 'Your own data')")
     prep.add_argument("--mimi", default="models/mimi",
-                      help=f"folder with {loaders.MIMI_WEIGHTS} (or the file), which turns answer speech and voice clips "
+                      help=f"folder with {files.MIMI_WEIGHTS} (or the file), which turns answer speech and voice clips "
                            "into codes (default models/mimi)")
     prep.add_argument("--campplus", default="models/campplus",
-                      help=f"folder with {loaders.CAMPP_WEIGHTS}, which makes a voice clip's speaker embedding; "
+                      help=f"folder with {files.CAMPP_WEIGHTS}, which makes a voice clip's speaker embedding; "
                            "loaded only when a line names a voice (default models/campplus)")
     prep.add_argument("--prepare_chunk", type=int, default=PREPARE_CHUNK,
                       help="manifest lines per part file in OUT.parts/; a killed --prepare started again keeps the "
@@ -273,8 +273,8 @@ def identity(path):
     """'<name>-<hash>' of a data file or an encoder folder; the hash covers the absolute path and the
     size and modification time of the file, or of each file in the folder."""
     path = os.path.abspath(path)
-    files = [os.path.join(path, n) for n in sorted(os.listdir(path))] if os.path.isdir(path) else [path]
-    stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files if os.path.isfile(f)]
+    paths = [os.path.join(path, n) for n in sorted(os.listdir(path))] if os.path.isdir(path) else [path]
+    stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in paths if os.path.isfile(f)]
     digest = hashlib.sha1(repr(stats).encode()).hexdigest()[:ID_HASH_CHARS]
     return f"{os.path.splitext(os.path.basename(path))[0]}-{digest}"
 
@@ -298,7 +298,7 @@ class EncoderCache:
 
     def put(self, key, output):
         """Store one (L, D) output as float16, atomically."""
-        with mo.atomic_path(self.path(key)) as tmp:  # a reader finds a whole entry or none
+        with files.atomic_path(self.path(key)) as tmp:  # a reader finds a whole entry or none
             np.save(tmp, output.to("cpu", CACHE_DTYPE).numpy())
 
     def put_batch(self, keys, outputs, lengths=None):
@@ -345,14 +345,14 @@ def load_encoders(rows, args, device):
     try:
         if rows.has_any("question_audios"):
             option = "--speech_encoder"
-            with loaders.loading("sensevoice", args.speech_encoder):
-                enc.speech = loaders.load_speech_encoder(args.speech_encoder, device)
+            with files.loading("sensevoice", args.speech_encoder):
+                enc.speech = files.load_speech_encoder(args.speech_encoder, device)
             enc.speech_frontend = enc.speech.frontend
         if rows.has_any("image_bytes"):
             option = "--vision_encoder"
-            with loaders.loading("siglip", args.vision_encoder):
-                enc.vision, enc.image_processor = loaders.load_vision_encoder(args.vision_encoder, device)
-    except (FileNotFoundError, loaders.DamagedPartError) as e:  # say which option points there
+            with files.loading("siglip", args.vision_encoder):
+                enc.vision, enc.image_processor = files.load_vision_encoder(args.vision_encoder, device)
+    except (FileNotFoundError, files.DamagedPartError) as e:  # say which option points there
         raise type(e)(f"{option}: {e}") from e
     return enc
 
@@ -746,7 +746,7 @@ class OmniDataset(Dataset):
     def question_features(self, row, audio_bytes, rng):
         """Audio-file bytes of the question -> (L, 560) features (augmented when training asks for it)."""
         try:
-            wav = loaders.load_audio(audio_bytes, SPEECH_RATE)  # any format soundfile reads; stereo -> mono
+            wav = files.load_audio(audio_bytes, SPEECH_RATE)  # any format soundfile reads; stereo -> mono
             if self.wave_augment:
                 wav = augment_wave(wav, rng, np.random.default_rng(rng.getrandbits(63)))
             feats = mo.speech_features(self.encoders.speech_frontend, wav)  # the CPU half of SenseVoice
@@ -757,7 +757,7 @@ class OmniDataset(Dataset):
     def image_pixels(self, row):
         """Image bytes -> (3, 256, 256) SigLIP2 input (any format PIL reads, made RGB)."""
         try:
-            return mo.image_pixels(self.encoders.image_processor, [loaders.open_image(row.image)])[0]
+            return mo.image_pixels(self.encoders.image_processor, [files.open_image(row.image)])[0]
         except ValueError as e:
             raise BadRow.at(row.file, row.row, "image_bytes", str(e)) from None
 
@@ -913,7 +913,7 @@ def write_demo_data(path, rows=DEMO_ROWS, seed=0):
         columns["spk_emb"].append(voices[v][1].tolist())
     schema = pa.schema([("conversations", pa.string()), ("answer_audios", pa.list_(pa.list_(pa.int32()))),
                         ("ref_audios", pa.list_(pa.int32())), ("spk_emb", pa.list_(pa.float32()))])
-    with mo.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         pq.write_table(pa.table(columns, schema=schema), tmp)
     return path
 
@@ -931,8 +931,8 @@ def build_model(args):
                             talker_hidden_size=args.hidden_size, num_talker_hidden_layers=args.num_hidden_layers // 2,
                             use_moe=args.use_moe)
         return mo.MiniMindO(cfg)
-    state = mo.read_checkpoint(args.from_weight)
-    model = mo.MiniMindO(mo.checkpoint_config(args.from_weight, state))
+    state = files.read_checkpoint(args.from_weight)
+    model = mo.MiniMindO(files.checkpoint_config(args.from_weight, state))
     if any(k.startswith("talker.") for k in state):
         mo.load_official_state_dict(model, state)
     else:
@@ -1022,7 +1022,7 @@ def build_learner(args, procs, resume):
 # -----------------------------------------------------------------------------------------------
 # 9. Checkpoints and exact resume
 # -----------------------------------------------------------------------------------------------
-# Two files: the weights in the release's fp16 layout (what chat.py and minimind_o.load_model read,
+# Two files: the weights in the release's fp16 layout (what chat.py and files.load_model read,
 # and what the next stage starts from), and the resume state (fp32 weights, optimizer, scaler,
 # position, random states). Both are written to a temporary file and renamed: a kill never leaves
 # half a checkpoint behind.
@@ -1062,7 +1062,7 @@ def output_lock(args, procs):
     f = take_lock(path)
     try:
         for leftover in glob.glob(os.path.join(glob.escape(args.out_dir), f".{glob.escape(args.save_weight)}_*.tmp*")):
-            os.remove(leftover)  # mo.atomic_path's temporary names: .<file>.<hex>.tmp<ext>
+            os.remove(leftover)  # files.atomic_path's temporary names: .<file>.<hex>.tmp<ext>
         yield
     finally:
         os.remove(path)  # while still holding it: a run that opened it meanwhile finds it locked, then gone
@@ -1112,7 +1112,7 @@ def save_resume_state(path, learner, position, args, procs):
     state = dict(model=model.state_dict(), config=asdict(model.config), optimizer=learner.optimizer.state_dict(),
                  scaler=learner.scaler.state_dict(), position=position, rng=rng_states(procs.device),
                  args={k: resume_setting(args, k) for k in RESUME_MUST_MATCH}, world=procs.world)
-    with mo.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
@@ -1162,7 +1162,7 @@ def save(args, procs, learner, position, seconds):
     if procs.is_main:
         path = weight_path(args, learner.model.config)
         try:
-            mo.save_checkpoint(learner.model, path)
+            files.save_checkpoint(learner.model, path)
             path = resume_path(args)
             save_resume_state(path, learner, dict(position, bad_rows=bad_rows, seconds=seconds()), args, procs)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
@@ -1296,7 +1296,7 @@ class MetricsLog:
         kept = []
         if resume_step is not None and os.path.exists(path):
             kept = [line for line in self.lines() if json.loads(line)["step"] <= resume_step]
-        with mo.atomic_path(path) as tmp, open(tmp, "w") as f:
+        with files.atomic_path(path) as tmp, open(tmp, "w") as f:
             f.writelines(kept)
 
     def lines(self):
@@ -1336,7 +1336,7 @@ class MetricsLog:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        with mo.atomic_path(png) as tmp:  # the format follows the extension, which tmp keeps
+        with files.atomic_path(png) as tmp:  # the format follows the extension, which tmp keeps
             fig.savefig(tmp, dpi=120)
         plt.close(fig)
         return png
@@ -1414,7 +1414,7 @@ def tokenizer_folder(args):
 def published_weights(path):
     """How to get a published .pth (llm_768.pth, sft_omni_768.pth ...) to `path`, or the release folder."""
     if not path.endswith(".pth"):
-        return loaders.PUBLISHED["checkpoint"].how
+        return files.PUBLISHED["checkpoint"].how
     folder, name = os.path.dirname(path) or ".", os.path.basename(path)
     return (f"`modelscope download --model gongjy/minimind-3o-pytorch {name} --local_dir {folder}` or "
             f"`hf download jingyaogong/minimind-3o-pytorch {name} --local-dir {folder}`")
@@ -1429,9 +1429,9 @@ def missing_inputs(args):
     except FileNotFoundError as e:
         missing.append(str(e))
     missing += [f"data file not found: {p} ({PUBLISHED_DATA})" for p in args.data if not os.path.exists(p)]
-    if args.from_weight != "none" and not args.resume and mo.weights_file(args.from_weight) is None:
+    if args.from_weight != "none" and not args.resume and files.weights_file(args.from_weight) is None:
         missing.append(f"--from_weight {args.from_weight} not found; get the published weights with "
-                       f"{published_weights(args.from_weight)} ({loaders.PUBLISHED['checkpoint'].source})")
+                       f"{published_weights(args.from_weight)} ({files.PUBLISHED['checkpoint'].source})")
     return "\n".join(missing) or None
 
 
@@ -1590,7 +1590,7 @@ def plot_title(args, cfg, demo):
 def report(summary, args, demo):
     lines = [f"trained {summary['steps']} steps in {summary['seconds']:.0f} s: loss {summary['first_loss']:.3f} -> "
              f"{summary['last_loss']:.3f}",
-             f"weights:      {summary['checkpoint']}   (what minimind_o.load_model and chat.py --checkpoint read)",
+             f"weights:      {summary['checkpoint']}   (what files.load_model and chat.py --checkpoint read)",
              f"resume state: {summary['resume_state']}   (add --resume to the same command to continue)",
              f"metrics:      {summary['metrics']}, plot {summary['plot']}"]
     if summary["bad_rows"]:
@@ -1663,11 +1663,11 @@ class Exchange:
 
 
 def load_part(key, path, load, device):
-    """loaders.PUBLISHED[key], loaded from path by load(path, device); a failure also names the option --key."""
+    """files.PUBLISHED[key], loaded from path by load(path, device); a failure also names the option --key."""
     try:
-        with loaders.loading(key, path):
+        with files.loading(key, path):
             return load(path, device)
-    except (FileNotFoundError, loaders.DamagedPartError) as e:
+    except (FileNotFoundError, files.DamagedPartError) as e:
         raise type(e)(f"--{key}: {e}") from e
 
 
@@ -1679,10 +1679,10 @@ class Preparer:
         from chat import clone_voice  # the chat's voice cloning: a prepared voice is what `chat.py --voice FILE` makes
         self.clone_voice = clone_voice
         self.folder = os.path.dirname(os.path.abspath(args.prepare[0]))   # manifest paths are relative to it
-        self.mimi = load_part("mimi", args.mimi, loaders.load_mimi, args.device)
+        self.mimi = load_part("mimi", args.mimi, files.load_mimi, args.device)
         self.campp = None
         if needs_voices:
-            self.campp = load_part("campplus", args.campplus, loaders.load_speaker_encoder, args.device)
+            self.campp = load_part("campplus", args.campplus, files.load_speaker_encoder, args.device)
         self.voices = {}
 
     def path(self, line, key):
@@ -1694,7 +1694,7 @@ class Preparer:
     def audio(self, line, key, rate):
         """The clip at line[key] as (S,) float32 at `rate`; a missing or undecodable file names the key."""
         try:
-            return loaders.load_audio(self.path(line, key), rate)
+            return files.load_audio(self.path(line, key), rate)
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"{key}: {e}") from None
 
@@ -1711,7 +1711,7 @@ class Preparer:
         path = self.path(line, "image")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image: {path} not found")
-        loaders.open_image(path)  # undecodable: a ValueError naming the file
+        files.open_image(path)  # undecodable: a ValueError naming the file
         with open(path, "rb") as f:
             return f.read()
 
@@ -1868,13 +1868,13 @@ def prepare(args):
     for chunk, path in zip(chunks, paths):
         if not os.path.exists(path):
             table = prepare_chunk(chunk, prep, manifest, args.skip_bad_rows)
-            with mo.atomic_path(path) as tmp:
+            with files.atomic_path(path) as tmp:
                 pq.write_table(table, tmp)
         bar.update(len(chunk))
     bar.close()
     tables = [pq.read_table(p) for p in paths]
     bad = sum((json.loads(t.schema.metadata[BAD_LINES_KEY]) for t in tables), [])
-    with mo.atomic_path(out) as tmp:
+    with files.atomic_path(out) as tmp:
         pq.write_table(pa.concat_tables([t.replace_schema_metadata() for t in tables]) if tables
                        else PREPARED.empty_table(), tmp)
     shutil.rmtree(parts, ignore_errors=True)

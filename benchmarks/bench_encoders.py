@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import side_assets as assets  # noqa: E402
 import minimind_o as sm  # noqa: E402
-import loaders  # noqa: E402
+import files  # noqa: E402
 
 
 DEVICE = "cpu"
@@ -44,14 +44,14 @@ def best_seconds(fn, repeats):
 
 def speech_clip(seconds):
     """Real speech of the requested length: the two test clips back to back, repeated as needed."""
-    speech = np.concatenate([loaders.load_audio(assets.HELLO_WAV, sm.SAMPLE_RATE_SPEECH),
-                             loaders.load_audio(assets.QUESTION_WAV, sm.SAMPLE_RATE_SPEECH)])
+    speech = np.concatenate([files.load_audio(assets.HELLO_WAV, sm.SAMPLE_RATE_SPEECH),
+                             files.load_audio(assets.QUESTION_WAV, sm.SAMPLE_RATE_SPEECH)])
     samples = int(seconds * sm.SAMPLE_RATE_SPEECH)
     return np.resize(speech, samples)       # np.resize repeats the array cyclically
 
 
 def bench_speech(root, name, conf, args):
-    encoder = loaders.load_speech_encoder(assets.build_sensevoice(Path(root) / name, conf), DEVICE)
+    encoder = files.load_speech_encoder(assets.build_sensevoice(Path(root) / name, conf), DEVICE)
     params = sum(p.numel() for p in encoder.parameters()) / 1e6
     clips = [speech_clip(args.seconds)] * args.batch
     batched = best_seconds(lambda: sm.encode_speech(encoder, clips), args.repeats)
@@ -61,7 +61,7 @@ def bench_speech(root, name, conf, args):
 
 
 def bench_vision(root, args):
-    model, processor = loaders.load_vision_encoder(assets.build_siglip(root, assets.FULL_SIGLIP), DEVICE)
+    model, processor = files.load_vision_encoder(assets.build_siglip(root, assets.FULL_SIGLIP), DEVICE)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     rng = np.random.default_rng(0)
     from PIL import Image
@@ -73,8 +73,8 @@ def bench_vision(root, args):
 
 
 def bench_mimi(root, args):
-    mimi = loaders.load_mimi(assets.build_mimi(root), DEVICE)
-    wav = np.resize(loaders.load_audio(assets.QUESTION_WAV, sm.SAMPLE_RATE_MIMI), int(args.seconds * sm.SAMPLE_RATE_MIMI))
+    mimi = files.load_mimi(assets.build_mimi(root), DEVICE)
+    wav = np.resize(files.load_audio(assets.QUESTION_WAV, sm.SAMPLE_RATE_MIMI), int(args.seconds * sm.SAMPLE_RATE_MIMI))
     encode = best_seconds(lambda: sm.encode_audio_codes(mimi, wav), args.repeats)
     codes = sm.encode_audio_codes(mimi, wav)
 

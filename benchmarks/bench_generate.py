@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import chat  # noqa: E402  (first: it sets the OpenMP environment before torch loads)
 import minimind_o as mo  # noqa: E402
-import loaders  # noqa: E402
+import files  # noqa: E402
 import torch  # noqa: E402
 
 TARGET_RTF, TARGET_FIRST_AUDIO_S = 0.5, 0.4
@@ -132,7 +132,7 @@ def main(argv=None):
     if args.int8:
         model = chat.int8_linears(model)
     if args.mimi:
-        mimi = loaders.load_mimi(args.mimi, device)
+        mimi = files.load_mimi(args.mimi, device)
     else:
         from moshi.models import loaders as moshi_loaders
         mimi = moshi_loaders.get_mimi(None, device=device)

@@ -44,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import minimind_o as mo  # noqa: E402
-import loaders  # noqa: E402
+import files  # noqa: E402
 import train  # noqa: E402
 
 WORDS = ("the quick answer is that light travels fast while sound moves more slowly through air water and stone "
@@ -82,7 +82,7 @@ def write_a2a_rows(path, n, seed=0):
     from PIL import Image
     import side_assets
     rng, np_rng = random.Random(seed), np.random.default_rng(seed)
-    voice = loaders.load_audio(side_assets.QUESTION_WAV, mo.SAMPLE_RATE_SPEECH)
+    voice = files.load_audio(side_assets.QUESTION_WAV, mo.SAMPLE_RATE_SPEECH)
     columns = dict(conversations=[], question_audios=[], answer_audios=[], image_bytes=[])
     for i in range(n):
         words = rng.choices(WORDS, k=rng.randint(*QUESTION_WORDS))
@@ -117,8 +117,8 @@ def time_encoder_cache(model, optimizer, tok, device, autocast, batch_size, max_
         speech_folder = side_assets.build_sensevoice(tmp, side_assets.FULL_SENSEVOICE)
         vision_folder = side_assets.build_siglip(tmp, side_assets.FULL_SIGLIP)
         rows = train.ParquetRows([write_a2a_rows(os.path.join(tmp, "a2a.parquet"), batch_size * rounds)])
-        speech = loaders.load_speech_encoder(speech_folder, device)
-        vision, processor = loaders.load_vision_encoder(vision_folder, device)
+        speech = files.load_speech_encoder(speech_folder, device)
+        vision, processor = files.load_vision_encoder(vision_folder, device)
 
         def dataset(cache):
             enc = train.Encoders(speech, speech.frontend, vision, processor)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import chat  # noqa: E402  (first: it sets the OpenMP environment before torch loads)
 import minimind_o as mo  # noqa: E402
-import loaders  # noqa: E402
+import files  # noqa: E402
 import side_assets  # noqa: E402
 import torch  # noqa: E402
 
@@ -58,13 +58,13 @@ def build_parts(folder):
         for linear in [model.talker.lm_head.base] + [a[2] for a in model.talker.lm_head.adapters]:
             linear.weight[mo.CODEBOOK_SIZE:] = 0
     checkpoint = folder / "full_random.pth"
-    mo.save_checkpoint(model, str(checkpoint))
+    files.save_checkpoint(model, str(checkpoint))
     return {"checkpoint": checkpoint, "mimi": side_assets.build_mimi(folder).parent,
             "sensevoice": side_assets.build_sensevoice(folder, side_assets.FULL_SENSEVOICE)}
 
 
 def fake_mic(path, questions):
-    speech = loaders.load_audio(str(side_assets.HELLO_WAV), mo.SAMPLE_RATE_SPEECH)
+    speech = files.load_audio(str(side_assets.HELLO_WAV), mo.SAMPLE_RATE_SPEECH)
     silence = lambda s: np.zeros(int(s * mo.SAMPLE_RATE_SPEECH), np.float32)
     import soundfile as sf
     sf.write(path, np.concatenate([silence(LEAD_SILENCE_S)] + [np.concatenate([speech, silence(SILENCE_BETWEEN_S)])

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import chat  # noqa: E402  (first: it sets the OpenMP environment before torch loads)
 import minimind_o as mo  # noqa: E402
-import loaders  # noqa: E402
+import files  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -217,7 +217,7 @@ def score(thinker_text, transcript):
 # -----------------------------------------------------------------------------------------------
 
 SENSEVOICE_BPE = "chn_jpn_yue_eng_ko_spectok.bpe.model"   # the CTC head's tokenizer, in the published folder
-ASR_FILES = loaders.SENSEVOICE_FILES + (SENSEVOICE_BPE,)
+ASR_FILES = files.SENSEVOICE_FILES + (SENSEVOICE_BPE,)
 ASR_LANGUAGES = ("zh", "en")                               # SenseVoice also has yue/ja/ko; else "auto"
 MIN_SPEAKER_SECONDS = 0.5        # a speaker embedding of less speech than this says little about the voice
 
@@ -227,8 +227,8 @@ def sensevoice_transcriber(folder, device="cpu"):
     folder -> transcribe(wavs, sr, language) -> list of texts. Greedy CTC, no inverse text normalisation
     (numbers come out as words), no dither (a clip always gives the same transcript)."""
     import yaml
-    folder = loaders.need_files(folder, ASR_FILES)
-    with loaders.quiet_stdout():
+    folder = files.need_files(folder, ASR_FILES)
+    with files.quiet_stdout():
         from funasr.frontends.wav_frontend import WavFrontend
         from funasr.models.sense_voice.model import SenseVoiceSmall
         from funasr.tokenizer.sentencepiece_tokenizer import SentencepiecesTokenizer
@@ -254,7 +254,7 @@ def sensevoice_transcriber(folder, device="cpu"):
 
 
 def campplus_embedder(campplus):
-    """A loaded CAM++ (loaders.load_speaker_encoder) -> embed_speaker(wav, sr) -> (192,) embedding."""
+    """A loaded CAM++ (files.load_speaker_encoder) -> embed_speaker(wav, sr) -> (192,) embedding."""
     def embed_speaker(wav, sr):
         return mo.speaker_embedding(campplus, mo.resample(np.asarray(wav, np.float32), sr, mo.SAMPLE_RATE_SPEECH))
     return embed_speaker
@@ -298,7 +298,7 @@ class SampleLog:
             whole = [line for line in lines if line.endswith("\n")]
             self.rows = {row["key"]: row for row in (self.parse(n, line) for n, line in enumerate(whole, 1))}
             if len(whole) < len(lines):
-                with mo.atomic_path(self.path) as tmp:
+                with files.atomic_path(self.path) as tmp:
                     Path(tmp).write_text("".join(whole), encoding="utf-8")
 
     def parse(self, n, line):
@@ -377,7 +377,7 @@ def check_settings(out, settings):
             raise ValueError(f"{out} holds a run with other settings ({', '.join(changed)} differ): "
                              "use another --out, or delete it to start afresh")
     else:
-        with mo.atomic_path(path) as tmp:
+        with files.atomic_path(path) as tmp:
             Path(tmp).write_text(json.dumps(settings, indent=2, ensure_ascii=False))
 
 
@@ -512,12 +512,12 @@ PARTS = {
     **chat.PARTS,
     "sensevoice": dataclasses.replace(
         chat.PARTS["sensevoice"], needed_for="transcribing the speech", files=ASR_FILES,
-        published=dataclasses.replace(loaders.PUBLISHED["sensevoice"],
+        published=dataclasses.replace(files.PUBLISHED["sensevoice"],
                                       name="ASR and speech encoder (SenseVoiceSmall with its CTC head and tokenizer)"),
         fetch=chat.hub_folder("FunAudioLLM/SenseVoiceSmall", ASR_FILES)),
     "campplus": dataclasses.replace(chat.PARTS["campplus"], needed_for="voice similarity"),
     "voices": dataclasses.replace(chat.PARTS["voices"], needed_for="voice similarity, seen voices"),
-    "unseen_voices": chat.Part(loaders.PublishedPart("unseen voices", "the release's model/speaker/voices_unseen.pt "
+    "unseen_voices": chat.Part(files.PublishedPart("unseen voices", "the release's model/speaker/voices_unseen.pt "
                                                 "(GitHub jingyaogong/minimind-o)", (f"curl -L -o models/voices_unseen.pt {UNSEEN_VOICES_URL}",)),
                                "--unseen_voices", "voice similarity, unseen voices", fetch=chat.url_file(UNSEEN_VOICES_URL)),
 }
@@ -530,10 +530,10 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default=chat.default_checkpoint(models / "minimind-3o", models / "sft_omni_768.pth"),
                    help="released folder or .pth, or a train.py checkpoint (default as chat.py)")
     p.add_argument("--tokenizer", help="folder with tokenizer.json (default as chat.py)")
-    p.add_argument("--mimi", default=str(models / "mimi"), help=f"folder with {loaders.MIMI_WEIGHTS}, or the file")
+    p.add_argument("--mimi", default=str(models / "mimi"), help=f"folder with {files.MIMI_WEIGHTS}, or the file")
     p.add_argument("--sensevoice", default=str(models / "SenseVoiceSmall"),
                    help=f"SenseVoiceSmall folder: the ASR ({', '.join(ASR_FILES)})")
-    p.add_argument("--campplus", default=str(models / "campplus"), help=f"folder with {loaders.CAMPP_WEIGHTS}")
+    p.add_argument("--campplus", default=str(models / "campplus"), help=f"folder with {files.CAMPP_WEIGHTS}")
     p.add_argument("--voices", default=str(models / "voices.pt"), help="seen voices (default models/voices.pt; "
                    "'none' skips them)")
     p.add_argument("--unseen_voices", default=str(models / "voices_unseen.pt"),
@@ -597,7 +597,7 @@ def main(argv=None):
         settings = settings_of(args, every_question, voice_sets)   # so a run may go on with a larger --limit
         check_settings(args.out, settings)
         session = chat.Chat(cargs)
-        with loaders.loading("sensevoice", args.sensevoice):
+        with files.loading("sensevoice", args.sensevoice):
             transcribe = sensevoice_transcriber(args.sensevoice, session.device)
         embed_speaker = campplus_embedder(session.part("campplus")) if voice_sets else None
         rows = evaluate(session, questions, voice_sets, args.out, args.seed, transcribe, embed_speaker)
@@ -609,10 +609,10 @@ def main(argv=None):
     released = Path(args.checkpoint).name in RELEASED
     variant = ("moe" if session.model.config.use_moe else "dense") if released else None
     out = Path(args.out)
-    with mo.atomic_path(out / "results.json") as tmp:
+    with files.atomic_path(out / "results.json") as tmp:
         Path(tmp).write_text(json.dumps({"settings": settings, "summary": summary, "samples": rows}, indent=1,
                                         ensure_ascii=False))
-    with mo.atomic_path(out / "report.md") as tmp:
+    with files.atomic_path(out / "report.md") as tmp:
         Path(tmp).write_text(report(summary, settings, variant), encoding="utf-8")
     print(f"{len(rows)} samples: {out / 'report.md'}, {out / 'results.json'}", file=sys.stderr)
     return summary

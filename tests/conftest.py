@@ -9,6 +9,7 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 sys.path.insert(0, ROOT)
 
 import minimind_o as mo  # noqa: E402
+import files  # noqa: E402
 import train  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -72,10 +73,10 @@ def demo_checkpoint(tmp_path_factory, tokenizer_flag):
     out = tmp_path_factory.mktemp("demo")
     summary = train.main(["--out_dir", str(out), "--max_steps", "2", "--save_every", "0", "--max_seq_len", "64",
                           "--batch_size", "4", "--hidden_size", "64", "--num_hidden_layers", "2", *tokenizer_flag])
-    model = mo.load_model(summary["checkpoint"])
+    model = files.load_model(summary["checkpoint"])
     with torch.no_grad():
         for linear in [model.talker.lm_head.base] + [a[2] for a in model.talker.lm_head.adapters]:
             linear.weight[mo.CODEBOOK_SIZE:] = 0
     path = out / "demo_speaks_to_the_end.pth"
-    mo.save_checkpoint(model, str(path))
+    files.save_checkpoint(model, str(path))
     return path

@@ -41,7 +41,7 @@ class Mistake:
     what: str
 
 
-MO, TRAIN, CHAT = "minimind_o.py", "train.py", "chat.py"
+MO, FILES, TRAIN, CHAT = "minimind_o.py", "files.py", "train.py", "chat.py"
 SIDE = "tests/test_side_modules.py::"
 MODEL, GEN, SAMPLE = "tests/test_model.py::", "tests/test_generate.py::", "tests/test_sample.py::"
 NOTEBOOK = "tests/test_tutorial.py::test_notebook_executes[{}.ipynb]".format
@@ -63,7 +63,7 @@ MISTAKES = [
     Mistake("rope_sign", MO, "rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)",
             "rotated = torch.cat([x[..., half:], -x[..., :half]], dim=-1)",
             (MODEL + "test_rope_turns_each_channel_pair_by_position_times_its_frequency",), "rotate-half sign flipped"),
-    Mistake("audio_layers_early", MO, "torch.where(layer < n, sample_audio(", "torch.where(layer <= n, sample_audio(",
+    Mistake("audio_layers_early", MO, "torch.where(layer < n, ids, AUDIO_PAD)", "torch.where(layer <= n, ids, AUDIO_PAD)",
             (GEN + "test_scripted_generation_follows_the_delay_schedule",), "generation: audio layers start a step early"),
     Mistake("penalty_divides_negative", MO, "return torch.where(logits > 0, logits / penalty, logits * penalty)",
             "return logits / penalty",
@@ -76,9 +76,9 @@ MISTAKES = [
     Mistake("scheduled_sampling_text_gt", TRAIN, "(rand(*text.shape) < p)", "(rand(*text.shape) > p)",
             (SAMPLE + "test_scheduled_sampling_replaces_a_share_p_of_labelled_inputs",),
             "scheduled sampling corrupts 1 - p of the text inputs"),
-    Mistake("save_not_atomic", MO,
-            '    with atomic_path(path) as tmp:\n        torch.save(official_state_dict(model), tmp)\n',
-            "    torch.save(official_state_dict(model), path)\n",
+    Mistake("save_not_atomic", FILES,
+            '    with atomic_path(path) as tmp:\n        torch.save(mo.official_state_dict(model), tmp)\n',
+            "    torch.save(mo.official_state_dict(model), path)\n",
             (MODEL + "test_a_save_killed_while_writing_leaves_the_old_checkpoint_whole",),
             "save_checkpoint writes straight to the path"),
     # -- mistakes of the kind the first run caught, kept so that they stay caught --
@@ -99,13 +99,13 @@ MISTAKES = [
     Mistake("no_newline_after_eos", MO, "itertools.chain([NEWLINE], itertools.repeat(TEXT_PAD))",
             "itertools.chain([TEXT_PAD], itertools.repeat(TEXT_PAD))",
             (GEN + "test_scripted_generation_follows_the_delay_schedule",), "after EOS the text row reads 0, not 234"),
-    Mistake("frame_index", MO, "codes[layer, (n - N_CODEBOOKS + 1 + layer).clamp(min=0)]",
-            "codes[layer, (n - N_CODEBOOKS + layer).clamp(min=0)]",
+    Mistake("frame_index", MO, "emitted_at = n - N_CODEBOOKS + 1 + layer",
+            "emitted_at = n - N_CODEBOOKS + layer",
             (GEN + "test_scripted_generation_follows_the_delay_schedule",), "frames assembled one step off"),
     Mistake("inject_past_the_run", MO, "n = torch.minimum(lengths[:, None], run_end - first)",
             "n = lengths[:, None] + 0 * (run_end - first)",
             (MODEL + "test_injection_targets_first_placeholder_run_only",), "speech features overrun the placeholders"),
-    Mistake("cache_mask", MO, "return self.slots[None] <= pos[:, None]", "return self.slots[None] < pos[:, None]",
+    Mistake("cache_mask", MO, "visible = self.kv_cache.slots <= pos[:, None]", "visible = self.kv_cache.slots < pos[:, None]",
             (MODEL + "test_decode_steps_through_the_cache_match_the_full_forward[False]",),
             "a cached step cannot see its own position"),
     Mistake("codec_embedding_sum", MO, "return (shared + per_layer) / N_CODEBOOKS", "return shared + per_layer",

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import minimind_o as sm  # noqa: E402
-import loaders  # noqa: E402
+import files  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 HELLO_WAV = DATA_DIR / "hello_16k.wav"
@@ -66,7 +66,7 @@ FRONTEND_CONF = dict(fs=sm.SAMPLE_RATE_SPEECH, window="hamming", n_mels=80, fram
 def build_sensevoice(root, encoder_conf=TINY_SENSEVOICE):
     """Random SenseVoiceSmall (funasr's class) saved as model.pt + config.yaml + am.mvn; returns the folder."""
     import yaml
-    with loaders.quiet_stdout():
+    with files.quiet_stdout():
         from funasr.models.sense_voice.model import SenseVoiceSmall
     folder = Path(root) / "SenseVoiceSmall"
     folder.mkdir(parents=True, exist_ok=True)
@@ -106,7 +106,7 @@ def write_bpe_tokenizer(path, vocab_size=TINY_VOCAB):
 def sensevoice_front_end(cmvn_file=None):
     """funasr's own SenseVoice front end (WavFrontend) with the published settings: the reference our
     speech features are checked against. Undithered: its dither noise cannot be seeded (see with_noise_floor)."""
-    with loaders.quiet_stdout():
+    with files.quiet_stdout():
         from funasr.frontends.wav_frontend import WavFrontend
     return WavFrontend(cmvn_file=None if cmvn_file is None else str(cmvn_file), **FRONTEND_CONF, dither=0.0)
 
@@ -120,7 +120,7 @@ def with_noise_floor(wav, level, seed=SEED):
 def write_am_mvn(path, wav_path):
     """Kaldi-nnet CMVN file in am.mvn's format, with real statistics of one clip's LFR features (like the
     published am.mvn: the shift is minus the mean, about -8 to -17, the scale 1/std, unequal per dimension)."""
-    wav = torch.from_numpy(with_noise_floor(loaders.load_audio(wav_path, sm.SAMPLE_RATE_SPEECH), DITHER_LEVEL))
+    wav = torch.from_numpy(with_noise_floor(files.load_audio(wav_path, sm.SAMPLE_RATE_SPEECH), DITHER_LEVEL))
     lfr = sensevoice_front_end()(wav[None], torch.tensor([wav.numel()]))[0][0]          # (L, 560)
     shift, scale = -lfr.mean(0), 1.0 / lfr.std(0).clamp(min=1e-3)
     vec = lambda v: " ".join(f"{x:.6f}" for x in v.tolist())
@@ -159,22 +159,22 @@ def build_mimi(root, codebook_std=1.0):
     for name, buffer in mimi.state_dict().items():
         if name.endswith("_codebook.embedding_sum"):
             buffer.normal_(std=codebook_std)
-    path = folder / loaders.MIMI_WEIGHTS
+    path = folder / files.MIMI_WEIGHTS
     save_file({k: v.contiguous() for k, v in mimi.state_dict().items()}, path)
     return path
 
 
 def build_campplus(root):
     """funasr's CAM++ with random weights in the published layout; returns the folder."""
-    with loaders.quiet_stdout():
+    with files.quiet_stdout():
         from funasr.models.campplus.model import CAMPPlus
     folder = Path(root) / "campplus"
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED)
     model = CAMPPlus(feat_dim=sm.SPK_MEL["n_mels"], embedding_size=sm.SPK_EMBED_DIM)
-    torch.save(model.state_dict(), folder / loaders.CAMPP_WEIGHTS)
+    torch.save(model.state_dict(), folder / files.CAMPP_WEIGHTS)
     meta = {"framework": "pytorch", "task": "speaker-verification",
-            "model": {"type": "cam++-sv", "pretrained_model": loaders.CAMPP_WEIGHTS,
+            "model": {"type": "cam++-sv", "pretrained_model": files.CAMPP_WEIGHTS,
                       "model_config": {"sample_rate": sm.SAMPLE_RATE_SPEECH, "fbank_dim": sm.SPK_MEL["n_mels"],
                                        "emb_size": sm.SPK_EMBED_DIM}}}
     (folder / "configuration.json").write_text(json.dumps(meta, indent=2))
@@ -192,7 +192,7 @@ def make_speech_wavs(out_dir=DATA_DIR):
                              (QUESTION_TEXT, out_dir / QUESTION_WAV.name, sm.SAMPLE_RATE_MIMI)):
         raw = subprocess.run(["espeak-ng", "-v", ESPEAK_VOICE, "-s", str(ESPEAK_WPM), "--stdout", text],
                              check=True, capture_output=True).stdout
-        sf.write(path, loaders.load_audio(raw, rate), rate, subtype="PCM_16")
+        sf.write(path, files.load_audio(raw, rate), rate, subtype="PCM_16")
 
 
 def build_all(root):

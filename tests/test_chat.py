@@ -15,7 +15,7 @@ import torch
 
 import chat
 import minimind_o as mo
-import loaders
+import files
 
 side_assets = pytest.importorskip("side_assets", reason="tests/side_assets.py builds the side modules")
 
@@ -32,7 +32,7 @@ def flags(tmp_path, parts, demo_checkpoint, tokenizer_flag):
 
 
 def speech16k(seconds_before=0.0, seconds_after=0.0):
-    wav = loaders.load_audio(str(SPEECH), mo.SAMPLE_RATE_SPEECH)
+    wav = files.load_audio(str(SPEECH), mo.SAMPLE_RATE_SPEECH)
     pad = lambda s: np.zeros(int(s * mo.SAMPLE_RATE_SPEECH), np.float32)
     return np.concatenate([pad(seconds_before), wav, pad(seconds_after)])
 
@@ -151,7 +151,7 @@ def test_a_spoken_question_about_a_picture_with_a_bfloat16_model(tmp_path, flags
 
 @pytest.mark.parametrize("background", [True, False])
 def test_streamed_speech_equals_decoding_the_whole_sequence(parts, background):
-    mimi = loaders.load_mimi(parts["mimi"])
+    mimi = files.load_mimi(parts["mimi"])
     codes = torch.randint(0, mo.CODEBOOK_SIZE, (mo.N_CODEBOOKS, 8), generator=torch.Generator().manual_seed(0))
     speech = chat.SpeechOut(mimi, frames_per_call=3, background=background)  # chunks of 1, 3, 3, then 1 frame
     for frame in codes.T.tolist():
@@ -352,8 +352,8 @@ def test_a_damaged_checkpoint_is_named_not_a_traceback(tmp_path, flags):
 
 
 def test_another_file_given_as_the_checkpoint_is_named_for_what_it_is(parts, demo_checkpoint, flags):
-    for other, what in [(parts["mimi"] / loaders.MIMI_WEIGHTS, "the Mimi codec"),
-                        (parts["campplus"] / loaders.CAMPP_WEIGHTS, "the CAM++ speaker encoder"),
+    for other, what in [(parts["mimi"] / files.MIMI_WEIGHTS, "the Mimi codec"),
+                        (parts["campplus"] / files.CAMPP_WEIGHTS, "the CAM++ speaker encoder"),
                         (demo_checkpoint.parent / "demo_resume.pt", "a train.py resume state")]:
         with pytest.raises(SystemExit) as e:
             chat.main(flags + ["--checkpoint", str(other), "--text", "hi", "--no_speech"])
@@ -410,9 +410,9 @@ def test_every_missing_part_says_the_commands_that_fetch_it(tmp_path):
     missing = str(chat.missing_report(chat.parse_args(["--checkpoint", str(tmp_path / "x.pth"), "--mimi",
                                                        str(tmp_path / "mimi")]), ["checkpoint", "mimi"]))
     assert "or chat in text only, without it: add --no_speech" in missing
-    for key, part in loaders.PUBLISHED.items():
+    for key, part in files.PUBLISHED.items():
         assert all(c.startswith(("hf download ", "modelscope download --model ", "curl -L ")) for c in part.download)
-    assert loaders.PUBLISHED["sensevoice"].download[0] == ("modelscope download --model gongjy/SenseVoiceSmall "
+    assert files.PUBLISHED["sensevoice"].download[0] == ("modelscope download --model gongjy/SenseVoiceSmall "
                                                       "--local_dir models/SenseVoiceSmall")
 
 

@@ -13,7 +13,7 @@ import torch
 
 import chat
 import minimind_o as mo
-import loaders
+import files
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import evaluate as ev  # noqa: E402
@@ -104,7 +104,7 @@ def espeak(text):
     voice, rate = ESPEAK_CLEAR
     command = ["espeak-ng", "-v", voice, "-s", rate, "--stdout", text]
     raw = subprocess.run(command, check=True, capture_output=True).stdout
-    return loaders.load_audio(raw, mo.SAMPLE_RATE_SPEECH)
+    return files.load_audio(raw, mo.SAMPLE_RATE_SPEECH)
 
 
 def scrambled(wav, chunk_s=0.1):
@@ -270,7 +270,7 @@ def test_a_killed_run_continues_to_the_same_samples_as_a_straight_run(tmp_path, 
 def test_missing_parts_are_listed_with_where_they_go(tmp_path, parts, demo_checkpoint, tokenizer_flag):
     encoder_only = tmp_path / "SenseVoiceSmall"          # what chat.py needs, without the ASR's tokenizer
     encoder_only.mkdir()
-    for name in loaders.SENSEVOICE_FILES:
+    for name in files.SENSEVOICE_FILES:
         (encoder_only / name).write_bytes((parts["sensevoice"] / name).read_bytes())
     with pytest.raises(SystemExit) as e:
         ev.main(["--checkpoint", str(demo_checkpoint), *tokenizer_flag, "--mimi", str(parts["mimi"]),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import minimind_o as mo
-import loaders
+import files
 from conftest import tiny_config
 
 
@@ -115,11 +115,11 @@ def test_parameter_counts_match_the_paper():
 def test_save_load_round_trip_is_exact(tmp_path):
     model = mo.MiniMindO(tiny_config(use_moe=True)).half().float()  # fp16-representable weights
     path = str(tmp_path / "ckpt.pth")
-    mo.save_checkpoint(model, path)
+    files.save_checkpoint(model, path)
     saved = torch.load(path)
     assert all(v.dtype == torch.float16 for v in saved.values())
     assert "model.embed_tokens.weight" in saved and "talker.lm_head.base.weight" in saved
-    loaded = mo.load_model(path)                       # config read off the shapes
+    loaded = files.load_model(path)                       # config read off the shapes
     assert loaded.config.use_moe and loaded.config.num_hidden_layers == 4
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
@@ -133,7 +133,7 @@ def test_a_save_killed_while_writing_leaves_the_old_checkpoint_whole(tmp_path, m
     import io
     path = str(tmp_path / "ckpt.pth")
     old = mo.MiniMindO(tiny_config())
-    mo.save_checkpoint(old, path)
+    files.save_checkpoint(old, path)
     before = open(path, "rb").read()
     assert os.listdir(tmp_path) == ["ckpt.pth"]              # a finished save leaves no temporary file
     real_save = torch.save
@@ -153,10 +153,10 @@ def test_a_save_killed_while_writing_leaves_the_old_checkpoint_whole(tmp_path, m
     monkeypatch.setattr(torch, "save", killed_half_way)
     torch.manual_seed(1)
     with pytest.raises(Killed):
-        mo.save_checkpoint(mo.MiniMindO(tiny_config()), path)
+        files.save_checkpoint(mo.MiniMindO(tiny_config()), path)
     monkeypatch.undo()
     assert open(path, "rb").read() == before
-    loaded = mo.load_model(path)
+    loaded = files.load_model(path)
     assert torch.equal(loaded.thinker.embed_tokens.weight, old.thinker.embed_tokens.weight.half().float())
 
 
@@ -179,14 +179,14 @@ def test_loader_names_missing_unexpected_and_misshaped_keys():
 
 def test_missing_or_damaged_checkpoint_says_how_to_get_the_published_one(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no weights at .*nothing\.pth"):
-        mo.load_model(str(tmp_path / "nothing.pth"))
+        files.load_model(str(tmp_path / "nothing.pth"))
     with pytest.raises(FileNotFoundError, match=r"MiniMind-O weights: no weights at .*hf download jingyaogong/minimind-3o"):
-        with loaders.loading("checkpoint", tmp_path):
-            mo.load_model(str(tmp_path))
+        with files.loading("checkpoint", tmp_path):
+            files.load_model(str(tmp_path))
     (tmp_path / "cut.pth").write_bytes(b"version https://git-lfs.github.com/spec/v1\n")
-    with pytest.raises(loaders.DamagedPartError, match=r"cannot read the MiniMind-O weights at .*cut\.pth.*hf download"):
-        with loaders.loading("checkpoint", tmp_path / "cut.pth"):
-            mo.load_model(str(tmp_path / "cut.pth"))
+    with pytest.raises(files.DamagedPartError, match=r"cannot read the MiniMind-O weights at .*cut\.pth.*hf download"):
+        with files.loading("checkpoint", tmp_path / "cut.pth"):
+            files.load_model(str(tmp_path / "cut.pth"))
 
 
 def test_transformers_folder_with_config(tmp_path):
@@ -198,7 +198,7 @@ def test_transformers_folder_with_config(tmp_path):
     sd = {k: v.contiguous() for k, v in mo.official_state_dict(model).items() if k != "lm_head.weight"}
     save_file(sd, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps({**asdict(cfg), "model_type": "minimind-o", "architectures": ["X"]}))
-    loaded = mo.load_model(str(tmp_path))
+    loaded = files.load_model(str(tmp_path))
     assert loaded.config.num_hidden_layers == 2
     assert torch.equal(loaded.lm_head.weight, sd["model.embed_tokens.weight"].float())
 

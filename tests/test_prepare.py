@@ -20,7 +20,7 @@ import soundfile as sf
 import torch
 
 import minimind_o as mo
-import loaders
+import files
 import side_assets
 import train
 from conftest import ROOT
@@ -67,7 +67,7 @@ def parts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mimi(parts):
-    return loaders.load_mimi(parts[1])
+    return files.load_mimi(parts[1])
 
 
 EXCHANGES = [  # T2A with a voice; A2A (stereo question); an image; two turns, one asked by voice (8 kHz FLAC)
@@ -116,12 +116,12 @@ def test_rows_hold_each_exchange_in_the_release_schema(prepared, clips, mimi, pa
     # question audio: 16 kHz mono WAV bytes of the recording, one entry per user turn (b"" if asked in text)
     heard, heard_sr = sf.read(io.BytesIO(a2a.question_audios[0]), dtype="float32")
     assert (heard_sr, heard.ndim) == (mo.SAMPLE_RATE_SPEECH, 1)
-    np.testing.assert_allclose(heard, loaders.load_audio(clips / "q1.wav", mo.SAMPLE_RATE_SPEECH), atol=1 / 32768)
+    np.testing.assert_allclose(heard, files.load_audio(clips / "q1.wav", mo.SAMPLE_RATE_SPEECH), atol=1 / 32768)
     assert turns.question_audios[0] == b"" and sf.info(io.BytesIO(turns.question_audios[1])).samplerate == 16000
 
     # the voice prompt: what chat.py's clone_voice makes of the clip, the same for every row that names it
     import chat
-    voice = chat.clone_voice(clips / "voice.wav", mimi, loaders.load_speaker_encoder(parts[3]))
+    voice = chat.clone_voice(clips / "voice.wav", mimi, files.load_speaker_encoder(parts[3]))
     assert np.array_equal(t2a.ref_codes, voice["ref_codes"].T.flatten().numpy())
     np.testing.assert_array_equal(t2a.spk_emb, voice["spk_emb"].numpy())
     for row in (a2a, turns):
@@ -136,7 +136,7 @@ def test_answer_codes_are_the_clips_mimi_codes_and_decode_back(prepared, clips, 
     assert len(answers) == len(ANSWERS)
     for i, flat in enumerate(answers, 1):
         codes = mo.frames_of(flat)                                                       # (8, F)
-        wav = loaders.load_audio(clips / f"a{i}.wav", mo.SAMPLE_RATE_MIMI)
+        wav = files.load_audio(clips / f"a{i}.wav", mo.SAMPLE_RATE_MIMI)
         assert codes.shape[1] == -(-len(wav) // mo.MIMI_FRAME_SAMPLES)
         assert len(set(codes[0].tolist())) > 1, "this Mimi gives every frame the same codes: nothing is tested"
         assert torch.equal(codes, mo.encode_audio_codes(mimi, wav))
@@ -145,7 +145,7 @@ def test_answer_codes_are_the_clips_mimi_codes_and_decode_back(prepared, clips, 
 
 
 def test_batched_encoding_pads_without_changing_frames(mimi):
-    wav = loaders.load_audio(side_assets.QUESTION_WAV, mo.SAMPLE_RATE_MIMI)
+    wav = files.load_audio(side_assets.QUESTION_WAV, mo.SAMPLE_RATE_MIMI)
     clips = [wav, wav[:5000], wav[7000:20001], wav[:mo.MIMI_FRAME_SAMPLES]]
     batched = train.encode_in_batches(mimi, clips, batch_size=3)
     assert not torch.equal(batched[1], batched[2][:, :batched[1].shape[1]])  # the clips' codes differ

@@ -13,7 +13,7 @@ from PIL import Image
 import chat
 import side_assets as assets
 import minimind_o as sm
-import loaders
+import files
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"   # ../shared beside the project
 FRAME_HOP = sm.SAMPLE_RATE_SPEECH // 100        # the fbank's 10 ms shift
@@ -29,32 +29,32 @@ def built(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def speech(built):
-    return loaders.load_speech_encoder(built["sensevoice"])
+    return files.load_speech_encoder(built["sensevoice"])
 
 
 @pytest.fixture(scope="session")
 def vision(built):
-    return loaders.load_vision_encoder(built["siglip"])
+    return files.load_vision_encoder(built["siglip"])
 
 
 @pytest.fixture(scope="session")
 def mimi(built):
-    return loaders.load_mimi(built["mimi"])
+    return files.load_mimi(built["mimi"])
 
 
 @pytest.fixture(scope="session")
 def campp(built):
-    return loaders.load_speaker_encoder(built["campplus"])
+    return files.load_speaker_encoder(built["campplus"])
 
 
 @pytest.fixture(scope="session")
 def hello16():
-    return loaders.load_audio(assets.HELLO_WAV, sm.SAMPLE_RATE_SPEECH)
+    return files.load_audio(assets.HELLO_WAV, sm.SAMPLE_RATE_SPEECH)
 
 
 @pytest.fixture(scope="session")
 def question16():
-    return loaders.load_audio(assets.QUESTION_WAV, sm.SAMPLE_RATE_SPEECH)
+    return files.load_audio(assets.QUESTION_WAV, sm.SAMPLE_RATE_SPEECH)
 
 
 def write_wav(path, wav, sr):
@@ -66,32 +66,32 @@ def write_wav(path, wav, sr):
 
 def test_load_audio_resamples_and_downmixes(tmp_path, hello16):
     sr = 44100
-    left = loaders.load_audio(assets.HELLO_WAV, sr)
+    left = files.load_audio(assets.HELLO_WAV, sr)
     stereo = np.stack([left, 0.5 * left], axis=1)
     path = write_wav(tmp_path / "stereo.flac", stereo, sr)
-    wav = loaders.load_audio(path, sm.SAMPLE_RATE_SPEECH)
+    wav = files.load_audio(path, sm.SAMPLE_RATE_SPEECH)
     assert wav.dtype == np.float32 and wav.ndim == 1
     assert abs(wav.size - hello16.size) <= 1
     np.testing.assert_allclose(wav, 0.75 * hello16[:wav.size], atol=1e-2)   # the channel mean
-    assert np.array_equal(loaders.load_audio(path.read_bytes(), sm.SAMPLE_RATE_SPEECH), wav)
+    assert np.array_equal(files.load_audio(path.read_bytes(), sm.SAMPLE_RATE_SPEECH), wav)
 
 
 def test_load_audio_bad_inputs_name_the_file(tmp_path):
     silent = write_wav(tmp_path / "silent.wav", np.zeros(sm.SAMPLE_RATE_SPEECH), sm.SAMPLE_RATE_SPEECH)
     with pytest.raises(ValueError, match="silent.wav is silent"):
-        loaders.load_audio(silent, sm.SAMPLE_RATE_SPEECH)
+        files.load_audio(silent, sm.SAMPLE_RATE_SPEECH)
     empty = write_wav(tmp_path / "empty.wav", np.zeros(0), sm.SAMPLE_RATE_SPEECH)
     with pytest.raises(ValueError, match="empty.wav lasts 0.0 ms"):
-        loaders.load_audio(empty, sm.SAMPLE_RATE_SPEECH)
+        files.load_audio(empty, sm.SAMPLE_RATE_SPEECH)
     garbage = tmp_path / "garbage.wav"
     garbage.write_bytes(b"this is not audio" * 10)
     with pytest.raises(ValueError, match="cannot decode audio .*garbage.wav"):
-        loaders.load_audio(garbage, sm.SAMPLE_RATE_SPEECH)
+        files.load_audio(garbage, sm.SAMPLE_RATE_SPEECH)
     with pytest.raises(FileNotFoundError, match="nowhere.wav"):
-        loaders.load_audio(tmp_path / "nowhere.wav", sm.SAMPLE_RATE_SPEECH)
+        files.load_audio(tmp_path / "nowhere.wav", sm.SAMPLE_RATE_SPEECH)
     click = write_wav(tmp_path / "click.wav", np.full(160, 0.5), sm.SAMPLE_RATE_SPEECH)  # 10 ms
     with pytest.raises(ValueError, match="click.wav lasts 10.0 ms, less than one 25 ms analysis window"):
-        loaders.load_audio(click, sm.SAMPLE_RATE_SPEECH)
+        files.load_audio(click, sm.SAMPLE_RATE_SPEECH)
 
 
 # --- speech encoder ------------------------------------------------------------------------------------------
@@ -100,7 +100,7 @@ def funasr_features(folder, wav, dither):
     """funasr's own SenseVoice front end as funasr builds it from the published folder (its dither:
     fresh noise from the global generator)."""
     import yaml
-    with loaders.quiet_stdout():
+    with files.quiet_stdout():
         from funasr.frontends.wav_frontend import WavFrontend
     conf = yaml.safe_load((folder / "config.yaml").read_text())["frontend_conf"]
     front = WavFrontend(cmvn_file=str(folder / "am.mvn"), **dict(conf, dither=dither))
@@ -127,7 +127,7 @@ def test_encoder_input_is_funasr_front_end_with_the_folder_cmvn(speech, built, h
     """What encode_speech hands the SenseVoice encoder is funasr's own WavFrontend output with the folder's
     am.mvn applied, (x + shift) * scale. The CMVN is a real one (shift -8 to -17, scale 0.1 to 0.3), so a
     sign or order slip moves every feature by about 2 |shift| scale, ~4."""
-    with loaders.quiet_stdout():
+    with files.quiet_stdout():
         from funasr.frontends.wav_frontend import load_cmvn
     am_mvn = built["sensevoice"] / "am.mvn"
     shift, scale = load_cmvn(str(am_mvn))[:, :sm.SPEECH_FEAT_DIM]
@@ -163,40 +163,40 @@ def test_speech_batch_equals_one_by_one(speech, hello16, question16):
 
 def test_speech_encoder_missing_files(built, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nothing_here/config.yaml not found.*hf download FunAudioLLM/SenseVoiceSmall"):
-        with loaders.loading("sensevoice", tmp_path / "nothing_here"):
-            loaders.load_speech_encoder(tmp_path / "nothing_here")
+        with files.loading("sensevoice", tmp_path / "nothing_here"):
+            files.load_speech_encoder(tmp_path / "nothing_here")
     partial = tmp_path / "partial"
     partial.mkdir()
     (partial / "config.yaml").write_bytes((built["sensevoice"] / "config.yaml").read_bytes())
     with pytest.raises(FileNotFoundError, match=r"partial/model.pt not found"):
-        loaders.load_speech_encoder(partial)
+        files.load_speech_encoder(partial)
 
 
 LFS_POINTER = (b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 936291369\n")
 
 
 @pytest.mark.parametrize("part, file, load, download", [
-    ("sensevoice", "model.pt", loaders.load_speech_encoder, "FunAudioLLM/SenseVoiceSmall"),
-    ("sensevoice", "am.mvn", loaders.load_speech_encoder, "FunAudioLLM/SenseVoiceSmall"),
-    ("sensevoice", "config.yaml", loaders.load_speech_encoder, "FunAudioLLM/SenseVoiceSmall"),
-    ("siglip", "model.safetensors", loaders.load_vision_encoder, "jingyaogong/siglip2-base-p32-256-ve"),
-    ("mimi", loaders.MIMI_WEIGHTS, loaders.load_mimi, "kyutai/moshiko-pytorch-bf16"),
-    ("campplus", loaders.CAMPP_WEIGHTS, loaders.load_speaker_encoder, "funasr/campplus")])
+    ("sensevoice", "model.pt", files.load_speech_encoder, "FunAudioLLM/SenseVoiceSmall"),
+    ("sensevoice", "am.mvn", files.load_speech_encoder, "FunAudioLLM/SenseVoiceSmall"),
+    ("sensevoice", "config.yaml", files.load_speech_encoder, "FunAudioLLM/SenseVoiceSmall"),
+    ("siglip", "model.safetensors", files.load_vision_encoder, "jingyaogong/siglip2-base-p32-256-ve"),
+    ("mimi", files.MIMI_WEIGHTS, files.load_mimi, "kyutai/moshiko-pytorch-bf16"),
+    ("campplus", files.CAMPP_WEIGHTS, files.load_speaker_encoder, "funasr/campplus")])
 def test_damaged_files_are_named_with_how_to_get_them(built, tmp_path, part, file, load, download):
     """A clone without git-lfs leaves pointer files: the entry points' `loading` says which part, where
     it is, and the command that gets a good copy."""
     folder = tmp_path / part
     shutil.copytree(built[part] if built[part].is_dir() else built[part].parent, folder)
     (folder / file).write_bytes(LFS_POINTER)
-    with pytest.raises(loaders.DamagedPartError, match=rf"cannot read the .* at {folder} .*hf download {download}"):
-        with loaders.loading(part, folder):
+    with pytest.raises(files.DamagedPartError, match=rf"cannot read the .* at {folder} .*hf download {download}"):
+        with files.loading(part, folder):
             load(folder)
 
 
 def test_damaged_tokenizer_is_named(tmp_path):
     (tmp_path / "tokenizer.json").write_bytes(LFS_POINTER)
-    with pytest.raises(loaders.DamagedPartError, match="cannot read the tokenizer .*hf download jingyaogong/minimind-3o"):
-        with loaders.loading("tokenizer", tmp_path):
+    with pytest.raises(files.DamagedPartError, match="cannot read the tokenizer .*hf download jingyaogong/minimind-3o"):
+        with files.loading("tokenizer", tmp_path):
             sm.load_tokenizer(tmp_path)
 
 
@@ -205,7 +205,7 @@ def test_cmvn_of_the_wrong_size_is_refused(built, tmp_path):
     shutil.copytree(built["sensevoice"], folder)
     (folder / "am.mvn").write_text("<Nnet>\n</Nnet>\n")
     with pytest.raises(ValueError, match="am.mvn: expected a shift and a scale of 560 values"):
-        loaders.load_speech_encoder(folder)
+        files.load_speech_encoder(folder)
 
 
 # --- vision encoder ------------------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ def image_inputs(tmp_path):
 
 def test_images_shape_and_batching(vision, tmp_path):
     model, processor = vision
-    images = [loaders.open_image(image) for image in image_inputs(tmp_path)]  # a path, JPEG bytes, RGBA
+    images = [files.open_image(image) for image in image_inputs(tmp_path)]  # a path, JPEG bytes, RGBA
     out = sm.encode_images(model, processor, images)
     assert out.shape == (len(images), sm.IMAGE_TOKENS, sm.IMAGE_EMBED_DIM)
     for i, image in enumerate(images):
@@ -234,7 +234,7 @@ def test_16_bit_grey_and_one_pixel_tall_images(vision, tmp_path):
     ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "grey16.png")  # a 16-bit PNG, PIL mode I;16
     as8 = Image.fromarray((ramp // 257).astype(np.uint8), mode="L")
-    torch.testing.assert_close(sm.image_pixels(processor, [loaders.open_image(tmp_path / "grey16.png")]),
+    torch.testing.assert_close(sm.image_pixels(processor, [files.open_image(tmp_path / "grey16.png")]),
                                sm.image_pixels(processor, [as8.convert("RGB")]), atol=0.01, rtol=0)  # not clipped to white
     for height in (1, 3):  # shapes transformers would otherwise take for channels-first
         strip = Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, 500, 3), dtype=np.uint8))
@@ -248,7 +248,7 @@ def test_unreadable_image_names_the_file(tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image at all")
     with pytest.raises(ValueError, match="cannot read image .*broken.jpg"):
-        loaders.open_image(bad)
+        files.open_image(bad)
 
 
 @pytest.mark.parametrize("limit", [100, 1000])  # a 40x30 picture is then over twice PIL's limit (its error), or
@@ -257,7 +257,7 @@ def test_a_decompression_bomb_image_is_refused_by_name(tmp_path, monkeypatch, li
     bomb = tmp_path / "bomb.png"
     Image.new("RGB", (40, 30)).save(bomb)
     with pytest.raises(ValueError, match="cannot read image .*bomb.png: .*decompression bomb"):
-        loaders.open_image(bomb)
+        files.open_image(bomb)
 
 
 def test_googles_whole_siglip2_folder_loads_as_its_vision_tower(tmp_path):
@@ -269,25 +269,25 @@ def test_googles_whole_siglip2_folder_loads_as_its_vision_tower(tmp_path):
                                                                           num_hidden_layers=1, num_attention_heads=2)))
     folder = assets.build_siglip(tmp_path)  # the release's layout, whose processor files are the same
     whole.save_pretrained(folder, safe_serialization=True)
-    encoder, processor = loaders.load_vision_encoder(folder)
-    pixels = sm.image_pixels(processor, [loaders.open_image(image_inputs(tmp_path)[0])])
+    encoder, processor = files.load_vision_encoder(folder)
+    pixels = sm.image_pixels(processor, [files.open_image(image_inputs(tmp_path)[0])])
     with torch.no_grad():
         assert torch.equal(encoder(pixel_values=pixels).last_hidden_state,
                            whole.vision_model(pixel_values=pixels).last_hidden_state)
-    assert "google/siglip2-base-patch32-256 --local-dir models/siglip2-base-p32-256-ve" in loaders.PUBLISHED["siglip"].how
+    assert "google/siglip2-base-patch32-256 --local-dir models/siglip2-base-p32-256-ve" in files.PUBLISHED["siglip"].how
 
 
 def test_vision_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"siglip/config.json not found.*hf download jingyaogong/siglip2"):
-        with loaders.loading("siglip", tmp_path / "siglip"):
-            loaders.load_vision_encoder(tmp_path / "siglip")
+        with files.loading("siglip", tmp_path / "siglip"):
+            files.load_vision_encoder(tmp_path / "siglip")
 
 
 # --- Mimi ----------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
 def question_codes(mimi):
-    return sm.encode_audio_codes(mimi, loaders.load_audio(assets.QUESTION_WAV, sm.SAMPLE_RATE_MIMI))
+    return sm.encode_audio_codes(mimi, files.load_audio(assets.QUESTION_WAV, sm.SAMPLE_RATE_MIMI))
 
 
 def test_mimi_codes(question_codes):
@@ -328,9 +328,9 @@ def test_mimi_stream_decoder_needs_its_context(mimi, question_codes):
 
 
 def test_mimi_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"{loaders.MIMI_WEIGHTS} not found.*hf download kyutai/moshiko-pytorch-bf16"):
-        with loaders.loading("mimi", tmp_path):
-            loaders.load_mimi(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"{files.MIMI_WEIGHTS} not found.*hf download kyutai/moshiko-pytorch-bf16"):
+        with files.loading("mimi", tmp_path):
+            files.load_mimi(tmp_path)
 
 
 # --- CAM++ and voices ----------------------------------------------------------------------------------------
@@ -345,8 +345,8 @@ def test_speaker_embedding(campp, hello16):
 
 def test_speaker_encoder_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"campplus_cn_common.bin not found.*hf download funasr/campplus"):
-        with loaders.loading("campplus", tmp_path):
-            loaders.load_speaker_encoder(tmp_path)
+        with files.loading("campplus", tmp_path):
+            files.load_speaker_encoder(tmp_path)
 
 
 def test_clone_save_and_load_voice(mimi, campp, tmp_path):

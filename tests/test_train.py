@@ -19,6 +19,7 @@ import soundfile as sf
 import torch
 
 import minimind_o as mo
+import files
 import side_assets
 import train
 from conftest import ROOT, tiny_config
@@ -328,7 +329,7 @@ def test_a_full_disk_during_a_save_is_said_and_the_previous_checkpoint_stays(tmp
                                                "it full\\?\\). The previous file there is kept whole"):
         train.main(flags)
     assert torch.load(tmp_path / "demo_resume.pt", weights_only=False)["position"]["step"] == 1
-    mo.load_model(str(tmp_path / "demo_64.pth"))
+    files.load_model(str(tmp_path / "demo_64.pth"))
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporaries left
 
 
@@ -416,7 +417,7 @@ def test_demo_run_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path, toke
     lrs = [r["lr"] for r in map(json.loads, open(summary["metrics"]))]
     peak = train.DEMO["learning_rate"]
     assert lrs[0] < peak and lrs[0] == pytest.approx(train.lr_at(1, 6, peak)) and lrs[-1] == pytest.approx(peak / 10)
-    model = mo.load_model(summary["checkpoint"])
+    model = files.load_model(summary["checkpoint"])
     assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
     assert os.path.exists(summary["plot"]) and os.path.exists(summary["resume_state"])
     with open(summary["metrics"]) as f:
@@ -495,7 +496,7 @@ def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path, tokeniz
     assert [r["step"] for r in two_records] == [r["step"] for r in one_records] == [1, 2]
     for key in ("loss", "text", "audio"):  # the same sums in another order: float32 rounding apart
         assert [r[key] for r in two_records] == pytest.approx([r[key] for r in one_records], rel=1e-5), key
-    two_weights, one_weights = mo.read_checkpoint(str(tmp_path / "two" / "sft_omni_64.pth")), mo.read_checkpoint(one["checkpoint"])
+    two_weights, one_weights = files.read_checkpoint(str(tmp_path / "two" / "sft_omni_64.pth")), files.read_checkpoint(one["checkpoint"])
     for k in one_weights:  # float16 files: a rounding step apart at most
         torch.testing.assert_close(two_weights[k], one_weights[k], atol=1e-3, rtol=1e-3, msg=k)
 
@@ -517,7 +518,7 @@ def test_speech_and_image_rows_train_through_the_frozen_encoders(tmp_path, encod
     summary = train.main(flags)
     assert np.isfinite(summary["last_loss"])
     start = mo.official_state_dict(train.build_model(train.parse_args(flags)))
-    trained = mo.read_checkpoint(summary["checkpoint"])
+    trained = files.read_checkpoint(summary["checkpoint"])
     changed = {k for k in start if not torch.equal(start[k], trained[k])}
     assert changed and all(k.startswith("audio_proj.") for k in changed)  # only the speech projector learned
 
@@ -627,7 +628,7 @@ def test_text_only_start_copies_last_thinker_blocks_into_talker(tmp_path):
     assert inferred.config.talker_hidden_size == 64 and len(inferred.talker.layers) == 4
     assert torch.equal(inferred.talker.layers[0].mlp.up_proj.weight, llm["model.layers.0.mlp.up_proj.weight"])
     with pytest.raises(ValueError, match="llm_64.pth holds no talker.* weights.*train.py --from_weight"):
-        mo.load_model(args.from_weight)   # a text-only MiniMind is a training start, not a model to chat with
+        files.load_model(args.from_weight)   # a text-only MiniMind is a training start, not a model to chat with
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -21,7 +21,7 @@ import torch
 
 import chat
 import minimind_o as mo
-import loaders
+import files
 
 side_assets = pytest.importorskip("side_assets", reason="tests/side_assets.py builds the side modules")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -72,7 +72,7 @@ def server(tmp_path_factory, parts, demo_checkpoint, tokenizer_flag):
 
 @pytest.fixture(scope="module")
 def fake_mic(tmp_path_factory):
-    speech = loaders.load_audio(str(QUESTION), mo.SAMPLE_RATE_SPEECH)
+    speech = files.load_audio(str(QUESTION), mo.SAMPLE_RATE_SPEECH)
     silence = lambda s: np.zeros(int(s * mo.SAMPLE_RATE_SPEECH), np.float32)
     path = tmp_path_factory.mktemp("mic") / "mic.wav"
     sf.write(path, np.concatenate([silence(0.5), speech, silence(PAUSE_S), speech, silence(3.0)]),
@@ -240,13 +240,13 @@ def test_bad_uploads_and_messages_are_refused_with_a_message_and_the_server_goes
     wait_notice(page, "tiny.png: cannot decode audio")
 
     long_audio = tmp_path / "long.wav"
-    sf.write(long_audio, np.tile(loaders.load_audio(str(QUESTION), mo.SAMPLE_RATE_SPEECH), 20), mo.SAMPLE_RATE_SPEECH)
+    sf.write(long_audio, np.tile(files.load_audio(str(QUESTION), mo.SAMPLE_RATE_SPEECH), 20), mo.SAMPLE_RATE_SPEECH)
     page.set_input_files("#audio-file", str(long_audio))
     page.click("#send")
     wait_notice(page, f"at most {chat.MAX_AUDIO_S} s of audio is heard")
 
     quiet = tmp_path / "quiet.wav"
-    sf.write(quiet, loaders.load_audio(str(QUESTION), mo.SAMPLE_RATE_SPEECH) * 1e-3, mo.SAMPLE_RATE_SPEECH)
+    sf.write(quiet, files.load_audio(str(QUESTION), mo.SAMPLE_RATE_SPEECH) * 1e-3, mo.SAMPLE_RATE_SPEECH)
     page.set_input_files("#clone-file", str(quiet))
     wait_notice(page, "voice clip quiet.wav is too quiet")
 

@@ -1,17 +1,22 @@
 """
-Loading what MiniMind-O reads from disk but does not define: the frozen side modules' published
-weights, and the user's own audio and image files. Each failure says which file and what to do.
+MiniMind-O's files: everything it reads from or writes to disk, each failure a message that names the
+file and says what to do. minimind_o.py (the model) never touches the disk, apart from the tokenizer;
+this file turns files into what it takes: state dicts, loaded side modules, arrays and images.
 
   1. the published parts: what each is, where it is published, the command that downloads it, and
      `loading`, which turns any failure to load one into a single message saying so
-  2. the side modules' loaders: SenseVoice-Small, SigLIP2, Mimi, CAM++ from their published files
-  3. the user's files: audio and images, decoded with an error that names the file
+  2. checkpoints: one atomic writer for every file the project writes, and the readers of every
+     published checkpoint form (.pth, .bin, safetensors folders with or without config.json)
+  3. the frozen side modules' loaders: SenseVoice-Small, SigLIP2, Mimi, CAM++ from their published files
+  4. the user's files: audio and images, decoded with an error that names the file
 
-minimind_o.py never imports this file: the model and its adapters (its section 12) take arrays and
-loaded modules. The entry points (chat.py, train.py, benchmarks/evaluate.py) load through here.
+The entry points (chat.py, train.py, benchmarks/evaluate.py) load and save through here.
 """
 import contextlib
 import io
+import json
+import os
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +105,95 @@ def loading(part, path):
 
 
 # -----------------------------------------------------------------------------------------------
-# 2. The frozen side modules, from their published files
+# 2. Checkpoints: written atomically, read in every published form
+# -----------------------------------------------------------------------------------------------
+# The layout itself (key names, dtype) is minimind_o.py's section 9. Checkpoints are float16 .pth
+# files (`sft_omni_768.pth`, `sft_omni_768_moe.pth`, the text-only start `llm_768.pth`) or
+# Transformers-format folders (config.json + weights, the tied lm_head.weight may be absent).
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Write to the yielded temporary path; it replaces `path` in one rename only when the block succeeds.
+    A crash, a kill or a full disk leaves the previous file whole. The temporary name is unique (two
+    writers never share it) and keeps the extension, for writers that go by it (soundfile)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")  # the writer creates it
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(model, path):
+    """Save in the release's layout (float16 .pth), atomically: a crash never leaves half a file."""
+    with atomic_path(path) as tmp:
+        torch.save(mo.official_state_dict(model), tmp)
+
+
+def weights_file(path):
+    """The file holding a checkpoint's weights: `path` itself, or in a release folder the first of
+    model.safetensors, pytorch_model.bin, *.pth; None when there is none."""
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        return None
+    candidates = ["model.safetensors", "pytorch_model.bin"] + sorted(f for f in os.listdir(path) if f.endswith(".pth"))
+    return next((os.path.join(path, f) for f in candidates if os.path.isfile(os.path.join(path, f))), None)
+
+
+def read_checkpoint(path):
+    """A state dict from a .pth/.bin/.safetensors file, or from a release folder."""
+    found = weights_file(path)
+    if found is None:
+        raise FileNotFoundError(f"no weights at {path} (a file, or a folder with model.safetensors, "
+                                "pytorch_model.bin or *.pth)")
+    if found.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(found)
+    state = torch.load(found, map_location="cpu", weights_only=True)
+    return state["model"] if isinstance(state.get("model"), dict) else state  # train.py's resume files nest it
+
+
+def config_from_state_dict(state_dict):
+    """Model shape read off the weights themselves, so any checkpoint file loads without a config."""
+    layers = lambda prefix: len({k.split(".")[2] for k in state_dict if k.startswith(prefix)})
+    embed = state_dict["model.embed_tokens.weight"]
+    cfg = dict(vocab_size=embed.shape[0], hidden_size=embed.shape[1], num_hidden_layers=layers("model.layers."),
+               use_moe=any(".mlp.experts." in k for k in state_dict))
+    if "talker.norm.weight" in state_dict:
+        cfg.update(talker_hidden_size=state_dict["talker.norm.weight"].shape[0],
+                   num_talker_hidden_layers=layers("talker.layers."))
+    else:  # a text-only start (train.py): a Talker as wide as the Thinker, so it can start from its last blocks
+        cfg.update(talker_hidden_size=embed.shape[1])
+    return mo.OmniConfig(**cfg)
+
+
+def checkpoint_config(path, state_dict):
+    """A checkpoint's shape: its folder's config.json, else read off the weights."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        return config_from_state_dict(state_dict)
+    with open(config_file) as f:
+        return mo.OmniConfig.from_dict(json.load(f))
+
+
+def load_model(path, device="cpu", dtype=torch.float32, config=None):
+    """A ready mo.MiniMindO from a release checkpoint (file or folder) or a train.py checkpoint. The shape
+    comes from `config`, else the folder's config.json, else the weights themselves."""
+    state = read_checkpoint(path)
+    if not any(k.startswith("talker.") for k in state):
+        raise ValueError(f"{path} holds no talker.* weights, so no MiniMind-O to run (a text-only MiniMind, "
+                         "llm_768.pth, is where training starts: train.py --from_weight)")
+    model = mo.MiniMindO(config or checkpoint_config(path, state))
+    mo.load_official_state_dict(model, state)
+    return model.to(device, dtype).eval()
+
+
+# -----------------------------------------------------------------------------------------------
+# 3. The frozen side modules, from their published files
 # -----------------------------------------------------------------------------------------------
 # The libraries are imported inside the loaders: importing this file costs only torch and numpy.
 # A loader raises what its library raises; wrap it in `loading` for the message.
@@ -181,7 +274,7 @@ def load_speaker_encoder(folder, device="cpu"):
 
 
 # -----------------------------------------------------------------------------------------------
-# 3. The user's audio and image files
+# 4. The user's audio and image files
 # -----------------------------------------------------------------------------------------------
 
 SILENCE_PEAK = 1e-4                 # a file whose loudest sample is below -80 dBFS holds no speech
