@@ -18,7 +18,7 @@ import json
 import os
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -172,12 +172,14 @@ def config_from_state_dict(state_dict):
 
 
 def checkpoint_config(path, state_dict):
-    """A checkpoint's shape: its folder's config.json, else read off the weights."""
+    """A checkpoint's shape: its folder's config.json (the release's; our fields kept), else read off the weights."""
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         return config_from_state_dict(state_dict)
     with open(config_file) as f:
-        return mo.OmniConfig.from_dict(json.load(f))
+        release = json.load(f)
+    ours = {field.name for field in fields(mo.OmniConfig)}   # the rest are transformers' extras
+    return mo.OmniConfig(**{k: v for k, v in release.items() if k in ours})
 
 
 def load_model(path, device="cpu", dtype=torch.float32, config=None):

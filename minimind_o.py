@@ -32,7 +32,7 @@ public reference implementation.
 import itertools
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -103,12 +103,6 @@ class OmniConfig:
         self.intermediate_size = self.intermediate_size or ffn_width(self.hidden_size)
         if self.bridge_layer is None:
             self.bridge_layer = self.num_hidden_layers // 2 - 1
-
-    @classmethod
-    def from_dict(cls, d):
-        """From a release config.json: keeps our fields, ignores the rest (transformers' extras)."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def ffn_width(dim):
@@ -679,18 +673,17 @@ def find(seq, pattern, start=0, stop=None):
     return -1
 
 
-def reply_spans(ids, tok):
-    """(start, end) of every assistant reply: start just after `<|im_start|>assistant\\n`, end at its
-    `<|im_end|>\\n` (or the end of the ids when truncated)."""
+def last_reply(ids, tok):
+    """(start, end) of the last assistant reply, or None: start just after `<|im_start|>assistant\n`, end at
+    its `<|im_end|>\n` (or the end of the ids when truncated). Earlier replies are context only."""
     head, tail = encode(tok, "<|im_start|>assistant\n"), encode(tok, "<|im_end|>\n")
-    spans, i = [], find(ids, head)
-    while i >= 0:
+    reply, i = None, find(ids, head)
+    while i >= 0:  # from reply to reply, so that a head inside a reply is not taken for one
         start = i + len(head)
         end = find(ids, tail, start)
-        end = len(ids) if end < 0 else end
-        spans.append((start, end))
-        i = find(ids, head, end + len(tail))
-    return spans
+        reply = (start, len(ids) if end < 0 else end)
+        i = find(ids, head, reply[1] + len(tail))
+    return reply
 
 
 def voice_prompt_rows(length, ref_codes=None, has_speaker=False):
@@ -722,13 +715,13 @@ def build_sample(conversations, tok, max_len, answer_codes=None, ref_codes=None,
                          image_layout)
     ids = encode(tok, text)[:max_len]
     ids += [TEXT_PAD] * (max_len - len(ids))
-    spans = reply_spans(ids, tok)
+    reply = last_reply(ids, tok)
     text_labels = torch.full((max_len,), IGNORE)
-    if spans:  # the last reply, through its <|im_end|>\n (earlier replies are context only)
-        start, end = spans[-1]
+    if reply:  # through its <|im_end|>\n
+        start, end = reply
         end = min(end + len(encode(tok, "<|im_end|>\n")), max_len)
         text_labels[start:end] = torch.tensor(ids[start:end])
-    audio, audio_labels = audio_rows(ids, spans, tok, answer_codes, ref_codes if use_ref else None, has_spk)
+    audio, audio_labels = audio_rows(ids, reply, tok, answer_codes, ref_codes if use_ref else None, has_spk)
     input_ids = torch.cat([audio[:, :-1], torch.tensor(ids[:-1])[None]])  # (9, max_len-1): predict the next column
     return input_ids, text_labels[1:], audio_labels[:, 1:]
 
@@ -751,16 +744,16 @@ def render_sample(conversations, n_audio_tokens, has_image, system_prompt, keep_
     return expand_image_marks(text) if has_image else text
 
 
-def audio_rows(ids, spans, tok, answer_codes, ref_codes, has_spk):
+def audio_rows(ids, reply, tok, answer_codes, ref_codes, has_spk):
     """Audio inputs and labels (8, max_len) for text ids: the voice prompt before the last reply's start,
     then its answer codes, layer i delayed i + 1 steps, each layer ending with a stop id."""
     max_len = len(ids)
     audio = torch.full((N_CODEBOOKS, max_len), AUDIO_PAD)
     labels = torch.full((N_CODEBOOKS, max_len), IGNORE)
     answer = frames_of(answer_codes if answer_codes is not None else [])
-    if not spans or answer.shape[1] == 0:
+    if reply is None or answer.shape[1] == 0:
         return audio, labels
-    start, end = spans[-1]
+    start, end = reply
     think_end = find(ids, encode(tok, THINK_END), start, min(end, start + REPLY_SEARCH))
     s = min(think_end + len(encode(tok, THINK_END)) if think_end >= 0 else start, max_len)  # reply start
     audio[:, :s] = voice_prompt_rows(s, ref_codes, has_spk)
