@@ -174,6 +174,68 @@ def test_epoch_batches_split_rows_across_processes_and_resume_mid_epoch():
     assert list(train.EpochBatches(10, 2, seed=1, epoch=1)) != list(train.EpochBatches(10, 2, seed=1, epoch=0))
 
 
+def test_group_by_length_batches_similar_lengths_in_a_seeded_order_that_resumes():
+    lengths = torch.randint(20, 500, (203,), generator=torch.Generator().manual_seed(0))
+    grouped = lambda **kw: list(train.EpochBatches(203, 4, **dict(dict(seed=1, epoch=0, lengths=lengths), **kw)))
+    width = lambda batches: sum(len(b) * int(lengths[b].max()) for b in batches)  # positions computed
+    one = grouped()
+    assert one == grouped() and one != grouped(seed=2) and one != grouped(epoch=1)  # the seed and epoch decide
+    assert sorted(sum(one, [])) == list(range(203)) and len(one) == train.batches_per_epoch(203, 4, 1)
+    in_order = list(train.EpochBatches(203, 4, seed=1, epoch=0))  # the release's order, without lengths
+    assert width(one) < 0.7 * width(in_order)  # less padding
+    assert max(lengths[one[0]]) == max(lengths) and len(one[-1]) == 3  # the longest first, the partial batch last
+    assert grouped(skip=5) == one[5:]  # resuming mid-epoch continues the same sequence
+    ranks = [grouped(rank=r, world=2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == train.batches_per_epoch(203, 4, 2)
+    assert not set(sum(ranks[0], [])) & set(sum(ranks[1], []))  # each row goes to one process
+    in_order = list(train.EpochBatches(203, 4, seed=1, epoch=0, rank=1, world=2))
+    assert sorted(sum(ranks[1], [])) == sorted(sum(in_order, []))  # a process's rows are those of the release's order
+    assert ranks[1] != in_order
+
+
+def test_estimated_lengths_follow_the_samples(tokenizer, tmp_path):
+    """T2A rows whose replies last 1 to 20 s of speech, one with question audio, one with an image, one broken."""
+    frames = [12, 250, 40, 120, 25, 80]
+    rows = [chat(f"Question {i}?", "word " * (f // 4)) for i, f in enumerate(frames)]
+    path = write(tmp_path / "t2a.parquet", dict(
+        conversations=rows[:4] + [chat("<image>What is it?", "A cat."), '[{"role": "us'],
+        question_audios=[[], [], [wav_bytes(16000, seconds=3.0)], [], [], []],
+        answer_audios=[[codes(f, i)] for i, f in enumerate(frames)],
+        image_bytes=[[], [], [], [], [png_bytes()], []]), FULL_TYPES)
+    enc = train.Encoders(speech_frontend=speech_frontend(), image_processor=image_processor())
+    data = train.OmniDataset(train.ParquetRows([path]), tokenizer, 256, enc, augment="none", scheduled_sampling=0)
+    estimates = train.estimated_lengths(data.rows, tokenizer, 256).tolist()
+    lengths = [data[i].length for i in range(5)]
+    assert estimates[1] == 256 and estimates[5] == 256  # longer than max_len, and the row that cannot be read
+    for estimate, length in zip(estimates, lengths):  # the draws (a system prompt, layouts) add up to ~25 tokens
+        assert abs(estimate - length) <= 30, (estimates, lengths)
+
+
+def test_a_run_grouped_by_length_resumes_with_the_same_losses(tmp_path, tokenizer_flag, monkeypatch):
+    data = train.write_demo_data(str(tmp_path / "rows16.parquet"), rows=16)
+    flags = ["--data", data, "--from_weight", "none", "--group_by_length", "--epochs", "2", "--accumulation_steps",
+             "2", "--save_every", "1", "--log_every", "1", "--num_workers", "0", *TINY_RUN, *tokenizer_flag]
+    whole = train.main(["--out_dir", str(tmp_path / "whole"), *flags])
+    assert whole["steps"] == 4  # 16 rows in 4 batches of 4, 2 a step, 2 epochs
+
+    real_step, calls = train.optimizer_step, []
+
+    def killed_in_step_4(*args):  # after step 3 was saved: in the second epoch, mid-way
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_step(*args)
+    monkeypatch.setattr(train, "optimizer_step", killed_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--out_dir", str(tmp_path / "killed"), *flags])
+    monkeypatch.setattr(train, "optimizer_step", real_step)
+    resumed = train.main(["--out_dir", str(tmp_path / "killed"), "--resume", *flags])
+    read = lambda summary: [json.loads(line)["loss"] for line in open(summary["metrics"])]
+    assert len(read(resumed)) == 4 and read(resumed) == pytest.approx(read(whole), abs=1e-6)
+    with pytest.raises(ValueError, match="different run.*--group_by_length True -> False"):
+        train.main(["--out_dir", str(tmp_path / "killed"), "--resume", *[f for f in flags if f != "--group_by_length"]])
+
+
 def test_the_demo_trains_its_two_exchange_rows_whole(tokenizer, demo_file):
     """At the demo's max_seq_len a second exchange is kept with the first (a second question in the chat needs it)."""
     rows = train.ParquetRows([demo_file])
