@@ -200,6 +200,10 @@ def optimisation_flags(opt):
     opt.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                      help="autocast precision on GPU (float16 adds a loss scaler); the CPU trains in float32 "
                           "(default bfloat16)")
+    opt.add_argument("--grad_checkpointing", action="store_true",
+                     help="keep only each block's input during the forward pass and recompute the block in the "
+                          "backward pass: activation memory several times smaller (README.md, 'Memory', has the "
+                          "table) for about a third more time per step; the same losses and gradients")
     opt.add_argument("--compile", action="store_true", help="torch.compile the model (faster on GPU after warm-up)")
     opt.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                      help="cuda or cpu (default: cuda when available); under torchrun each process takes its GPU")
@@ -1046,6 +1050,7 @@ def build_learner(args, procs, resume):
     from (resuming also restores the random states)."""
     model = build_model(args) if resume is None else resumed_model(resume)
     model.to(procs.device).train()
+    model.thinker.checkpointing = model.talker.checkpointing = args.grad_checkpointing
     params = set_trainable(model, args.mode)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     cuda, dtype = procs.device.type == "cuda", getattr(torch, args.dtype)
@@ -1596,7 +1601,10 @@ def train_stage(args, procs):
             lr = set_lr(learner.optimizer, lr_at(position["step"] + 1, total_steps, args.learning_rate))
             tick = time.time()
             group_size = min(args.accumulation_steps, n_batches - position["batch"])
-            sums = optimizer_step(learner, batches, group_size, dataset.encoders, args, procs.world)
+            try:
+                sums = optimizer_step(learner, batches, group_size, dataset.encoders, args, procs.world)
+            except torch.OutOfMemoryError as e:
+                raise OutOfMemory(memory_advice(e, args, procs, position["step"] + 1)) from None
             position["batch"] += group_size
             position["step"] += 1
             step = position["step"]
@@ -1617,6 +1625,31 @@ def length_groups(dataset, args, procs):
     procs.say(f"--group_by_length: estimated the length of {len(lengths)} rows in {time.time() - started:.1f} s "
               f"(median {int(lengths.median())} tokens)")
     return lengths
+
+
+class OutOfMemory(RuntimeError):
+    """A training step did not fit in the device's memory; the message names settings that need less."""
+
+
+def memory_advice(error, args, procs, step):
+    """What ran out (the first two sentences of PyTorch's message), and the settings that need less memory."""
+    said = ". ".join(str(error).split(". ")[:2]).strip().rstrip(".")
+    settings = f"--batch_size {args.batch_size} --accumulation_steps {args.accumulation_steps} --max_seq_len " \
+               f"{args.max_seq_len} --dtype {args.dtype}" + (" --grad_checkpointing" if args.grad_checkpointing else "")
+    fits = []
+    if args.batch_size > 1:  # the largest micro-batch of at most half as many that divides the batch
+        half = max(d for d in range(1, args.batch_size // 2 + 1) if args.batch_size % d == 0)
+        fits.append(f"--batch_size {half} --accumulation_steps {args.accumulation_steps * args.batch_size // half} "
+                    f"(the same {args.batch_size * args.accumulation_steps} samples per optimizer step, so much the "
+                    "same training, in more and smaller micro-batches)")
+    if not args.grad_checkpointing:
+        fits.append("--grad_checkpointing (the same training: each block is recomputed in the backward pass, "
+                    "about a third more time per step)")
+    if args.dtype == "float32" and procs.device.type != "cpu":
+        fits.append("--dtype bfloat16 (half the activation memory)")
+    fits.append(f"--max_seq_len {max(MIN_SEQ_LEN, args.max_seq_len // 2)} (longer conversations are cut)")
+    return (f"out of {procs.device.type} memory in step {step} ({said}) with {settings}. Each of these needs less: "
+            + "; ".join(fits) + ". README.md, 'Memory', has a table of what fits in 8, 12, 16 and 24 GB")
 
 
 def finish(args, procs, learner, position, progress, demo):
@@ -1958,7 +1991,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
+    try:  # one line, not a traceback, for missing files, bad data or arguments, a full disk, a step too big
         main()
-    except (FileNotFoundError, SaveFailed, ValueError) as e:  # missing files, bad data or arguments, a full disk
+    except (FileNotFoundError, SaveFailed, ValueError, OutOfMemory) as e:
         sys.exit(f"train.py: {e}")

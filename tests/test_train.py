@@ -236,6 +236,66 @@ def test_a_run_grouped_by_length_resumes_with_the_same_losses(tmp_path, tokenize
         train.main(["--out_dir", str(tmp_path / "killed"), "--resume", *[f for f in flags if f != "--group_by_length"]])
 
 
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_grad_checkpointing_gives_the_same_losses_and_gradients_from_fewer_saved_tensors(tokenizer, demo_file,
+                                                                                        use_moe):
+    import contextlib
+    data = train.OmniDataset(train.ParquetRows([demo_file]), tokenizer, 96)
+    batch = train.collate([data[i] for i in range(2)])
+
+    def step(checkpointing):
+        torch.manual_seed(0)
+        model = mo.MiniMindO(tiny_config(use_moe=use_moe)).train()
+        model.thinker.checkpointing = model.talker.checkpointing = checkpointing
+        saved = []  # bytes of every tensor the forward pass keeps for the backward pass
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            losses = train.micro_step(model, batch, train.Encoders(), contextlib.nullcontext(), lambda x: x, "all")
+        return losses, {k: p.grad for k, p in model.named_parameters() if p.grad is not None}, sum(saved)
+
+    (plain, plain_grads, plain_saved), (checkpointed, grads, saved) = step(False), step(True)
+    assert torch.equal(checkpointed, plain) and (plain[3] > 0) == use_moe  # loss, text, audio, MoE aux
+    assert grads.keys() == plain_grads.keys()
+    for k in grads:
+        torch.testing.assert_close(grads[k], plain_grads[k], rtol=1e-6, atol=1e-7, msg=k)
+    assert saved < plain_saved - 10e6  # the blocks' activations are recomputed, not kept
+
+
+OUT_OF_MEMORY = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB of which "
+                 "1.02 GiB is free. Including non-PyTorch memory, this process has 6.75 GiB memory in use.")
+
+
+def test_out_of_memory_in_a_step_names_the_settings_that_fit(tmp_path, tokenizer_flag, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError(OUT_OF_MEMORY)
+    monkeypatch.setattr(train, "micro_step", no_memory)
+    flags = ["--out_dir", str(tmp_path), "--num_workers", "0", *TINY_RUN, "--accumulation_steps", "3", *tokenizer_flag]
+    with pytest.raises(train.OutOfMemory) as e:
+        train.main(flags)
+    message = str(e.value)
+    assert message.startswith("out of cpu memory in step 1 (CUDA out of memory. Tried to allocate 2.00 GiB) with "
+                              "--batch_size 4 --accumulation_steps 3 --max_seq_len 64 --dtype bfloat16. ")
+    assert "--batch_size 2 --accumulation_steps 6 (the same 12 samples per optimizer step" in message
+    assert "--grad_checkpointing (the same training" in message and "--max_seq_len 32" in message
+    assert "8, 12, 16 and 24 GB" in message
+    with pytest.raises(train.OutOfMemory) as e:
+        train.main(flags + ["--grad_checkpointing", "--batch_size", "1", "--save_weight", "again"])
+    assert "--grad_checkpointing (" not in str(e.value) and "--batch_size 0" not in str(e.value)
+
+
+def test_out_of_memory_on_the_command_line_is_one_line_not_a_traceback(tmp_path, tokenizer_flag):
+    """Every attention call runs out of memory, in a real `python train.py` process."""
+    program = ("import runpy, torch\n"
+               "def no_memory(*args, **kwargs):\n"
+               f"    raise torch.OutOfMemoryError({OUT_OF_MEMORY!r})\n"
+               "torch.nn.functional.scaled_dot_product_attention = no_memory\n"
+               "runpy.run_path('train.py', run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", program, "--out_dir", str(tmp_path), "--num_workers", "0",
+                           *TINY_RUN, *tokenizer_flag], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.splitlines()[-1].startswith("train.py: out of cpu memory in step 1 (CUDA out of memory.")
+
+
 def test_the_demo_trains_its_two_exchange_rows_whole(tokenizer, demo_file):
     """At the demo's max_seq_len a second exchange is kept with the first (a second question in the chat needs it)."""
     rows = train.ParquetRows([demo_file])
