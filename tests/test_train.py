@@ -258,7 +258,7 @@ def test_grad_checkpointing_gives_the_same_losses_and_gradients_from_fewer_saved
     assert grads.keys() == plain_grads.keys()
     for k in grads:
         torch.testing.assert_close(grads[k], plain_grads[k], rtol=1e-6, atol=1e-7, msg=k)
-    assert saved < plain_saved - 10e6  # the blocks' activations are recomputed, not kept
+    assert saved < 0.9 * plain_saved  # the blocks' activations are recomputed, not kept (the heads' logits dominate)
 
 
 OUT_OF_MEMORY = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB of which "
