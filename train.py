@@ -29,6 +29,7 @@ A training run writes into --out_dir: `<save_weight>_<hidden>[_moe].pth` (the we
 import argparse
 import contextlib
 import fcntl
+import functools
 import glob
 import hashlib
 import io
@@ -84,6 +85,7 @@ HUB_CONNECT_S = 5         # the hub not answering this soon is taken for being o
 
 
 MIN_SEQ_LEN = 16  # a one-turn conversation's template alone takes about 10 tokens
+COMPILE_WIDTH = 64  # --compile: batch widths are multiples of this (see compiled)
 
 
 def number(kind, fits, rule):
@@ -198,15 +200,21 @@ def optimisation_flags(opt):
     opt.add_argument("--grad_clip", type=finite_above_0, default=1.0,
                      help="clip the gradient norm to this (default 1.0)")
     opt.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
-                     help="autocast precision on GPU (float16 adds a loss scaler); the CPU trains in float32 "
+                     help="autocast precision on a GPU (CUDA or MPS): bfloat16 and float16 halve the activation "
+                          "memory and run on the tensor cores, float16 adds a loss scaler; the CPU trains in float32 "
                           "(default bfloat16)")
     opt.add_argument("--grad_checkpointing", action="store_true",
                      help="keep only each block's input during the forward pass and recompute the block in the "
                           "backward pass: activation memory several times smaller (README.md, 'Memory', has the "
                           "table) for about a third more time per step; the same losses and gradients")
-    opt.add_argument("--compile", action="store_true", help="torch.compile the model (faster on GPU after warm-up)")
+    opt.add_argument("--compile", action="store_true",
+                     help="torch.compile the model's training step: faster on a GPU once compiled, which takes a "
+                          f"minute or more per batch width; widths are rounded up to a multiple of {COMPILE_WIDTH} "
+                          "(a few more padded positions, which change no loss) so that it compiles a few shapes, "
+                          "not one per batch")
     opt.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                     help="cuda or cpu (default: cuda when available); under torchrun each process takes its GPU")
+                     help="cuda (or cuda:N), mps (an Apple-silicon GPU: autocast and fused AdamW as on CUDA, one "
+                          "process) or cpu (default: cuda when available); under torchrun each process takes its GPU")
     opt.add_argument("--seed", type=int, default=42,
                      help="seeds the weights, the data order and every per-sample random choice (default 42)")
 
@@ -884,15 +892,20 @@ class Batch:
     bad_rows: list                          # messages of rows left out (--skip_bad_rows)
 
     def to(self, device):
-        return moved(self, device)
+        """The batch on `device`; from pinned memory (see pin_memory) the copy overlaps the GPU's work."""
+        return each_tensor(self, lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self):
+        """The batch in page-locked memory (the DataLoader calls this on CUDA), which a GPU copies from asynchronously."""
+        return each_tensor(self, torch.Tensor.pin_memory)
 
 
-def moved(x, device):
-    """x with every tensor in it on `device`: a tensor, or a dataclass (Batch, EncoderWork) field by field."""
+def each_tensor(x, f):
+    """x with f applied to every tensor in it: a tensor, or a dataclass (Batch, EncoderWork) field by field."""
     if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
+        return f(x)
     if is_dataclass(x):
-        return replace(x, **{k: moved(v, device) for k, v in vars(x).items()})
+        return replace(x, **{k: each_tensor(v, f) for k, v in vars(x).items()})
     return x
 
 
@@ -921,14 +934,17 @@ def pad_speech(feats):
     return mo.pad_features(feats, mo.SPEECH_FEAT_DIM, "cpu")[0]
 
 
-def collate(samples):
+def collate(samples, width_multiple=1):
     """Samples -> Batch. Each sample was built at max_len; the batch keeps only the first T positions,
-    T = the longest valid length in the batch (not max_len: most samples are much shorter).
-    A bad row (without --skip_bad_rows) comes back as its BadRow, for the training loop to raise."""
+    T = the longest valid length in the batch (not max_len: most samples are much shorter), rounded up
+    to a multiple of width_multiple (at most the samples' length): --compile then sees a few widths.
+    Positions after a sample's valid length have no labels and, attention being causal, change nothing
+    before them. A bad row (without --skip_bad_rows) comes back as its BadRow, for the loop to raise."""
     bad = [s for s in samples if isinstance(s, BadRow)]
     if bad:
         return bad[0]
-    T = max(s.length for s in samples)
+    longest = max(s.length for s in samples)
+    T = min(math.ceil(longest / width_multiple) * width_multiple, samples[0].input_ids.shape[-1])
     stack = lambda name: torch.stack([getattr(s, name)[..., :T] for s in samples])
     speech = encoder_work([s.speech for s in samples], [s.speech_cached for s in samples], pad_speech)
     questions = [s.speech if s.speech is not None else s.speech_cached.output for s in samples]  # features or outputs
@@ -1052,20 +1068,30 @@ def build_learner(args, procs, resume):
     model.to(procs.device).train()
     model.thinker.checkpointing = model.talker.checkpointing = args.grad_checkpointing
     params = set_trainable(model, args.mode)
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
-    cuda, dtype = procs.device.type == "cuda", getattr(torch, args.dtype)
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and dtype == torch.float16)  # fp16 needs loss scaling
-    autocast = torch.autocast("cuda", dtype=dtype) if cuda and dtype != torch.float32 else contextlib.nullcontext()
+    gpu, dtype = procs.device.type in GPUS, getattr(torch, args.dtype)
+    # fused: one kernel updates every parameter (CUDA and MPS have it; on the CPU the default is kept)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay, fused=gpu or None)
+    scaler = torch.amp.GradScaler(procs.device.type, enabled=gpu and dtype == torch.float16)  # fp16 needs loss scaling
+    autocast = torch.autocast(procs.device.type, dtype=dtype) if gpu and dtype != torch.float32 else contextlib.nullcontext()
     learner = Learner(model, model, params, optimizer, scaler, autocast)
     position = dict(epoch=0, batch=0, step=0, bad_rows=[], seconds=0.0)  # bad_rows: messages of skipped rows
     if resume is not None:
         position = restore(learner, resume, procs)
     if procs.world > 1:  # a T2A batch leaves the projectors unused, a MoE batch some experts: both are fine
-        learner.net = DistributedDataParallel(model, device_ids=[procs.device.index] if cuda else None,
+        learner.net = DistributedDataParallel(model, device_ids=[procs.device.index] if gpu else None,
                                               find_unused_parameters=True)
     if args.compile:
-        learner.net = torch.compile(learner.net)
+        learner.net = compiled(learner.net, args)
     return learner, position
+
+
+def compiled(net, args):
+    """--compile: torch.compile with static shapes, one graph per batch shape. Batch widths are multiples
+    of COMPILE_WIDTH up to max_seq_len (see collate), batch sizes are --batch_size and the epoch's last,
+    smaller batch: dynamo may keep that many graphs (its default limit, 8, would fall back to eager)."""
+    widths = math.ceil(args.max_seq_len / COMPILE_WIDTH)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * widths)
+    return torch.compile(net, dynamic=False)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1323,7 +1349,9 @@ def epoch_batches(dataset, args, procs, position, lengths=None):
     dataset.epoch = position["epoch"]  # before the DataLoader starts its workers
     sampler = EpochBatches(len(dataset), args.batch_size, args.seed, position["epoch"], procs.rank, procs.world,
                            position["batch"], lengths)
-    loader = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.num_workers))
+    loader = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                             collate_fn=functools.partial(collate, width_multiple=COMPILE_WIDTH if args.compile else 1),
+                             pin_memory=procs.device.type == "cuda"))
     return (checked(batch, position).to(procs.device) for batch in loader)
 
 
@@ -1547,6 +1575,31 @@ class Processes:
         gathered = [None] * self.world
         dist.all_gather_object(gathered, items)
         return sorted(set().union(*gathered))
+
+
+GPUS = ("cuda", "mps")  # where autocast, loss scaling and fused AdamW are used
+
+
+def check_device(args):
+    """--device names a device PyTorch has here (ValueError naming the flag otherwise)."""
+    name = args.device
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name; use cuda, cuda:N, mps or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
+        raise ValueError(f"--device {name}: PyTorch sees no CUDA GPU here (this PyTorch is {build}); use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there is no such GPU (PyTorch sees {torch.cuda.device_count()})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        why = "this PyTorch is built without MPS" if not torch.backends.mps.is_built() else "no Apple-silicon GPU"
+        raise ValueError(f"--device {name}: MPS (an Apple-silicon Mac's GPU) is not available here ({why}); use "
+                         "--device cpu")
+    if device.type == "mps" and "RANK" in os.environ:
+        raise ValueError(f"--device {name}: MPS trains in one process; under torchrun use --device cuda or cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: train.py runs on cuda, mps or cpu")
 
 
 def setup_processes(args):
@@ -1987,6 +2040,7 @@ def report_prepared(s):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_device(args)
     return prepare(args) if args.prepare else train(args)
 
 

@@ -296,6 +296,56 @@ def test_out_of_memory_on_the_command_line_is_one_line_not_a_traceback(tmp_path,
     assert done.stderr.splitlines()[-1].startswith("train.py: out of cpu memory in step 1 (CUDA out of memory.")
 
 
+def test_compile_widths_are_rounded_up_and_change_no_loss(tokenizer, demo_file):
+    data = train.OmniDataset(train.ParquetRows([demo_file]), tokenizer, 96)
+    samples = [data[i] for i in range(3)]
+    exact, rounded = train.collate(samples), train.collate(samples, width_multiple=train.COMPILE_WIDTH)
+    T = exact.input_ids.shape[-1]
+    assert T < train.COMPILE_WIDTH < 95 and rounded.input_ids.shape[-1] == train.COMPILE_WIDTH
+    assert train.collate(samples, width_multiple=1000).input_ids.shape[-1] == 95  # never past the samples' length
+    assert (rounded.text_labels[:, T:] == mo.IGNORE).all() and (rounded.audio_labels[..., T:] == mo.IGNORE).all()
+    torch.manual_seed(0)
+    model = mo.MiniMindO(tiny_config()).train()
+    outs = [model(b.input_ids, spk_emb=b.spk_emb) for b in (exact, rounded)]
+    torch.testing.assert_close(outs[1].text_logits[:, :T], outs[0].text_logits)  # causal: later columns change nothing
+    torch.testing.assert_close(outs[1].audio_logits[:, :, :T], outs[0].audio_logits)
+    losses = [torch.stack(mo.omni_loss(o, b.text_labels, b.audio_labels)) for o, b in zip(outs, (exact, rounded))]
+    torch.testing.assert_close(losses[1], losses[0])
+
+
+def test_compile_makes_one_graph_per_batch_width_not_per_batch(tmp_path, tokenizer_flag, monkeypatch):
+    """Dynamo's own graph count, with its eager backend (inductor's C++ compile takes minutes on a CPU)."""
+    import functools
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    widths, collate = [], train.collate
+    monkeypatch.setattr(train, "collate", lambda samples, **kw: widths.append(
+        (max(s.length for s in samples), collate(samples, **kw).input_ids.shape[-1])) or collate(samples, **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    train.main(["--out_dir", str(tmp_path), "--compile", "--max_steps", "4", "--save_every", "0", "--num_workers", "0",
+                *TINY_RUN, "--max_seq_len", "192", *tokenizer_flag])
+    torch._dynamo.reset()
+    longest, width = zip(*widths)
+    assert all(w % train.COMPILE_WIDTH == 0 for w in width) and len(set(longest)) > len(set(width))
+    assert counters["stats"]["unique_graphs"] == len(set(width))
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
+def test_an_absent_device_is_refused_in_one_line_naming_the_flag(tmp_path, monkeypatch):
+    done = subprocess.run([sys.executable, "train.py", "--device", "mps", "--out_dir", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1
+    assert done.stderr.startswith("train.py: --device mps: MPS (an Apple-silicon Mac's GPU) is not available here")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name, message in [("cuda", "PyTorch sees no CUDA GPU here"), ("cuda:1", "PyTorch sees no CUDA GPU here"),
+                          ("tpu", "not a device name"), ("meta", "train.py runs on cuda, mps or cpu")]:
+        with pytest.raises(ValueError, match=f"^--device {name}: {message}"):
+            train.main(["--device", name, "--out_dir", str(tmp_path)])
+    assert not os.listdir(tmp_path)  # refused before anything was written
+
+
 def test_the_demo_trains_its_two_exchange_rows_whole(tokenizer, demo_file):
     """At the demo's max_seq_len a second exchange is kept with the first (a second question in the chat needs it)."""
     rows = train.ParquetRows([demo_file])
