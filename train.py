@@ -210,8 +210,9 @@ def optimisation_flags(opt):
     opt.add_argument("--compile", action="store_true",
                      help="torch.compile the model's training step: faster on a GPU once compiled, which takes a "
                           f"minute or more per batch width; widths are rounded up to a multiple of {COMPILE_WIDTH} "
-                          "(a few more padded positions, which change no loss) so that it compiles a few shapes, "
-                          "not one per batch")
+                          "(more padded positions, which change no text or audio loss; a MoE's load-balance loss "
+                          "counts them, as the release's padding to max_seq_len does) so that it compiles a few "
+                          "shapes, not one per batch")
     opt.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                      help="cuda (or cuda:N), mps (an Apple-silicon GPU: autocast and fused AdamW as on CUDA, one "
                           "process) or cpu (default: cuda when available); under torchrun each process takes its GPU")
@@ -815,12 +816,10 @@ def batches_per_epoch(n_rows, batch_size, world):
 # model in every stretch of the epoch. The generator is the one that drew the order, seeded alike in
 # every process, and every process has as many batches: at each step the processes take batches of
 # the same rank in their windows (but for the one moved first), of similar lengths, so none waits long
-# for the others. The full
-# batch with the longest sample goes first: a run that does not fit in memory stops at its first step.
+# for the others. The full batch with the longest sample goes first: a run that does not fit in memory
+# stops at its first step, not hours in.
 
-GROUP_BATCHES = 64
-
-
+GROUP_BATCHES = 64              # batches per window sorted by length
 SPEECH_FRAMES_PER_S = 100 / 6   # SenseVoice's input: 10 ms fbank frames, stacked six at a time (LFR)
 
 
@@ -836,6 +835,7 @@ def estimated_lengths(rows, tok, max_len):
 
 
 def estimated_length(table, r, tok, max_len):
+    """Row r of one parquet table: see estimated_lengths."""
     cell = lambda name: table.column(name)[r] if name in table.column_names else None
     try:
         turns = json.loads(cell("conversations").as_py())
@@ -939,7 +939,7 @@ def collate(samples, width_multiple=1):
     T = the longest valid length in the batch (not max_len: most samples are much shorter), rounded up
     to a multiple of width_multiple (at most the samples' length): --compile then sees a few widths.
     Positions after a sample's valid length have no labels and, attention being causal, change nothing
-    before them. A bad row (without --skip_bad_rows) comes back as its BadRow, for the loop to raise."""
+    before them (only a MoE's load-balance loss, averaged over every position, sees them). A bad row (without --skip_bad_rows) comes back as its BadRow, for the loop to raise."""
     bad = [s for s in samples if isinstance(s, BadRow)]
     if bad:
         return bad[0]
@@ -1078,7 +1078,8 @@ def build_learner(args, procs, resume):
     if resume is not None:
         position = restore(learner, resume, procs)
     if procs.world > 1:  # a T2A batch leaves the projectors unused, a MoE batch some experts: both are fine
-        learner.net = DistributedDataParallel(model, device_ids=[procs.device.index] if gpu else None,
+        learner.net = DistributedDataParallel(model, device_ids=[procs.device.index] if procs.device.type == "cuda"
+                                              else None,
                                               find_unused_parameters=True)
     if args.compile:
         learner.net = compiled(learner.net, args)
@@ -1587,6 +1588,8 @@ def check_device(args):
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device {name}: not a device name; use cuda, cuda:N, mps or cpu") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: train.py runs on cuda, mps or cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
         raise ValueError(f"--device {name}: PyTorch sees no CUDA GPU here (this PyTorch is {build}); use --device cpu")
@@ -1598,8 +1601,6 @@ def check_device(args):
                          "--device cpu")
     if device.type == "mps" and "RANK" in os.environ:
         raise ValueError(f"--device {name}: MPS trains in one process; under torchrun use --device cuda or cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {name}: train.py runs on cuda, mps or cpu")
 
 
 def setup_processes(args):

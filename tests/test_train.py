@@ -214,13 +214,13 @@ def test_estimated_lengths_follow_the_samples(tokenizer, tmp_path):
 def test_a_run_grouped_by_length_resumes_with_the_same_losses(tmp_path, tokenizer_flag, monkeypatch):
     data = train.write_demo_data(str(tmp_path / "rows16.parquet"), rows=16)
     flags = ["--data", data, "--from_weight", "none", "--group_by_length", "--epochs", "2", "--accumulation_steps",
-             "2", "--save_every", "1", "--log_every", "1", "--num_workers", "0", *TINY_RUN, *tokenizer_flag]
+             "2", "--save_every", "3", "--log_every", "1", "--num_workers", "0", *TINY_RUN, *tokenizer_flag]
     whole = train.main(["--out_dir", str(tmp_path / "whole"), *flags])
     assert whole["steps"] == 4  # 16 rows in 4 batches of 4, 2 a step, 2 epochs
 
     real_step, calls = train.optimizer_step, []
 
-    def killed_in_step_4(*args):  # after step 3 was saved: in the second epoch, mid-way
+    def killed_in_step_4(*args):  # after step 3 was saved: in the second epoch, mid-way (its batches 2 and 3)
         calls.append(1)
         if len(calls) == 4:
             raise KeyboardInterrupt
@@ -324,7 +324,7 @@ def test_compile_makes_one_graph_per_batch_width_not_per_batch(tmp_path, tokeniz
         (max(s.length for s in samples), collate(samples, **kw).input_ids.shape[-1])) or collate(samples, **kw))
     torch._dynamo.reset()
     counters.clear()
-    train.main(["--out_dir", str(tmp_path), "--compile", "--max_steps", "4", "--save_every", "0", "--num_workers", "0",
+    train.main(["--out_dir", str(tmp_path), "--compile", "--max_steps", "3", "--save_every", "0", "--num_workers", "0",
                 *TINY_RUN, "--max_seq_len", "192", *tokenizer_flag])
     torch._dynamo.reset()
     longest, width = zip(*widths)
