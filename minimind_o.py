@@ -33,12 +33,14 @@ import itertools
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------------------------
 # 1. Ids and config
@@ -300,6 +302,7 @@ class Block(nn.Module):
 
 class BlockStack(nn.Module):
     """n blocks with their own RoPE table and final norm. The Thinker and the Talker are each one."""
+    checkpointing = False  # train.py --grad_checkpointing: keep only block inputs, recompute the rest in backward
 
     def __init__(self, s: BlockShape, cfg: OmniConfig):
         super().__init__()
@@ -316,7 +319,8 @@ class BlockStack(nn.Module):
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         aux = h.new_zeros(())
         for block in blocks:
-            h, block_aux = block(h, cos, sin, pos)
+            run = partial(checkpoint, block, use_reentrant=False) if self.checkpointing and self.training else block
+            h, block_aux = run(h, cos, sin, pos)
             aux = aux + block_aux
         return h, aux
 

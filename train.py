@@ -29,6 +29,7 @@ A training run writes into --out_dir: `<save_weight>_<hidden>[_moe].pth` (the we
 import argparse
 import contextlib
 import fcntl
+import functools
 import glob
 import hashlib
 import io
@@ -85,6 +86,7 @@ HUB_CONNECT_S = 5         # the hub not answering this soon is taken for being o
 
 
 MIN_SEQ_LEN = 16  # a one-turn conversation's template alone takes about 10 tokens
+COMPILE_WIDTH = 64  # --compile: batch widths are multiples of this (see compiled)
 
 
 def number(kind, fits, rule):
@@ -144,6 +146,11 @@ def data_flags(data):
     data.add_argument("--skip_bad_rows", action="store_true",
                       help="log and count malformed rows (each is replaced by the next good row) instead of "
                            "stopping at the first one; with --prepare, bad manifest lines are left out and counted")
+    data.add_argument("--group_by_length", action="store_true",
+                      help="batch rows of similar (estimated) length together, in a seeded order that resumes "
+                           "exactly: far less padding, so more samples/s on data of mixed lengths (README.md has "
+                           "the numbers); costs a pass over the rows at start (tokenizing each conversation) and "
+                           "gives up the release's row order (default off: the release's order)")
     data.add_argument("--num_workers", type=at_least_0,
                       help=f"DataLoader processes per GPU ({defaults('num_workers')})")
     data.add_argument("--tokenizer", help="folder with the released tokenizer.json (default: the --from_weight "
@@ -194,11 +201,22 @@ def optimisation_flags(opt):
     opt.add_argument("--grad_clip", type=finite_above_0, default=1.0,
                      help="clip the gradient norm to this (default 1.0)")
     opt.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
-                     help="autocast precision on GPU (float16 adds a loss scaler); the CPU trains in float32 "
+                     help="autocast precision on a GPU (CUDA or MPS): bfloat16 and float16 halve the activation "
+                          "memory and run on the tensor cores, float16 adds a loss scaler; the CPU trains in float32 "
                           "(default bfloat16)")
-    opt.add_argument("--compile", action="store_true", help="torch.compile the model (faster on GPU after warm-up)")
+    opt.add_argument("--grad_checkpointing", action="store_true",
+                     help="keep only each block's input during the forward pass and recompute the block in the "
+                          "backward pass: activation memory several times smaller (README.md, 'Memory', has the "
+                          "table) for about a third more time per step; the same losses and gradients")
+    opt.add_argument("--compile", action="store_true",
+                     help="torch.compile the model's training step: faster on a GPU once compiled, which takes a "
+                          f"minute or more per batch width; widths are rounded up to a multiple of {COMPILE_WIDTH} "
+                          "(more padded positions, which change no text or audio loss; a MoE's load-balance loss "
+                          "counts them, as the release's padding to max_seq_len does) so that it compiles a few "
+                          "shapes, not one per batch")
     opt.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                     help="cuda or cpu (default: cuda when available); under torchrun each process takes its GPU")
+                     help="cuda (or cuda:N), mps (an Apple-silicon GPU: autocast and fused AdamW as on CUDA, one "
+                          "process) or cpu (default: cuda when available); under torchrun each process takes its GPU")
     opt.add_argument("--seed", type=int, default=42,
                      help="seeds the weights, the data order and every per-sample random choice (default 42)")
 
@@ -769,12 +787,16 @@ class OmniDataset(Dataset):
 class EpochBatches(Sampler):
     """This process's batches of one epoch. The order is a permutation seeded by (seed, epoch), split
     evenly across processes, so batch k of epoch e is the same rows in every run: resuming at batch
-    `skip` continues the exact sequence."""
+    `skip` continues the exact sequence. With `lengths` (--group_by_length) each process's rows are
+    then grouped by length (see grouped_by_length)."""
 
-    def __init__(self, n_rows, batch_size, seed, epoch, rank=0, world=1, skip=0):
-        order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch))
+    def __init__(self, n_rows, batch_size, seed, epoch, rank=0, world=1, skip=0, lengths=None):
+        generator = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(n_rows, generator=generator)
         per_rank = n_rows // world  # every process gets the same number of batches
-        self.batches = order[rank * per_rank:(rank + 1) * per_rank].split(batch_size)[skip:]
+        mine = order[rank * per_rank:(rank + 1) * per_rank]
+        batches = mine.split(batch_size) if lengths is None else grouped_by_length(mine, lengths, batch_size, generator)
+        self.batches = batches[skip:]
 
     def __len__(self):
         return len(self.batches)
@@ -785,6 +807,67 @@ class EpochBatches(Sampler):
 
 def batches_per_epoch(n_rows, batch_size, world):
     return math.ceil((n_rows // world) / batch_size)
+
+
+# --group_by_length. A batch is padded to its longest sample, so a batch of one long and three short
+# samples computes four long ones. Grouping puts rows of similar length together: the rows (already
+# in their seeded order) are taken GROUP_BATCHES batches at a time, sorted by length within that
+# window and cut into batches; then the batches are shuffled, so that the steps do not run from
+# long to short. The window keeps the grouping local: every part of the data still reaches the
+# model in every stretch of the epoch. The generator is the one that drew the order, seeded alike in
+# every process, and every process has as many batches: at each step the processes take batches of
+# the same rank in their windows (but for the one moved first), of similar lengths, so none waits long
+# for the others. The full batch with the longest sample goes first: a run that does not fit in memory
+# stops at its first step, not hours in.
+
+GROUP_BATCHES = 64              # batches per window sorted by length
+SPEECH_FRAMES_PER_S = 100 / 6   # SenseVoice's input: 10 ms fbank frames, stacked six at a time (LFR)
+
+
+def estimated_lengths(rows, tok, max_len):
+    """(N,) about how long each row's sample will be, for --group_by_length, read from the parquet
+    columns without building the samples: the rendered conversation's tokens, its last reply counted
+    as long as its speech when that is longer (the codes run alongside the reply, up to N_CODEBOOKS + 1
+    steps behind), the question audio's encoder frames and an image's tokens. Cutting and the
+    per-sample variations are not predicted: an estimate only decides which rows share a batch, never
+    what a sample holds. A row that cannot be read counts as max_len (it will be replaced or stop the run)."""
+    return torch.tensor([min(max_len, estimated_length(table, r, tok, max_len))
+                         for _, table in rows.tables for r in range(len(table))])
+
+
+def estimated_length(table, r, tok, max_len):
+    """Row r of one parquet table: see estimated_lengths."""
+    cell = lambda name: table.column(name)[r] if name in table.column_names else None
+    try:
+        turns = json.loads(cell("conversations").as_py())
+        reply = next(t["content"] for t in reversed(turns) if t["role"] == "assistant")
+        length = len(mo.encode(tok, mo.render_chat(turns)))
+        answers, questions = items(cell("answer_audios")), items(cell("question_audios"))
+        if answers:  # the reply's columns: as many as its text or as its speech (+ stop and delays)
+            reply_tokens = len(mo.encode(tok, reply))
+            length += max(0, len(answers[-1].values) // mo.N_CODEBOOKS + mo.N_CODEBOOKS + 1 - reply_tokens)
+        if questions and questions[-1].as_py():
+            length += round(sf.info(io.BytesIO(questions[-1].as_py())).duration * SPEECH_FRAMES_PER_S)
+        image = cell("image_bytes")  # bytes, or a list of them
+        if image is not None and image.is_valid and (not isinstance(image, pa.ListScalar) or len(image.values)):
+            length += mo.IMAGE_TOKENS
+    except (TypeError, ValueError, KeyError, StopIteration, AttributeError, RuntimeError):
+        return max_len
+    return length
+
+
+def grouped_by_length(rows, lengths, batch_size, generator):
+    """rows (N,) row indices in their seeded order, lengths (all rows,) -> batches (tuple of (<=
+    batch_size,) tensors) of similar lengths: sorted within windows of GROUP_BATCHES batches, the
+    full batches shuffled by `generator`, the longest first; a last partial batch stays last."""
+    window = batch_size * GROUP_BATCHES
+    by_length = [w[lengths[w].argsort(descending=True, stable=True)] for w in rows.split(window)]
+    batches = torch.cat(by_length).split(batch_size) if len(rows) else ()
+    full = [batches[i] for i in torch.randperm(len(rows) // batch_size, generator=generator)]
+    if full:
+        longest = max(range(len(full)), key=lambda i: int(lengths[full[i]].max()))
+        full.insert(0, full.pop(longest))
+    return tuple(full) + batches[len(full):]
 
 
 @dataclass
@@ -810,15 +893,20 @@ class Batch:
     bad_rows: list                          # messages of rows left out (--skip_bad_rows)
 
     def to(self, device):
-        return moved(self, device)
+        """The batch on `device`; from pinned memory (see pin_memory) the copy overlaps the GPU's work."""
+        return each_tensor(self, lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self):
+        """The batch in page-locked memory (the DataLoader calls this on CUDA), which a GPU copies from asynchronously."""
+        return each_tensor(self, torch.Tensor.pin_memory)
 
 
-def moved(x, device):
-    """x with every tensor in it on `device`: a tensor, or a dataclass (Batch, EncoderWork) field by field."""
+def each_tensor(x, f):
+    """x with f applied to every tensor in it: a tensor, or a dataclass (Batch, EncoderWork) field by field."""
     if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
+        return f(x)
     if is_dataclass(x):
-        return replace(x, **{k: moved(v, device) for k, v in vars(x).items()})
+        return replace(x, **{k: each_tensor(v, f) for k, v in vars(x).items()})
     return x
 
 
@@ -847,14 +935,17 @@ def pad_speech(feats):
     return mo.pad_features(feats, mo.SPEECH_FEAT_DIM, "cpu")[0]
 
 
-def collate(samples):
+def collate(samples, width_multiple=1):
     """Samples -> Batch. Each sample was built at max_len; the batch keeps only the first T positions,
-    T = the longest valid length in the batch (not max_len: most samples are much shorter).
-    A bad row (without --skip_bad_rows) comes back as its BadRow, for the training loop to raise."""
+    T = the longest valid length in the batch (not max_len: most samples are much shorter), rounded up
+    to a multiple of width_multiple (at most the samples' length): --compile then sees a few widths.
+    Positions after a sample's valid length have no labels and, attention being causal, change nothing
+    before them (only a MoE's load-balance loss, averaged over every position, sees them). A bad row (without --skip_bad_rows) comes back as its BadRow, for the loop to raise."""
     bad = [s for s in samples if isinstance(s, BadRow)]
     if bad:
         return bad[0]
-    T = max(s.length for s in samples)
+    longest = max(s.length for s in samples)
+    T = min(math.ceil(longest / width_multiple) * width_multiple, samples[0].input_ids.shape[-1])
     stack = lambda name: torch.stack([getattr(s, name)[..., :T] for s in samples])
     speech = encoder_work([s.speech for s in samples], [s.speech_cached for s in samples], pad_speech)
     questions = [s.speech if s.speech is not None else s.speech_cached.output for s in samples]  # features or outputs
@@ -1002,21 +1093,33 @@ def build_learner(args, procs, resume):
     from (resuming also restores the random states)."""
     model = build_model(args) if resume is None else resumed_model(resume)
     model.to(procs.device).train()
+    model.thinker.checkpointing = model.talker.checkpointing = args.grad_checkpointing
     params = set_trainable(model, args.mode)
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
-    cuda, dtype = procs.device.type == "cuda", getattr(torch, args.dtype)
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and dtype == torch.float16)  # fp16 needs loss scaling
-    autocast = torch.autocast("cuda", dtype=dtype) if cuda and dtype != torch.float32 else contextlib.nullcontext()
+    gpu, dtype = procs.device.type in GPUS, getattr(torch, args.dtype)
+    # fused: one kernel updates every parameter (CUDA and MPS have it; on the CPU the default is kept)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay, fused=gpu or None)
+    scaler = torch.amp.GradScaler(procs.device.type, enabled=gpu and dtype == torch.float16)  # fp16 needs loss scaling
+    autocast = torch.autocast(procs.device.type, dtype=dtype) if gpu and dtype != torch.float32 else contextlib.nullcontext()
     learner = Learner(model, model, params, optimizer, scaler, autocast)
     position = dict(epoch=0, batch=0, step=0, bad_rows=[], seconds=0.0)  # bad_rows: messages of skipped rows
     if resume is not None:
         position = restore(learner, resume, procs)
     if procs.world > 1:  # a T2A batch leaves the projectors unused, a MoE batch some experts: both are fine
-        learner.net = DistributedDataParallel(model, device_ids=[procs.device.index] if cuda else None,
+        learner.net = DistributedDataParallel(model, device_ids=[procs.device.index] if procs.device.type == "cuda"
+                                              else None,
                                               find_unused_parameters=True)
     if args.compile:
-        learner.net = torch.compile(learner.net)
+        learner.net = compiled(learner.net, args)
     return learner, position
+
+
+def compiled(net, args):
+    """--compile: torch.compile with static shapes, one graph per batch shape. Batch widths are multiples
+    of COMPILE_WIDTH up to max_seq_len (see collate), batch sizes are --batch_size and the epoch's last,
+    smaller batch: dynamo may keep that many graphs (its default limit, 8, would fall back to eager)."""
+    widths = math.ceil(args.max_seq_len / COMPILE_WIDTH)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * widths)
+    return torch.compile(net, dynamic=False)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1028,7 +1131,7 @@ def build_learner(args, procs, resume):
 # half a checkpoint behind.
 
 RESUME_MUST_MATCH = ("data", "mode", "max_seq_len", "batch_size", "accumulation_steps", "epochs", "max_steps", "seed",
-                     "learning_rate", "weight_decay", "grad_clip", "augment", "scheduled_sampling")
+                     "learning_rate", "weight_decay", "grad_clip", "augment", "scheduled_sampling", "group_by_length")
 
 
 def run_file(args, name):
@@ -1121,8 +1224,9 @@ def load_resume_state(path, args, world):
         raise FileNotFoundError(f"--resume: no resume state at {path} (it is written every --save_every steps "
                                 "by a run with the same --out_dir and --save_weight)")
     state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states are not tensors
-    changed = [f"--{k} {state['args'][k]} -> {resume_setting(args, k)}" for k in RESUME_MUST_MATCH
-               if state["args"][k] != resume_setting(args, k)]
+    saved = lambda k: state["args"].get(k, False)  # a setting added since the file was written: it was off
+    changed = [f"--{k} {saved(k)} -> {resume_setting(args, k)}" for k in RESUME_MUST_MATCH
+               if saved(k) != resume_setting(args, k)]
     if state["world"] != world:
         changed.append(f"processes {state['world']} -> {world}")
     if changed:
@@ -1247,16 +1351,17 @@ def micro_step(model, batch, encoders, autocast, scale, mode):
 
 def optimizer_step(learner, batches, group_size, encoders, args, world):
     """One optimizer step: forward and backward of group_size micro-batches from `batches`, their
-    gradients summed, then clipping and the update. Returns the step's (6,) sums on the CPU: loss,
-    text, audio and aux (each the mean over the micro-batches), tokens and samples."""
-    sums = torch.zeros(6)
+    gradients summed, then clipping and the update. Returns the step's (7,) sums on the CPU: loss,
+    text, audio and aux (each the mean over the micro-batches), tokens, samples and the positions
+    computed (tokens and padding)."""
+    sums = torch.zeros(7)
     for i in range(group_size):
         batch = next(batches)
         last = i == group_size - 1  # DDP averages gradients only after the last micro-batch
         with contextlib.nullcontext() if last or world == 1 else learner.net.no_sync():
             values = micro_step(learner.net, batch, encoders, learner.autocast,
                                 lambda x: learner.scaler.scale(x / group_size), args.mode)
-        sizes = torch.tensor([batch.tokens, len(batch.input_ids)])
+        sizes = torch.tensor([batch.tokens, len(batch.input_ids), batch.text_labels.numel()])
         sums += torch.cat([values.float().cpu() / group_size, sizes])
     learner.scaler.unscale_(learner.optimizer)
     torch.nn.utils.clip_grad_norm_(learner.params, args.grad_clip)
@@ -1266,12 +1371,15 @@ def optimizer_step(learner, batches, group_size, encoders, args, world):
     return sums
 
 
-def epoch_batches(dataset, args, procs, position):
-    """This process's batches of the position's epoch, from its batch on, checked and on the device."""
+def epoch_batches(dataset, args, procs, position, lengths=None):
+    """This process's batches of the position's epoch, from its batch on, checked and on the device.
+    lengths: estimated_lengths, to group the rows by (--group_by_length)."""
     dataset.epoch = position["epoch"]  # before the DataLoader starts its workers
     sampler = EpochBatches(len(dataset), args.batch_size, args.seed, position["epoch"], procs.rank, procs.world,
-                           position["batch"])
-    loader = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.num_workers))
+                           position["batch"], lengths)
+    loader = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                             collate_fn=functools.partial(collate, width_multiple=COMPILE_WIDTH if args.compile else 1),
+                             pin_memory=procs.device.type == "cuda"))
     return (checked(batch, position).to(procs.device) for batch in loader)
 
 
@@ -1357,7 +1465,7 @@ class Progress:
         return time.time() - self.started
 
     def record(self, sums, position, lr, tick):
-        """One metrics line and the bar's numbers, from a step's (6,) sums (see optimizer_step) of every
+        """One metrics line and the bar's numbers, from a step's (7,) sums (see optimizer_step) of every
         process; tick: when the step began."""
         sums = self.procs.sum(sums)
         loss, text, audio, aux = (sums[:4] / self.procs.world).tolist()
@@ -1365,7 +1473,8 @@ class Progress:
         if self.procs.is_main:
             self.log.write(dict(step=position["step"], epoch=position["epoch"], loss=loss, text=text, audio=audio,
                                 aux=aux, lr=lr, samples_per_s=sums[5].item() / seconds,
-                                tokens_per_s=sums[4].item() / seconds, elapsed_s=self.seconds()))
+                                tokens_per_s=sums[4].item() / seconds, padding=1 - sums[4].item() / sums[6].item(),
+                                elapsed_s=self.seconds()))
             self.bar.set_postfix(loss=f"{loss:.3f}", text=f"{text:.3f}", audio=f"{audio:.3f}", lr=f"{lr:.2e}",
                                  refresh=False)  # the step's update() draws the bar: once a step
 
@@ -1496,6 +1605,31 @@ class Processes:
         return sorted(set().union(*gathered))
 
 
+GPUS = ("cuda", "mps")  # where autocast, loss scaling and fused AdamW are used
+
+
+def check_device(args):
+    """--device names a device PyTorch has here (ValueError naming the flag otherwise)."""
+    name = args.device
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name; use cuda, cuda:N, mps or cpu") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: train.py runs on cuda, mps or cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
+        raise ValueError(f"--device {name}: PyTorch sees no CUDA GPU here (this PyTorch is {build}); use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there is no such GPU (PyTorch sees {torch.cuda.device_count()})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        why = "this PyTorch is built without MPS" if not torch.backends.mps.is_built() else "no Apple-silicon GPU"
+        raise ValueError(f"--device {name}: MPS (an Apple-silicon Mac's GPU) is not available here ({why}); use "
+                         "--device cpu")
+    if device.type == "mps" and "RANK" in os.environ:
+        raise ValueError(f"--device {name}: MPS trains in one process; under torchrun use --device cuda or cpu")
+
+
 def setup_processes(args):
     """Under torchrun each process joins the group and takes its own GPU."""
     if "RANK" not in os.environ:
@@ -1540,14 +1674,18 @@ def train_stage(args, procs):
     if position["step"] >= total_steps:
         procs.say(f"--resume: this run already finished all {total_steps} steps; nothing left to train")
     progress = Progress(args, procs, position, total_steps, resume is not None)
+    lengths = length_groups(dataset, args, procs) if args.group_by_length else None
 
     while position["epoch"] < args.epochs and position["step"] < total_steps:
-        batches = epoch_batches(dataset, args, procs, position)
+        batches = epoch_batches(dataset, args, procs, position, lengths)
         while position["batch"] < n_batches and position["step"] < total_steps:
             lr = set_lr(learner.optimizer, lr_at(position["step"] + 1, total_steps, args.learning_rate))
             tick = time.time()
             group_size = min(args.accumulation_steps, n_batches - position["batch"])
-            sums = optimizer_step(learner, batches, group_size, dataset.encoders, args, procs.world)
+            try:
+                sums = optimizer_step(learner, batches, group_size, dataset.encoders, args, procs.world)
+            except torch.OutOfMemoryError as e:
+                raise OutOfMemory(memory_advice(e, args, procs, position["step"] + 1)) from None
             position["batch"] += group_size
             position["step"] += 1
             step = position["step"]
@@ -1561,6 +1699,40 @@ def train_stage(args, procs):
     return finish(args, procs, learner, position, progress, demo)
 
 
+def length_groups(dataset, args, procs):
+    """--group_by_length: every row's estimated length (each process computes the same)."""
+    started = time.time()
+    lengths = estimated_lengths(dataset.rows, dataset.tok, args.max_seq_len)
+    procs.say(f"--group_by_length: estimated the length of {len(lengths)} rows in {time.time() - started:.1f} s "
+              f"(median {int(lengths.median())} tokens)")
+    return lengths
+
+
+class OutOfMemory(RuntimeError):
+    """A training step did not fit in the device's memory; the message names settings that need less."""
+
+
+def memory_advice(error, args, procs, step):
+    """What ran out (the first two sentences of PyTorch's message), and the settings that need less memory."""
+    said = ". ".join(str(error).split(". ")[:2]).strip().rstrip(".")
+    settings = f"--batch_size {args.batch_size} --accumulation_steps {args.accumulation_steps} --max_seq_len " \
+               f"{args.max_seq_len} --dtype {args.dtype}" + (" --grad_checkpointing" if args.grad_checkpointing else "")
+    fits = []
+    if args.batch_size > 1:  # the largest micro-batch of at most half as many that divides the batch
+        half = max(d for d in range(1, args.batch_size // 2 + 1) if args.batch_size % d == 0)
+        fits.append(f"--batch_size {half} --accumulation_steps {args.accumulation_steps * args.batch_size // half} "
+                    f"(the same {args.batch_size * args.accumulation_steps} samples per optimizer step, so much the "
+                    "same training, in more and smaller micro-batches)")
+    if not args.grad_checkpointing:
+        fits.append("--grad_checkpointing (the same training: each block is recomputed in the backward pass, "
+                    "about a third more time per step)")
+    if args.dtype == "float32" and procs.device.type != "cpu":
+        fits.append("--dtype bfloat16 (half the activation memory)")
+    fits.append(f"--max_seq_len {max(MIN_SEQ_LEN, args.max_seq_len // 2)} (longer conversations are cut)")
+    return (f"out of {procs.device.type} memory in step {step} ({said}) with {settings}. Each of these needs less: "
+            + "; ".join(fits) + ". README.md, 'Memory', has a table of what fits in 8, 12, 16 and 24 GB")
+
+
 def finish(args, procs, learner, position, progress, demo):
     """The last save, then on rank 0 the loss plot and the report; returns the summary."""
     progress.bar.close()
@@ -1571,6 +1743,7 @@ def finish(args, procs, learner, position, progress, demo):
         log = progress.log
         records = log.records()
         summary.update(first_loss=records[0]["loss"], last_loss=records[-1]["loss"], metrics=log.path,
+                       padding=float(np.mean([r["padding"] for r in records])),
                        plot=log.plot(run_file(args, "loss.png"), plot_title(args, learner.model.config, demo)))
         report(summary, args, demo)
     if procs.world > 1:
@@ -1589,7 +1762,7 @@ def plot_title(args, cfg, demo):
 
 def report(summary, args, demo):
     lines = [f"trained {summary['steps']} steps in {summary['seconds']:.0f} s: loss {summary['first_loss']:.3f} -> "
-             f"{summary['last_loss']:.3f}",
+             f"{summary['last_loss']:.3f}; {summary['padding']:.0%} of the positions computed were padding",
              f"weights:      {summary['checkpoint']}   (what files.load_model and chat.py --checkpoint read)",
              f"resume state: {summary['resume_state']}   (add --resume to the same command to continue)",
              f"metrics:      {summary['metrics']}, plot {summary['plot']}"]
@@ -1895,11 +2068,12 @@ def report_prepared(s):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_device(args)
     return prepare(args) if args.prepare else train(args)
 
 
 if __name__ == "__main__":
-    try:
+    try:  # one line, not a traceback, for missing files, bad data or arguments, a full disk, a step too big
         main()
-    except (FileNotFoundError, SaveFailed, ValueError) as e:  # missing files, bad data or arguments, a full disk
+    except (FileNotFoundError, SaveFailed, ValueError, OutOfMemory) as e:
         sys.exit(f"train.py: {e}")

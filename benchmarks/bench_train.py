@@ -19,6 +19,17 @@ then encoded by full-size SenseVoiceSmall and SigLIP2 (random weights, the publi
     python benchmarks/bench_train.py --encoder_cache                                  # CPU, batch 2
     python benchmarks/bench_train.py --encoder_cache --mode audio_proj                # the first A2A stage
 
+With --group_by_length it asks what train.py --group_by_length buys: the same step on T2A rows in the
+release's schema (a parquet file of realistic lengths, read by train.py's dataset), batched in the
+release's seeded order and grouped by estimated length; the padding share of a whole epoch, and the
+samples/s of the first batches of each order.
+
+    python benchmarks/bench_train.py --group_by_length --batch_size 4 --max_seq_len 512
+
+With --grad_checkpointing it times the step with and without train.py --grad_checkpointing.
+With --memory it estimates the peak GPU memory of a training step per batch size, max_seq_len,
+--grad_checkpointing and --dtype, without a GPU (see estimate_memory): README.md's table.
+
 Random weights; samples are built by minimind_o.build_sample from made-up English questions and
 replies whose speech lasts a log-normal number of seconds (median 8 s, as in spoken-assistant data),
 so lengths vary the way real T2A batches do. A spoken question lasts its word count at the speaking
@@ -71,6 +82,107 @@ def synthetic_samples(tok, n, max_len, seed=0):
         samples.append(train.Sample(ids, text_labels, audio_labels, train.valid_length(text_labels, audio_labels),
                                     None, None, torch.randn(mo.OmniConfig.spk_emb_size)))
     return samples
+
+
+def write_t2a_rows(path, n, seed=0):
+    """n T2A rows in the release's schema: a typed question, a text reply and its Mimi codes, the reply's
+    speech lasting as long as in synthetic_samples."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng, np_rng = random.Random(seed), np.random.default_rng(seed)
+    columns = dict(conversations=[], answer_audios=[])
+    for _ in range(n):
+        seconds = float(np_rng.lognormal(np.log(SPEECH_MEDIAN_S), SPEECH_SIGMA))
+        question = " ".join(rng.choices(WORDS, k=rng.randint(*QUESTION_WORDS))) + "?"
+        reply = " ".join(rng.choices(WORDS, k=max(1, round(seconds * WORDS_PER_S)))) + "."
+        columns["conversations"].append(json.dumps([{"role": "user", "content": question},
+                                                    {"role": "assistant", "content": reply}]))
+        columns["answer_audios"].append([np_rng.integers(0, mo.CODEBOOK_SIZE, round(seconds * FRAMES_PER_S)
+                                                         * mo.N_CODEBOOKS).tolist()])
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def compare_group_by_length(model, optimizer, tok, device, autocast, batch_size, max_len, warmup, steps, mode,
+                            epoch_rows=1024):
+    """The padding share of one epoch of `epoch_rows` T2A rows in the release's order and grouped by
+    estimated length, and the median step time over the first warmup + steps batches of each order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = train.ParquetRows([write_t2a_rows(os.path.join(tmp, "t2a.parquet"), epoch_rows)])
+        data = train.OmniDataset(rows, tok, max_len)
+        started = time.perf_counter()
+        estimates = train.estimated_lengths(rows, tok, max_len)
+        estimate_s = time.perf_counter() - started
+        lengths = torch.tensor([data[i].length for i in range(len(rows))])
+        orders = {"release order": train.EpochBatches(len(rows), batch_size, seed=0, epoch=0),
+                  "grouped": train.EpochBatches(len(rows), batch_size, seed=0, epoch=0, lengths=estimates)}
+        padding = {name: 1 - lengths.sum().item() / sum(len(b) * lengths[b].max().item() for b in order.batches)
+                   for name, order in orders.items()}
+        print(f"{epoch_rows} T2A rows, sample lengths: median {int(lengths.median())}, max {int(lengths.max())} "
+              f"(of {max_len - 1}); estimated in {estimate_s:.2f} s, the estimate {np.corrcoef(estimates, lengths)[0, 1]:.2f} "
+              f"correlated with the true lengths; padding share of the epoch: "
+              + ", ".join(f"{name} {share:.0%}" for name, share in padding.items()))
+        variants = {name: [train.collate([data[i] for i in b.tolist()]) for b in order.batches[:warmup + steps]]
+                    for name, order in orders.items()}
+    for name, batches in variants.items():
+        real = sum(b.tokens for b in batches[warmup:]) / sum(b.text_labels.numel() for b in batches[warmup:])
+        print(f"  {name}: timed batches {1 - real:.0%} padding, widths {[b.input_ids.shape[-1] for b in batches[warmup:]]}")
+    return time_steps(model, optimizer, variants, device, autocast, warmup, steps, mode)
+
+
+def estimate_memory(tok, device, max_lens):
+    """Estimated peak GPU memory of one training step of the full-size dense model: per (dtype,
+    checkpointing, max_seq_len), the bytes for the model (any batch) and per sample:
+
+        weights, gradients and AdamW's two moments     16 bytes a parameter (float32)
+        autocast's low-precision copies of the weights  2 bytes a parameter (bfloat16 only)
+        activations                                      per sample: what the forward pass keeps for the
+                                                         backward pass (torch.autograd.graph.saved_tensors_hooks,
+                                                         each storage once) at batch 2 less at batch 1, every
+                                                         sample max_seq_len long (the widest batch there is)
+        working memory                                  per sample: twice its share of the largest saved
+                                                         tensor (its gradient and a temporary), and with
+                                                         checkpointing one block's recomputed activations
+
+    Allocator overhead and the CUDA context are not included (report_memory leaves USABLE_MARGIN_GIB
+    of each GPU for them). The CPU's autocast stands in for CUDA's (both cast matmuls to bfloat16 and
+    keep the loss in float32), and the CPU's flash attention for CUDA's (neither keeps T x T scores)."""
+    torch.manual_seed(0)
+    model = mo.MiniMindO(mo.OmniConfig()).to(device).train()
+    params = sum(p.numel() for p in model.parameters())
+    blocks = len(model.thinker.layers) + len(model.talker.layers)
+
+    def saved_bytes(batch, autocast):
+        """(all bytes saved for backward, the largest saved tensor's bytes per sample) of one step on `batch`."""
+        storages, largest = {}, 0
+        def pack(t):
+            nonlocal largest
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            if t.dim() and t.shape[0] == len(batch.input_ids):
+                largest = max(largest, t.numel() * t.element_size() // len(batch.input_ids))
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            train.micro_step(model, batch, train.Encoders(), autocast, lambda x: x, "all")
+        model.zero_grad(set_to_none=True)
+        return sum(storages.values()), largest
+
+    table = {}
+    for dtype in ("bfloat16", "float32"):
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+        for max_len in max_lens:
+            samples = [replace(s, length=max_len - 1) for s in synthetic_samples(tok, 2, max_len)]
+            one, two = train.collate(samples[:1]).to(device), train.collate(samples).to(device)
+            per_sample = {}
+            for checkpointing in (False, True):
+                model.thinker.checkpointing = model.talker.checkpointing = checkpointing
+                (at_one, _), (at_two, largest) = saved_bytes(one, autocast), saved_bytes(two, autocast)
+                per_sample[checkpointing] = (at_two - at_one, largest)
+            one_block = (per_sample[False][0] - per_sample[True][0]) / blocks
+            for checkpointing, (activations, largest) in per_sample.items():
+                table[dtype, checkpointing, max_len] = (params * (16 + 2 * (dtype == "bfloat16")),
+                                                        activations + 2 * largest + one_block * checkpointing)
+    model.thinker.checkpointing = model.talker.checkpointing = False
+    return params, table
 
 
 def write_a2a_rows(path, n, seed=0):
@@ -175,6 +287,42 @@ def time_steps(model, optimizer, variants, device, autocast, warmup, steps, mode
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
+def time_checkpointing(model, optimizer, batches, device, autocast, warmup, steps, mode):
+    """Median seconds per step without and with --grad_checkpointing, taking turns on the same batches."""
+    times = {False: [], True: []}
+    for i in range(warmup + steps):
+        for checkpointing in times:
+            model.thinker.checkpointing = model.talker.checkpointing = checkpointing
+            seconds = time_steps(model, optimizer, {"step": [batches[i % len(batches)]]}, device, autocast, 0, 1, mode)
+            if i >= warmup:
+                times[checkpointing].append(seconds["step"])
+    model.thinker.checkpointing = model.talker.checkpointing = False
+    return {k: float(np.median(t)) for k, t in times.items()}
+
+
+MEMORY_BATCHES = (4, 8, 16, 32, 40)
+MEMORY_LENS = (256, 512)
+GPU_SIZES = (8, 12, 16, 24)
+USABLE_MARGIN_GIB = 1.0  # of a GPU's memory, left for the CUDA context and the allocator's fragmentation
+
+
+def report_memory(tok, device):
+    """README.md's table: estimated peak GiB per setting, and the largest batch that fits each GPU size."""
+    params, table = estimate_memory(tok, device, MEMORY_LENS)
+    print(f"ESTIMATED peak memory of one training step (GiB), full-size dense model ({params / 1e6:.0f}M parameters), "
+          f"every sample max_seq_len long; not measured on a GPU; 'fits' leaves {USABLE_MARGIN_GIB:g} GiB of the GPU "
+          "for the CUDA context")
+    print("| --dtype | --grad_checkpointing | --max_seq_len | " + " | ".join(f"batch {b}" for b in MEMORY_BATCHES)
+          + " | " + " | ".join(f"fits {g} GB" for g in GPU_SIZES) + " |")
+    print("|---" * (3 + len(MEMORY_BATCHES) + len(GPU_SIZES)) + "|")
+    gib = lambda static, per_sample, b: (static + per_sample * b) / 2**30
+    for (dtype, checkpointing, max_len), (static, per_sample) in table.items():
+        fits = [max(0, int(((g - USABLE_MARGIN_GIB) * 2**30 - static) // per_sample)) for g in GPU_SIZES]
+        print(f"| {dtype} | {'on' if checkpointing else 'off'} | {max_len} | "
+              + " | ".join(f"{gib(static, per_sample, b):.1f}" for b in MEMORY_BATCHES) + " | "
+              + " | ".join(f"batch {f}" for f in fits) + " |")
+
+
 def main():
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -188,6 +336,12 @@ def main():
     p.add_argument("--mode", choices=["all", "audio_proj", "vision_proj"], default="all",
                    help="what is trained, as train.py --mode (default all)")
     p.add_argument("--tokenizer", help="folder with tokenizer.json (default: as train.py finds it)")
+    p.add_argument("--group_by_length", action="store_true",
+                   help="compare the release's batch order with train.py --group_by_length on T2A rows")
+    p.add_argument("--grad_checkpointing", action="store_true",
+                   help="time the step with and without train.py --grad_checkpointing")
+    p.add_argument("--memory", action="store_true",
+                   help="estimate peak GPU memory per setting (README.md's table) instead of timing")
     p.add_argument("--encoder_cache", action="store_true",
                    help="time A2A rows through the full-size frozen encoders without, filling and reading "
                         "train.py's --encoder_cache, instead of the padding comparison")
@@ -211,6 +365,16 @@ def main():
           f"batch {batch_size}, max_seq_len {max_len}, bf16 autocast {on_gpu}, --mode {args.mode}; {warmup} warm-up + "
           f"{steps} timed steps")
 
+    if args.memory:
+        report_memory(tok, device)
+        return
+    if args.group_by_length:
+        results = compare_group_by_length(model, optimizer, tok, device, autocast, batch_size, max_len, warmup, steps,
+                                          args.mode)
+        for variant, seconds in results.items():
+            print(f"  {variant:14s} {seconds * 1000:8.1f} ms/step  {batch_size / seconds:8.2f} samples/s")
+        print(f"grouped by length: {results['release order'] / results['grouped']:.2f}x the samples/s")
+        return
     if args.encoder_cache:
         results = time_encoder_cache(model, optimizer, tok, device, autocast, batch_size, max_len, warmup, steps,
                                      args.mode)
@@ -233,6 +397,11 @@ def main():
           f"{np.mean([b.input_ids.shape[-1] for b in variants['longest']]):.0f}")
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
+    if args.grad_checkpointing:
+        results = time_checkpointing(model, optimizer, variants["longest"], device, autocast, warmup, steps, args.mode)
+        print(f"  without {results[False] * 1000:8.1f} ms/step, with --grad_checkpointing {results[True] * 1000:8.1f} "
+              f"ms/step: {results[True] / results[False]:.2f}x the time")
+        return
     results = time_steps(model, optimizer, variants, device, autocast, warmup, steps, args.mode)
     for variant, seconds in results.items():
         print(f"  padded to {variant:8s} {seconds * 1000:8.1f} ms/step  {batch_size / seconds:8.1f} samples/s  "

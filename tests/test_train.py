@@ -176,6 +176,178 @@ def test_epoch_batches_split_rows_across_processes_and_resume_mid_epoch():
     assert list(train.EpochBatches(10, 2, seed=1, epoch=1)) != list(train.EpochBatches(10, 2, seed=1, epoch=0))
 
 
+def test_group_by_length_batches_similar_lengths_in_a_seeded_order_that_resumes():
+    lengths = torch.randint(20, 500, (203,), generator=torch.Generator().manual_seed(0))
+    grouped = lambda **kw: list(train.EpochBatches(203, 4, **dict(dict(seed=1, epoch=0, lengths=lengths), **kw)))
+    width = lambda batches: sum(len(b) * int(lengths[b].max()) for b in batches)  # positions computed
+    one = grouped()
+    assert one == grouped() and one != grouped(seed=2) and one != grouped(epoch=1)  # the seed and epoch decide
+    assert sorted(sum(one, [])) == list(range(203)) and len(one) == train.batches_per_epoch(203, 4, 1)
+    in_order = list(train.EpochBatches(203, 4, seed=1, epoch=0))  # the release's order, without lengths
+    assert width(one) < 0.7 * width(in_order)  # less padding
+    assert max(lengths[one[0]]) == max(lengths) and len(one[-1]) == 3  # the longest first, the partial batch last
+    assert grouped(skip=5) == one[5:]  # resuming mid-epoch continues the same sequence
+    ranks = [grouped(rank=r, world=2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == train.batches_per_epoch(203, 4, 2)
+    assert not set(sum(ranks[0], [])) & set(sum(ranks[1], []))  # each row goes to one process
+    in_order = list(train.EpochBatches(203, 4, seed=1, epoch=0, rank=1, world=2))
+    assert sorted(sum(ranks[1], [])) == sorted(sum(in_order, []))  # a process's rows are those of the release's order
+    assert ranks[1] != in_order
+
+
+def test_estimated_lengths_follow_the_samples(tokenizer, tmp_path):
+    """T2A rows whose replies last 1 to 20 s of speech, one with question audio, one with an image, one broken."""
+    frames = [12, 250, 40, 120, 25, 80]
+    rows = [chat(f"Question {i}?", "word " * (f // 4)) for i, f in enumerate(frames)]
+    path = write(tmp_path / "t2a.parquet", dict(
+        conversations=rows[:4] + [chat("<image>What is it?", "A cat."), '[{"role": "us'],
+        question_audios=[[], [], [wav_bytes(16000, seconds=3.0)], [], [], []],
+        answer_audios=[[codes(f, i)] for i, f in enumerate(frames)],
+        image_bytes=[[], [], [], [], [png_bytes()], []]), FULL_TYPES)
+    enc = train.Encoders(speech_frontend=speech_frontend(), image_processor=image_processor())
+    data = train.OmniDataset(train.ParquetRows([path]), tokenizer, 256, enc, augment="none", scheduled_sampling=0)
+    estimates = train.estimated_lengths(data.rows, tokenizer, 256).tolist()
+    lengths = [data[i].length for i in range(5)]
+    assert estimates[1] == 256 and estimates[5] == 256  # longer than max_len, and the row that cannot be read
+    for estimate, length in zip(estimates, lengths):  # the draws (a system prompt, layouts) add up to ~25 tokens
+        assert abs(estimate - length) <= 30, (estimates, lengths)
+
+
+def test_a_run_grouped_by_length_resumes_with_the_same_losses(tmp_path, tokenizer_flag, monkeypatch):
+    data = train.write_demo_data(str(tmp_path / "rows16.parquet"), rows=16)
+    flags = ["--data", data, "--from_weight", "none", "--group_by_length", "--epochs", "2", "--accumulation_steps",
+             "2", "--save_every", "3", "--log_every", "1", "--num_workers", "0", *TINY_RUN, *tokenizer_flag]
+    whole = train.main(["--out_dir", str(tmp_path / "whole"), *flags])
+    assert whole["steps"] == 4  # 16 rows in 4 batches of 4, 2 a step, 2 epochs
+
+    real_step, calls = train.optimizer_step, []
+
+    def killed_in_step_4(*args):  # after step 3 was saved: in the second epoch, mid-way (its batches 2 and 3)
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_step(*args)
+    monkeypatch.setattr(train, "optimizer_step", killed_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--out_dir", str(tmp_path / "killed"), *flags])
+    monkeypatch.setattr(train, "optimizer_step", real_step)
+    resumed = train.main(["--out_dir", str(tmp_path / "killed"), "--resume", *flags])
+    read = lambda summary: [json.loads(line)["loss"] for line in open(summary["metrics"])]
+    assert len(read(resumed)) == 4 and read(resumed) == pytest.approx(read(whole), abs=1e-6)
+    with pytest.raises(ValueError, match="different run.*--group_by_length True -> False"):
+        train.main(["--out_dir", str(tmp_path / "killed"), "--resume", *[f for f in flags if f != "--group_by_length"]])
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_grad_checkpointing_gives_the_same_losses_and_gradients_from_fewer_saved_tensors(tokenizer, demo_file,
+                                                                                        use_moe):
+    import contextlib
+    data = train.OmniDataset(train.ParquetRows([demo_file]), tokenizer, 96)
+    batch = train.collate([data[i] for i in range(2)])
+
+    def step(checkpointing):
+        torch.manual_seed(0)
+        model = mo.MiniMindO(tiny_config(use_moe=use_moe)).train()
+        model.thinker.checkpointing = model.talker.checkpointing = checkpointing
+        saved = []  # bytes of every tensor the forward pass keeps for the backward pass
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            losses = train.micro_step(model, batch, train.Encoders(), contextlib.nullcontext(), lambda x: x, "all")
+        return losses, {k: p.grad for k, p in model.named_parameters() if p.grad is not None}, sum(saved)
+
+    (plain, plain_grads, plain_saved), (checkpointed, grads, saved) = step(False), step(True)
+    assert torch.equal(checkpointed, plain) and (plain[3] > 0) == use_moe  # loss, text, audio, MoE aux
+    assert grads.keys() == plain_grads.keys()
+    for k in grads:
+        torch.testing.assert_close(grads[k], plain_grads[k], rtol=1e-6, atol=1e-7, msg=k)
+    assert saved < 0.9 * plain_saved  # the blocks' activations are recomputed, not kept (the heads' logits dominate)
+
+
+OUT_OF_MEMORY = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB of which "
+                 "1.02 GiB is free. Including non-PyTorch memory, this process has 6.75 GiB memory in use.")
+
+
+def test_out_of_memory_in_a_step_names_the_settings_that_fit(tmp_path, tokenizer_flag, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError(OUT_OF_MEMORY)
+    monkeypatch.setattr(train, "micro_step", no_memory)
+    flags = ["--out_dir", str(tmp_path), "--num_workers", "0", *TINY_RUN, "--accumulation_steps", "3", *tokenizer_flag]
+    with pytest.raises(train.OutOfMemory) as e:
+        train.main(flags)
+    message = str(e.value)
+    assert message.startswith("out of cpu memory in step 1 (CUDA out of memory. Tried to allocate 2.00 GiB) with "
+                              "--batch_size 4 --accumulation_steps 3 --max_seq_len 64 --dtype bfloat16. ")
+    assert "--batch_size 2 --accumulation_steps 6 (the same 12 samples per optimizer step" in message
+    assert "--grad_checkpointing (the same training" in message and "--max_seq_len 32" in message
+    assert "8, 12, 16 and 24 GB" in message
+    with pytest.raises(train.OutOfMemory) as e:
+        train.main(flags + ["--grad_checkpointing", "--batch_size", "1", "--save_weight", "again"])
+    assert "--grad_checkpointing (" not in str(e.value) and "--batch_size 0" not in str(e.value)
+
+
+def test_out_of_memory_on_the_command_line_is_one_line_not_a_traceback(tmp_path, tokenizer_flag):
+    """Every attention call runs out of memory, in a real `python train.py` process."""
+    program = ("import runpy, torch\n"
+               "def no_memory(*args, **kwargs):\n"
+               f"    raise torch.OutOfMemoryError({OUT_OF_MEMORY!r})\n"
+               "torch.nn.functional.scaled_dot_product_attention = no_memory\n"
+               "runpy.run_path('train.py', run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", program, "--out_dir", str(tmp_path), "--num_workers", "0",
+                           *TINY_RUN, *tokenizer_flag], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.splitlines()[-1].startswith("train.py: out of cpu memory in step 1 (CUDA out of memory.")
+
+
+def test_compile_widths_are_rounded_up_and_change_no_loss(tokenizer, demo_file):
+    data = train.OmniDataset(train.ParquetRows([demo_file]), tokenizer, 96)
+    samples = [data[i] for i in range(3)]
+    exact, rounded = train.collate(samples), train.collate(samples, width_multiple=train.COMPILE_WIDTH)
+    T = exact.input_ids.shape[-1]
+    assert T < train.COMPILE_WIDTH < 95 and rounded.input_ids.shape[-1] == train.COMPILE_WIDTH
+    assert train.collate(samples, width_multiple=1000).input_ids.shape[-1] == 95  # never past the samples' length
+    assert (rounded.text_labels[:, T:] == mo.IGNORE).all() and (rounded.audio_labels[..., T:] == mo.IGNORE).all()
+    torch.manual_seed(0)
+    model = mo.MiniMindO(tiny_config()).train()
+    outs = [model(b.input_ids, spk_emb=b.spk_emb) for b in (exact, rounded)]
+    torch.testing.assert_close(outs[1].text_logits[:, :T], outs[0].text_logits)  # causal: later columns change nothing
+    torch.testing.assert_close(outs[1].audio_logits[:, :, :T], outs[0].audio_logits)
+    losses = [torch.stack(mo.omni_loss(o, b.text_labels, b.audio_labels)) for o, b in zip(outs, (exact, rounded))]
+    torch.testing.assert_close(losses[1], losses[0])
+
+
+def test_compile_makes_one_graph_per_batch_width_not_per_batch(tmp_path, tokenizer_flag, monkeypatch):
+    """Dynamo's own graph count, with its eager backend (inductor's C++ compile takes minutes on a CPU)."""
+    import functools
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    widths, collate = [], train.collate
+    monkeypatch.setattr(train, "collate", lambda samples, **kw: widths.append(
+        (max(s.length for s in samples), collate(samples, **kw).input_ids.shape[-1])) or collate(samples, **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    train.main(["--out_dir", str(tmp_path), "--compile", "--max_steps", "3", "--save_every", "0", "--num_workers", "0",
+                *TINY_RUN, "--max_seq_len", "192", *tokenizer_flag])
+    torch._dynamo.reset()
+    longest, width = zip(*widths)
+    assert all(w % train.COMPILE_WIDTH == 0 for w in width) and len(set(longest)) > len(set(width))
+    assert counters["stats"]["unique_graphs"] == len(set(width))
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
+def test_an_absent_device_is_refused_in_one_line_naming_the_flag(tmp_path, monkeypatch):
+    done = subprocess.run([sys.executable, "train.py", "--device", "mps", "--out_dir", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1
+    assert done.stderr.startswith("train.py: --device mps: MPS (an Apple-silicon Mac's GPU) is not available here")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name, message in [("cuda", "PyTorch sees no CUDA GPU here"), ("cuda:1", "PyTorch sees no CUDA GPU here"),
+                          ("tpu", "not a device name"), ("meta", "train.py runs on cuda, mps or cpu")]:
+        with pytest.raises(ValueError, match=f"^--device {name}: {message}"):
+            train.main(["--device", name, "--out_dir", str(tmp_path)])
+    assert not os.listdir(tmp_path)  # refused before anything was written
+
+
 def test_the_demo_trains_its_two_exchange_rows_whole(tokenizer, demo_file):
     """At the demo's max_seq_len a second exchange is kept with the first (a second question in the chat needs it)."""
     rows = train.ParquetRows([demo_file])
