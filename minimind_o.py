@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------------------------
 # 1. Ids and config
@@ -511,12 +512,27 @@ class MiniMindO(nn.Module):
         audio_embeds: speech-encoder output per sample, a list of (L_i, 512) tensors or None, or a
         padded (B, L, 512) tensor with `audio_lengths` (B,). image_embeds: a list of (64, 768) or
         None, or (B, 64, 768). spk_emb: (B, 192)."""
+        hidden, talk, aux = self.hidden_states(input_ids, audio_embeds, image_embeds, spk_emb, audio_lengths)
+        return OmniOutput(self.lm_head(hidden), self.talker.lm_head(talk), aux)
+
+    def hidden_states(self, input_ids, audio_embeds=None, image_embeds=None, spk_emb=None, audio_lengths=None):
+        """All but the heads -> Thinker (B, T, H) and Talker (B, T, d) final hidden states, MoE loss."""
         codes, text = input_ids[:, :N_CODEBOOKS], input_ids[:, TEXT_ROW]
         h = self.embed(text, audio_embeds, image_embeds, audio_lengths)       # (B, T, H)
         bridge, lower_aux = self.thinker.lower(h)
         hidden, upper_aux = self.thinker.upper(bridge)
         talk, talker_aux = self.talker(bridge, codes, spk_emb)
-        return OmniOutput(self.lm_head(hidden), self.talker.lm_head(talk), lower_aux + upper_aux + talker_aux)
+        return hidden, talk, lower_aux + upper_aux + talker_aux
+
+    def losses(self, input_ids, text_labels, audio_labels, stop_weight=10.0, **inputs):
+        """Training's path to (text loss, audio loss, MoE loss): the values of omni_loss(self(...)) and
+        its aux_loss, but each head runs only where its labels are (the reply), a chunk at a time."""
+        hidden, talk, aux = self.hidden_states(input_ids, **inputs)
+        text_at, audio_at = text_labels != IGNORE, (audio_labels != IGNORE).any(1)     # (B, T) each
+        text_loss = head_loss(self.lm_head, hidden[text_at], text_labels[text_at]) / text_at.sum().clamp_min(1)
+        codes = audio_labels.transpose(1, 2)[audio_at]                                 # (N, 8) labels
+        per_layer = head_loss(self.talker.lm_head, talk[audio_at], codes, stop_weight)  # (8,) summed
+        return text_loss, (per_layer / (codes != IGNORE).sum(0).clamp_min(1)).mean(), aux
 
     def embed(self, text, audio_embeds=None, image_embeds=None, audio_lengths=None):
         """Text ids (B, T) -> (B, T, H) embeddings, encoder features put on their placeholders."""
@@ -580,6 +596,20 @@ def init_weights(module):
         nn.init.normal_(module.weight, std=0.02)
         if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)
+
+
+HEAD_CHUNK = 1024  # positions per head call in training: (1024, 8, 2112) float32 logits are 69 MB
+
+
+def head_loss(head, h, labels, stop_weight=1.0):
+    """h (N, d) at N labelled positions, labels (N,) or (N, 8) -> summed cross-entropy of head(h), per
+    codebook for (N, 8), the stop id weighing stop_weight. Each chunk's logits are recomputed in the
+    backward pass instead of kept, so no float32 copy of all of them ever exists."""
+    def chunk_loss(h, labels):
+        ce = F.cross_entropy(head(h).flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE, reduction="none")
+        return (ce.view_as(labels) * torch.where(labels == AUDIO_STOP, stop_weight, 1.0)).sum(0)
+    chunks = zip(h.split(HEAD_CHUNK), labels.split(HEAD_CHUNK))
+    return sum(checkpoint(chunk_loss, *chunk, use_reentrant=False) for chunk in chunks)
 
 
 def omni_loss(out, text_labels, audio_labels, stop_weight=10.0):

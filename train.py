@@ -963,7 +963,7 @@ def set_lr(optimizer, lr):
 class Learner:
     """The model and what trains it."""
     model: mo.MiniMindO              # its weights are what is saved
-    net: torch.nn.Module             # what a step calls: the model, wrapped by DDP and/or torch.compile
+    net: torch.nn.Module             # what a step calls: Losses(model), wrapped by DDP and/or torch.compile
     params: list                     # the trainable parameters (--mode)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler     # loss scaling, enabled for float16 only
@@ -980,12 +980,12 @@ def build_learner(args, procs, resume):
     cuda, dtype = procs.device.type == "cuda", getattr(torch, args.dtype)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and dtype == torch.float16)  # fp16 needs loss scaling
     autocast = torch.autocast("cuda", dtype=dtype) if cuda and dtype != torch.float32 else contextlib.nullcontext()
-    learner = Learner(model, model, params, optimizer, scaler, autocast)
+    learner = Learner(model, Losses(model), params, optimizer, scaler, autocast)
     position = dict(epoch=0, batch=0, step=0, bad_rows=[], seconds=0.0)  # bad_rows: messages of skipped rows
     if resume is not None:
         position = restore(learner, resume, procs)
     if procs.world > 1:  # a T2A batch leaves the projectors unused, a MoE batch some experts: both are fine
-        learner.net = DistributedDataParallel(model, device_ids=[procs.device.index] if cuda else None,
+        learner.net = DistributedDataParallel(learner.net, device_ids=[procs.device.index] if cuda else None,
                                               find_unused_parameters=True)
     if args.compile:
         learner.net = torch.compile(learner.net)
@@ -1206,16 +1206,28 @@ def idle_inputs(batch, audio, image, mode):
     return audio, lengths, image
 
 
-def micro_step(model, batch, encoders, autocast, scale, mode):
-    """Forward and backward of one micro-batch; returns the unscaled (loss, text, audio, aux) values."""
+class Losses(torch.nn.Module):
+    """The model's training path to its losses (MiniMindO.losses) as a module, for DDP and torch.compile
+    to wrap: DDP syncs gradients only for what runs through a wrapped module's forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, text_labels, audio_labels, **inputs):
+        return self.model.losses(input_ids, text_labels, audio_labels, **inputs)
+
+
+def micro_step(net, batch, encoders, autocast, scale, mode):
+    """Forward and backward of one micro-batch through net (a Losses, maybe wrapped); returns the
+    unscaled (loss, text, audio, aux) values."""
     with autocast:
         audio, audio_lengths, image = idle_inputs(batch, *encode_inputs(batch, encoders), mode)
-        out = model(batch.input_ids, audio_embeds=audio, audio_lengths=audio_lengths, image_embeds=image,
-                    spk_emb=batch.spk_emb)
-        text_loss, audio_loss = mo.omni_loss(out, batch.text_labels, batch.audio_labels)
-        loss = text_loss + audio_loss + out.aux_loss
+        text_loss, audio_loss, aux_loss = net(batch.input_ids, batch.text_labels, batch.audio_labels, audio_embeds=audio,
+                                              audio_lengths=audio_lengths, image_embeds=image, spk_emb=batch.spk_emb)
+        loss = text_loss + audio_loss + aux_loss
     scale(loss).backward()
-    return torch.stack([loss, text_loss, audio_loss, out.aux_loss]).detach()
+    return torch.stack([loss, text_loss, audio_loss, aux_loss]).detach()
 
 
 def optimizer_step(learner, batches, group_size, encoders, args, world):

@@ -165,6 +165,39 @@ def test_batch_is_padded_to_its_longest_sample_and_loses_nothing(tokenizer, demo
     torch.testing.assert_close(torch.stack(trimmed), torch.stack(padded), rtol=1e-5, atol=1e-5)
 
 
+def loss_and_grads(model, losses):
+    """The (text, audio, aux) losses and every trainable parameter's gradient of their sum."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(sum(losses), params, allow_unused=True)
+    return torch.stack(losses).detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_training_losses_equal_omni_loss_of_the_forward(tokenizer, demo_file, monkeypatch, use_moe):
+    """MiniMindO.losses (heads only where labels are, in chunks) gives omni_loss(model(...)) and the
+    aux loss, and the same gradients: on a batch with positions past its labels, a spoken question,
+    chunks split mid-batch, a layer without labels, and no labels at all."""
+    monkeypatch.setattr(mo, "HEAD_CHUNK", 7)  # several chunks per head
+    data = train.OmniDataset(train.ParquetRows([demo_file]), tokenizer, 96, scheduled_sampling=0.0)
+    samples = [data[i] for i in range(2)]
+    ids, text_labels, audio_labels = (torch.stack([getattr(s, k) for s in samples])
+                                      for k in ("input_ids", "text_labels", "audio_labels"))
+    ids[0, mo.TEXT_ROW, 1:4] = mo.AUDIO_PLACEHOLDER       # a question of 3 speech frames in sample 0
+    inputs = dict(audio_embeds=[torch.randn(3, mo.SPEECH_EMBED_DIM), None], spk_emb=torch.randn(2, 192))
+    no_layer_3 = audio_labels.clone()
+    no_layer_3[:, 3] = mo.IGNORE
+    nothing = (torch.full_like(text_labels, mo.IGNORE), torch.full_like(audio_labels, mo.IGNORE))
+    torch.manual_seed(0)
+    model = mo.MiniMindO(tiny_config(num_hidden_layers=2, num_talker_hidden_layers=1, use_moe=use_moe)).train()
+    for labels in ((text_labels, audio_labels), (text_labels, no_layer_3), nothing):
+        out = model(ids, **inputs)
+        expected, expected_grads = loss_and_grads(model, (*mo.omni_loss(out, *labels), out.aux_loss))
+        got, grads = loss_and_grads(model, model.losses(ids, *labels, **inputs))
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads, expected_grads, rtol=1e-4, atol=1e-6)
+    assert got[:2].tolist() == [0, 0] and (got[2] > 0) == use_moe
+
+
 def test_epoch_batches_split_rows_across_processes_and_resume_mid_epoch():
     ranks = [list(train.EpochBatches(10, 2, seed=1, epoch=0, rank=r, world=2)) for r in range(2)]
     assert [len(r) for r in ranks] == [3, 3] and train.batches_per_epoch(10, 2, 2) == 3
