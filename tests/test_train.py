@@ -636,3 +636,22 @@ def test_encoder_cache_is_written_then_read_with_the_same_losses(tmp_path, encod
     assert augmented_encoded == dict(speech=2 * epochs, image=1)
     assert not list((tmp_path / "aug").glob("speech-*")) and len(list((tmp_path / "aug").glob("image-*/*/*"))) == 1
     assert "question audio is not cached: --augment both" in capsys.readouterr().out
+
+
+def test_the_benchmark_against_the_reference_measures_every_side():
+    """benchmarks/bench_vs_reference.py step, at a tiny config: one JSON line per side, then the ratios."""
+    from conftest import tokenizer_folder
+    folder = os.environ.get("MINIMIND_O_REFERENCE")
+    if not folder or not os.path.isfile(os.path.join(folder, "trainer", "train_sft_omni.py")):
+        pytest.skip("set MINIMIND_O_REFERENCE to a checkout of jingyaogong/minimind-o (one with trainer/) to run the "
+                    "side-by-side benchmark")
+    done = subprocess.run([sys.executable, "benchmarks/bench_vs_reference.py", "step", "--reference", folder,
+                           "--batch_size", "2", "--max_seq_len", "256", "--hidden_size", "64", "--num_hidden_layers", "2",
+                           "--steps", "1", "--warmup", "0", "--tokenizer", tokenizer_folder()],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    *sides, ratios = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [s["side"] for s in sides] == ["reference", "ours", "ours_longest"]
+    assert all(s["samples_per_s"] > 0 and s["tokens_per_s"] > 0 and s["peak_memory_mib"] > 0 for s in sides)
+    assert sides[0]["width"] == sides[1]["width"] == 255 > sides[2]["width"]  # equal shapes; then cut to the longest
+    assert set(ratios["vs_reference"]) == {"ours", "ours_longest"}
