@@ -24,7 +24,8 @@ Two modes:
     python benchmarks/bench_vs_reference.py step --reference /tmp/minimind-o --device cuda \\
         --batch_size 40 --max_seq_len 512 --dtype bfloat16 [--compile]                  # the release's shapes
 
-Every side runs in its own process, so its peak memory is its own. Each prints one JSON line:
+Every side runs in its own process, so its peak memory is its own; in step mode the sides take turns
+step by step, so a machine whose other load comes and goes slows them alike. Each prints one JSON line:
     {"mode", "side", "device", "batch_size", "max_seq_len", "width" (positions per sample in the
      step), "steps", "seconds_per_step" (median of the timed steps; cli: the whole run / steps),
      "samples_per_s", "tokens_per_s" (tokens = positions up to each sample's last label: the same
@@ -172,7 +173,30 @@ def stand_ins(tmp):
     return folder
 
 
-# -- step mode: one side per process -------------------------------------------------------------
+# -- step mode: one side per process, the sides taking turns step by step -------------------------
+# A busy machine (other jobs come and go) then slows every side alike. Each side's process says "ready"
+# once set up, then runs a step each time the parent writes a line, and says "done" after it.
+
+def say(word):
+    print(word, flush=True)
+
+
+def await_turn(device):
+    """Wait for this side's turn -> the step's start time."""
+    sys.stdin.readline()
+    synchronize(device)
+    return time.perf_counter()
+
+
+def end_turn(device):
+    """The step's end time, once its work is done; the parent may hand the turn on."""
+    synchronize(device)
+    end = time.perf_counter()
+    say("done")
+    return end
+
+
+#-------------------------------------------------------------
 
 def reference_step_times(args, batches, device):
     """Seconds of each step of the reference trainer's train_epoch over `batches`, its memory, and the
@@ -195,19 +219,18 @@ def reference_step_times(args, batches, device):
     trainer.autocast_ctx = autocast(args, device)
     trainer.omni_config = config
     setup = memory_mib(device)
-    stamps = []
+    times = []
 
-    def loader():  # the step before each next batch is over when the trainer asks for it
+    def loader():  # a step is over when the trainer asks for the next batch
         for b in batches:
-            synchronize(device)
-            stamps.append(time.perf_counter())
+            start = await_turn(device)
             yield (b["input_ids"], b["text_labels"], b["audio_labels"], None, torch.zeros(len(b["lengths"]), dtype=torch.long),
                    None, b["spk_emb"])
-        synchronize(device)
-        stamps.append(time.perf_counter())
+            times.append(end_turn(device) - start)
 
+    say("ready")
     trainer.train_epoch(0, loader(), UNREACHED)
-    return np.diff(stamps).tolist(), setup, [b["input_ids"].shape[-1] for b in batches]
+    return times, setup, [b["input_ids"].shape[-1] for b in batches]
 
 
 def our_step_times(args, batches, device, cut):
@@ -223,17 +246,16 @@ def our_step_times(args, batches, device, cut):
     learner, _ = train.build_learner(train_args, train.Processes(0, 1, device), None)
     setup = memory_mib(device)
     times, widths = [], []
+    say("ready")
     for b in batches:
         width = int(b["lengths"].max()) if cut else b["input_ids"].shape[-1]
         widths.append(width)
         batch = train.Batch(b["input_ids"][..., :width], b["text_labels"][..., :width], b["audio_labels"][..., :width],
                             speech=None, speech_lengths=None, image=None, spk_emb=b["spk_emb"],
                             tokens=int(b["lengths"].sum()), bad_rows=[])
-        synchronize(device)
-        start = time.perf_counter()
+        start = await_turn(device)
         train.optimizer_step(learner, iter([batch.to(device)]), 1, train.Encoders(), train_args, 1)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append(end_turn(device) - start)
     return times, setup, widths
 
 
@@ -276,15 +298,34 @@ def child_env(args, tmp, side):
 def step_mode(args, tmp):
     path = os.path.join(tmp, "batches.pt")
     step_batches(args, path)
+    procs, logs = {}, {}
+    for side in SIDES:  # set up one at a time, so that no side's set-up slows another's steps
+        logs[side] = open(os.path.join(tmp, f"{side}.log"), "w+")
+        procs[side] = subprocess.Popen([sys.executable, os.path.abspath(__file__), *side_flags(args), "--side", side,
+                                        "--batches", path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=logs[side], text=True, env=child_env(args, tmp, side))
+        next_word(procs[side], side, "ready", logs[side])
+    for _ in range(args.warmup + args.steps):
+        for side, proc in procs.items():
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            next_word(proc, side, "done", logs[side])
     lines = {}
-    for side in SIDES:
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), *side_flags(args), "--side", side,
-                              "--batches", path], capture_output=True, text=True, env=child_env(args, tmp, side))
-        if out.returncode != 0:
-            sys.exit(f"bench_vs_reference.py: the {side} side failed:\n{out.stderr[-3000:]}")
-        lines[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    for side, proc in procs.items():
+        lines[side] = json.loads(next_word(proc, side, "{", logs[side]))
+        proc.wait()
         print(json.dumps(lines[side]), flush=True)
     return lines
+
+
+def next_word(proc, side, word, log):
+    """The next line of a side's output that starts with word (others are the reference's chatter)."""
+    for line in proc.stdout:
+        if line.startswith(word):
+            return line
+    proc.wait()
+    log.seek(0)
+    sys.exit(f"bench_vs_reference.py: the {side} side failed:\n{log.read()[-3000:]}")
 
 
 # -- cli mode ------------------------------------------------------------------------------------
