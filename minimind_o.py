@@ -460,10 +460,10 @@ class Talker(BlockStack):
 # -----------------------------------------------------------------------------------------------
 # 8. The whole model: the training forward, the decode step, and the loss
 # -----------------------------------------------------------------------------------------------
-# Training runs whole sequences through `forward`. Generation runs `prefill` once on the prompt, then
-# one column per step through `step` (text and speech) or, once the text has ended, `speech_step`
-# (the Thinker stops at the bridge: nothing reads its later blocks any more). Both are tensor-only:
-# every attention layer keeps its own KVCache, set up for one conversation by `setup_caches`.
+# `forward` runs whole sequences, every position through the heads; training takes `hidden_states` and runs
+# the heads only where labels are (train.py). Generation runs `prefill` once on the prompt, then one column
+# per step through `step`, or `speech_step` once the text has ended (the Thinker then stops at the bridge).
+# Both are tensor-only: each attention layer keeps its own KVCache, set up by `setup_caches`.
 
 @dataclass
 class OmniOutput:
@@ -485,17 +485,20 @@ class MiniMindO(nn.Module):
         self.apply(init_weights)
 
     def forward(self, input_ids, audio_embeds=None, image_embeds=None, spk_emb=None, audio_lengths=None):
-        """input_ids: (B, 9, T), rows 0-7 audio layers, row 8 text -> OmniOutput for every position.
+        """input_ids: (B, 9, T), rows 0-7 audio layers, row 8 text -> OmniOutput for every position."""
+        hidden, talk, aux = self.hidden_states(input_ids, audio_embeds, image_embeds, spk_emb, audio_lengths)
+        return OmniOutput(self.lm_head(hidden), self.talker.lm_head(talk), aux)
 
-        audio_embeds: speech-encoder output per sample, a list of (L_i, 512) tensors or None, or a
-        padded (B, L, 512) tensor with `audio_lengths` (B,). image_embeds: a list of (64, 768) or
-        None, or (B, 64, 768). spk_emb: (B, 192)."""
+    def hidden_states(self, input_ids, audio_embeds=None, image_embeds=None, spk_emb=None, audio_lengths=None):
+        """All but the heads -> the Thinker's (B, T, H) and the Talker's (B, T, d) last hidden states, MoE loss.
+        audio_embeds: a list of (L_i, 512) speech-encoder outputs or None per sample, or padded (B, L, 512) with
+        `audio_lengths` (B,); image_embeds: a list of (64, 768) or None, or (B, 64, 768); spk_emb: (B, 192)."""
         codes, text = input_ids[:, :N_CODEBOOKS], input_ids[:, TEXT_ROW]
         h = self.embed(text, audio_embeds, image_embeds, audio_lengths)       # (B, T, H)
         bridge, lower_aux = self.thinker.lower(h)
         hidden, upper_aux = self.thinker.upper(bridge)
         talk, talker_aux = self.talker(bridge, codes, spk_emb)
-        return OmniOutput(self.lm_head(hidden), self.talker.lm_head(talk), lower_aux + upper_aux + talker_aux)
+        return hidden, talk, lower_aux + upper_aux + talker_aux
 
     def embed(self, text, audio_embeds=None, image_embeds=None, audio_lengths=None):
         """Text ids (B, T) -> (B, T, H) embeddings, encoder features put on their placeholders."""
@@ -540,7 +543,6 @@ class MiniMindO(nn.Module):
         talk, _ = self.talker(bridge, codes, spk_emb, pos)
         return self.talker.lm_head(talk[:, -1])                                 # (1, 8, audio_vocab)
 
-    # weight loading/saving in the published layout: see section 9
     def load_official_state_dict(self, state_dict):
         load_official_state_dict(self, state_dict)
         return self
@@ -668,9 +670,8 @@ def frames_of(flat_codes):
     return codes[:n * N_CODEBOOKS].view(n, N_CODEBOOKS).T
 
 
-def find(seq, pattern, start=0, stop=None):
+def find(seq, pattern, start=0, stop=math.inf):
     """Index of the first occurrence of `pattern` in seq[start:stop], or -1."""
-    stop = len(seq) if stop is None else stop
     for i in range(start, min(stop, len(seq) - len(pattern) + 1)):
         if seq[i:i + len(pattern)] == pattern:
             return i
@@ -827,10 +828,9 @@ def sample_audio(logits, recent, greedy):
 
 
 def emit_codes(codes, n, audio_logits, stop_at, greedy):
-    """Sample step n's ids into codes[:, n] (8, steps): layer i speaks from step i + 1 on; before, it pads.
-    stop_at (8,): the step of each layer's first id >= CODEBOOK_SIZE (its stop), updated here.
-    -> the frame step n may complete (layer i emitted it at step n - 7 + i), and whether it is complete:
-    past the delay, and every code emitted before its layer stopped. Device tensors only: no sync."""
+    """Sample step n's ids into codes[:, n] (8, steps), layer i from step i + 1 on (it pads before); note each
+    layer's stop (the step of its first id >= CODEBOOK_SIZE) in stop_at (8,). -> the frame step n may complete
+    (layer i emitted it at step n - 7 + i) and whether it is: past the delay, each code before its layer's stop."""
     layer = torch.arange(N_CODEBOOKS, device=codes.device)
     recent = codes[:, max(0, n - AUDIO_PENALTY_WINDOW):n]
     ids = sample_audio(audio_logits, recent, greedy)                                # (8,)

@@ -162,7 +162,7 @@ def estimate_memory(tok, device, max_lens):
                 largest = max(largest, t.numel() * t.element_size() // len(batch.input_ids))
             return t
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            train.micro_step(model, batch, train.Encoders(), autocast, lambda x: x, "all")
+            train.micro_step(train.Losses(model), batch, train.Encoders(), autocast, lambda x: x, "all")
         model.zero_grad(set_to_none=True)
         return sum(storages.values()), largest
 
@@ -252,7 +252,7 @@ def time_encoder_cache(model, optimizer, tok, device, autocast, batch_size, max_
                 start = time.perf_counter()
                 batch = train.collate([data[r] for r in rows_of_batch]).to(device)
                 batched = time.perf_counter()
-                train.micro_step(model, batch, data.encoders, autocast, lambda x: x, mode)
+                train.micro_step(train.Losses(model), batch, data.encoders, autocast, lambda x: x, mode)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -277,7 +277,7 @@ def time_steps(model, optimizer, variants, device, autocast, warmup, steps, mode
             batch = batches[i % len(batches)].to(device)
             sync()
             start = time.perf_counter()
-            train.micro_step(model, batch, train.Encoders(), autocast, lambda x: x, mode)
+            train.micro_step(train.Losses(model), batch, train.Encoders(), autocast, lambda x: x, mode)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -167,6 +167,39 @@ def test_batch_is_padded_to_its_longest_sample_and_loses_nothing(tokenizer, demo
     torch.testing.assert_close(torch.stack(trimmed), torch.stack(padded), rtol=1e-5, atol=1e-5)
 
 
+def loss_and_grads(model, losses):
+    """The (text, audio, aux) losses and every trainable parameter's gradient of their sum."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(sum(losses), params, allow_unused=True)
+    return torch.stack(losses).detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_training_losses_equal_omni_loss_of_the_forward(tokenizer, demo_file, monkeypatch, use_moe):
+    """train.Losses (heads only where labels are, in chunks) gives omni_loss(model(...)) and the
+    aux loss, and the same gradients: on a batch with positions past its labels, a spoken question,
+    chunks split mid-batch, a layer without labels, and no labels at all."""
+    monkeypatch.setattr(train, "HEAD_CHUNK", 7)  # several chunks per head
+    data = train.OmniDataset(train.ParquetRows([demo_file]), tokenizer, 96, scheduled_sampling=0.0)
+    samples = [data[i] for i in range(2)]
+    ids, text_labels, audio_labels = (torch.stack([getattr(s, k) for s in samples])
+                                      for k in ("input_ids", "text_labels", "audio_labels"))
+    ids[0, mo.TEXT_ROW, 1:4] = mo.AUDIO_PLACEHOLDER       # a question of 3 speech frames in sample 0
+    inputs = dict(audio_embeds=[torch.randn(3, mo.SPEECH_EMBED_DIM), None], spk_emb=torch.randn(2, 192))
+    no_layer_3 = audio_labels.clone()
+    no_layer_3[:, 3] = mo.IGNORE
+    nothing = (torch.full_like(text_labels, mo.IGNORE), torch.full_like(audio_labels, mo.IGNORE))
+    torch.manual_seed(0)
+    model = mo.MiniMindO(tiny_config(num_hidden_layers=2, num_talker_hidden_layers=1, use_moe=use_moe)).train()
+    for labels in ((text_labels, audio_labels), (text_labels, no_layer_3), nothing):
+        out = model(ids, **inputs)
+        expected, expected_grads = loss_and_grads(model, (*mo.omni_loss(out, *labels), out.aux_loss))
+        got, grads = loss_and_grads(model, train.Losses(model)(ids, *labels, **inputs))
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads, expected_grads, rtol=1e-4, atol=1e-6)
+    assert got[:2].tolist() == [0, 0] and (got[2] > 0) == use_moe
+
+
 def test_epoch_batches_split_rows_across_processes_and_resume_mid_epoch():
     ranks = [list(train.EpochBatches(10, 2, seed=1, epoch=0, rank=r, world=2)) for r in range(2)]
     assert [len(r) for r in ranks] == [3, 3] and train.batches_per_epoch(10, 2, 2) == 3
@@ -252,7 +285,7 @@ def test_grad_checkpointing_gives_the_same_losses_and_gradients_from_fewer_saved
         saved = []  # bytes of every tensor the forward pass keeps for the backward pass
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
                                                       lambda t: t):
-            losses = train.micro_step(model, batch, train.Encoders(), contextlib.nullcontext(), lambda x: x, "all")
+            losses = train.micro_step(train.Losses(model), batch, train.Encoders(), contextlib.nullcontext(), lambda x: x, "all")
         return losses, {k: p.grad for k, p in model.named_parameters() if p.grad is not None}, sum(saved)
 
     (plain, plain_grads, plain_saved), (checkpointed, grads, saved) = step(False), step(True)
@@ -816,3 +849,22 @@ def test_text_only_start_without_lm_head_keeps_the_embedding(dtype):
 def test_a_foreign_checkpoint_is_not_taken_for_a_text_model():
     with pytest.raises(ValueError, match="not a MiniMind checkpoint: it has 'encoder.weight'"):
         train.start_from_text_model(mo.MiniMindO(tiny_config()), {"encoder.weight": torch.zeros(2)})
+
+
+def test_the_benchmark_against_the_reference_measures_every_side():
+    """benchmarks/bench_vs_reference.py step, at a tiny config: one JSON line per side, then the ratios."""
+    from conftest import tokenizer_folder
+    folder = os.environ.get("MINIMIND_O_REFERENCE")
+    if not folder or not os.path.isfile(os.path.join(folder, "trainer", "train_sft_omni.py")):
+        pytest.skip("set MINIMIND_O_REFERENCE to a checkout of jingyaogong/minimind-o (one with trainer/) to run the "
+                    "side-by-side benchmark")
+    done = subprocess.run([sys.executable, "benchmarks/bench_vs_reference.py", "step", "--reference", folder,
+                           "--batch_size", "2", "--max_seq_len", "256", "--hidden_size", "64", "--num_hidden_layers", "2",
+                           "--steps", "1", "--warmup", "0", "--tokenizer", tokenizer_folder()],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    *sides, ratios = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [s["side"] for s in sides] == ["reference", "ours", "ours_longest"]
+    assert all(s["samples_per_s"] > 0 and s["tokens_per_s"] > 0 and s["peak_memory_mib"] > 0 for s in sides)
+    assert sides[0]["width"] == sides[1]["width"] == 255 > sides[2]["width"]  # equal shapes; then cut to the longest
+    assert set(ratios["vs_reference"]) == {"ours", "ours_longest"}
