@@ -200,13 +200,14 @@ def optimisation_flags(opt):
     opt.add_argument("--grad_clip", type=finite_above_0, default=1.0,
                      help="clip the gradient norm to this (default 1.0)")
     opt.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
-                     help="autocast precision on a GPU (CUDA or MPS): bfloat16 and float16 halve the activation "
-                          "memory and run on the tensor cores, float16 adds a loss scaler; the CPU trains in float32 "
-                          "(default bfloat16)")
+                     help="autocast precision on a GPU (CUDA or MPS): bfloat16 and float16 run the matmuls on the "
+                          "tensor cores and keep about a quarter less activation memory than float32 (the loss stays "
+                          "float32), float16 adds a loss scaler; the CPU trains in float32 (default bfloat16)")
     opt.add_argument("--grad_checkpointing", action="store_true",
                      help="keep only each block's input during the forward pass and recompute the block in the "
-                          "backward pass: activation memory several times smaller (README.md, 'Memory', has the "
-                          "table) for about a third more time per step; the same losses and gradients")
+                          "backward pass: the same losses and gradients from 2.5-3x less activation memory per "
+                          "sample (estimated; README.md, 'Memory', has the table) for at most one more forward pass "
+                          "of the blocks (a third of their work; 1.02x the step time measured on a 2-core CPU)")
     opt.add_argument("--compile", action="store_true",
                      help="torch.compile the model's training step: faster on a GPU once compiled, which takes a "
                           f"minute or more per batch width; widths are rounded up to a multiple of {COMPILE_WIDTH} "
@@ -1698,7 +1699,7 @@ def memory_advice(error, args, procs, step):
                     "same training, in more and smaller micro-batches)")
     if not args.grad_checkpointing:
         fits.append("--grad_checkpointing (the same training: each block is recomputed in the backward pass, "
-                    "about a third more time per step)")
+                    "at most one more forward pass of the blocks)")
     if args.dtype == "float32" and procs.device.type != "cpu":
         fits.append("--dtype bfloat16 (half the activation memory)")
     fits.append(f"--max_seq_len {max(MIN_SEQ_LEN, args.max_seq_len // 2)} (longer conversations are cut)")
@@ -1735,7 +1736,7 @@ def plot_title(args, cfg, demo):
 
 def report(summary, args, demo):
     lines = [f"trained {summary['steps']} steps in {summary['seconds']:.0f} s: loss {summary['first_loss']:.3f} -> "
-             f"{summary['last_loss']:.3f}; {summary['padding']:.0%} of the positions computed were padding",
+             f"{summary['last_loss']:.3f}; {summary['padding']:.0%} of the positions computed were padding (logged steps)",
              f"weights:      {summary['checkpoint']}   (what minimind_o.load_model and chat.py --checkpoint read)",
              f"resume state: {summary['resume_state']}   (add --resume to the same command to continue)",
              f"metrics:      {summary['metrics']}, plot {summary['plot']}"]
