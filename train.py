@@ -15,11 +15,14 @@ What happens, in the order of this file:
   3. parquet rows          one row -> Python values, checked; a bad row names its file, row and column
   4. question audio        decode, 16 kHz mono, the release's waveform/spectrogram augmentations
   5. one sample            draw the variations, cut the conversation, build the nine rows
-  6. batches               a seeded shuffle per epoch, padded only to the longest sample in the batch
+  6. batches               a seeded shuffle per epoch (--group_by_length: rows of similar length together),
+                           padded only to the longest sample in the batch
   7. demo data             a tiny arithmetic/colour T2A set in the official schema, made on the fly
-  8. model and schedule    from a text-only MiniMind, a previous stage, or random; AdamW, cosine lr
+  8. model and schedule    from a text-only MiniMind, a previous stage, or random; AdamW (fused on a GPU),
+                           cosine lr, --grad_checkpointing, --compile
   9. checkpoints           the release's fp16 weights + a separate resume file, both written atomically
- 10. the training loop     accumulation, bf16 autocast, clipping, DDP, progress bar, metrics, loss plot
+ 10. the training loop     accumulation, bf16 autocast, clipping, DDP, progress bar, metrics, loss plot,
+                           a step out of GPU memory said in one line with the settings that need less
  11. data preparation      --prepare: a manifest of your own recordings -> parquet rows in the release's schema
 
 A training run writes into --out_dir: `<save_weight>_<hidden>[_moe].pth` (the weights, loadable by
