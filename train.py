@@ -15,11 +15,14 @@ What happens, in the order of this file:
   3. parquet rows          one row -> Python values, checked; a bad row names its file, row and column
   4. question audio        decode, 16 kHz mono, the release's waveform/spectrogram augmentations
   5. one sample            draw the variations, cut the conversation, build the nine rows
-  6. batches               a seeded shuffle per epoch, padded only to the longest sample in the batch
+  6. batches               a seeded shuffle per epoch (--group_by_length: rows of similar length together),
+                           padded only to the longest sample in the batch
   7. demo data             a tiny arithmetic/colour T2A set in the official schema, made on the fly
-  8. model and schedule    from a text-only MiniMind, a previous stage, or random; AdamW, cosine lr
+  8. model and schedule    from a text-only MiniMind, a previous stage, or random; AdamW (fused on a GPU),
+                           cosine lr, --grad_checkpointing, --compile
   9. checkpoints           the release's fp16 weights + a separate resume file, both written atomically
- 10. the training loop     accumulation, bf16 autocast, clipping, DDP, progress bar, metrics, loss plot
+ 10. the training loop     accumulation, bf16 autocast, clipping, DDP, progress bar, metrics, loss plot,
+                           a step out of GPU memory said in one line with the settings that need less
  11. data preparation      --prepare: a manifest of your own recordings -> parquet rows in the release's schema
 
 A training run writes into --out_dir: `<save_weight>_<hidden>[_moe].pth` (the weights, loadable by
@@ -203,13 +206,14 @@ def optimisation_flags(opt):
     opt.add_argument("--grad_clip", type=finite_above_0, default=1.0,
                      help="clip the gradient norm to this (default 1.0)")
     opt.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
-                     help="autocast precision on a GPU (CUDA or MPS): bfloat16 and float16 halve the activation "
-                          "memory and run on the tensor cores, float16 adds a loss scaler; the CPU trains in float32 "
-                          "(default bfloat16)")
+                     help="autocast precision on a GPU (CUDA or MPS): bfloat16 and float16 run the matmuls on the "
+                          "tensor cores and keep about a quarter less activation memory than float32 (the loss stays "
+                          "float32), float16 adds a loss scaler; the CPU trains in float32 (default bfloat16)")
     opt.add_argument("--grad_checkpointing", action="store_true",
                      help="keep only each block's input during the forward pass and recompute the block in the "
-                          "backward pass: activation memory several times smaller (README.md, 'Memory', has the "
-                          "table) for about a third more time per step; the same losses and gradients")
+                          "backward pass: the same losses and gradients from 2.5-3x less activation memory per "
+                          "sample (estimated; README.md, 'Memory', has the table) for at most one more forward pass "
+                          "of the blocks (a third of their work; 1.02x the step time measured on a 2-core CPU)")
     opt.add_argument("--compile", action="store_true",
                      help="torch.compile the model up to its heads (the heads, which run only where labels are, stay "
                           "eager): faster on a GPU once compiled, which takes a "
@@ -1764,7 +1768,7 @@ def memory_advice(error, args, procs, step):
                     "same training, in more and smaller micro-batches)")
     if not args.grad_checkpointing:
         fits.append("--grad_checkpointing (the same training: each block is recomputed in the backward pass, "
-                    "about a third more time per step)")
+                    "at most one more forward pass of the blocks)")
     if args.dtype == "float32" and procs.device.type != "cpu":
         fits.append("--dtype bfloat16 (half the activation memory)")
     fits.append(f"--max_seq_len {max(MIN_SEQ_LEN, args.max_seq_len // 2)} (longer conversations are cut)")
@@ -1801,7 +1805,7 @@ def plot_title(args, cfg, demo):
 
 def report(summary, args, demo):
     lines = [f"trained {summary['steps']} steps in {summary['seconds']:.0f} s: loss {summary['first_loss']:.3f} -> "
-             f"{summary['last_loss']:.3f}; {summary['padding']:.0%} of the positions computed were padding",
+             f"{summary['last_loss']:.3f}; {summary['padding']:.0%} of the positions computed were padding (logged steps)",
              f"weights:      {summary['checkpoint']}   (what files.load_model and chat.py --checkpoint read)",
              f"resume state: {summary['resume_state']}   (add --resume to the same command to continue)",
              f"metrics:      {summary['metrics']}, plot {summary['plot']}"]

@@ -106,7 +106,8 @@ def write_t2a_rows(path, n, seed=0):
 def compare_group_by_length(model, optimizer, tok, device, autocast, batch_size, max_len, warmup, steps, mode,
                             epoch_rows=1024):
     """The padding share of one epoch of `epoch_rows` T2A rows in the release's order and grouped by
-    estimated length, and the median step time over the first warmup + steps batches of each order."""
+    estimated length, and the mean seconds per step over the first `steps` batches of each order after
+    `warmup` (their widths are a sample of the epoch's: a mean, not a median, weighs them as the epoch does)."""
     with tempfile.TemporaryDirectory() as tmp:
         rows = train.ParquetRows([write_t2a_rows(os.path.join(tmp, "t2a.parquet"), epoch_rows)])
         data = train.OmniDataset(rows, tok, max_len)
@@ -127,7 +128,12 @@ def compare_group_by_length(model, optimizer, tok, device, autocast, batch_size,
     for name, batches in variants.items():
         real = sum(b.tokens for b in batches[warmup:]) / sum(b.text_labels.numel() for b in batches[warmup:])
         print(f"  {name}: timed batches {1 - real:.0%} padding, widths {[b.input_ids.shape[-1] for b in batches[warmup:]]}")
-    return time_steps(model, optimizer, variants, device, autocast, warmup, steps, mode)
+    seconds = {name: 0.0 for name in variants}
+    for i in range(warmup + steps):  # the orders take turns, step by step
+        for name, batches in variants.items():
+            step = time_steps(model, optimizer, {name: batches[i:i + 1]}, device, autocast, 0, 1, mode)[name]
+            seconds[name] += step if i >= warmup else 0.0
+    return {name: total / steps for name, total in seconds.items()}
 
 
 def estimate_memory(tok, device, max_lens):
