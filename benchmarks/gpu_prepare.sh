@@ -21,8 +21,7 @@ WHEELS=(
   transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.2  # our pins; the reference's model code
                                                             # is written for them (the machine has 5.x / 1.x)
   librosa==0.11.0 audioread==3.1.0 decorator==5.2.1 pooch==1.9.0 platformdirs==4.14.9  # the reference's
-  datasets==3.6.0 dill==0.3.8 multiprocess==0.70.16         # model and trainer modules import these
-)
+)                                                           # model code imports librosa at the top
 # The reference's files its training step needs (its model, data set and trainer code, and its tokenizer).
 REFERENCE_FILES=(model/__init__.py model/model_minimind.py model/model_omni.py model/tokenizer.json
                  model/tokenizer_config.json dataset/omni_dataset.py trainer/train_sft_omni.py
@@ -85,5 +84,5 @@ shared_parts
 tracked=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
 carried=$(du -cb .whl .gpu | tail -1 | cut -f1)
 echo "wheels: $(ls .whl | wc -l) ($(du -sh .whl | cut -f1)); .gpu: $(du -sh .gpu | cut -f1); the travelling tree:" \
-     "$(( (tracked + carried) / 1048576 )) MiB of 64 (tracked files $(( tracked / 1048576 )) MiB)"
+     "$(( (tracked + carried) / 1048576 )) MiB of 64 (tracked files $(( tracked / 1024 )) KiB)"
 [ $(( tracked + carried )) -lt $(( 64 * 1048576 )) ] || { echo "gpu_prepare: over the 64 MiB limit" >&2; exit 1; }
