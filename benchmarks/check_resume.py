@@ -12,6 +12,7 @@ Prints what it saw and one JSON line (also appended to --json): ok, the step it 
 loss difference from the whole run, and each run's wall time (start-up included).
 """
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -49,44 +50,64 @@ def losses(out_dir):
 
 
 def run(cmd, timeout):
-    """Run to the end -> seconds taken; a failed run raises with the end of its output."""
+    """Run to the end -> (seconds taken, its output); a failed run raises with the end of its output."""
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[3:6])} ... exited {done.returncode}:\n{done.stdout[-1500:]}"
                            f"{done.stderr[-3000:]}")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, done.stdout
+
+
+def process_tree(pid):
+    """pid and every process below it. torchrun starts each worker in a session of its own, so killing
+    torchrun's process group would leave the workers training on."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            pass
+    tree = {pid}
+    while True:
+        below = {p for p, parent in parents.items() if parent in tree} - tree
+        if not below:
+            return tree
+        tree |= below
 
 
 def run_and_kill(cmd, metrics, kill_after, timeout):
-    """Start the run in its own process group, SIGKILL the group once `metrics` has kill_after lines ->
-    seconds until the kill."""
+    """Start the run, SIGKILL torchrun and its workers at once (as a crash would) once `metrics` has kill_after
+    lines -> seconds until the kill."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while time.perf_counter() - start < timeout and proc.poll() is None:
             if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after:
                 break
             time.sleep(0.02)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in process_tree(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.wait()
     return time.perf_counter() - start
 
 
 def check(args, work):
     whole_dir, killed_dir = work / "whole", work / "killed"
-    seconds = {"whole": run(torchrun(args, whole_dir), args.timeout)}
+    seconds = {"whole": run(torchrun(args, whole_dir), args.timeout)[0]}
     seconds["killed"] = run_and_kill(torchrun(args, killed_dir), killed_dir / f"{SAVE_WEIGHT}_metrics.jsonl",
                                      args.kill_after, args.timeout)
     stopped_at = torch.load(killed_dir / f"{SAVE_WEIGHT}_resume.pt", weights_only=False)["position"]["step"]
-    seconds["resumed"] = run(torchrun(args, killed_dir, ["--resume"]), args.timeout)
+    seconds["resumed"], said = run(torchrun(args, killed_dir, ["--resume"]), args.timeout)
     whole, resumed = losses(whole_dir), losses(killed_dir)
     diff = max((abs(a[1] - b[1]) / max(1.0, abs(a[1])) for a, b in zip(whole, resumed)), default=float("inf"))
     problems = []
     if not 0 < stopped_at < args.steps:
         problems.append(f"killed at step {stopped_at}: not part-way through {args.steps} steps")
+    if f"resuming after step {stopped_at}" not in said:  # the same losses from a fresh start would prove nothing
+        problems.append(f"the resumed run did not say it was resuming after step {stopped_at}")
     if [s for s, _ in resumed] != list(range(1, args.steps + 1)):
         problems.append(f"resumed run logged steps {[s for s, _ in resumed]}, not 1..{args.steps} once each")
     tolerance = LOSS_TOLERANCE[args.device.split(":")[0]]
