@@ -9,14 +9,17 @@
 #   6 train_compiled  stage 2 with --compile
 #   7 conformance     the conformance generate cases through the compiled steps: benchmarks/compiled_decode.py
 # Each stage has its own time limit, trimmed to what is left of GPU_CHECK_BUDGET_S (the issue's goals first,
-# issue 10's compiled conformance last); a stage that fails or times out is recorded and the next one runs. Writes summary.json, summary.txt and gpu_check.log (every
-# stage's output) under $OUT and prints the summary last.
+# issue 10's compiled conformance last); a stage that fails or times out is recorded and the next one runs.
+# Writes summary.json, summary.txt and gpu_check.log (every stage's output) under $OUT and prints the summary last.
 #
 # Prepare on the development machine first: bash benchmarks/gpu_prepare.sh (fills .whl/ and .gpu/). Then the
-# device tool's run, from the repo root, with carry [".whl", ".gpu"]:   bash benchmarks/gpu_check.sh
-# Some stages only:        GPU_CHECK_STAGES="decode_compiled conformance" bash benchmarks/gpu_check.sh  (env always runs)
-# Dry run on a CPU (tiny sizes, gloo, short limits; every stage's logic, not its numbers):
-#                          GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh
+# device tool's run, from the repo root:
+#   command "bash benchmarks/gpu_check.sh", carry [".whl", ".gpu"], timeout_s 540
+# (the stages end by GPU_CHECK_BUDGET_S = 470 s; the rest is margin for a stage's kill and the copy back).
+# Again, some stages only (env always runs):
+#   GPU_CHECK_STAGES="train_compiled conformance" bash benchmarks/gpu_check.sh
+# Dry run on a CPU (tiny sizes, gloo, short limits; every stage's logic, not its numbers; ~6 min here):
+#   GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -146,9 +149,10 @@ train_compiled_stage() {
 }
 
 # ---- 3 and 4. decode speed ---------------------------------------------------------------------------------
+COMPILE_LOGS=recompiles,graph_breaks,perf_hints   # perf_hints: why a graph would not run as a CUDA graph
 decode_stage() {  # $@: extra flags (--compile)
-  limited python3 benchmarks/bench_generate.py --device "$DEVICE" "${DECODE[@]}" --compile_backend "$COMPILE_BACKEND" \
-    --json "$WORK/$STAGE_NAME.jsonl" "$@"
+  TORCH_LOGS=$COMPILE_LOGS limited python3 benchmarks/bench_generate.py --device "$DEVICE" "${DECODE[@]}" \
+    --compile_backend "$COMPILE_BACKEND" --json "$WORK/$STAGE_NAME.jsonl" "$@"
 }
 
 # ---- 5. torchrun resume ------------------------------------------------------------------------------------
@@ -159,8 +163,8 @@ resume_stage() {
 
 # ---- 6. conformance generate cases, compiled ---------------------------------------------------------------
 conformance_stage() {
-  limited python3 benchmarks/compiled_decode.py "$FIXTURE" --device "$DEVICE" --compile_backend "$COMPILE_BACKEND" \
-    --repeats "$CONFORMANCE_REPEATS" --json "$WORK/conformance.jsonl"
+  TORCH_LOGS=$COMPILE_LOGS limited python3 benchmarks/compiled_decode.py "$FIXTURE" --device "$DEVICE" \
+    --compile_backend "$COMPILE_BACKEND" --repeats "$CONFORMANCE_REPEATS" --json "$WORK/conformance.jsonl"
 }
 
 if [ "$DEVICE" = cuda ]; then  # the carried wheels come first (the site folder is filled by the env stage)

@@ -80,7 +80,10 @@ EOF
 wheels
 reference
 shared_parts
-{ git check-ignore -q .whl/x && git check-ignore -q .gpu/x; } || { echo "gpu_prepare: .whl/ and .gpu/ must be ignored by git" >&2; exit 1; }
+if ! { git check-ignore -q .whl/x && git check-ignore -q .gpu/x; }; then
+  echo "gpu_prepare: .whl/ and .gpu/ must be ignored by git (.gitignore lists them)" >&2
+  exit 1
+fi
 tracked=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
 carried=$(du -cb .whl .gpu | tail -1 | cut -f1)
 echo "wheels: $(ls .whl | wc -l) ($(du -sh .whl | cut -f1)); .gpu: $(du -sh .gpu | cut -f1); the travelling tree:" \
