@@ -163,11 +163,15 @@ def main(argv=None):
     p.add_argument("--compile_backend", default="inductor", help="torch.compile backend (aot_eager: the same graphs, "
                    "traced and checked, without code generation: a quick check of the step's compilability)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per case and way")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU; 1 keeps a busy machine's other jobs "
+                   "from stalling every small op's threads)")
     p.add_argument("--json", help="also append the results as JSON lines to this file")
     args = p.parse_args(argv)
     if not Path(args.fixture).is_file():
         p.error(f"{args.fixture}: no such fixture (the conformance fixture lives in ../shared/fixtures)")
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results, ok = check_fixture(args.fixture, torch.device(args.device), args.compile_backend, args.repeats)
     ok &= cudagraph_skips() == 0  # on a GPU every step must run as a CUDA graph (elsewhere there are none)
     results.append(dict(summary="compiled decode", ok=ok, device=args.device, backend=args.compile_backend,
