@@ -69,7 +69,8 @@ def goals(results):
         found.append(f"decode >= {GOAL_STEPS_PER_S} steps/s (compiled, single stream): {rate:.0f} "
                      f"{'met' if rate >= GOAL_STEPS_PER_S else 'NOT met'}")
     for way in ("train", "train_compiled"):
-        sides = {r["side"]: r for r in results.get(way, []) if "side" in r and "samples_per_s" in r}
+        sides = {r["side"]: r for r in results.get(way, [])
+                 if {"side", "samples_per_s", "peak_memory_mib"} <= set(r)}
         ref = sides.pop("reference", None)
         for side, ours in sides.items() if ref else ():
             speedup = ours["samples_per_s"] / ref["samples_per_s"]
