@@ -5,6 +5,7 @@ exactly as chat.py does it (section 11's stream_generate + chat.SpeechOut).
     python benchmarks/bench_generate.py                              # CPU, PyTorch's own thread count
     taskset -c 0,1 python benchmarks/bench_generate.py --threads 2   # "2 CPU cores"
     python benchmarks/bench_generate.py --device cuda
+    python benchmarks/bench_generate.py --device cuda --dtype bfloat16 --compile   # CUDA-graph decode steps
 
 Reports, as the median of --repeats runs after a warm-up run:
   prefill       the first step: the whole --prompt_tokens prompt at once
@@ -18,6 +19,9 @@ Weights are random (speed does not depend on them), but random weights never end
 on their own, so the benchmark model ends its text after --text_steps steps (a reply's text is much
 shorter than its speech: about 3 text tokens per second of speech) and never stops speaking early.
 Every run thus makes exactly --steps steps and --steps - 8 frames.
+
+--compile runs the decode steps compiled (benchmarks/compiled_decode.py: CUDA graphs on a GPU); the warm-up
+run compiles them, and the report says how long it took and that nothing compiled again afterwards.
 """
 import argparse
 import json
@@ -29,7 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import chat  # noqa: E402  (first: it sets the OpenMP environment before torch loads)
+import compiled_decode  # noqa: E402
 import minimind_o as mo  # noqa: E402
 import files  # noqa: E402
 import torch  # noqa: E402
@@ -37,24 +43,33 @@ import torch  # noqa: E402
 TARGET_RTF, TARGET_FIRST_AUDIO_S = 0.5, 0.4
 
 
-class ScriptedLengths(mo.MiniMindO):
-    """Random weights made to behave like a trained model in length: the text ends (EOS) after
-    `text_steps` steps and no codebook layer stops early."""
+def script_lengths(model, text_steps):
+    """Random weights made to behave like a trained model in length: the text ends (EOS) after `text_steps`
+    steps and no codebook layer stops early. Wraps this model object's decode entry points (compiled or not)
+    from outside: the step count is Python state, which must stay out of a compiled step."""
+    prefill, step, speech_step = model.prefill, model.step, model.speech_step
 
-    text_steps = 0
-
-    def decode(self, *args):  # the prefill and the steps while the text is being written
-        text_logits, audio_logits = super().decode(*args)
-        self.steps_seen += 1
-        if self.steps_seen > self.text_steps:
+    def scripted_text(text_logits):          # the prefill and the steps while the text is being written
+        model.steps_seen += 1
+        if model.steps_seen > text_steps:
             text_logits = torch.full_like(text_logits, float("-inf"))
             text_logits[..., mo.IM_END] = 0.0
-        return text_logits, audio_logits
+        return text_logits
 
-    def speak(self, *args):   # every step's audio logits
-        audio_logits = super().speak(*args)
+    def never_stop(audio_logits):            # every step's audio logits (a copy: a CUDA graph owns its outputs)
+        audio_logits = audio_logits.clone()
         audio_logits[..., mo.CODEBOOK_SIZE:] = float("-inf")
         return audio_logits
+
+    def scripted(decode):
+        def run(*args):
+            text_logits, audio_logits = decode(*args)
+            return scripted_text(text_logits), never_stop(audio_logits)
+        return run
+
+    model.prefill, model.step = scripted(prefill), scripted(step)
+    model.speech_step = lambda *args: never_stop(speech_step(*args))
+    return model
 
 
 def busy_cores():
@@ -108,6 +123,10 @@ def main(argv=None):
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     p.add_argument("--int8", action="store_true", help="int8 Linear weights, as chat.py --int8 (CPU)")
     p.add_argument("--moe", action="store_true", help="the MoE variant instead of the dense model")
+    p.add_argument("--compile", action="store_true", help="the decode steps compiled (CUDA graphs on a GPU): "
+                   "benchmarks/compiled_decode.py")
+    p.add_argument("--compile_backend", default="inductor", help="torch.compile backend for --compile (aot_eager: "
+                   "the same graphs traced and checked, no code generated; a quick check)")
     p.add_argument("--prompt_tokens", type=int, default=60)
     p.add_argument("--steps", type=int, default=200, help="steps per reply (200 = 15.4 s of speech)")
     p.add_argument("--text_steps", type=int, default=48, help="steps before the text ends (about 3 per second "
@@ -127,10 +146,12 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model = ScriptedLengths(mo.OmniConfig(use_moe=args.moe)).to(device, getattr(torch, args.dtype)).eval()
-    model.text_steps = args.text_steps
+    model = mo.MiniMindO(mo.OmniConfig(use_moe=args.moe)).to(device, getattr(torch, args.dtype)).eval()
     if args.int8:
         model = chat.int8_linears(model)
+    if args.compile:
+        compiled_decode.compile_decode(model, args.compile_backend)
+    model = script_lengths(model, args.text_steps)
     if args.mimi:
         mimi = files.load_mimi(args.mimi, device)
     else:
@@ -141,7 +162,10 @@ def main(argv=None):
     mimi = mimi.to(dtype=getattr(torch, args.mimi_dtype))
     prompt = torch.randint(mo.NEWLINE + 1, model.config.vocab_size, (args.prompt_tokens,))
 
-    run_once(model, mimi, prompt, args, with_speech=True)  # warm-up: allocator, kernels, first-call caches
+    warm_up = time.perf_counter()
+    run_once(model, mimi, prompt, args, with_speech=True)  # warm-up: allocator, kernels, first-call caches, compile
+    warm_up = time.perf_counter() - warm_up
+    graphs = compiled_decode.graphs_compiled()
     load_before = busy_cores()
     t0 = time.perf_counter()
     model_only = [run_once(model, mimi, prompt, args, with_speech=False) for _ in range(args.repeats)]
@@ -159,10 +183,15 @@ def main(argv=None):
         "steps_per_s_text": median_of(model_only, "steps_per_s_text"),
         "steps_per_s_after_text": median_of(model_only, "steps_per_s_after_text"),
         "rtf": median_of(with_speech, "rtf"), "first_audio_s": median_of(with_speech, "first_audio_s"),
-        "speech_s": with_speech[0]["speech_s"], "other_load_cores": others}
+        "speech_s": with_speech[0]["speech_s"], "other_load_cores": others, "compiled": args.compile,
+        "warm_up_s": warm_up, "graphs_compiled": graphs, "recompiles": compiled_decode.graphs_compiled() - graphs,
+        "cudagraph_skips": compiled_decode.cudagraph_skips()}
     print(f"MiniMind-O {'MoE' if args.moe else 'dense'} ({result['dtype']}), {result['device']}, Mimi {args.mimi_dtype} "
           f"{'overlapped' if result['overlap'] else 'serial'}, {args.frames_per_call} frame(s)/decode call; "
           f"median of {args.repeats}")
+    if args.compile:
+        print(f"  compiled steps        {graphs} graphs in the warm-up run ({warm_up:.1f} s), {result['recompiles']} "
+              f"recompiles after it, {result['cudagraph_skips']} CUDA-graph skips")
     print(f"  prefill {args.prompt_tokens} tokens   {result['prefill_s'] * 1000:7.1f} ms")
     print(f"  steps/s (model only)  {result['steps_per_s_text']:7.1f} while writing text, "
           f"{result['steps_per_s_after_text']:.1f} after")

@@ -1,9 +1,15 @@
 """Streaming generation (section 11): what arrives when, the sampling rules, and the decode shortcuts."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import minimind_o as mo
 from conftest import tiny_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import compiled_decode  # noqa: E402
 
 PROMPT = torch.arange(100, 120)
 
@@ -236,3 +242,20 @@ def test_moe_generation_with_the_cache_equals_recomputing_everything():
     torch.testing.assert_close(torch.stack(logits["text"]), full.text_logits[0, P - 1:P - 1 + len(logits["text"])],
                                atol=1e-4, rtol=1e-4)
     assert text == full.text_logits[0, P - 1:P - 1 + len(text)].argmax(-1).tolist()
+
+
+def test_compiled_decode_steps_trace_whole_compile_once_and_decode_as_eager(model):
+    """benchmarks/compiled_decode.py (CUDA graphs on a GPU): step and speech_step trace without a graph break
+    (fullgraph), compile once however many steps and replies follow, and give the eager greedy reply.
+    Dynamo's tracing and guards only (backend "eager"): inductor's C++ build takes minutes here."""
+    greedy = dict(max_new_tokens=20, greedy=True, repetition_penalty=1.5)  # the penalty: not one token repeated
+    text = mo.generate(model, PROMPT, **greedy)[0]
+    eos = next(t for k, t in enumerate(text) if k >= 3 and t not in text[:k])  # ends the text early: speech_step runs
+    expected = mo.generate(model, PROMPT, eos_token_id=eos, **greedy)
+    assert len(expected[0]) < 20 and expected[1]
+    compiled = mo.MiniMindO(model.config).eval()
+    compiled.load_state_dict(model.state_dict())
+    compiled_decode.compile_decode(compiled, backend="eager")
+    before = compiled_decode.graphs_compiled()
+    assert [mo.generate(compiled, PROMPT, eos_token_id=eos, **greedy) for _ in range(2)] == [expected] * 2
+    assert compiled_decode.graphs_compiled() - before == 2   # step and speech_step, once each
