@@ -52,7 +52,7 @@ def keep_caches(model):
     """Make model.setup_caches hand every attention layer the same KVCache again for a conversation of the same
     length, instead of new buffers. A CUDA graph reads and writes fixed addresses, so the steps are recorded
     once, not once per reply. What an earlier conversation left in a cache is never read: a step sees only
-    the positions up to its own (KVCache.visible), all written by the conversation it belongs to."""
+    the slots up to its own position (Attention's mask), all written by the conversation it belongs to."""
     new_caches, kept = model.setup_caches, {}
     holders = [m for m in model.modules() if hasattr(m, "kv_cache")]  # the attention layers
 
