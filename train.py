@@ -18,7 +18,7 @@ What happens, in the order of this file:
   6. batches               a seeded shuffle per epoch (--group_by_length: rows of similar length together),
                            padded only to the longest sample in the batch
   7. demo data             a tiny arithmetic/colour T2A set in the official schema, made on the fly
-  8. model and schedule    from a text-only MiniMind, a previous stage, or random; AdamW (fused on a GPU),
+  8. model and schedule    from a text-only MiniMind, a previous stage, or random; AdamW (fused),
                            cosine lr, --grad_checkpointing, --compile
   9. checkpoints           the release's fp16 weights + a separate resume file, both written atomically
  10. the training loop     accumulation, bf16 autocast, clipping, DDP, progress bar, metrics, loss plot,
@@ -1103,7 +1103,7 @@ def build_learner(args, procs, resume):
     model.thinker.checkpointing = model.talker.checkpointing = args.grad_checkpointing
     params = set_trainable(model, args.mode)
     gpu, dtype = procs.device.type in GPUS, getattr(torch, args.dtype)
-    # fused: one kernel updates every parameter instead of a loop of small ones (2.3x faster on 2 CPU cores)
+    # fused: one kernel updates every parameter instead of a loop of small ones (several times faster on a CPU)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
     scaler = torch.amp.GradScaler(procs.device.type, enabled=gpu and dtype == torch.float16)  # fp16 needs loss scaling
     autocast = torch.autocast(procs.device.type, dtype=dtype) if gpu and dtype != torch.float32 else contextlib.nullcontext()
