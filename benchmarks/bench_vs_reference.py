@@ -17,7 +17,8 @@ Two modes:
     cli    the whole command line: our train.py against the reference's trainer/train_sft_omni.py
            on the same T2A parquet file (release schema, realistic lengths), one epoch of
            batch_size * steps rows from random weights, wall time from start to exit (start-up and
-           the final checkpoint included in both)
+           the final checkpoint included in both); ours twice, in the release's row order (ours) and with
+           --group_by_length (ours_grouped)
 
     python benchmarks/bench_vs_reference.py step --reference /tmp/minimind-o            # CPU: batch 4 x 512
     python benchmarks/bench_vs_reference.py cli --reference /tmp/minimind-o --steps 10
@@ -345,7 +346,8 @@ def run_cli(command, cwd, env):
 
 
 def cli_commands(args, tmp, data):
-    """Our train.py and the reference trainer, each with its own flags for the same run."""
+    """Our train.py (in the release's order, and grouped by length) and the reference trainer, each with its
+    own flags for the same run."""
     ours = [sys.executable, os.path.join(ROOT, "train.py"), "--data", data, "--from_weight", "none",
             "--tokenizer", args.tokenizer, "--batch_size", str(args.batch_size), "--max_seq_len", str(args.max_seq_len),
             "--epochs", "1", "--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.num_hidden_layers),
@@ -364,10 +366,11 @@ def cli_commands(args, tmp, data):
                  "--device", args.device, "--dtype", args.dtype, "--use_moe", str(int(args.use_moe)),
                  "--use_compile", str(int(args.compile)), "--audio_encoder_dir", NO_ENCODER, "--vision_dir", NO_ENCODER,
                  "--log_interval", str(UNREACHED), "--save_interval", str(UNREACHED)]
-    return {"reference": (reference, run), "ours": (ours, ROOT)}
+    return {"reference": (reference, run), "ours": (ours, ROOT), "ours_grouped": (ours + ["--group_by_length"], ROOT)}
 
 
-CLI_DONE = {"reference": "({steps}/{steps})", "ours": "trained {steps} steps"}  # what each prints after its last step
+CLI_DONE = {"reference": "({steps}/{steps})", "ours": "trained {steps} steps",   # what each prints after its last step
+            "ours_grouped": "trained {steps} steps"}
 
 
 def cli_mode(args, tmp):
