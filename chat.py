@@ -1379,23 +1379,7 @@ interactive commands:
 """
 
 
-def number(kind, fits, rule):
-    """An argparse type: `kind(value)`, refused (the message names the flag) unless fits(it)."""
-    def parse(value):
-        try:
-            x = kind(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-        if not fits(x):
-            raise argparse.ArgumentTypeError(f"{value} is not {rule}")
-        return x
-    return parse
-
-
-positive = number(int, lambda n: n >= 1, "a positive number")
-finite_at_least_0 = number(float, lambda x: 0 <= x < math.inf, "a number >= 0")
-finite_above_0 = number(float, lambda x: 0 < x < math.inf, "a number > 0")
-nucleus = number(float, lambda p: 0 < p <= 1, "in (0, 1]: the share of probability kept")
+nucleus = files.number(float, lambda p: 0 < p <= 1, "in (0, 1]: the share of probability kept")
 
 
 def device_name(value):
@@ -1446,7 +1430,7 @@ def web_flags(parser):
     page.add_argument("--ssl_cert", metavar="PEM", help="serve https with this certificate (browsers allow the "
                       "microphone only on https or localhost)")
     page.add_argument("--ssl_key", metavar="PEM", help="the certificate's private key")
-    page.add_argument("--max_sessions", type=positive, default=4, metavar="N", help="browser tabs served at once "
+    page.add_argument("--max_sessions", type=files.positive, default=4, metavar="N", help="browser tabs served at once "
                       "(default 4; they share the model, one reply at a time)")
 
 
@@ -1483,16 +1467,16 @@ def part_flags(parser):
 def generation_flags(parser):
     """How replies are sampled."""
     gen = parser.add_argument_group("generation")
-    gen.add_argument("--max_new_tokens", type=positive, default=1024, help="steps per reply at most (one step = "
+    gen.add_argument("--max_new_tokens", type=files.positive, default=1024, help="steps per reply at most (one step = "
                      "one text token and 80 ms of speech; default 1024)")
-    gen.add_argument("--max_context", type=positive, default=2048,
+    gen.add_argument("--max_context", type=files.positive, default=2048,
                      help="earlier turns are forgotten, oldest first, while the prompt is longer than this many "
                           "tokens (default 2048; the model was trained on samples of 512-1024, and every reply "
                           "reads the whole prompt again)")
-    gen.add_argument("--temperature", type=finite_at_least_0, default=0.75,
+    gen.add_argument("--temperature", type=files.finite_at_least_0, default=0.75,
                      help="text sampling temperature (default 0.75)")
     gen.add_argument("--top_p", type=nucleus, default=0.9, help="text nucleus sampling (default 0.9)")
-    gen.add_argument("--repetition_penalty", type=finite_above_0, default=1.0,
+    gen.add_argument("--repetition_penalty", type=files.finite_above_0, default=1.0,
                      help="text repetition penalty (default 1.0)")
     gen.add_argument("--greedy", action="store_true", help="always the most likely text token and codes")
     gen.add_argument("--seed", type=int, help="random seed, for a repeatable reply")
@@ -1513,7 +1497,7 @@ def running_flags(parser):
     run.add_argument("--int8", action="store_true",
                      help="CPU only: int8 weights in every Linear layer, about 1.5x faster steps on 2 cores, "
                           "at a small cost in accuracy")
-    run.add_argument("--threads", type=positive, help="CPU threads for PyTorch (default: its own choice)")
+    run.add_argument("--threads", type=files.positive, help="CPU threads for PyTorch (default: its own choice)")
 
 
 def check_flags(p, args):

@@ -1,6 +1,6 @@
 """
 MiniMind-O's files: everything it reads from or writes to disk, each failure a message that names the
-file and says what to do. minimind_o.py (the model) never touches the disk, apart from the tokenizer;
+file and says what to do (and, at the end, the one check of the numbers its command lines take). minimind_o.py (the model) never touches the disk, apart from the tokenizer;
 this file turns files into what it takes: state dicts, loaded side modules, arrays and images.
 
   1. the published parts: what each is, where it is published, the command that downloads it, and
@@ -8,13 +8,16 @@ this file turns files into what it takes: state dicts, loaded side modules, arra
   2. checkpoints: one atomic writer for every file the project writes, and the readers of every
      published checkpoint form (.pth, .bin, safetensors folders with or without config.json)
   3. the frozen side modules' loaders: SenseVoice-Small, SigLIP2, Mimi, CAM++ from their published files
-  4. the user's files: audio and images, decoded with an error that names the file
+  4. the user's files: audio and images, decoded with an error that names the file, and the type
+     chat.py's and train.py's number flags are parsed with (its message names the flag)
 
 The entry points (chat.py, train.py, benchmarks/evaluate.py) load and save through here.
 """
+import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import uuid
 import warnings
@@ -276,7 +279,7 @@ def load_speaker_encoder(folder, device="cpu"):
 
 
 # -----------------------------------------------------------------------------------------------
-# 4. The user's audio and image files
+# 4. The user's audio and image files, and numbers on the command line
 # -----------------------------------------------------------------------------------------------
 
 SILENCE_PEAK = 1e-4                 # a file whose loudest sample is below -80 dBFS holds no speech
@@ -327,3 +330,21 @@ def open_image(image):
             return im.convert("RGB")
     except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # (and UnidentifiedImageError)
         raise ValueError(f"cannot read image {name}: {e}") from e
+
+
+def number(kind, fits, rule):
+    """An argparse type: `kind(value)`, refused (argparse's message names the flag) unless fits(it)."""
+    def parse(value):
+        try:
+            x = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+        if not fits(x):
+            raise argparse.ArgumentTypeError(f"{value} is not {rule}")
+        return x
+    return parse
+
+
+positive = number(int, lambda n: n >= 1, "a positive number")
+finite_at_least_0 = number(float, lambda x: 0 <= x < math.inf, "a number >= 0")
+finite_above_0 = number(float, lambda x: 0 < x < math.inf, "a number > 0")

@@ -94,25 +94,9 @@ MIN_SEQ_LEN = 16  # a one-turn conversation's template alone takes about 10 toke
 COMPILE_WIDTH = 64  # --compile: batch widths are multiples of this (see compiled)
 
 
-def number(kind, fits, rule):
-    """An argparse type: `kind(value)`, refused (the message names the flag) unless fits(it)."""
-    def parse(value):
-        try:
-            x = kind(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-        if not fits(x):
-            raise argparse.ArgumentTypeError(f"{value} is not {rule}")
-        return x
-    return parse
-
-
-positive = number(int, lambda n: n >= 1, "a positive number")
-at_least_0 = number(int, lambda n: n >= 0, "a number >= 0")
-finite_above_0 = number(float, lambda x: 0 < x < math.inf, "a number > 0")
-finite_at_least_0 = number(float, lambda x: 0 <= x < math.inf, "a number >= 0")
-probability = number(float, lambda p: 0 <= p <= 1, "a probability (0 to 1)")
-sequence_length = number(int, lambda n: n >= MIN_SEQ_LEN, f"a length of at least {MIN_SEQ_LEN} tokens")
+at_least_0 = files.number(int, lambda n: n >= 0, "a number >= 0")
+probability = files.number(float, lambda p: 0 <= p <= 1, "a probability (0 to 1)")
+sequence_length = files.number(int, lambda n: n >= MIN_SEQ_LEN, f"a length of at least {MIN_SEQ_LEN} tokens")
 
 
 def defaults(name):
@@ -184,26 +168,26 @@ def model_flags(model):
                        help="what is trained: everything, or only the speech / image projector (default all)")
     model.add_argument("--use_moe", action="store_true",
                        help="mixture-of-experts FFNs (with --from_weight none; a checkpoint brings its own)")
-    model.add_argument("--hidden_size", type=positive,
+    model.add_argument("--hidden_size", type=files.positive,
                        help=f"Thinker and Talker width, with --from_weight none ({defaults('hidden_size')})")
-    model.add_argument("--num_hidden_layers", type=positive,
+    model.add_argument("--num_hidden_layers", type=files.positive,
                        help="Thinker blocks, with --from_weight none; the Talker gets half as many "
                             f"({defaults('num_hidden_layers')})")
 
 
 def optimisation_flags(opt):
-    opt.add_argument("--epochs", type=positive, help=f"passes over the data ({defaults('epochs')})")
-    opt.add_argument("--max_steps", type=positive,
+    opt.add_argument("--epochs", type=files.positive, help=f"passes over the data ({defaults('epochs')})")
+    opt.add_argument("--max_steps", type=files.positive,
                      help="stop after this many optimizer steps (the lr schedule ends there)")
-    opt.add_argument("--batch_size", type=positive, help=f"samples per GPU per micro-batch ({defaults('batch_size')})")
-    opt.add_argument("--accumulation_steps", type=positive, default=1,
+    opt.add_argument("--batch_size", type=files.positive, help=f"samples per GPU per micro-batch ({defaults('batch_size')})")
+    opt.add_argument("--accumulation_steps", type=files.positive, default=1,
                      help="micro-batches summed before each optimizer step (default 1)")
-    opt.add_argument("--learning_rate", type=finite_above_0,
+    opt.add_argument("--learning_rate", type=files.finite_above_0,
                      help="peak lr; step t of T uses lr*(0.1 + 0.45*(1 + cos(pi*t/T))), from lr down to lr/10 "
                           f"({defaults('learning_rate')})")
-    opt.add_argument("--weight_decay", type=finite_at_least_0, default=0.01,
+    opt.add_argument("--weight_decay", type=files.finite_at_least_0, default=0.01,
                      help="AdamW weight decay (default 0.01, PyTorch's default, which the release uses)")
-    opt.add_argument("--grad_clip", type=finite_above_0, default=1.0,
+    opt.add_argument("--grad_clip", type=files.finite_above_0, default=1.0,
                      help="clip the gradient norm to this (default 1.0)")
     opt.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                      help="autocast precision on a GPU (CUDA or MPS): bfloat16 and float16 run the matmuls on the "
@@ -250,7 +234,7 @@ def output_flags(out):
                                            f"({defaults('save_weight')})")
     out.add_argument("--save_every", type=at_least_0,
                      help=f"optimizer steps between checkpoints, 0 for the end only ({defaults('save_every')})")
-    out.add_argument("--log_every", type=positive,
+    out.add_argument("--log_every", type=files.positive,
                      help=f"optimizer steps between metric lines ({defaults('log_every')})")
     out.add_argument("--resume", action="store_true",
                      help="continue from <out_dir>/<save_weight>_resume.pt: weights, optimizer, loss scaler, step, "
