@@ -1,15 +1,15 @@
 """
 MiniMind-O's files: everything it reads from or writes to disk, each failure a message that names the
-file and says what to do (and, at the end, the one check of the numbers its command lines take). minimind_o.py (the model) never touches the disk, apart from the tokenizer;
-this file turns files into what it takes: state dicts, loaded side modules, arrays and images.
+file and says what to do. minimind_o.py (the model) never touches the disk, apart from the tokenizer;
+this file turns files into what it takes: state dicts, loaded side modules, arrays and images. Its last
+lines check the other thing users type: the numbers chat.py's and train.py's flags take.
 
   1. the published parts: what each is, where it is published, the command that downloads it, and
      `loading`, which turns any failure to load one into a single message saying so
   2. checkpoints: one atomic writer for every file the project writes, and the readers of every
      published checkpoint form (.pth, .bin, safetensors folders with or without config.json)
   3. the frozen side modules' loaders: SenseVoice-Small, SigLIP2, Mimi, CAM++ from their published files
-  4. the user's files: audio and images, decoded with an error that names the file, and the type
-     chat.py's and train.py's number flags are parsed with (its message names the flag)
+  4. the user's files: audio and images, decoded with an error that names the file; the flags' numbers
 
 The entry points (chat.py, train.py, benchmarks/evaluate.py) load and save through here.
 """
