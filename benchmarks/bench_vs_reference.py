@@ -74,8 +74,11 @@ def parse_args(argv=None):
     p.add_argument("--max_seq_len", type=int, default=512, help="sample length (default 512)")
     p.add_argument("--steps", type=int, default=3, help="timed steps (step) or steps in the run (cli) (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first, step mode (default 1)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
-                   help="autocast precision on CUDA; the CPU trains in float32 on both sides (default bfloat16)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="autocast precision, as train.py --dtype, given to both sides. step: the reference's step runs "
+                        "in the same autocast as ours on every device. cli: its trainer autocasts on CUDA only and "
+                        "trains in float32 on the CPU whatever --dtype says (default: train.py's, bfloat16 on CUDA, "
+                        "float32 on the CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (ours: train.py --compile; "
                                                             "the reference: its --use_compile 1)")
     p.add_argument("--use_moe", action="store_true", help="the MoE model on both sides")
@@ -88,7 +91,9 @@ def parse_args(argv=None):
                    help="folder with the released tokenizer.json (default ../shared/tokenizer)")
     p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)       # internal: one side of step mode
     p.add_argument("--batches", help=argparse.SUPPRESS)                   # internal: its batches file
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    return args
 
 
 # -- shared data ---------------------------------------------------------------------------------
@@ -155,9 +160,9 @@ def synchronize(device):
 
 
 def autocast(args, device):
-    if device.type != "cuda" or args.dtype == "float32":
+    if args.dtype == "float32":
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=getattr(torch, args.dtype))
+    return torch.autocast(device.type, dtype=getattr(torch, args.dtype))
 
 
 UNUSED_IMPORTS = ("datasets", "onnxruntime")  # the reference imports them at the top; training never uses them

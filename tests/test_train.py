@@ -309,7 +309,7 @@ def test_out_of_memory_in_a_step_names_the_settings_that_fit(tmp_path, tokenizer
         train.main(flags)
     message = str(e.value)
     assert message.startswith("out of cpu memory in step 1 (CUDA out of memory. Tried to allocate 2.00 GiB) with "
-                              "--batch_size 4 --accumulation_steps 3 --max_seq_len 64 --dtype bfloat16. ")
+                              "--batch_size 4 --accumulation_steps 3 --max_seq_len 64 --dtype float32. ")
     assert "--batch_size 2 --accumulation_steps 6 (the same 12 samples per optimizer step" in message
     assert "--grad_checkpointing (the same training" in message and "--max_seq_len 32" in message
     assert "8, 12, 16 and 24 GB" in message
@@ -379,6 +379,35 @@ def test_an_absent_device_is_refused_in_one_line_naming_the_flag(tmp_path, monke
         with pytest.raises(ValueError, match=f"^--device {name}: {message}"):
             train.main(["--device", name, "--out_dir", str(tmp_path)])
     assert not os.listdir(tmp_path)  # refused before anything was written
+
+
+def test_the_dtype_defaults_to_the_devices_and_float16_needs_a_gpu(tmp_path):
+    args = train.parse_args(["--device", "cpu"])
+    train.check_device(args)
+    assert args.dtype == "float32"
+    with pytest.raises(ValueError, match="^--dtype float16: float16 training needs a GPU"):
+        train.main(["--device", "cpu", "--dtype", "float16", "--out_dir", str(tmp_path)])
+    assert not os.listdir(tmp_path)
+
+
+def test_bfloat16_on_the_cpu_autocasts_the_step(tokenizer, demo_file):
+    """--dtype bfloat16 --device cpu trains in bf16 autocast: losses near float32's but not equal to them
+    (measured on three batches of the tiny model: 2e-6 to 7e-5 relative), float32 gradients."""
+    data = train.OmniDataset(train.ParquetRows([demo_file]), tokenizer, 96)
+    batch = train.collate([data[i] for i in range(2)])
+
+    def first_losses(dtype):
+        torch.manual_seed(0)
+        args = train.parse_args(["--device", "cpu", "--dtype", dtype, *TINY_RUN])
+        train.check_device(args)
+        learner, _ = train.build_learner(args, train.Processes(0, 1, torch.device("cpu")), None)
+        losses = train.micro_step(learner.net, batch, train.Encoders(), learner.autocast, lambda x: x, "all")
+        assert all(p.grad.dtype == torch.float32 for p in learner.params if p.grad is not None)
+        return losses
+
+    plain, half = first_losses("float32"), first_losses("bfloat16")
+    assert not torch.equal(half[:3], plain[:3])
+    torch.testing.assert_close(half[:3], plain[:3], rtol=5e-3, atol=0)
 
 
 def test_the_demo_trains_its_two_exchange_rows_whole(tokenizer, demo_file):
