@@ -202,8 +202,8 @@ def optimisation_flags(opt):
                           "sample (estimated; README.md, 'Memory', has the table) for at most one more forward pass "
                           "of the blocks (a third of their work; 1.02x the step time measured on a 2-core CPU)")
     opt.add_argument("--compile", action="store_true",
-                     help="torch.compile the model up to its heads (the heads, which run only where labels are, stay "
-                          "eager): faster on a GPU once compiled, which takes a "
+                     help="torch.compile the model's three block stacks (the embedding and the heads, which run "
+                          "only where labels are, stay eager): faster on a GPU once compiled, which takes a "
                           f"minute or more per batch width; widths are rounded up to a multiple of {COMPILE_WIDTH} "
                           "(more padded positions, which change no text or audio loss; a MoE's load-balance loss "
                           "counts them, as the release's padding to max_seq_len does) so that it compiles a few "
@@ -1094,9 +1094,10 @@ def build_learner(args, procs, resume):
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
     scaler = torch.amp.GradScaler(procs.device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
     autocast = torch.autocast(procs.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    learner = Learner(model, Losses(model), params, optimizer, scaler, autocast)
-    if args.compile:  # the trunk: its shapes are the batch's; the heads' are its number of labelled positions
-        learner.net.trunk = compiled(learner.net.trunk, args)
+    learner = Learner(model, Losses(model, COMPILE_WIDTH if args.compile else 1), params, optimizer, scaler, autocast)
+    if args.compile:  # the block stacks: their widths are few; the heads' are the batch's number of labels
+        net = learner.net
+        net.lower, net.upper, net.talker = (compiled(stack, args) for stack in (net.lower, net.upper, net.talker))
     position = dict(epoch=0, batch=0, step=0, bad_rows=[], seconds=0.0)  # bad_rows: messages of skipped rows
     if resume is not None:
         position = restore(learner, resume, procs)
@@ -1337,23 +1338,42 @@ STOP_WEIGHT = 10.0   # the stop id's weight in the audio loss, mo.omni_loss's (a
 
 class Losses(torch.nn.Module):
     """Training's own path to (text loss, audio loss, MoE loss): the values of mo.omni_loss(model(...))
-    and its aux_loss, but each head runs only where its labels are (the reply), a chunk at a time, and
-    no float32 copy of every position's logits is made. A module, for DDP and torch.compile to wrap
-    (DDP syncs gradients only for what runs through the wrapped module's forward)."""
+    and its aux_loss for less work. Each head runs only where its labels are (the reply), a chunk at a
+    time, with no float32 copy of every position's logits; and the Thinker's upper blocks, which only the
+    text head reads, stop after the last text label (the reply's speech goes on after its text ends, and
+    attention being causal, the positions before are unchanged). A module, for DDP to wrap (DDP syncs
+    gradients only for what runs through the wrapped module's forward)."""
 
-    def __init__(self, model):
+    def __init__(self, model, width_multiple=1):
         super().__init__()
-        self.model = model
-        self.trunk = model.hidden_states  # all but the heads: what --compile compiles (see build_learner)
+        self.model, self.width_multiple = model, width_multiple
+        # what --compile compiles (see build_learner): each stack sees a few input widths of its own
+        self.lower, self.upper, self.talker = model.thinker.lower, model.thinker.upper, model.talker.forward
 
-    def forward(self, input_ids, text_labels, audio_labels, **inputs):
-        hidden, talk, aux = self.trunk(input_ids, **inputs)
-        text_at, audio_at = text_labels != mo.IGNORE, (audio_labels != mo.IGNORE).any(1)   # (B, T) each
+    def forward(self, input_ids, text_labels, audio_labels, spk_emb=None, **inputs):
+        # first, the one host sync, before any block is queued; a MoE's upper blocks see every position,
+        # which its load-balance loss averages over
+        width = text_labels.shape[1] if self.model.config.use_moe else upper_width(text_labels, self.width_multiple)
+        codes, text = input_ids[:, :mo.N_CODEBOOKS], input_ids[:, mo.TEXT_ROW]
+        bridge, lower_aux = self.lower(self.model.embed(text, **inputs))                  # (B, T, H)
+        talk, talker_aux = self.talker(bridge, codes, spk_emb)                            # (B, T, d)
+        # contiguous: strides that depend on width alone, as --compile's graphs expect
+        hidden, upper_aux = self.upper(bridge[:, :width].contiguous())                    # (B, width, H)
+        text_labels = text_labels[:, :width]
+        text_at, audio_at = text_labels != mo.IGNORE, (audio_labels != mo.IGNORE).any(1)  # (B, width), (B, T)
         text_loss = head_loss(self.model.lm_head, hidden[text_at], text_labels[text_at])
         codes = audio_labels.transpose(1, 2)[audio_at]                                   # (N, 8) labels
         per_layer = head_loss(self.model.talker.lm_head, talk[audio_at], codes, STOP_WEIGHT)  # (8,) summed
         labelled = (codes != mo.IGNORE).sum(0).clamp_min(1)           # per layer; 0 labels: a loss of 0, not NaN
-        return text_loss / text_at.sum().clamp_min(1), (per_layer / labelled).mean(), aux
+        return (text_loss / text_at.sum().clamp_min(1), (per_layer / labelled).mean(),
+                lower_aux + upper_aux + talker_aux)
+
+
+def upper_width(text_labels, multiple):
+    """(B, T) text labels -> the positions the upper blocks run on: up to the batch's last text label (at
+    least 1), rounded up to a multiple of `multiple` (--compile's few shapes)."""
+    last = int((text_labels != mo.IGNORE).any(0).cumsum(0).argmax())  # the first position of the final count
+    return min(text_labels.shape[1], math.ceil((last + 1) / multiple) * multiple)
 
 
 def head_loss(head, h, labels, stop_weight=1.0):

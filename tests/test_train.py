@@ -177,13 +177,15 @@ def loss_and_grads(model, losses):
 @pytest.mark.parametrize("use_moe", [False, True])
 def test_training_losses_equal_omni_loss_of_the_forward(tokenizer, demo_file, monkeypatch, use_moe):
     """train.Losses (heads only where labels are, in chunks) gives omni_loss(model(...)) and the
-    aux loss, and the same gradients: on a batch with positions past its labels, a spoken question,
-    chunks split mid-batch, a layer without labels, and no labels at all."""
+    aux loss, and the same gradients: on a batch with positions past its labels and speech past its
+    text (where a dense model's upper blocks stop), a spoken question, chunks split mid-batch, a layer
+    without labels, and no labels at all."""
     monkeypatch.setattr(train, "HEAD_CHUNK", 7)  # several chunks per head
     data = train.OmniDataset(train.ParquetRows([demo_file]), tokenizer, 96, scheduled_sampling=0.0)
     samples = [data[i] for i in range(2)]
     ids, text_labels, audio_labels = (torch.stack([getattr(s, k) for s in samples])
                                       for k in ("input_ids", "text_labels", "audio_labels"))
+    assert train.upper_width(text_labels, 1) < max(s.length for s in samples)
     ids[0, mo.TEXT_ROW, 1:4] = mo.AUDIO_PLACEHOLDER       # a question of 3 speech frames in sample 0
     inputs = dict(audio_embeds=[torch.randn(3, mo.SPEECH_EMBED_DIM), None], spk_emb=torch.randn(2, 192))
     no_layer_3 = audio_labels.clone()
@@ -349,22 +351,25 @@ def test_compile_widths_are_rounded_up_and_change_no_loss(tokenizer, demo_file):
 
 
 def test_compile_makes_one_graph_per_batch_width_not_per_batch(tmp_path, tokenizer_flag, monkeypatch):
-    """Dynamo's own graph count, with its eager backend (inductor's C++ compile takes minutes on a CPU)."""
+    """Dynamo's own graph count, with its eager backend (inductor's C++ compile takes minutes on a CPU):
+    the lower blocks and the Talker one graph per batch width, the upper blocks one per width they run on."""
     import functools
     import torch._dynamo
     from torch._dynamo.utils import counters
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    widths, collate = [], train.collate
-    monkeypatch.setattr(train, "collate", lambda samples, **kw: widths.append(
-        (max(s.length for s in samples), collate(samples, **kw).input_ids.shape[-1])) or collate(samples, **kw))
+    batches, collate = [], train.collate
+    monkeypatch.setattr(train, "collate", lambda samples, **kw: batches.append((samples, collate(samples, **kw)))
+                        or batches[-1][1])
     torch._dynamo.reset()
     counters.clear()
-    train.main(["--out_dir", str(tmp_path), "--compile", "--max_steps", "3", "--save_every", "0", "--num_workers", "0",
+    train.main(["--out_dir", str(tmp_path), "--compile", "--max_steps", "4", "--save_every", "0", "--num_workers", "0",
                 *TINY_RUN, "--max_seq_len", "192", *tokenizer_flag])
     torch._dynamo.reset()
-    longest, width = zip(*widths)
-    assert all(w % train.COMPILE_WIDTH == 0 for w in width) and len(set(longest)) > len(set(width))
-    assert counters["stats"]["unique_graphs"] == len(set(width))
+    longest = {max(s.length for s in samples) for samples, _ in batches}
+    width = {batch.input_ids.shape[-1] for _, batch in batches}
+    upper = {train.upper_width(batch.text_labels, train.COMPILE_WIDTH) for _, batch in batches}
+    assert all(w % train.COMPILE_WIDTH == 0 for w in width | upper) and len(longest) > len(width)
+    assert counters["stats"]["unique_graphs"] == 2 * len(width) + len(upper)
 
 
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
