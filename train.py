@@ -1508,7 +1508,7 @@ class Progress:
         metrics = run_file(args, "metrics.jsonl")
         self.log = MetricsLog(metrics, position["step"] if resuming else None) if procs.is_main else None
         self.bar = tqdm(total=total_steps, initial=position["step"], disable=not procs.is_main, dynamic_ncols=True,
-                        unit="step")
+                        unit="step", mininterval=0)  # drawn after every step, however short (tqdm's default: 0.1 s)
         self.started = time.time() - position["seconds"]
 
     def seconds(self):
