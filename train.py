@@ -193,7 +193,7 @@ def optimisation_flags(opt):
                      help="autocast precision: bfloat16 and float16 run the matmuls in 16 bits and keep about a "
                           "quarter less activation memory than float32 (the weights, the optimizer and the loss stay "
                           "float32); float16 adds a loss scaler and needs a GPU (CUDA or MPS). On the CPU bfloat16 pays "
-                          "off where the processor multiplies bfloat16 itself (Intel AMX or AVX512-BF16: 2x the step "
+                          "off where the processor multiplies bfloat16 itself (Intel AMX or AVX512-BF16: 1.8x the step "
                           "of float32 measured on a 2-core Xeon VM), elsewhere it is slower (default bfloat16 on a GPU, "
                           "float32 on the CPU)")
     opt.add_argument("--grad_checkpointing", action="store_true",

@@ -145,7 +145,8 @@ def estimate_memory(tok, device, max_lens):
         activations                                      per sample: what the forward pass keeps for the
                                                          backward pass (torch.autograd.graph.saved_tensors_hooks,
                                                          each storage once) at batch 2 less at batch 1, every
-                                                         sample max_seq_len long (the widest batch there is)
+                                                         sample max_seq_len long with a text label at its end
+                                                         (the widest batch there is: no block stops early)
         working memory                                  per sample: twice its share of the largest saved
                                                          tensor (its gradient and a temporary), and with
                                                          checkpointing one block's recomputed activations
@@ -157,6 +158,13 @@ def estimate_memory(tok, device, max_lens):
     model = mo.MiniMindO(mo.OmniConfig()).to(device).train()
     params = sum(p.numel() for p in model.parameters())
     blocks = len(model.thinker.layers) + len(model.talker.layers)
+
+    def widest(sample, length):
+        """The sample as the widest there is: `length` positions, the last with a text label (so that every
+        block, the upper ones too, runs on all of them)."""
+        text_labels = sample.text_labels.clone()
+        text_labels[length - 1] = sample.input_ids[mo.TEXT_ROW, length - 1]
+        return replace(sample, length=length, text_labels=text_labels)
 
     def saved_bytes(batch, autocast):
         """(all bytes saved for backward, the largest saved tensor's bytes per sample) of one step on `batch`."""
@@ -176,7 +184,7 @@ def estimate_memory(tok, device, max_lens):
     for dtype in ("bfloat16", "float32"):
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
         for max_len in max_lens:
-            samples = [replace(s, length=max_len - 1) for s in synthetic_samples(tok, 2, max_len)]
+            samples = [widest(s, max_len - 1) for s in synthetic_samples(tok, 2, max_len)]
             one, two = train.collate(samples[:1]).to(device), train.collate(samples).to(device)
             per_sample = {}
             for checkpointing in (False, True):
