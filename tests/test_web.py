@@ -337,7 +337,8 @@ def test_another_sites_page_cannot_connect(server):
 
 def test_web_arguments_and_what_a_public_host_means(tmp_path, capsys):
     for extra, message in [(["--text", "hi"], "--web serves the chat as a page"),
-                           (["--ssl_cert", "cert.pem"], "--ssl_cert and --ssl_key go together")]:
+                           (["--ssl_cert", "cert.pem"], "--ssl_cert and --ssl_key go together"),
+                           (["--port", "70000"], "argument --port: 70000 is not a port, 0 to 65535")]:
         with pytest.raises(SystemExit):
             chat.parse_args(["--web", *extra])
         assert message in capsys.readouterr().err
