@@ -97,6 +97,18 @@ MISTAKES = [
     Mistake("training_codec_head_positions", TRAIN, "(audio_labels != mo.IGNORE).any(1)", "(audio_labels[:, 0] != mo.IGNORE)",
             ("tests/test_train.py::test_training_losses_equal_omni_loss_of_the_forward",),
             "the codec head runs only where layer 0 has a label, so the delayed layers' last codes are not learned"),
+    Mistake("upper_blocks_stop_too_early", TRAIN, "math.ceil((last + 1) / multiple)", "math.ceil(last / multiple)",
+            ("tests/test_train.py::test_training_losses_equal_omni_loss_of_the_forward",),
+            "the Thinker's upper blocks stop before the last text label, which the text head then never reads"),
+    Mistake("moe_upper_blocks_cut", TRAIN, "width = text_labels.shape[1] if self.model.config.use_moe else",
+            "width = text_labels.shape[1] if False else",
+            ("tests/test_train.py::test_training_losses_equal_omni_loss_of_the_forward",),
+            "a MoE's upper blocks stop after the last text label too, so its load-balance loss changes"),
+    Mistake("cpu_bfloat16_ignored", TRAIN, "autocast = torch.autocast(procs.device.type, dtype=dtype) if dtype != "
+            "torch.float32 else", "autocast = torch.autocast(procs.device.type, dtype=dtype) if procs.device.type != "
+            "'cpu' and dtype != torch.float32 else",
+            ("tests/test_train.py::test_bfloat16_on_the_cpu_autocasts_the_step",),
+            "--dtype bfloat16 on the CPU silently trains in float32"),
     Mistake("answer_delay", MO, "first = s + 1 + i\n", "first = s + i\n",
             (SAMPLE + "test_answer_layers_are_delayed_and_end_with_stop",), "answer layer i starts at s + i"),
     Mistake("untied_head", MO, "self.lm_head.weight = self.thinker.embed_tokens.weight  # tied",
