@@ -1351,7 +1351,7 @@ class Losses(torch.nn.Module):
         self.lower, self.upper, self.talker = model.thinker.lower, model.thinker.upper, model.talker.forward
 
     def forward(self, input_ids, text_labels, audio_labels, spk_emb=None, **inputs):
-        # first, the one host sync, before any block is queued; a MoE's upper blocks see every position,
+        # first, so that its host sync waits for no queued block; a MoE's upper blocks see every position,
         # which its load-balance loss averages over
         width = text_labels.shape[1] if self.model.config.use_moe else upper_width(text_labels, self.width_multiple)
         codes, text = input_ids[:, :mo.N_CODEBOOKS], input_ids[:, mo.TEXT_ROW]
