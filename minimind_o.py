@@ -460,10 +460,10 @@ class Talker(BlockStack):
 # -----------------------------------------------------------------------------------------------
 # 8. The whole model: the training forward, the decode step, and the loss
 # -----------------------------------------------------------------------------------------------
-# `forward` runs whole sequences, every position through the heads; training takes `hidden_states` and runs
-# the heads only where labels are (train.py). Generation runs `prefill` once on the prompt, then one column
-# per step through `step`, or `speech_step` once the text has ended (the Thinker then stops at the bridge).
-# Both are tensor-only: each attention layer keeps its own KVCache, set up by `setup_caches`.
+# `forward` runs whole sequences, every position through the heads; training takes its own path through the
+# same parts (train.Losses: heads only where labels are). Generation runs `prefill` once on the prompt, then
+# one column per step through `step`, or `speech_step` once the text has ended (the Thinker then stops at the
+# bridge). Both are tensor-only: each attention layer keeps its own KVCache, set up by `setup_caches`.
 
 @dataclass
 class OmniOutput:
@@ -485,12 +485,7 @@ class MiniMindO(nn.Module):
         self.apply(init_weights)
 
     def forward(self, input_ids, audio_embeds=None, image_embeds=None, spk_emb=None, audio_lengths=None):
-        """input_ids: (B, 9, T), rows 0-7 audio layers, row 8 text -> OmniOutput for every position."""
-        hidden, talk, aux = self.hidden_states(input_ids, audio_embeds, image_embeds, spk_emb, audio_lengths)
-        return OmniOutput(self.lm_head(hidden), self.talker.lm_head(talk), aux)
-
-    def hidden_states(self, input_ids, audio_embeds=None, image_embeds=None, spk_emb=None, audio_lengths=None):
-        """All but the heads -> the Thinker's (B, T, H) and the Talker's (B, T, d) last hidden states, MoE loss.
+        """input_ids: (B, 9, T), rows 0-7 audio layers, row 8 text -> OmniOutput for every position.
         audio_embeds: a list of (L_i, 512) speech-encoder outputs or None per sample, or padded (B, L, 512) with
         `audio_lengths` (B,); image_embeds: a list of (64, 768) or None, or (B, 64, 768); spk_emb: (B, 192)."""
         codes, text = input_ids[:, :N_CODEBOOKS], input_ids[:, TEXT_ROW]
@@ -498,7 +493,7 @@ class MiniMindO(nn.Module):
         bridge, lower_aux = self.thinker.lower(h)
         hidden, upper_aux = self.thinker.upper(bridge)
         talk, talker_aux = self.talker(bridge, codes, spk_emb)
-        return hidden, talk, lower_aux + upper_aux + talker_aux
+        return OmniOutput(self.lm_head(hidden), self.talker.lm_head(talk), lower_aux + upper_aux + talker_aux)
 
     def embed(self, text, audio_embeds=None, image_embeds=None, audio_lengths=None):
         """Text ids (B, T) -> (B, T, H) embeddings, encoder features put on their placeholders."""

@@ -190,8 +190,8 @@ def optimisation_flags(opt):
     opt.add_argument("--grad_clip", type=files.finite_above_0, default=1.0,
                      help="clip the gradient norm to this (default 1.0)")
     opt.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                     help="autocast precision: bfloat16 and float16 run the matmuls in 16 bits and keep about a "
-                          "quarter less activation memory than float32 (the weights, the optimizer and the loss stay "
+                     help="autocast precision: bfloat16 and float16 run the matmuls in 16 bits and keep about 30%% "
+                          "less activation memory than float32 (the weights, the optimizer and the loss stay "
                           "float32); float16 adds a loss scaler and needs a GPU (CUDA or MPS). On the CPU bfloat16 pays "
                           "off where the processor multiplies bfloat16 itself (Intel AMX or AVX512-BF16: 1.8x the step "
                           "of float32 measured on a 2-core Xeon VM), elsewhere it is slower (default bfloat16 on a GPU, "
@@ -934,7 +934,8 @@ def collate(samples, width_multiple=1):
     T = the longest valid length in the batch (not max_len: most samples are much shorter), rounded up
     to a multiple of width_multiple (at most the samples' length): --compile then sees a few widths.
     Positions after a sample's valid length have no labels and, attention being causal, change nothing
-    before them (only a MoE's load-balance loss, averaged over every position, sees them). A bad row (without --skip_bad_rows) comes back as its BadRow, for the loop to raise."""
+    before them (only a MoE's load-balance loss, averaged over every position, sees them). A bad row
+    (without --skip_bad_rows) comes back as its BadRow, for the loop to raise."""
     bad = [s for s in samples if isinstance(s, BadRow)]
     if bad:
         return bad[0]
@@ -1075,7 +1076,7 @@ def set_lr(optimizer, lr):
 class Learner:
     """The model and what trains it."""
     model: mo.MiniMindO              # its weights are what is saved
-    net: torch.nn.Module             # what a step calls: Losses(model), wrapped by DDP and/or torch.compile
+    net: torch.nn.Module             # what a step calls: Losses(model) (--compile: its block stacks), maybe in DDP
     params: list                     # the trainable parameters (--mode)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler     # loss scaling, enabled for float16 only
@@ -1102,9 +1103,8 @@ def build_learner(args, procs, resume):
     if resume is not None:
         position = restore(learner, resume, procs)
     if procs.world > 1:  # a T2A batch leaves the projectors unused, a MoE batch some experts: both are fine
-        learner.net = DistributedDataParallel(learner.net, device_ids=[procs.device.index] if procs.device.type == "cuda"
-                                              else None,
-                                              find_unused_parameters=True)
+        gpu = [procs.device.index] if procs.device.type == "cuda" else None
+        learner.net = DistributedDataParallel(learner.net, device_ids=gpu, find_unused_parameters=True)
     return learner, position
 
 
@@ -1372,7 +1372,8 @@ class Losses(torch.nn.Module):
 def upper_width(text_labels, multiple):
     """(B, T) text labels -> the positions the upper blocks run on: up to the batch's last text label (at
     least 1), rounded up to a multiple of `multiple` (--compile's few shapes)."""
-    last = int((text_labels != mo.IGNORE).any(0).cumsum(0).argmax())  # the first position of the final count
+    labelled = (text_labels != mo.IGNORE).any(0).nonzero()  # (n, 1): positions where some sample has one
+    last = int(labelled[-1]) if len(labelled) else 0
     return min(text_labels.shape[1], math.ceil((last + 1) / multiple) * multiple)
 
 
@@ -1779,7 +1780,7 @@ def memory_advice(error, args, procs, step):
         fits.append("--grad_checkpointing (the same training: each block is recomputed in the backward pass, "
                     "at most one more forward pass of the blocks)")
     if args.dtype == "float32" and procs.device.type != "cpu":
-        fits.append("--dtype bfloat16 (half the activation memory)")
+        fits.append("--dtype bfloat16 (about 30% less activation memory)")
     fits.append(f"--max_seq_len {max(MIN_SEQ_LEN, args.max_seq_len // 2)} (longer conversations are cut)")
     return (f"out of {procs.device.type} memory in step {step} ({said}) with {settings}. Each of these needs less: "
             + "; ".join(fits) + ". README.md, 'Memory', has a table of what fits in 8, 12, 16 and 24 GB")
