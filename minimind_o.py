@@ -552,7 +552,10 @@ def init_weights(module):
             nn.init.zeros_(module.bias)
 
 
-def omni_loss(out, text_labels, audio_labels, stop_weight=10.0):
+STOP_WEIGHT = 10.0  # the stop id's weight in the audio loss: one id per layer per reply, so it counts more
+
+
+def omni_loss(out, text_labels, audio_labels, stop_weight=STOP_WEIGHT):
     """(text loss, audio loss) for labels (B, T) and (B, 8, T), IGNORE where nothing is learned.
 
     text: mean cross-entropy over labelled positions. audio: per layer, a weighted sum over labelled

@@ -1333,7 +1333,6 @@ def idle_inputs(batch, audio, image, mode):
 
 
 HEAD_CHUNK = 1024    # positions per head call: (1024, 8, 2112) float32 audio logits are 69 MB
-STOP_WEIGHT = 10.0   # the stop id's weight in the audio loss, mo.omni_loss's (a test holds the two paths equal)
 
 
 class Losses(torch.nn.Module):
@@ -1363,7 +1362,7 @@ class Losses(torch.nn.Module):
         text_at, audio_at = text_labels != mo.IGNORE, (audio_labels != mo.IGNORE).any(1)  # (B, width), (B, T)
         text_loss = head_loss(self.model.lm_head, hidden[text_at], text_labels[text_at])
         codes = audio_labels.transpose(1, 2)[audio_at]                                   # (N, 8) labels
-        per_layer = head_loss(self.model.talker.lm_head, talk[audio_at], codes, STOP_WEIGHT)  # (8,) summed
+        per_layer = head_loss(self.model.talker.lm_head, talk[audio_at], codes, mo.STOP_WEIGHT)  # (8,) summed
         labelled = (codes != mo.IGNORE).sum(0).clamp_min(1)           # per layer; 0 labels: a loss of 0, not NaN
         return (text_loss / text_at.sum().clamp_min(1), (per_layer / labelled).mean(),
                 lower_aux + upper_aux + talker_aux)

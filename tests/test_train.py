@@ -1,4 +1,6 @@
-"""train.py: parquet rows, samples and batches, bad rows, and short runs (demo, resume after a kill, DDP)."""
+"""train.py: parquet rows, samples and batches, bad rows, the training step's own loss path, its speed and
+memory flags (--grad_checkpointing, --compile, --group_by_length, --dtype, an out-of-memory step), the
+device checks, and short runs (demo, resume after a kill, DDP)."""
 import argparse
 import io
 import json
@@ -185,7 +187,8 @@ def test_training_losses_equal_omni_loss_of_the_forward(tokenizer, demo_file, mo
     samples = [data[i] for i in range(2)]
     ids, text_labels, audio_labels = (torch.stack([getattr(s, k) for s in samples])
                                       for k in ("input_ids", "text_labels", "audio_labels"))
-    assert train.upper_width(text_labels, 1) < max(s.length for s in samples)
+    assert train.upper_width(text_labels, 1) < max(s.length for s in samples)   # the upper blocks stop early,
+    assert train.upper_width(text_labels, train.COMPILE_WIDTH) < ids.shape[-1]    # rounded up too
     ids[0, mo.TEXT_ROW, 1:4] = mo.AUDIO_PLACEHOLDER       # a question of 3 speech frames in sample 0
     inputs = dict(audio_embeds=[torch.randn(3, mo.SPEECH_EMBED_DIM), None], spk_emb=torch.randn(2, 192))
     no_layer_3 = audio_labels.clone()
@@ -196,9 +199,10 @@ def test_training_losses_equal_omni_loss_of_the_forward(tokenizer, demo_file, mo
     for labels in ((text_labels, audio_labels), (text_labels, no_layer_3), nothing):
         out = model(ids, **inputs)
         expected, expected_grads = loss_and_grads(model, (*mo.omni_loss(out, *labels), out.aux_loss))
-        got, grads = loss_and_grads(model, train.Losses(model)(ids, *labels, **inputs))
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(grads, expected_grads, rtol=1e-4, atol=1e-6)
+        for multiple in (1, train.COMPILE_WIDTH):  # where the upper blocks stop: exactly, and as --compile rounds it
+            got, grads = loss_and_grads(model, train.Losses(model, multiple)(ids, *labels, **inputs))
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(grads, expected_grads, rtol=1e-4, atol=1e-6)
     assert got[:2].tolist() == [0, 0] and (got[2] > 0) == use_moe
 
 
@@ -295,7 +299,9 @@ def test_grad_checkpointing_gives_the_same_losses_and_gradients_from_fewer_saved
     assert grads.keys() == plain_grads.keys()
     for k in grads:
         torch.testing.assert_close(grads[k], plain_grads[k], rtol=1e-6, atol=1e-7, msg=k)
-    assert saved < 0.9 * plain_saved  # the blocks' activations are recomputed, not kept (the heads' logits dominate)
+    # the blocks' activations are recomputed, not kept (measured: 0.31x dense, 0.22x MoE; 0.56x and 0.48x with
+    # the Thinker's alone checkpointed); the heads' chunks recompute their logits either way
+    assert saved < 0.4 * plain_saved
 
 
 OUT_OF_MEMORY = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB of which "
@@ -386,7 +392,7 @@ def test_an_absent_device_is_refused_in_one_line_naming_the_flag(tmp_path, monke
     assert not os.listdir(tmp_path)  # refused before anything was written
 
 
-def test_the_dtype_defaults_to_the_devices_and_float16_needs_a_gpu(tmp_path):
+def test_the_cpu_trains_in_float32_by_default_and_refuses_float16(tmp_path):
     args = train.parse_args(["--device", "cpu"])
     train.check_device(args)
     assert args.dtype == "float32"
@@ -397,7 +403,7 @@ def test_the_dtype_defaults_to_the_devices_and_float16_needs_a_gpu(tmp_path):
 
 def test_bfloat16_on_the_cpu_autocasts_the_step(tokenizer, demo_file):
     """--dtype bfloat16 --device cpu trains in bf16 autocast: losses near float32's but not equal to them
-    (measured on three batches of the tiny model: 2e-6 to 7e-5 relative), float32 gradients."""
+    (measured on three batches of the tiny model: 2e-6 to 7e-5 relative)."""
     data = train.OmniDataset(train.ParquetRows([demo_file]), tokenizer, 96)
     batch = train.collate([data[i] for i in range(2)])
 
@@ -406,9 +412,7 @@ def test_bfloat16_on_the_cpu_autocasts_the_step(tokenizer, demo_file):
         args = train.parse_args(["--device", "cpu", "--dtype", dtype, *TINY_RUN])
         train.check_device(args)
         learner, _ = train.build_learner(args, train.Processes(0, 1, torch.device("cpu")), None)
-        losses = train.micro_step(learner.net, batch, train.Encoders(), learner.autocast, lambda x: x, "all")
-        assert all(p.grad.dtype == torch.float32 for p in learner.params if p.grad is not None)
-        return losses
+        return train.micro_step(learner.net, batch, train.Encoders(), learner.autocast, lambda x: x, "all")
 
     plain, half = first_losses("float32"), first_losses("bfloat16")
     assert not torch.equal(half[:3], plain[:3])
