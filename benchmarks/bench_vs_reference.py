@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import random
 import resource
@@ -76,9 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first, step mode (default 1)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="autocast precision, as train.py --dtype, given to both sides. step: the reference's step runs "
-                        "in the same autocast as ours on every device. cli: its trainer autocasts on CUDA only and "
-                        "trains in float32 on the CPU whatever --dtype says (default: train.py's, bfloat16 on CUDA, "
-                        "float32 on the CPU)")
+                        "in the same autocast as ours on every device. cli: its trainer autocasts on CUDA only, "
+                        "trains in float32 on the CPU whatever --dtype says, and on CUDA takes any --dtype but "
+                        "bfloat16 for float16 (default: train.py's, bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (ours: train.py --compile; "
                                                             "the reference: its --use_compile 1)")
     p.add_argument("--use_moe", action="store_true", help="the MoE model on both sides")
@@ -120,6 +121,7 @@ def write_t2a_parquet(args, path):
     import pyarrow.parquet as pq
     sys.path[:0] = [ROOT, HERE]
     import bench_train
+    import minimind_o as mo
     rng, np_rng = random.Random(0), np.random.default_rng(0)
     columns = dict(conversations=[], answer_audios=[], ref_audios=[], spk_emb=[])
     for _ in range(args.batch_size * args.steps):
@@ -129,9 +131,9 @@ def write_t2a_parquet(args, path):
         frames = round(seconds * bench_train.FRAMES_PER_S)
         columns["conversations"].append(json.dumps([{"role": "user", "content": question},
                                                     {"role": "assistant", "content": reply}]))
-        columns["answer_audios"].append([np_rng.integers(0, 2048, frames * 8).tolist()])
-        columns["ref_audios"].append(np_rng.integers(0, 2048, REF_VOICE_FRAMES * 8).tolist())
-        columns["spk_emb"].append(np_rng.standard_normal(192).astype(np.float32).tolist())
+        columns["answer_audios"].append([np_rng.integers(0, mo.CODEBOOK_SIZE, frames * mo.N_CODEBOOKS).tolist()])
+        columns["ref_audios"].append(np_rng.integers(0, mo.CODEBOOK_SIZE, REF_VOICE_FRAMES * mo.N_CODEBOOKS).tolist())
+        columns["spk_emb"].append(np_rng.standard_normal(mo.SPK_EMBED_DIM).astype(np.float32).tolist())
     schema = pa.schema([("conversations", pa.string()), ("answer_audios", pa.list_(pa.list_(pa.int32()))),
                         ("ref_audios", pa.list_(pa.int32())), ("spk_emb", pa.list_(pa.float32()))])
     pq.write_table(pa.table(columns, schema=schema), path)
@@ -254,7 +256,9 @@ def our_step_times(args, batches, device, cut):
     times, widths = [], []
     say("ready")
     for b in batches:
-        width = int(b["lengths"].max()) if cut else b["input_ids"].shape[-1]
+        full = b["input_ids"].shape[-1]
+        multiple = train.COMPILE_WIDTH if args.compile else 1  # as train.collate rounds the width for --compile
+        width = min(math.ceil(int(b["lengths"].max()) / multiple) * multiple, full) if cut else full
         widths.append(width)
         batch = train.Batch(b["input_ids"][..., :width], b["text_labels"][..., :width], b["audio_labels"][..., :width],
                             speech=None, speech_lengths=None, image=None, spk_emb=b["spk_emb"],

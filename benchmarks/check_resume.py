@@ -54,7 +54,7 @@ def run(cmd, timeout):
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[3:6])} ... exited {done.returncode}:\n{done.stdout[-1500:]}"
+        raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stdout[-1500:]}"
                            f"{done.stderr[-3000:]}")
     return time.perf_counter() - start, done.stdout
 

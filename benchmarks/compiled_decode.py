@@ -7,8 +7,10 @@ generate cases run through them.
     python benchmarks/compiled_decode.py --device cuda --json out.jsonl  # on a GPU
     python benchmarks/compiled_decode.py FIXTURE.pt                      # another fixture
 
-Each generate case of the fixture runs through mo.generate exactly as ../shared/checks/conformance.py calls it
-(greedy), first eagerly, then with the compiled steps; both must give the expected text and frames. Reported
+Each generate case of the fixture runs through mo.stream_generate with the arguments
+../shared/checks/conformance.py gives mo.generate (greedy), first eagerly, then with the compiled steps; the
+compiled run must give the expected text and frames (the eager run's outcome is reported: it tells apart what
+the device itself changes). Reported
 per case and way: steps/s (the steps after the prefill) and the time to the first complete frame (prefill + 8
 steps: speech can start there; no codec here), the median of --repeats runs after the compile/warm-up run, and
 the graphs compiled: one per step function and speaker variant (with or without a speaker embedding). Any

@@ -119,7 +119,7 @@ sys.exit(1 if failed else 0)
 EOF
 }
 
-# ---- 2 and 7. training, ours vs the reference --------------------------------------------------------------
+# ---- 2 and 6. training, ours vs the reference --------------------------------------------------------------
 # bench_vs_reference.py's command line: THE ONE PLACE to change if its flags differ. It prints one JSON line
 # per side ("side": reference, ours, ours_longest; samples_per_s, tokens_per_s, peak_memory_mib), then the ratios.
 train_vs_reference() {  # $@: extra flags (--compile)
@@ -161,7 +161,7 @@ resume_stage() {
     --timeout "$(( $(limit_of resume) / 3 ))" --json "$WORK/resume.jsonl"
 }
 
-# ---- 6. conformance generate cases, compiled ---------------------------------------------------------------
+# ---- 7. conformance generate cases, compiled ---------------------------------------------------------------
 conformance_stage() {
   TORCH_LOGS=$COMPILE_LOGS limited python3 benchmarks/compiled_decode.py "$FIXTURE" --device "$DEVICE" \
     --compile_backend "$COMPILE_BACKEND" --repeats "$CONFORMANCE_REPEATS" --json "$WORK/conformance.jsonl"
