@@ -68,15 +68,21 @@ IMAGE_EVERY = 2                            # --encoder_cache rows: every second 
 IMAGE_SIDE = 384                           # its width and height (SigLIP2 resizes it to 256)
 
 
+def draw_exchange(rng, np_rng):
+    """A typed question and its reply, of realistic lengths -> (the conversation, the reply's speech as
+    flat Mimi codes, frame by frame)."""
+    seconds = float(np_rng.lognormal(np.log(SPEECH_MEDIAN_S), SPEECH_SIGMA))
+    question = " ".join(rng.choices(WORDS, k=rng.randint(*QUESTION_WORDS))) + "?"
+    reply = " ".join(rng.choices(WORDS, k=max(1, round(seconds * WORDS_PER_S)))) + "."
+    codes = np_rng.integers(0, mo.CODEBOOK_SIZE, round(seconds * FRAMES_PER_S) * mo.N_CODEBOOKS)
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": reply}], codes
+
+
 def synthetic_samples(tok, n, max_len, seed=0):
     rng, np_rng = random.Random(seed), np.random.default_rng(seed)
     samples = []
     for _ in range(n):
-        seconds = float(np_rng.lognormal(np.log(SPEECH_MEDIAN_S), SPEECH_SIGMA))
-        question = " ".join(rng.choices(WORDS, k=rng.randint(*QUESTION_WORDS))) + "?"
-        reply = " ".join(rng.choices(WORDS, k=max(1, round(seconds * WORDS_PER_S)))) + "."
-        codes = np_rng.integers(0, mo.CODEBOOK_SIZE, round(seconds * FRAMES_PER_S) * mo.N_CODEBOOKS)
-        conversation = [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+        conversation, codes = draw_exchange(rng, np_rng)
         ids, text_labels, audio_labels = mo.build_sample(conversation, tok, max_len, answer_codes=codes,
                                                          has_spk=True, **train.draw_variations(rng))
         samples.append(train.Sample(ids, text_labels, audio_labels, train.valid_length(text_labels, audio_labels),
@@ -92,13 +98,9 @@ def write_t2a_rows(path, n, seed=0):
     rng, np_rng = random.Random(seed), np.random.default_rng(seed)
     columns = dict(conversations=[], answer_audios=[])
     for _ in range(n):
-        seconds = float(np_rng.lognormal(np.log(SPEECH_MEDIAN_S), SPEECH_SIGMA))
-        question = " ".join(rng.choices(WORDS, k=rng.randint(*QUESTION_WORDS))) + "?"
-        reply = " ".join(rng.choices(WORDS, k=max(1, round(seconds * WORDS_PER_S)))) + "."
-        columns["conversations"].append(json.dumps([{"role": "user", "content": question},
-                                                    {"role": "assistant", "content": reply}]))
-        columns["answer_audios"].append([np_rng.integers(0, mo.CODEBOOK_SIZE, round(seconds * FRAMES_PER_S)
-                                                         * mo.N_CODEBOOKS).tolist()])
+        conversation, codes = draw_exchange(rng, np_rng)
+        columns["conversations"].append(json.dumps(conversation))
+        columns["answer_audios"].append([codes.tolist()])
     pq.write_table(pa.table(columns), path)
     return path
 

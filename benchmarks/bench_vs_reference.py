@@ -125,13 +125,9 @@ def write_t2a_parquet(args, path):
     rng, np_rng = random.Random(0), np.random.default_rng(0)
     columns = dict(conversations=[], answer_audios=[], ref_audios=[], spk_emb=[])
     for _ in range(args.batch_size * args.steps):
-        seconds = float(np_rng.lognormal(np.log(bench_train.SPEECH_MEDIAN_S), bench_train.SPEECH_SIGMA))
-        question = " ".join(rng.choices(bench_train.WORDS, k=rng.randint(*bench_train.QUESTION_WORDS))) + "?"
-        reply = " ".join(rng.choices(bench_train.WORDS, k=max(1, round(seconds * bench_train.WORDS_PER_S)))) + "."
-        frames = round(seconds * bench_train.FRAMES_PER_S)
-        columns["conversations"].append(json.dumps([{"role": "user", "content": question},
-                                                    {"role": "assistant", "content": reply}]))
-        columns["answer_audios"].append([np_rng.integers(0, mo.CODEBOOK_SIZE, frames * mo.N_CODEBOOKS).tolist()])
+        conversation, codes = bench_train.draw_exchange(rng, np_rng)
+        columns["conversations"].append(json.dumps(conversation))
+        columns["answer_audios"].append([codes.tolist()])
         columns["ref_audios"].append(np_rng.integers(0, mo.CODEBOOK_SIZE, REF_VOICE_FRAMES * mo.N_CODEBOOKS).tolist())
         columns["spk_emb"].append(np_rng.standard_normal(mo.SPK_EMBED_DIM).astype(np.float32).tolist())
     schema = pa.schema([("conversations", pa.string()), ("answer_audios", pa.list_(pa.list_(pa.int32()))),
