@@ -130,16 +130,21 @@ def write_am_mvn(path, wav_path):
                     f"<Rescale> {dim} {dim}\n<LearnRateCoef> 0 [ {vec(scale)} ]\n</Nnet>\n")
 
 
+def siglip_image_processor():
+    """transformers' SiglipImageProcessor with the published SigLIP2 settings."""
+    from transformers import SiglipImageProcessor
+    return SiglipImageProcessor(size={"height": SIGLIP_IMAGE_SIZE, "width": SIGLIP_IMAGE_SIZE},
+                                resample=SIGLIP_RESAMPLE_BILINEAR, image_mean=SIGLIP_NORM, image_std=SIGLIP_NORM)
+
+
 def build_siglip(root, vision_conf=TINY_SIGLIP):
     """Random SiglipVisionModel + SiglipImageProcessor saved with save_pretrained; returns the folder."""
-    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+    from transformers import SiglipVisionConfig, SiglipVisionModel
     folder = Path(root) / "siglip2"
     torch.manual_seed(SEED)
     config = SiglipVisionConfig(image_size=SIGLIP_IMAGE_SIZE, patch_size=SIGLIP_PATCH, **vision_conf)
     SiglipVisionModel(config).save_pretrained(folder, safe_serialization=True)
-    SiglipImageProcessor(size={"height": SIGLIP_IMAGE_SIZE, "width": SIGLIP_IMAGE_SIZE},
-                         resample=SIGLIP_RESAMPLE_BILINEAR, image_mean=SIGLIP_NORM,
-                         image_std=SIGLIP_NORM).save_pretrained(folder)
+    siglip_image_processor().save_pretrained(folder)
     return folder
 
 

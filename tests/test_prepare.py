@@ -153,16 +153,6 @@ def test_batched_encoding_pads_without_changing_frames(mimi):
         assert torch.equal(codes, mo.encode_audio_codes(mimi, clip))
 
 
-def speech_frontend():
-    from funasr.frontends.wav_frontend import WavFrontend
-    return WavFrontend(**side_assets.FRONTEND_CONF, dither=0.0)
-
-
-def image_processor():
-    from transformers import SiglipImageProcessor
-    return SiglipImageProcessor(size={"height": 256, "width": 256}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-
-
 def labelled_codes(audio_labels):
     """(8, T) audio labels -> (8, F) the codes they teach, the stop id dropped."""
     layers = [row[row != mo.IGNORE] for row in torch.as_tensor(audio_labels)]
@@ -172,7 +162,7 @@ def labelled_codes(audio_labels):
 
 def test_our_reader_makes_samples_of_every_kind(prepared, tokenizer):
     rows = train.ParquetRows([prepared[1]])
-    encoders = train.Encoders(speech_frontend=speech_frontend(), image_processor=image_processor())
+    encoders = train.Encoders(speech_frontend=side_assets.sensevoice_front_end(), image_processor=side_assets.siglip_image_processor())
     data = train.OmniDataset(rows, tokenizer, 512, encoders, augment="none", scheduled_sampling=0.0)
     for i in range(len(rows)):
         row, sample = rows.read(i), data[i]
@@ -200,7 +190,7 @@ class ReleaseAudioProcessor:
     attention mask), here over funasr's SenseVoice front end."""
 
     def __init__(self):
-        self.frontend = speech_frontend()
+        self.frontend = side_assets.sensevoice_front_end()
 
     def __call__(self, wav, sampling_rate, return_tensors, return_attention_mask):
         assert sampling_rate == mo.SAMPLE_RATE_SPEECH
@@ -229,7 +219,7 @@ def test_the_release_reader_loads_a_prepared_file(prepared):
     np.random.seed(0)
     tok = AutoTokenizer.from_pretrained(tokenizer_folder())
     data = reader.OmniDataset(prepared[1], tok, audio_processor=ReleaseAudioProcessor(),
-                              vision_processor=image_processor(), max_length=512, scheduled_sampling=0.0)
+                              vision_processor=side_assets.siglip_image_processor(), max_length=512, scheduled_sampling=0.0)
     rows = train.ParquetRows([prepared[1]])
     assert len(data) == len(rows)
     for i in range(len(data)):

@@ -73,17 +73,6 @@ def a2a_file(path):
         spk_emb=[np.linspace(-1, 1, 192).tolist(), []]), FULL_TYPES)
 
 
-def speech_frontend():
-    """funasr's SenseVoice front end with the published settings (no CMVN file: the features unnormalised)."""
-    from funasr.frontends.wav_frontend import WavFrontend
-    return WavFrontend(**side_assets.FRONTEND_CONF, dither=0.0)
-
-
-def image_processor():
-    from transformers import SiglipImageProcessor
-    return SiglipImageProcessor(size={"height": 256, "width": 256}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-
-
 @pytest.fixture(scope="module")
 def demo_file(tmp_path_factory):
     return train.write_demo_data(str(tmp_path_factory.mktemp("demo") / "demo.parquet"), rows=64)
@@ -132,7 +121,7 @@ def test_sample_is_build_sample_with_drawn_variations(tokenizer, tmp_path):
 
 def test_question_audio_and_image_become_encoder_inputs(tokenizer, tmp_path):
     rows = train.ParquetRows([a2a_file(tmp_path / "a.parquet")])
-    enc = train.Encoders(speech_frontend=speech_frontend(), image_processor=image_processor())
+    enc = train.Encoders(speech_frontend=side_assets.sensevoice_front_end(), image_processor=side_assets.siglip_image_processor())
     plain = train.OmniDataset(rows, tokenizer, 256, enc, augment="none")
     s = plain[0]
     # 1 s at 24 kHz stereo -> 16 kHz mono: 98 fbank frames of 10 ms -> ceil(98 / 6) = 17 stacked frames
@@ -243,7 +232,7 @@ def test_estimated_lengths_follow_the_samples(tokenizer, tmp_path):
         question_audios=[[], [], [wav_bytes(16000, seconds=3.0)], [], [], []],
         answer_audios=[[codes(f, i)] for i, f in enumerate(frames)],
         image_bytes=[[], [], [], [], [png_bytes()], []]), FULL_TYPES)
-    enc = train.Encoders(speech_frontend=speech_frontend(), image_processor=image_processor())
+    enc = train.Encoders(speech_frontend=side_assets.sensevoice_front_end(), image_processor=side_assets.siglip_image_processor())
     data = train.OmniDataset(train.ParquetRows([path]), tokenizer, 256, enc, augment="none", scheduled_sampling=0)
     estimates = train.estimated_lengths(data.rows, tokenizer, 256).tolist()
     lengths = [data[i].length for i in range(5)]
@@ -460,7 +449,7 @@ def bad_file(path, kinds):
 @pytest.mark.parametrize("kind", sorted(BAD))
 def test_bad_row_error_names_file_row_and_column(tokenizer, tmp_path, kind):
     path = bad_file(tmp_path / f"bad_{kind}.parquet", [kind])
-    enc = train.Encoders(speech_frontend=speech_frontend(), image_processor=image_processor())
+    enc = train.Encoders(speech_frontend=side_assets.sensevoice_front_end(), image_processor=side_assets.siglip_image_processor())
     data = train.OmniDataset(train.ParquetRows([path]), tokenizer, 64, enc)
     assert all(isinstance(data[i], train.Sample) for i in (0, 2))  # the good rows around it are fine
     _, column, problem = BAD[kind]
@@ -530,7 +519,7 @@ def test_a_decompression_bomb_image_is_a_bad_row(tokenizer, tmp_path, monkeypatc
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the 40x30 test image counts as a bomb (> 2x the limit)
     rows = write(tmp_path / "bomb.parquet", dict(conversations=[chat("Hi", "Hello."), chat("<image>Hi", "Hello.")],
                                                  image_bytes=[[], [png_bytes()]]), FULL_TYPES)
-    enc = train.Encoders(image_processor=image_processor())
+    enc = train.Encoders(image_processor=side_assets.siglip_image_processor())
     bad = train.OmniDataset(train.ParquetRows([rows]), tokenizer, 64, enc)[1]
     assert isinstance(bad, train.BadRow) and re.match("bomb.parquet, row 1, column image_bytes: cannot read image.*"
                                                       "decompression bomb", str(bad))
@@ -747,7 +736,6 @@ def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path, tokeniz
 @pytest.fixture(scope="module")
 def encoder_flags(tmp_path_factory):
     """Random-weight SenseVoice and SigLIP2 in the published folder layouts, as train.py flags."""
-    import side_assets
     root = tmp_path_factory.mktemp("encoders")
     return ["--speech_encoder", str(side_assets.build_sensevoice(root)),
             "--vision_encoder", str(side_assets.build_siglip(root))]
