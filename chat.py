@@ -1380,6 +1380,7 @@ interactive commands:
 
 
 nucleus = files.number(float, lambda p: 0 < p <= 1, "in (0, 1]: the share of probability kept")
+port_number = files.number(int, lambda n: 0 <= n < 2 ** 16, "a port, 0 to 65535")
 
 
 def device_name(value):
@@ -1426,8 +1427,7 @@ def web_flags(parser):
                       "to talk or call hands-free with barge-in, images, voices; each browser tab its own conversation")
     page.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine "
                       "only; any other lets everyone who can reach the port use it)")
-    page.add_argument("--port", type=files.number(int, lambda port: 0 <= port < 2 ** 16, "a port, 0 to 65535"),
-                      default=8000, help="port (default 8000; 0: any free one, printed)")
+    page.add_argument("--port", type=port_number, default=8000, help="port (default 8000; 0: any free one, printed)")
     page.add_argument("--ssl_cert", metavar="PEM", help="serve https with this certificate (browsers allow the "
                       "microphone only on https or localhost)")
     page.add_argument("--ssl_key", metavar="PEM", help="the certificate's private key")
