@@ -38,15 +38,14 @@ if [ "$DEVICE" = cuda ]; then
   BUDGET_S=${GPU_CHECK_BUDGET_S:-470}
   BATCH=40 SEQ=512 DTYPE=bfloat16 COMPILE_BACKEND=inductor
   DECODE=(--dtype bfloat16 --steps 200 --text_steps 48 --repeats 3)
-  TRAIN_STEPS=(--steps 10 --warmup 2) TRAIN_FALLBACK=(--steps 5 --warmup 2) CONFORMANCE_REPEATS=3
+  TRAIN_STEPS=(--steps 10 --warmup 2) CONFORMANCE_REPEATS=3
   SITE=/tmp/site               # the device README's install target, put on PYTHONPATH
   LIMITS=(env=90 train=120 decode_eager=60 decode_compiled=150 resume=120 conformance=120 train_compiled=200)
 else                           # the dry run: tiny shapes; compiling only traced (aot_eager) or skipped
   BUDGET_S=${GPU_CHECK_BUDGET_S:-900}
   BATCH=2 SEQ=64 DTYPE=float32 COMPILE_BACKEND=aot_eager
   DECODE=(--steps 12 --text_steps 2 --prompt_tokens 8 --repeats 1 --threads 2)
-  TRAIN_STEPS=(--steps 1 --warmup 1 --hidden_size 64 --num_hidden_layers 2)
-  TRAIN_FALLBACK=(--steps 1 --warmup 0) CONFORMANCE_REPEATS=1
+  TRAIN_STEPS=(--steps 1 --warmup 1 --hidden_size 64 --num_hidden_layers 2) CONFORMANCE_REPEATS=1
   SITE=$WORK/site              # installed to check the wheel set, but this machine's own packages are used
   LIMITS=(env=60 train=200 decode_eager=150 decode_compiled=200 resume=200 conformance=400 train_compiled=200)
 fi
@@ -126,22 +125,8 @@ train_vs_reference() {  # $@: extra flags (--compile)
   limited python3 benchmarks/bench_vs_reference.py step --reference "$REFERENCE" --tokenizer "$TOKENIZER" \
     --device "$DEVICE" --batch_size "$BATCH" --max_seq_len "$SEQ" --dtype "$DTYPE" "${TRAIN_STEPS[@]}" "$@"
 }
-train_stage() {
-  if [ -f benchmarks/bench_vs_reference.py ]; then
-    train_vs_reference
-  else  # not there yet: at least ours (eager, bf16 autocast on CUDA), and the stage counts as failed
-    echo "benchmarks/bench_vs_reference.py is missing: ours only, from benchmarks/bench_train.py"
-    limited python3 benchmarks/bench_train.py --device "$DEVICE" --batch_size "$BATCH" --max_seq_len "$SEQ" \
-      --tokenizer "$TOKENIZER" "${TRAIN_FALLBACK[@]}"
-    local rc=$?
-    return $(( rc ? rc : 1 ))
-  fi
-}
 train_compiled_stage() {
-  if [ ! -f benchmarks/bench_vs_reference.py ]; then
-    echo "benchmarks/bench_vs_reference.py is missing"
-    return 1
-  elif [ "$DEVICE" = cpu ]; then  # the dry run checks the command line, not inductor's training compile
+  if [ "$DEVICE" = cpu ]; then  # the dry run checks the command line, not inductor's training compile
     TORCH_COMPILE_DISABLE=1 train_vs_reference --compile
   else
     train_vs_reference --compile
@@ -171,7 +156,7 @@ if [ "$DEVICE" = cuda ]; then  # the carried wheels come first (the site folder 
   export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
 stage env env_stage  # always: a fresh machine has none of the wheels
-wanted train && stage train train_stage
+wanted train && stage train train_vs_reference
 wanted decode_eager && stage decode_eager decode_stage
 wanted decode_compiled && stage decode_compiled decode_stage --compile
 wanted resume && stage resume resume_stage
