@@ -8,7 +8,7 @@ its next steps. With --mic, Silero VAD cuts the microphone into questions, and s
 stops it (barge-in); the new question is heard from its first word. With --web, the same chat is a web page.
 
 Parts of the chat, in order: `Part`/`PARTS` (published files, what is missing, --download); the side-module
-parts only the chat uses (`MimiStreamDecoder`, voices: `load_voices`/`clone_voice`/`save_voice`, Silero VAD's
+parts only the chat uses (`MimiStreamDecoder`, Silero VAD's
 `VoiceActivity`); `SpeechOut` (Mimi in a background thread) and `Player` (sound card); `Chat` (one
 conversation); `Listener`/`converse` (--mic); the web chat (--web); `parse_args`, `main`.
 """
@@ -21,7 +21,6 @@ import copy
 import io
 import itertools
 import json
-import math
 import os
 import queue
 import re
@@ -215,11 +214,6 @@ def download(args, keys, parts=PARTS):
 # Streaming Mimi decoding, voices, voice activity: the side-module parts only the chat uses
 # -----------------------------------------------------------------------------------------------
 
-MAX_REF_FRAMES = 300                # 24 s of reference codes at most
-MIN_CLONE_SECONDS = 1.0             # shorter clips carry too little of a voice
-MIN_CLONE_RMS_DBFS = -45.0          # quieter than this the codec mostly encodes noise floor
-CLIP_LEVEL = 0.999                  # a sample at or above this magnitude sits on the rail
-MAX_CLIPPED_FRACTION = 1e-3         # more than 0.1% of samples on the rail = audibly clipped
 VAD_CHUNK = 512                     # samples per call at 16 kHz (32 ms), what Silero was trained on
 
 
@@ -284,62 +278,6 @@ class MimiStreamDecoder:
             return np.zeros(0, dtype=np.float32)
         frames, self._pending = self._pending, []
         return self._decode(frames)
-
-
-# Voices: name -> {'ref_codes': (8, R) int64, 'spk_emb': (192,) float32}, the release's voices.pt format
-
-def _check_voice(name, voice, where):
-    codes, emb = voice.get("ref_codes"), voice.get("spk_emb")
-    ok = (isinstance(codes, torch.Tensor) and codes.dtype == torch.long and codes.dim() == 2
-          and codes.size(0) == mo.N_CODEBOOKS and isinstance(emb, torch.Tensor)
-          and emb.shape == (mo.SPK_EMBED_DIM,))
-    if not ok:
-        raise ValueError(f"voice {name!r} in {where}: expected ref_codes ({mo.N_CODEBOOKS}, R) int64 and "
-                         f"spk_emb ({mo.SPK_EMBED_DIM},)")
-
-
-def load_voices(path):
-    """voices.pt -> dict name -> {'ref_codes': (8, R) int64, 'spk_emb': (192,) float32}."""
-    voices = torch.load(path, map_location="cpu", weights_only=True)
-    for name, voice in voices.items():
-        _check_voice(name, voice, path)
-    return voices
-
-
-def check_clone_clip(wav, sr, name):
-    """Raise ValueError when a reference clip is too short, too quiet or clipped to make a usable voice."""
-    seconds = wav.size / sr
-    if seconds < MIN_CLONE_SECONDS:
-        raise ValueError(f"voice clip {name} is {seconds:.2f} s long; at least {MIN_CLONE_SECONDS} s is needed")
-    rms_dbfs = 20 * math.log10(float(np.sqrt(np.mean(wav ** 2))))
-    if rms_dbfs < MIN_CLONE_RMS_DBFS:
-        raise ValueError(f"voice clip {name} is too quiet ({rms_dbfs:.1f} dBFS RMS, "
-                         f"need at least {MIN_CLONE_RMS_DBFS} dBFS)")
-    clipped = float(np.mean(np.abs(wav) >= CLIP_LEVEL))
-    if clipped > MAX_CLIPPED_FRACTION:
-        raise ValueError(f"voice clip {name} is clipped ({clipped:.2%} of samples at full scale); "
-                         "record it again at a lower level")
-
-
-def clone_voice(wav_path, mimi, campp):
-    """A speech clip -> voice dict: its first <= 300 Mimi frames as ref_codes and its CAM++ embedding."""
-    wav, sr = files.read_audio(wav_path)
-    check_clone_clip(wav, sr, wav_path)     # judged at the file's own rate, before resampling smooths clipping
-    wav24 = mo.resample(wav, sr, mo.SAMPLE_RATE_MIMI)[:MAX_REF_FRAMES * mo.MIMI_FRAME_SAMPLES]
-    voice = {"ref_codes": mo.encode_audio_codes(mimi, wav24).cpu(),                            # (8, <= 300)
-             "spk_emb": mo.speaker_embedding(campp, mo.resample(wav24, mo.SAMPLE_RATE_MIMI, mo.SAMPLE_RATE_SPEECH))}
-    _check_voice(Path(wav_path).stem, voice, wav_path)
-    return voice
-
-
-def save_voice(voices_path, name, voice):
-    """Add (or replace) one voice in a voices.pt file, creating the file if needed."""
-    _check_voice(name, voice, "save_voice")
-    voices_path = Path(voices_path)
-    voices = load_voices(voices_path) if voices_path.exists() else {}
-    voices[name] = {"ref_codes": voice["ref_codes"].long().cpu(), "spk_emb": voice["spk_emb"].float().cpu()}
-    with files.atomic_path(voices_path) as tmp:  # a failure midway leaves every stored voice as it was
-        torch.save(voices, tmp)
 
 
 # Voice activity: Silero VAD (the silero_vad package ships its weights)
@@ -651,7 +589,7 @@ class Chat:
             load = {"mimi": lambda: files.load_mimi(path, device),
                     "campplus": lambda: files.load_speaker_encoder(path, device),
                     "sensevoice": lambda: files.load_speech_encoder(path, device),
-                    "siglip": lambda: files.load_vision_encoder(path, device), "voices": lambda: load_voices(path)}
+                    "siglip": lambda: files.load_vision_encoder(path, device), "voices": lambda: files.load_voices(path)}
             with files.loading(key, path):
                 self.parts[key] = load[key]()
         return self.parts[key]
@@ -672,9 +610,9 @@ class Chat:
             self.voice = None
             return "voice: the model's own (no voice prompt)"
         if os.path.isfile(spec):
-            voice = clone_voice(spec, self.part("mimi"), self.part("campplus"))
+            voice = files.clone_voice(spec, self.part("mimi"), self.part("campplus"))
             if save_as:  # never into the release's file: --download could then not tell it is missing
-                save_voice(self.args.my_voices, save_as, voice)
+                files.save_voice(self.args.my_voices, save_as, voice)
             self.voice = voice
             saved = f", saved as {save_as!r} in {self.args.my_voices}" if save_as else ""
             return f"voice: cloned from {spec} ({voice['ref_codes'].shape[1]} frames){saved}"
@@ -1559,7 +1497,7 @@ def parts_needed(args):
 
 def my_voices(args):
     """The voices cloned with --save_voice (name -> voice), {} before the first."""
-    return load_voices(args.my_voices) if os.path.isfile(args.my_voices) else {}
+    return files.load_voices(args.my_voices) if os.path.isfile(args.my_voices) else {}
 
 
 def numbered(path, n):

@@ -9,7 +9,8 @@ lines check the other thing users type: the numbers chat.py's and train.py's fla
   2. checkpoints: one atomic writer for every file the project writes, and the readers of every
      published checkpoint form (.pth, .bin, safetensors folders with or without config.json)
   3. the frozen side modules' loaders: SenseVoice-Small, SigLIP2, Mimi, CAM++ from their published files
-  4. the user's files: audio and images, decoded with an error that names the file; the flags' numbers
+  4. the user's voices: cloned from a clip (checked first), kept in the release's voices.pt format
+  5. the user's files: audio and images, decoded with an error that names the file; the flags' numbers
 
 The entry points (chat.py, train.py, benchmarks/evaluate.py) load and save through here.
 """
@@ -279,7 +280,72 @@ def load_speaker_encoder(folder, device="cpu"):
 
 
 # -----------------------------------------------------------------------------------------------
-# 4. The user's audio and image files, and numbers on the command line
+# 4. The user's voices: cloned from a clip, kept in the release's voices.pt format
+# -----------------------------------------------------------------------------------------------
+
+MAX_REF_FRAMES = 300                # 24 s of reference codes at most
+MIN_CLONE_SECONDS = 1.0             # shorter clips carry too little of a voice
+MIN_CLONE_RMS_DBFS = -45.0          # quieter than this the codec mostly encodes noise floor
+CLIP_LEVEL = 0.999                  # a sample at or above this magnitude sits on the rail
+MAX_CLIPPED_FRACTION = 1e-3         # more than 0.1% of samples on the rail = audibly clipped
+
+
+def _check_voice(name, voice, where):
+    codes, emb = voice.get("ref_codes"), voice.get("spk_emb")
+    ok = (isinstance(codes, torch.Tensor) and codes.dtype == torch.long and codes.dim() == 2
+          and codes.size(0) == mo.N_CODEBOOKS and isinstance(emb, torch.Tensor)
+          and emb.shape == (mo.SPK_EMBED_DIM,))
+    if not ok:
+        raise ValueError(f"voice {name!r} in {where}: expected ref_codes ({mo.N_CODEBOOKS}, R) int64 and "
+                         f"spk_emb ({mo.SPK_EMBED_DIM},)")
+
+
+def load_voices(path):
+    """voices.pt -> dict name -> {'ref_codes': (8, R) int64, 'spk_emb': (192,) float32}."""
+    voices = torch.load(path, map_location="cpu", weights_only=True)
+    for name, voice in voices.items():
+        _check_voice(name, voice, path)
+    return voices
+
+
+def check_clone_clip(wav, sr, name):
+    """Raise ValueError when a reference clip is too short, too quiet or clipped to make a usable voice."""
+    seconds = wav.size / sr
+    if seconds < MIN_CLONE_SECONDS:
+        raise ValueError(f"voice clip {name} is {seconds:.2f} s long; at least {MIN_CLONE_SECONDS} s is needed")
+    rms_dbfs = 20 * math.log10(float(np.sqrt(np.mean(wav ** 2))))
+    if rms_dbfs < MIN_CLONE_RMS_DBFS:
+        raise ValueError(f"voice clip {name} is too quiet ({rms_dbfs:.1f} dBFS RMS, "
+                         f"need at least {MIN_CLONE_RMS_DBFS} dBFS)")
+    clipped = float(np.mean(np.abs(wav) >= CLIP_LEVEL))
+    if clipped > MAX_CLIPPED_FRACTION:
+        raise ValueError(f"voice clip {name} is clipped ({clipped:.2%} of samples at full scale); "
+                         "record it again at a lower level")
+
+
+def clone_voice(wav_path, mimi, campp):
+    """A speech clip -> voice dict: its first <= 300 Mimi frames as ref_codes and its CAM++ embedding."""
+    wav, sr = read_audio(wav_path)
+    check_clone_clip(wav, sr, wav_path)     # judged at the file's own rate, before resampling smooths clipping
+    wav24 = mo.resample(wav, sr, mo.SAMPLE_RATE_MIMI)[:MAX_REF_FRAMES * mo.MIMI_FRAME_SAMPLES]
+    voice = {"ref_codes": mo.encode_audio_codes(mimi, wav24).cpu(),                            # (8, <= 300)
+             "spk_emb": mo.speaker_embedding(campp, mo.resample(wav24, mo.SAMPLE_RATE_MIMI, mo.SAMPLE_RATE_SPEECH))}
+    _check_voice(Path(wav_path).stem, voice, wav_path)
+    return voice
+
+
+def save_voice(voices_path, name, voice):
+    """Add (or replace) one voice in a voices.pt file, creating the file if needed."""
+    _check_voice(name, voice, "save_voice")
+    voices_path = Path(voices_path)
+    voices = load_voices(voices_path) if voices_path.exists() else {}
+    voices[name] = {"ref_codes": voice["ref_codes"].long().cpu(), "spk_emb": voice["spk_emb"].float().cpu()}
+    with atomic_path(voices_path) as tmp:  # a failure midway leaves every stored voice as it was
+        torch.save(voices, tmp)
+
+
+# -----------------------------------------------------------------------------------------------
+# 5. The user's audio and image files, and numbers on the command line
 # -----------------------------------------------------------------------------------------------
 
 SILENCE_PEAK = 1e-4                 # a file whose loudest sample is below -80 dBFS holds no speech

@@ -1849,7 +1849,7 @@ def report(summary, args, demo):
 #   {"turns": [{"question": "Hi", "answer": "Hello.", "answer_audio": "a4.wav"}, {...}], "voice": "me.wav"}
 #
 # and writes the rows --data reads (section 3): each answer's speech as Mimi codes (frame-major), the
-# voice clip's first 300 frames and its CAM++ embedding (chat.py's clone_voice, run once per clip),
+# voice clip's first 300 frames and its CAM++ embedding (files.clone_voice, as chat.py's --voice FILE, run once per clip),
 # each question's audio as 16 kHz mono WAV bytes (what SenseVoice hears), the image file's bytes, and
 # the conversation, its first question carrying the <image> mark when there is an image. Paths are
 # relative to the manifest; any format soundfile reads, any sample rate, mono or stereo.
@@ -1901,8 +1901,6 @@ class Preparer:
     (one clone per distinct clip)."""
 
     def __init__(self, args, needs_voices):
-        from chat import clone_voice  # the chat's voice cloning: a prepared voice is what `chat.py --voice FILE` makes
-        self.clone_voice = clone_voice
         self.folder = os.path.dirname(os.path.abspath(args.prepare[0]))   # manifest paths are relative to it
         self.mimi = load_part("mimi", args.mimi, files.load_mimi, args.device)
         self.campp = None
@@ -1927,7 +1925,7 @@ class Preparer:
         path = os.path.realpath(self.path(line, "voice"))
         if path not in self.voices:
             try:
-                self.voices[path] = self.clone_voice(path, self.mimi, self.campp)
+                self.voices[path] = files.clone_voice(path, self.mimi, self.campp)
             except (FileNotFoundError, ValueError) as e:
                 raise type(e)(f"voice: {e}") from None
         return self.voices[path]

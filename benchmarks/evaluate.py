@@ -42,7 +42,7 @@ import files  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-load_voices = chat.load_voices   # the one place voices files are read
+load_voices = files.load_voices   # the one place voices files are read
 
 # The release's evaluation settings (its eval_omni.py) for the Thinker's text; speech sampling is the model's.
 TEMPERATURE, TOP_P, MAX_NEW_TOKENS = 0.7, 0.85, 512

@@ -76,7 +76,7 @@ def test_a_spoken_question_in_a_cloned_voice(tmp_path, flags):
     reply = chat.main(flags + ["--audio", str(side_assets.QUESTION_WAV), "--voice", str(SPEECH), "--save_voice", "me",
                                "--out", str(tmp_path / "reply.wav")])
     assert len(reply.pcm) == reply.frames * mo.MIMI_FRAME_SAMPLES > 0
-    assert set(chat.load_voices(tmp_path / "my_voices.pt")) == {"me"} and not (tmp_path / "voices.pt").exists()
+    assert set(files.load_voices(tmp_path / "my_voices.pt")) == {"me"} and not (tmp_path / "voices.pt").exists()
 
 
 def greedy_reply(flags, *extra):
@@ -200,10 +200,10 @@ def test_cloning_keeps_at_most_300_frames_and_a_192_d_embedding(tmp_path, flags)
     long_clip = write(tmp_path / "long.wav", np.tile(speech16k(0.2, 0.2), 12))       # about 26 s
     print(session.set_voice(long_clip, save_as="long"))
     session.set_voice(str(SPEECH), save_as="short")
-    voices = chat.load_voices(tmp_path / "my_voices.pt")  # the user's own file: the released one is still missing
+    voices = files.load_voices(tmp_path / "my_voices.pt")  # the user's own file: the released one is still missing
     assert not (tmp_path / "voices.pt").exists() and chat.parts_needed(chat.parse_args(flags + ["--voice", "short"])) \
         == ["checkpoint", "tokenizer", "mimi"]
-    assert voices["long"]["ref_codes"].shape == (mo.N_CODEBOOKS, chat.MAX_REF_FRAMES)
+    assert voices["long"]["ref_codes"].shape == (mo.N_CODEBOOKS, files.MAX_REF_FRAMES)
     seconds = len(speech16k()) / mo.SAMPLE_RATE_SPEECH
     assert voices["short"]["ref_codes"].shape[1] == pytest.approx(seconds * 12.5, abs=1)
     assert all(v["spk_emb"].shape == (192,) for v in voices.values())
@@ -373,7 +373,7 @@ def test_download_while_offline_says_what_failed_and_what_to_do(tmp_path, monkey
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     voices = tmp_path / "voices.pt"
-    chat.save_voice(voices, "x", {"ref_codes": torch.zeros(8, 2, dtype=torch.long), "spk_emb": torch.zeros(192)})
+    files.save_voice(voices, "x", {"ref_codes": torch.zeros(8, 2, dtype=torch.long), "spk_emb": torch.zeros(192)})
     with pytest.raises(SystemExit) as e:
         chat.main(["--download", "--checkpoint", str(tmp_path / "minimind-3o"), "--tokenizer", str(tmp_path / "tok"),
                    "--mimi", str(tmp_path / "mimi"), "--sensevoice", str(tmp_path / "sv"), "--siglip",
@@ -420,7 +420,7 @@ def test_interactive_commands(flags, monkeypatch, capsys):
     lines = iter(["/voice", "1+1=", "/voice nobody", "/audio", "/reset", "/frobnicate", "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     voices = flags[flags.index("--voices") + 1]
-    chat.save_voice(voices, "bob", {"ref_codes": torch.zeros(8, 3, dtype=torch.long), "spk_emb": torch.zeros(192)})
+    files.save_voice(voices, "bob", {"ref_codes": torch.zeros(8, 3, dtype=torch.long), "spk_emb": torch.zeros(192)})
     chat.main(flags + ["--no_speech"])
     out = capsys.readouterr().out
     assert "voices: bob" in out and "model: " in out and "no voice 'nobody'" in out

@@ -201,7 +201,7 @@ def eval_flags(tmp_path_factory, parts, demo_checkpoint, tokenizer_flag):
         + json.dumps({"id": "sum", "text": "1+1="}) + "\n", encoding="utf-8")
     codes = torch.Generator().manual_seed(0)
     for file, name in (("seen.pt", "dylan"), ("unseen.pt", "moon")):
-        chat.save_voice(root / file, name, {"ref_codes": torch.randint(0, mo.CODEBOOK_SIZE, (mo.N_CODEBOOKS, REF_FRAMES),
+        files.save_voice(root / file, name, {"ref_codes": torch.randint(0, mo.CODEBOOK_SIZE, (mo.N_CODEBOOKS, REF_FRAMES),
                                                                      generator=codes),
                                           "spk_emb": torch.zeros(mo.SPK_EMBED_DIM)})
     return ["--checkpoint", str(demo_checkpoint), *tokenizer_flag, "--mimi", str(parts["mimi"]),

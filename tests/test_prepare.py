@@ -119,9 +119,8 @@ def test_rows_hold_each_exchange_in_the_release_schema(prepared, clips, mimi, pa
     np.testing.assert_allclose(heard, files.load_audio(clips / "q1.wav", mo.SAMPLE_RATE_SPEECH), atol=1 / 32768)
     assert turns.question_audios[0] == b"" and sf.info(io.BytesIO(turns.question_audios[1])).samplerate == 16000
 
-    # the voice prompt: what chat.py's clone_voice makes of the clip, the same for every row that names it
-    import chat
-    voice = chat.clone_voice(clips / "voice.wav", mimi, files.load_speaker_encoder(parts[3]))
+    # the voice prompt: what files.clone_voice (chat.py --voice FILE) makes of the clip, the same for every row that names it
+    voice = files.clone_voice(clips / "voice.wav", mimi, files.load_speaker_encoder(parts[3]))
     assert np.array_equal(t2a.ref_codes, voice["ref_codes"].T.flatten().numpy())
     np.testing.assert_array_equal(t2a.spk_emb, voice["spk_emb"].numpy())
     for row in (a2a, turns):

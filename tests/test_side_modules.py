@@ -350,14 +350,14 @@ def test_speaker_encoder_missing_file(tmp_path):
 
 
 def test_clone_save_and_load_voice(mimi, campp, tmp_path):
-    voice = chat.clone_voice(assets.QUESTION_WAV, mimi, campp)
+    voice = files.clone_voice(assets.QUESTION_WAV, mimi, campp)
     samples = sf.info(assets.QUESTION_WAV).frames
     assert voice["ref_codes"].shape == (sm.N_CODEBOOKS, math.ceil(samples / sm.MIMI_FRAME_SAMPLES))
     assert voice["spk_emb"].shape == (sm.SPK_EMBED_DIM,)
     voices_path = tmp_path / "voices.pt"
-    chat.save_voice(voices_path, "question", voice)
-    chat.save_voice(voices_path, "copy", voice)
-    loaded = chat.load_voices(voices_path)
+    files.save_voice(voices_path, "question", voice)
+    files.save_voice(voices_path, "copy", voice)
+    loaded = files.load_voices(voices_path)
     assert sorted(loaded) == ["copy", "question"]
     assert torch.equal(loaded["question"]["ref_codes"], voice["ref_codes"])
 
@@ -365,7 +365,7 @@ def test_clone_save_and_load_voice(mimi, campp, tmp_path):
 def test_a_save_that_fails_midway_leaves_every_stored_voice(tmp_path, monkeypatch):
     voices_path = tmp_path / "voices.pt"
     voice = {"ref_codes": torch.zeros(8, 3, dtype=torch.long), "spk_emb": torch.zeros(192)}
-    chat.save_voice(voices_path, "kept", voice)
+    files.save_voice(voices_path, "kept", voice)
     before = voices_path.read_bytes()
 
     def dies_halfway(obj, f):  # a full disk or a kill: half a file written, then the error
@@ -373,8 +373,8 @@ def test_a_save_that_fails_midway_leaves_every_stored_voice(tmp_path, monkeypatc
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", dies_halfway)
     with pytest.raises(OSError):
-        chat.save_voice(voices_path, "new", voice)
-    assert voices_path.read_bytes() == before and sorted(chat.load_voices(voices_path)) == ["kept"]
+        files.save_voice(voices_path, "new", voice)
+    assert voices_path.read_bytes() == before and sorted(files.load_voices(voices_path)) == ["kept"]
     assert [p.name for p in tmp_path.iterdir()] == ["voices.pt"]  # no temporary file left behind
 
 
@@ -393,8 +393,8 @@ def test_a_wav_write_that_fails_midway_leaves_the_previous_reply(tmp_path, monke
 
 
 def test_clone_keeps_at_most_max_ref_frames(mimi, campp, monkeypatch):
-    monkeypatch.setattr(chat, "MAX_REF_FRAMES", 5)    # the 300-frame cap, scaled down to keep the test fast
-    voice = chat.clone_voice(assets.QUESTION_WAV, mimi, campp)
+    monkeypatch.setattr(files, "MAX_REF_FRAMES", 5)    # the 300-frame cap, scaled down to keep the test fast
+    voice = files.clone_voice(assets.QUESTION_WAV, mimi, campp)
     assert voice["ref_codes"].shape == (sm.N_CODEBOOKS, 5)
 
 
@@ -406,16 +406,16 @@ def test_clone_keeps_at_most_max_ref_frames(mimi, campp, monkeypatch):
 def test_clone_rejects_bad_clips(mimi, campp, hello16, tmp_path, edit, message):
     path = write_wav(tmp_path / "clip.wav", edit(hello16), sm.SAMPLE_RATE_SPEECH)
     with pytest.raises(ValueError, match=f"clip.wav.*{message}"):
-        chat.clone_voice(path, mimi, campp)
+        files.clone_voice(path, mimi, campp)
 
 
 def test_released_voices_load():
     path = SHARED / "voices" / "voices.pt"
     if not path.is_file():
         pytest.skip(f"{path} absent: the release's voices live in ../shared, which this checkout lacks")
-    voices = chat.load_voices(path)
+    voices = files.load_voices(path)
     assert len(voices) == 5
-    assert all(v["ref_codes"].shape[1] <= chat.MAX_REF_FRAMES for v in voices.values())
+    assert all(v["ref_codes"].shape[1] <= files.MAX_REF_FRAMES for v in voices.values())
 
 
 # --- voice activity ------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def server(tmp_path_factory, parts, demo_checkpoint, tokenizer_flag):
     """`python chat.py --web --port 0` in its own process; yields (url, process, path of its stderr log)."""
     folder = tmp_path_factory.mktemp("web")
     voices = folder / "voices.pt"
-    chat.save_voice(voices, "bob", {"ref_codes": torch.zeros(8, 3, dtype=torch.long), "spk_emb": torch.zeros(192)})
+    files.save_voice(voices, "bob", {"ref_codes": torch.zeros(8, 3, dtype=torch.long), "spk_emb": torch.zeros(192)})
     log = folder / "server.log"
     command = [sys.executable, "chat.py", "--web", "--port", "0", "--checkpoint", str(demo_checkpoint),
                *tokenizer_flag, "--mimi", str(parts["mimi"]), "--campplus", str(parts["campplus"]),
