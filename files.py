@@ -88,7 +88,12 @@ PUBLISHED = {
 }
 
 
-class DamagedPartError(ValueError):
+class UserError(Exception):
+    """A mistake of the user's, not a bug: a bad flag, a missing or damaged file, a bad row. The entry points
+    print it as one line; any other exception keeps its traceback."""
+
+
+class DamagedPartError(UserError, ValueError):
     """A published part is there but cannot be read (a git-lfs pointer, a cut download, another file)."""
 
 
