@@ -1,7 +1,10 @@
 """python chat.py --web, driven in a real headless Chromium: the server runs the demo checkpoint with the
-random-weight side modules (conftest.py), the page is chat_web.html, and the microphone is Chromium's fake one,
-playing a recording (espeak-ng speech): half a second of silence, the question, a pause of PAUSE_S, the
-question again (which lands while the first reply is being spoken: barge-in), then silence."""
+random-weight side modules (conftest.py), the page is chat_web.html. Two microphones feed the page's own
+capture path (getUserMedia -> audio worklet -> 512-sample frames over the WebSocket):
+- Chromium's fake one, playing a recording (espeak-ng speech): half a second of silence, the question, a pause
+  of PAUSE_S, the question again, then silence; for the tests that hold to talk or record a voice;
+- a scripted one (`scripted_page`): silence until the test says the question, so that speaking over a reply
+  waits for that reply to be heard, however slow the machine is."""
 import base64
 import http.client
 import os
@@ -36,6 +39,8 @@ REPLY_STEPS = 64          # 56 frames (4.5 s) of speech a reply: long enough to 
 MAX_SESSIONS = 3
 PAUSE_S = 0.6             # between the two questions on the fake mic: VAD_SILENCE_MS ends the first
 BARGE_IN_LIMIT_MS = 300
+HEARD_AHEAD_S = 0.25      # speech is said over a reply with this much of it still to play: longer than the VAD
+                          # takes to hear the speech start (the printed vadLagMs, plus the clip's first 50 ms)
 SERVER_START_S = 180
 TURN_TIMEOUT_MS = 60_000
 QUESTION = side_assets.HELLO_WAV   # "Hello, how are you today?", 16 kHz
@@ -92,8 +97,29 @@ def browser(fake_mic):
         browser.close()
 
 
-def open_page(browser, server):
+# The scripted microphone: getUserMedia gives the page a stream that is silent until `testMic.say()` plays the
+# question into it (16 kHz samples, resampled by the browser like a real microphone's).
+SCRIPTED_MIC = """(() => {
+  const ctx = new AudioContext(), line = ctx.createMediaStreamDestination();
+  window.testMic = {
+    clip: null, rate: 0,
+    say() {
+      const buffer = ctx.createBuffer(1, this.clip.length, this.rate);
+      buffer.getChannelData(0).set(this.clip);
+      const source = ctx.createBufferSource();
+      source.buffer = buffer;
+      source.connect(line);
+      source.start();
+    },
+  };
+  navigator.mediaDevices.getUserMedia = async () => { await ctx.resume(); return line.stream; };
+})();"""
+
+
+def open_page(browser, server, init_script=None):
     page = browser.new_page()
+    if init_script:
+        page.add_init_script(init_script)
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.errors = errors
@@ -108,6 +134,31 @@ def page(browser, server):
     yield page
     assert page.errors == []  # no uncaught error in the page's script
     page.close()
+
+
+def give_scripted_mic(page):
+    """The question, for a page opened with SCRIPTED_MIC to say when told."""
+    page.evaluate("([clip, rate]) => { testMic.clip = Float32Array.from(clip); testMic.rate = rate; }",
+                  [files.load_audio(str(QUESTION), mo.SAMPLE_RATE_SPEECH).tolist(), mo.SAMPLE_RATE_SPEECH])
+
+
+@pytest.fixture
+def scripted_page(browser, server):
+    page = open_page(browser, server, SCRIPTED_MIC)
+    give_scripted_mic(page)
+    yield page
+    assert page.errors == []
+    page.close()
+
+
+def say_the_question(page):
+    page.evaluate("testMic.say()")
+
+
+def wait_sounding(page, seconds_ahead):
+    """Until the reply being made or played is heard, with at least `seconds_ahead` of it still to play."""
+    page.wait_for_function("s => speaker.sources.size > 0 && speaker.next - speaker.ctx.currentTime >= s",
+                           arg=seconds_ahead, timeout=TURN_TIMEOUT_MS)
 
 
 def turns(page):
@@ -175,19 +226,35 @@ def test_a_typed_question_streams_its_text_and_plays_its_speech_as_it_is_made(pa
     assert page.locator("#log").inner_text() == ""
 
 
-def test_a_spoken_question_is_answered_and_speaking_over_the_reply_stops_it_at_once(page):
+def test_a_spoken_question_is_answered_and_speaking_over_the_reply_being_made_stops_it_at_once(scripted_page):
+    page = scripted_page
     page.click("#call")
+    say_the_question(page)
+    page.wait_for_function("chatState.replying !== null", timeout=TURN_TIMEOUT_MS)
+    say_the_question(page)  # again, while the reply is being made: the VAD hears it start, the model stops
     first, second = wait_turns(page, 2)
-    # The question again, while the first reply is being made: the VAD hears it start, the reply stops
-    assert first.interrupted and first.steps < REPLY_STEPS
+    assert first.interrupted and first.steps < REPLY_STEPS, first
     assert first.stoppedMs < BARGE_IN_LIMIT_MS          # from the VAD's "start" to the model's last step
-    assert first.soundingAtBarge > 0 and first.soundingAfterBarge == 0 and first.dropped > 0  # silent at once
     print(f"barge-in: the model stopped {first.stoppedMs} ms after the VAD heard speech, {first.closedMs} ms with "
-          f"Mimi's last decode; the VAD was {first.vadLagMs} ms behind the microphone")
+          f"Mimi's last decode; the VAD was {first.barge['vadLagMs']} ms behind the microphone")
     # ... and that question, heard from its first word, gets the whole reply
     assert spoke_all(second) and second.firstSoundMs > 0
     assert min(questions_seconds(page)) >= sf.info(str(QUESTION)).duration
     page.click("#call")  # hang up
+
+
+def test_speaking_over_the_reply_being_heard_silences_it_at_once(scripted_page):
+    page = scripted_page
+    page.click("#call")
+    say_the_question(page)
+    wait_sounding(page, HEARD_AHEAD_S)
+    say_the_question(page)
+    first, second = wait_turns(page, 2)
+    barge = page.evaluate("chatState.barges.at(-1)")  # the second question's start (the first's came before any reply)
+    assert barge["sounding"] > 0 and barge["soundingAfter"] == 0    # what played stopped at once ...
+    assert first.samples == barge["playedSamples"]                   # ... and nothing of that reply played after
+    assert spoke_all(second)
+    page.click("#call")
 
 
 def test_hold_to_talk_asks_what_was_said(page):
@@ -272,7 +339,7 @@ def test_bad_uploads_and_messages_are_refused_with_a_message_and_the_server_goes
 
 
 def test_two_tabs_at_once_both_get_answers_and_one_tabs_barge_in_leaves_the_others_reply(browser, server):
-    first, second = open_page(browser, server), open_page(browser, server)
+    first, second = open_page(browser, server), open_page(browser, server, SCRIPTED_MIC)
     try:
         ask(first, "1+1=")
         first.wait_for_function("chatState.replying !== null", timeout=TURN_TIMEOUT_MS)
@@ -282,14 +349,14 @@ def test_two_tabs_at_once_both_get_answers_and_one_tabs_barge_in_leaves_the_othe
         assert spoke_all(waited) and waited.queuedBehind == 1
         ask(first, "3+3=")
         first.wait_for_function("chatState.replying !== null", timeout=TURN_TIMEOUT_MS)
-        second.click("#call")   # the second tab's mic: its speech starts 0.5 s in, during the first tab's reply
+        give_scripted_mic(second)
+        second.click("#call")
+        say_the_question(second)   # the second tab speaks during the first tab's reply
         reply = wait_turns(first, 2)[1]
         assert spoke_all(reply)   # not stopped by the other tab's barge-in ...
         heard = second.evaluate("performance.timeOrigin + chatState.speechStarts[0]")
         started, ended = (first.evaluate("performance.timeOrigin") + t for t in (reply.startedAt, reply.endedAt))
         assert started < heard < ended   # ... which came while it was being made
-        # The second tab is heard too (its first question, queued behind the other tab's reply, gives way to
-        # the second, spoken over it)
         second.wait_for_function("chatState.order.some(id => id.startsWith('spoken') && "
                                  "chatState.turns[id].outcome === 'answered')", timeout=TURN_TIMEOUT_MS)
         second.click("#call")
