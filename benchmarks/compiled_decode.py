@@ -6,13 +6,11 @@ generate cases of a conformance fixture.
     python benchmarks/compiled_decode.py FIXTURE.pt                                   # CPU
     python benchmarks/compiled_decode.py FIXTURE.pt --device cuda --json out.jsonl    # on a GPU
 
-Each generate case runs greedily through mo.stream_generate, first eagerly, then with the compiled steps;
-the compiled run must give the case's expected text and frames (the eager run's outcome is reported too:
-it tells apart what the device itself changes). Reported per case and way: steps/s after the prefill and
-the time to the first complete frame (prefill + 8 steps), the median of --repeats runs after the first.
-Each step function compiles once per speaker variant (with or without a speaker embedding); any other
-graph is a recompile and a graph break is an error (fullgraph), so either fails the check.
-bench_generate.py --compile uses compile_decode for the full-size model with Mimi.
+Each generate case runs greedily through mo.stream_generate, eagerly and with the compiled steps, which
+must give the expected text and frames (the eager outcome tells apart what the device itself changes),
+compile once per step function and speaker variant (with a speaker embedding or without), and never break
+a graph (fullgraph). Reported: steps/s after the prefill and the time to the first complete frame (prefill
++ 8 steps), medians of --repeats runs after the first. bench_generate.py --compile uses compile_decode.
 """
 import argparse
 import json

@@ -42,13 +42,14 @@ if [ "$DEVICE" = cuda ]; then
   BUDGET_S=${GPU_CHECK_BUDGET_S:-470}
   BATCH=40 SEQ=512 DTYPE=bfloat16 BACKEND=inductor REPEATS=3
   DECODE=(--dtype bfloat16 --steps 200 --text_steps 48)
-  TRAIN=(--steps 10 --warmup 2)
+  TRAIN=(--steps 10 --warmup 2) TRAIN_ENV=()
   LIMITS=(env=60 train=120 decode_eager=60 decode_compiled=150 resume=120 train_compiled=200 conformance=120)
 else                   # the dry run: tiny shapes; compiling only traced (aot_eager) or switched off
   BUDGET_S=${GPU_CHECK_BUDGET_S:-900}
   BATCH=2 SEQ=64 DTYPE=float32 BACKEND=aot_eager REPEATS=1
   DECODE=(--steps 12 --text_steps 2 --prompt_tokens 8 --threads 2)
   TRAIN=(--steps 1 --warmup 1 --hidden_size 64 --num_hidden_layers 2)
+  TRAIN_ENV=(TORCH_COMPILE_DISABLE=1)   # checks --compile's command line, not inductor's training compile
   LIMITS=(env=60 train=200 decode_eager=150 decode_compiled=200 resume=200 train_compiled=200 conformance=400)
 fi
 
@@ -98,32 +99,16 @@ env_report() {
     limited nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || return 1
   fi
   limited python3 - <<'EOF'
-import importlib, platform, sys
-import torch
-print(f"python {platform.python_version()}, torch {torch.__version__}, cuda {torch.version.cuda}, "
-      f"GPU {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
-failed = 0
-for name in ["numpy", "pyarrow", "soundfile", "transformers", "moshi", "minimind_o", "train", "chat"]:
-    try:
-        print(f"  {name} {getattr(importlib.import_module(name), '__version__', '')}")
-    except Exception as e:
-        print(f"FAIL import {name}: {type(e).__name__}: {e}")
-        failed += 1
-sys.exit(1 if failed else 0)
+import platform, numpy, pyarrow, torch, transformers, moshi, minimind_o, train, chat  # a missing one fails here
+print(f"python {platform.python_version()}, torch {torch.__version__}, cuda {torch.version.cuda}, numpy "
+      f"{numpy.__version__}, pyarrow {pyarrow.__version__}, transformers {transformers.__version__}")
 EOF
 }
 
 train_vs_reference() {  # $@: extra flags (--compile)
-  limited python3 benchmarks/bench_vs_reference.py step --reference "$REFERENCE" --tokenizer "$TOKENIZER" --device "$DEVICE" \
-    --batch_size "$BATCH" --max_seq_len "$SEQ" --dtype "$DTYPE" "${TRAIN[@]}" "$@"
-}
-
-train_compiled() {  # the dry run checks the command line, not inductor's training compile
-  if [ "$DEVICE" = cpu ]; then
-    TORCH_COMPILE_DISABLE=1 train_vs_reference --compile
-  else
-    train_vs_reference --compile
-  fi
+  limited env "${TRAIN_ENV[@]}" python3 benchmarks/bench_vs_reference.py step --reference "$REFERENCE" \
+    --tokenizer "$TOKENIZER" --device "$DEVICE" --batch_size "$BATCH" --max_seq_len "$SEQ" --dtype "$DTYPE" \
+    "${TRAIN[@]}" "$@"
 }
 
 COMPILE_LOGS=recompiles,graph_breaks,perf_hints   # perf_hints: why a graph would not run as a CUDA graph
@@ -147,7 +132,7 @@ ready train && stage train train_vs_reference
 ready decode_eager && stage decode_eager decode decode_eager
 ready decode_compiled && stage decode_compiled decode decode_compiled --compile
 ready resume && stage resume resume
-ready train_compiled && stage train_compiled train_compiled
+ready train_compiled && stage train_compiled train_vs_reference --compile
 ready conformance && stage conformance conformance
 
 # The summary: each stage's outcome, then its results (the versions; the JSON lines a benchmark wrote or
