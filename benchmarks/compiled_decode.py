@@ -1,21 +1,16 @@
 """
-The decode step compiled: MiniMindO.step and .speech_step under torch.compile (on a GPU in
-mode="reduce-overhead": each step recorded once as a CUDA graph, then replayed), and the conformance
-generate cases run through them.
+The decode steps compiled: MiniMindO.step and .speech_step under torch.compile (on a GPU in
+mode="reduce-overhead": each step recorded once as a CUDA graph, then replayed), checked on the
+generate cases of a conformance fixture.
 
-    python benchmarks/compiled_decode.py                                 # ../shared's fixture, CPU
-    python benchmarks/compiled_decode.py --device cuda --json out.jsonl  # on a GPU
-    python benchmarks/compiled_decode.py FIXTURE.pt                      # another fixture
+    python benchmarks/compiled_decode.py FIXTURE.pt                                   # CPU
+    python benchmarks/compiled_decode.py FIXTURE.pt --device cuda --json out.jsonl    # on a GPU
 
-Each generate case of the fixture runs through mo.stream_generate with the arguments
-../shared/checks/conformance.py gives mo.generate (greedy), first eagerly, then with the compiled steps; the
-compiled run must give the expected text and frames (the eager run's outcome is reported: it tells apart what
-the device itself changes). Reported
-per case and way: steps/s (the steps after the prefill) and the time to the first complete frame (prefill + 8
-steps: speech can start there; no codec here), the median of --repeats runs after the compile/warm-up run, and
-the graphs compiled: one per step function and speaker variant (with or without a speaker embedding). Any
-other graph is a recompile, and a graph break is an error (fullgraph), so either fails the check.
-bench_generate.py --compile uses compile_decode for the full-size model with Mimi.
+Each generate case runs greedily through mo.stream_generate, eagerly and with the compiled steps, which
+must give the expected text and frames (the eager outcome tells apart what the device itself changes),
+compile once per step function and speaker variant (with a speaker embedding or without), and never break
+a graph (fullgraph). Reported: steps/s after the prefill and the time to the first complete frame (prefill
++ 8 steps), medians of --repeats runs after the first. bench_generate.py --compile uses compile_decode.
 """
 import argparse
 import json
@@ -27,12 +22,10 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import minimind_o as mo  # noqa: E402
 
 DECODE_STEPS = ("step", "speech_step")   # what stream_generate calls once per column; prefill stays eager
-DEFAULT_FIXTURE = ROOT.parent / "shared" / "fixtures" / "conformance_public.pt"
 
 
 def compile_decode(model, backend="inductor"):
@@ -44,8 +37,8 @@ def compile_decode(model, backend="inductor"):
     cuda = next(model.parameters()).device.type == "cuda"
     mode = "reduce-overhead" if cuda and backend == "inductor" else None
     for name in DECODE_STEPS:
-        setattr(model, name, torch.compile(getattr(model, name), backend=backend, mode=mode, fullgraph=True,
-                                           dynamic=False))
+        step = torch.compile(getattr(model, name), backend=backend, mode=mode, fullgraph=True, dynamic=False)
+        setattr(model, name, step)
     keep_caches(model)
     return model
 
@@ -77,20 +70,17 @@ def cudagraph_skips():
     return counters["inductor"]["cudagraph_skips"]
 
 
-def generate_kwargs(case):
-    """mo.generate's arguments for a fixture's generate case, as the conformance check passes them."""
-    return dict(max_new_tokens=case["max_new_tokens"], greedy=True, repetition_penalty=case["repetition_penalty"],
-                ref_codes=case["ref_codes"], spk_emb=case["spk_emb"],
-                audio_embeds=None if case["audio_embeds"] is None else [case["audio_embeds"]], eos_token_id=2)
-
-
 def timed_generate(model, case):
-    """One greedy generation of the case -> (text ids, frames, steps/s after the prefill, seconds to the first
-    frame). stream_generate reads every step's ids on the host, so each step has finished when it is yielded."""
+    """One greedy generation of the case, with the arguments the conformance check gives mo.generate ->
+    (text ids, frames, steps/s after the prefill, seconds to the first frame). stream_generate reads every
+    step's ids on the host, so each step has finished when it is yielded."""
+    audio = None if case["audio_embeds"] is None else [case["audio_embeds"]]
     torch.manual_seed(0)
     text, frames, stamps, first_frame = [], [], [], None
     start = time.perf_counter()
-    for step in mo.stream_generate(model, case["prompt_ids"], **generate_kwargs(case)):
+    for step in mo.stream_generate(model, case["prompt_ids"], max_new_tokens=case["max_new_tokens"], greedy=True,
+                                   repetition_penalty=case["repetition_penalty"], ref_codes=case["ref_codes"],
+                                   spk_emb=case["spk_emb"], audio_embeds=audio, eos_token_id=2):
         stamps.append(time.perf_counter())
         if step.text is not None:
             text.append(step.text)
@@ -102,24 +92,13 @@ def timed_generate(model, case):
 
 
 def run_case(model, case, repeats):
-    """The case's first run (compiles, records, warms up), then `repeats` timed ones -> (text, frames) of the
-    first run, and a result dict: ok when every run gave the expected text and frames."""
-    before = graphs_compiled()
-    text, frames, _, _ = timed_generate(model, case)
-    runs = [timed_generate(model, case) for _ in range(repeats)]
-    ok = all(r[0] == case["expected_text"] and r[1] == case["expected_frames"] for r in [(text, frames)] + runs)
-    return (text, frames), dict(ok=ok, text_len=len(text), frames=len(frames),
-                                steps_per_s=statistics.median(r[2] for r in runs),
-                                first_frame_s=statistics.median(r[3] for r in runs) if frames else None,
-                                graphs=graphs_compiled() - before)
-
-
-def report(r):
-    print(f"{r['model']}/{r['case']:<8} {r['way']:<9} {'ok  ' if r['ok'] else 'FAIL'} {r['steps_per_s']:8.1f} steps/s, "
-          f"first frame {'-' if r['first_frame_s'] is None else round(r['first_frame_s'] * 1000, 1)} ms  "
-          f"({r['text_len']} text ids, {r['frames']} frames, {r['graphs']} graphs compiled"
-          + ("" if r["way"] == "eager" else f", {'same as' if r['same_as_eager'] else 'DIFFERENT from'} eager")
-          + ")", flush=True)
+    """The first run (compiles, records, warms up), then `repeats` timed ones -> (the first run's text and
+    frames, a result dict: ok when every run gave the expected text and frames)."""
+    runs = [timed_generate(model, case) for _ in range(1 + repeats)]
+    ok = all(text == case["expected_text"] and frames == case["expected_frames"] for text, frames, _, _ in runs)
+    first_frames = [r[3] for r in runs[1:] if r[3] is not None]
+    return runs[0][:2], dict(ok=ok, steps_per_s=statistics.median(r[2] for r in runs[1:]),
+                             first_frame_s=statistics.median(first_frames) if first_frames else None)
 
 
 def load_model(entry, device):
@@ -128,62 +107,45 @@ def load_model(entry, device):
     return model.float().to(device).eval()
 
 
-def expected_graphs(cases):
-    """One graph per step function and speaker variant: every case uses step (text) and, once its text has
-    ended, speech_step; a speaker embedding (or none) is a different graph of each."""
-    return len(DECODE_STEPS) * len({case["spk_emb"] is None for case in cases})
-
-
-def check_fixture(path, device, backend, repeats):
-    """Every generate case of the fixture, eager then compiled -> (results, all ok)."""
-    fx = torch.load(path, map_location="cpu", weights_only=False)
-    results, ok = [], True
-    for entry in (e for e in fx["models"] if e["generate"]):
-        eager, compiled = load_model(entry, device), compile_decode(load_model(entry, device), backend)
-        graphs_before = graphs_compiled()
-        for case in entry["generate"]:
-            eager_out, r = run_case(eager, case, repeats)
-            results.append(dict(model=entry["name"], case=case["name"], way="eager", **r))
-            compiled_out, r = run_case(compiled, case, repeats)
-            results.append(dict(model=entry["name"], case=case["name"], way="compiled",
-                                same_as_eager=compiled_out == eager_out, **r))
-            for r in results[-2:]:
-                report(r)
-            ok &= results[-1]["ok"]  # the compiled steps must conform; eager's outcome tells the device's part
-        graphs = graphs_compiled() - graphs_before
-        want = expected_graphs(entry["generate"])
-        results.append(dict(model=entry["name"], graphs_compiled=graphs, graphs_expected=want))
-        ok &= graphs == want
-    return results, ok
+def check_model(entry, device, backend, repeats):
+    """One fixture model's generate cases, eager then compiled -> result dicts, the graph count last."""
+    eager, compiled = load_model(entry, device), compile_decode(load_model(entry, device), backend)
+    before, results = graphs_compiled(), []
+    for case in entry["generate"]:
+        eager_out, eager_result = run_case(eager, case, repeats)
+        compiled_out, compiled_result = run_case(compiled, case, repeats)
+        results += [dict(model=entry["name"], case=case["name"], way="eager", **eager_result),
+                    dict(model=entry["name"], case=case["name"], way="compiled", same_as_eager=compiled_out == eager_out,
+                         **compiled_result)]
+    speaker_variants = len({case["spk_emb"] is None for case in entry["generate"]})
+    results.append(dict(model=entry["name"], graphs_compiled=graphs_compiled() - before,
+                        graphs_expected=len(DECODE_STEPS) * speaker_variants))
+    return results
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("fixture", nargs="?", default=str(DEFAULT_FIXTURE), help="a conformance fixture (.pt) with "
-                   "generate cases (default: ../shared/fixtures/conformance_public.pt)")
+    p.add_argument("fixture", help="a conformance fixture (.pt) with generate cases")
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile_backend", default="inductor", help="torch.compile backend (aot_eager: the same graphs, "
-                   "traced and checked, without code generation: a quick check of the step's compilability)")
+                   "traced and checked, without code generation: a quick check)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per case and way")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU; 1 keeps a busy machine's other jobs "
-                   "from stalling every small op's threads)")
     p.add_argument("--json", help="also append the results as JSON lines to this file")
     args = p.parse_args(argv)
     if not Path(args.fixture).is_file():
-        p.error(f"{args.fixture}: no such fixture (the conformance fixture lives in ../shared/fixtures)")
+        p.error(f"{args.fixture}: no such fixture")
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    results, ok = check_fixture(args.fixture, torch.device(args.device), args.compile_backend, args.repeats)
-    ok &= cudagraph_skips() == 0  # on a GPU every step must run as a CUDA graph (elsewhere there are none)
+    fixture = torch.load(args.fixture, map_location="cpu", weights_only=False)
+    results = [r for entry in fixture["models"] if entry["generate"]
+               for r in check_model(entry, torch.device(args.device), args.compile_backend, args.repeats)]
+    # The compiled steps must conform, compile once per variant and, on a GPU, every step run as a CUDA graph.
+    ok = (all(r["ok"] for r in results if r.get("way") == "compiled") and cudagraph_skips() == 0
+          and all(r["graphs_compiled"] == r["graphs_expected"] for r in results if "graphs_compiled" in r))
     results.append(dict(summary="compiled decode", ok=ok, device=args.device, backend=args.compile_backend,
                         torch=torch.__version__, cudagraph_skips=cudagraph_skips()))
     for r in results:
-        if "graphs_compiled" in r:
-            print(f"{r['model']}: {r['graphs_compiled']} graphs compiled, {r['graphs_expected']} expected "
-                  f"({'no recompiles' if r['graphs_compiled'] == r['graphs_expected'] else 'RECOMPILED'})")
-    print(f"compiled decode ({args.compile_backend} on {args.device}, {cudagraph_skips()} CUDA-graph skips): "
-          f"{'all cases match' if ok else 'FAILED'}")
+        print(json.dumps(r))
+    print(f"compiled decode ({args.compile_backend} on {args.device}): {'all cases match' if ok else 'FAILED'}")
     if args.json:
         with open(args.json, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in results)

@@ -3,6 +3,7 @@
     python3 tests/mutation_check.py              # every mistake below
     python3 tests/mutation_check.py rope_sign    # some of them, by name
     python3 tests/mutation_check.py --list
+    python3 tests/mutation_check.py --snippets   # are the entries up to date with the code?
 
 The working tree is never changed. The project's files (what git tracks, plus untracked files it does not
 ignore) are copied into a temporary folder, next to a link to ../shared as in CI; each mistake is planted in
@@ -13,7 +14,9 @@ reported as
     snippet not found  the code changed and the entry must be updated (never silently counted as caught)
     snippet found N x  the snippet is ambiguous: make it longer
     error              pytest could not run the tests (e.g. a test id that no longer exists)
-pytest collects test_*.py only, so this file is not part of `python3 -m pytest tests`.
+`--snippets` checks only that every snippet occurs once and every test function exists (seconds, no
+pytest): run it after moving code. pytest collects test_*.py only, so this file is not part of
+`python3 -m pytest tests`.
 """
 import argparse
 import os
@@ -47,9 +50,8 @@ MODEL, GEN, SAMPLE = "tests/test_model.py::", "tests/test_generate.py::", "tests
 NOTEBOOK = "tests/test_tutorial.py::test_notebook_executes[{}.ipynb]".format
 
 MISTAKES = [
-    # -- the mistakes the first mutation run found uncaught (issue 16) --
-    # (the CMVN sign slip of the first run cannot be planted any more: funasr's own front end applies it; the
-    # encoder-input test below still guards it, and the dither's scale is the slip left in our code)
+    # (A sign slip in the CMVN cannot be planted: funasr's own front end applies it. The encoder-input test
+    # below guards it, and the dither's scale is the one constant of the front end in our code.)
     Mistake("dither_scale", MO, "DITHER = 1.0 / 32768", "DITHER = 1.0",
             (SIDE + "test_encoder_input_is_funasr_front_end_with_the_folder_cmvn",
              SIDE + "test_speech_features_are_funasrs_dithered_front_end_and_repeat"),
@@ -81,7 +83,6 @@ MISTAKES = [
             "    torch.save(mo.official_state_dict(model), path)\n",
             (MODEL + "test_a_save_killed_while_writing_leaves_the_old_checkpoint_whole",),
             "save_checkpoint writes straight to the path"),
-    # -- mistakes of the kind the first run caught, kept so that they stay caught --
     Mistake("rmsnorm_sum", MO, "torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)",
             "torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + self.eps)",
             (NOTEBOOK("01_blocks"),), "RMSNorm divides by the root of the sum, not the mean"),
@@ -178,10 +179,23 @@ def check(mistake, project):
     return "NOT caught" if status == 0 else f"error (pytest exit {status})"
 
 
+def stale(mistake):
+    """What is out of date in an entry (its snippet not found once, a test function gone), or None."""
+    count = (ROOT / mistake.file).read_text().count(mistake.original)
+    if count != 1:
+        return "snippet not found" if count == 0 else f"snippet found {count} x"
+    for test in mistake.tests:
+        path, _, name = test.partition("::")
+        if f"def {name.split('[')[0]}(" not in (ROOT / path).read_text():
+            return f"no test {test}"
+    return None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("names", nargs="*", help="mistakes to plant (default: all)")
     parser.add_argument("--list", action="store_true", help="list the mistakes and their tests")
+    parser.add_argument("--snippets", action="store_true", help="only check that the entries match the code")
     args = parser.parse_args(argv)
     unknown = set(args.names) - {m.name for m in MISTAKES}
     if unknown:
@@ -191,6 +205,12 @@ def main(argv=None):
         for m in chosen:
             print(f"{m.name:28s} {m.file:14s} {m.what}\n{'':28s} {' '.join(m.tests)}")
         return 0
+    if args.snippets:
+        problems = [(m.name, stale(m)) for m in chosen if stale(m)]
+        for name, problem in problems:
+            print(f"{name:28s} {problem}")
+        print(f"{len(chosen) - len(problems)} of {len(chosen)} entries match the code")
+        return 1 if problems else 0
     with tempfile.TemporaryDirectory(prefix="mutation_check_") as tmp:
         project = Path(tmp) / ROOT.name
         copy_project(project)
