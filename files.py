@@ -145,6 +145,7 @@ def save_checkpoint(model, path):
 def weights_file(path):
     """The file holding a checkpoint's weights: `path` itself, or in a release folder the first of
     model.safetensors, pytorch_model.bin, *.pth; None when there is none."""
+    path = os.fspath(path)  # a str or a pathlib.Path
     if os.path.isfile(path):
         return path
     if not os.path.isdir(path):

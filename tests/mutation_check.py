@@ -47,6 +47,7 @@ class Mistake:
 MO, FILES, TRAIN, CHAT = "minimind_o.py", "files.py", "train.py", "chat.py"
 SIDE = "tests/test_side_modules.py::"
 MODEL, GEN, SAMPLE = "tests/test_model.py::", "tests/test_generate.py::", "tests/test_sample.py::"
+NUMERICS = "tests/test_numerics.py::"
 NOTEBOOK = "tests/test_tutorial.py::test_notebook_executes[{}.ipynb]".format
 
 MISTAKES = [
@@ -136,6 +137,32 @@ MISTAKES = [
     Mistake("int8_does_nothing", CHAT, "return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)",
             "return model", ("tests/test_chat.py::test_int8_and_bfloat16_replies_stay_close_to_float32",),
             "chat.py --int8 leaves the model in float32"),
+    Mistake("rmsnorm_eps_outside_root", MO, "torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)",
+            "(torch.rsqrt(xf.pow(2).mean(-1, keepdim=True)) + self.eps)",
+            (NUMERICS + "test_rmsnorm_adds_epsilon_to_the_mean_square_inside_the_root",),
+            "RMSNorm's epsilon added after the root"),
+    Mistake("nucleus_without_shift", MO, "beyond[1:] = beyond[:-1].clone()", "beyond[1:] = beyond[1:].clone()",
+            (NUMERICS + "test_the_nucleus_keeps_the_smallest_set_that_reaches_top_p",),
+            "nucleus: the token that crosses top_p is cut too"),
+    Mistake("temperature_after_nucleus", MO, "logits = logits / (temperature + 1e-9)\n    if top_p < 1.0:",
+            "if top_p < 1.0:",
+            (NUMERICS + "test_the_temperature_sharpens_before_the_nucleus_cut",),
+            "sampling: no temperature (it is applied nowhere before the nucleus cut)"),
+    Mistake("audio_penalty_window_short", MO, "recent = codes[:, max(0, n - AUDIO_PENALTY_WINDOW):n]",
+            "recent = codes[:, max(0, n - AUDIO_PENALTY_WINDOW + 1):n]",
+            (NUMERICS + "test_the_audio_penalty_counts_the_last_three_codes_of_each_layer_and_no_older_one",),
+            "the audio penalty's window one code short"),
+    Mistake("speaker_features_mean_over_bands", MO, "return logmel - logmel.mean(dim=0, keepdim=True)",
+            "return logmel - logmel.mean(dim=1, keepdim=True)",
+            (NUMERICS + "test_speaker_features_are_zero_mean_over_time_in_every_mel_band",),
+            "CAM++ features normalised over the mel bands instead of over time"),
+    Mistake("speaker_embedding_normalised", MO, "return model(feats)[0].float().cpu()",
+            "return torch.nn.functional.normalize(model(feats)[0].float(), dim=-1).cpu()",
+            (NUMERICS + "test_the_speaker_embedding_is_cam_plus_plus_output_as_it_is_not_length_normalised",),
+            "the speaker embedding length-normalised (voices.pt's are not)"),
+    Mistake("checkpoint_dtype_ignored", FILES, "return model.to(device, dtype).eval()", "return model.to(device).eval()",
+            (NUMERICS + "test_a_checkpoint_loads_in_the_dtype_asked_for_with_its_float16_values",),
+            "a checkpoint loaded in float32 whatever dtype is asked for"),
 ]
 
 
