@@ -1456,6 +1456,11 @@ def check_flags(p, args):
         args.tokenizer = str(ckpt if (ckpt / "tokenizer.json").is_file() else MODELS / "minimind-3o")
     if args.save_voice and not (args.voice and os.path.isfile(args.voice)):
         p.error("--save_voice NAME needs --voice FILE (an audio clip to clone)")
+    try:
+        if args.save_voice is not None:
+            files.check_voice_name(args.save_voice)
+    except ValueError as e:
+        p.error(f"--save_voice: {e}")
     if args.no_speech and args.out:
         p.error("--out writes the spoken reply: it cannot go with --no_speech")
     if args.text is not None and not args.text.strip():

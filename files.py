@@ -20,6 +20,7 @@ import io
 import json
 import math
 import os
+import re
 import uuid
 import warnings
 from dataclasses import dataclass, fields
@@ -294,6 +295,7 @@ MIN_CLONE_SECONDS = 1.0             # shorter clips carry too little of a voice
 MIN_CLONE_RMS_DBFS = -45.0          # quieter than this the codec mostly encodes noise floor
 CLIP_LEVEL = 0.999                  # a sample at or above this magnitude sits on the rail
 MAX_CLIPPED_FRACTION = 1e-3         # more than 0.1% of samples on the rail = audibly clipped
+VOICE_NAME = re.compile(r"[\w-]+")  # what `--voice NAME` and `/voice NAME` can choose: not a path, not two words
 
 
 def _check_voice(name, voice, where):
@@ -304,6 +306,17 @@ def _check_voice(name, voice, where):
     if not ok:
         raise ValueError(f"voice {name!r} in {where}: expected ref_codes ({mo.N_CODEBOOKS}, R) int64 and "
                          f"spk_emb ({mo.SPK_EMBED_DIM},)")
+    if codes.numel() and not (0 <= int(codes.min()) and int(codes.max()) < mo.CODEBOOK_SIZE):
+        raise ValueError(f"voice {name!r} in {where}: ref_codes outside the codebook (0..{mo.CODEBOOK_SIZE - 1})")
+    if not torch.isfinite(emb).all():
+        raise ValueError(f"voice {name!r} in {where}: spk_emb holds values that are not numbers (NaN or infinite)")
+
+
+def check_voice_name(name):
+    """Raise ValueError for a name that could never be chosen again: empty, 'none' (no voice), or one
+    that would read as a file or as two words."""
+    if not VOICE_NAME.fullmatch(name) or name.lower() == "none":
+        raise ValueError(f"voice name {name!r}: use letters, digits, '_' and '-' ('none' means no voice)")
 
 
 def load_voices(path):
@@ -342,6 +355,7 @@ def clone_voice(wav_path, mimi, campp):
 
 def save_voice(voices_path, name, voice):
     """Add (or replace) one voice in a voices.pt file, creating the file if needed."""
+    check_voice_name(name)
     _check_voice(name, voice, "save_voice")
     voices_path = Path(voices_path)
     voices = load_voices(voices_path) if voices_path.exists() else {}
@@ -371,6 +385,8 @@ def read_audio(source):
     except Exception as e:      # libsndfile reports undecodable data in several exception types
         raise ValueError(f"cannot decode audio {name}: {e}") from e
     wav = data.mean(axis=1)     # stereo -> mono by averaging, which keeps both speakers of a 2-channel call
+    if not np.isfinite(wav).all():  # a float file can hold NaN: it would pass every level check below
+        raise ValueError(f"audio {name} holds samples that are not numbers (NaN or infinite)")
     if wav.size < sr * SHORTEST_CLIP_S:
         raise ValueError(f"audio {name} lasts {wav.size * 1000 / sr:.1f} ms, less than one "
                          f"{SHORTEST_CLIP_S * 1000:.0f} ms analysis window: too short to hear")

@@ -1,0 +1,66 @@
+"""Bad input that once got through: each is refused with one line naming what is wrong, before anything is
+written or trained on."""
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import chat
+import files
+import minimind_o as mo
+
+RATE = mo.SAMPLE_RATE_SPEECH
+
+
+def float_wav(path, wav):
+    sf.write(str(path), wav.astype(np.float32), RATE, subtype="FLOAT")  # a float file can hold NaN
+    return str(path)
+
+
+def a_voice(codes=0, spk=0.0):
+    return {"ref_codes": torch.full((mo.N_CODEBOOKS, 3), codes, dtype=torch.long),
+            "spk_emb": torch.full((mo.SPK_EMBED_DIM,), spk)}
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_audio_that_is_not_numbers_is_refused_where_it_is_read(tmp_path, bad):
+    wav = 0.1 * np.sin(np.arange(RATE) / 10)
+    wav[RATE // 2] = bad
+    path = float_wav(tmp_path / "nan.wav", wav)
+    with pytest.raises(ValueError, match="nan.wav holds samples that are not numbers"):
+        files.read_audio(path)
+    with pytest.raises(ValueError, match="not numbers"):  # uploads arrive as bytes
+        files.read_audio(open(path, "rb").read())
+    with pytest.raises(ValueError, match="not numbers"):  # a voice is never cloned from it
+        files.clone_voice(path, mimi=None, campp=None)
+
+
+@pytest.mark.parametrize("voice, message", [
+    (a_voice(codes=mo.CODEBOOK_SIZE), "ref_codes outside the codebook"),
+    (a_voice(codes=-1), "ref_codes outside the codebook"),
+    (a_voice(spk=float("nan")), "spk_emb holds values that are not numbers"),
+])
+def test_a_voices_file_with_codes_off_the_codebook_or_nan_embeddings_is_named(tmp_path, voice, message):
+    path = tmp_path / "voices.pt"
+    torch.save({"alice": voice}, path)
+    with pytest.raises(ValueError, match=f"voice 'alice' in .*voices.pt: {message}"):
+        files.load_voices(path)
+    with pytest.raises(ValueError, match=message):
+        files.save_voice(tmp_path / "mine.pt", "bob", voice)
+    assert not (tmp_path / "mine.pt").exists()
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "none", "None", "two words", "me.wav"])
+def test_voice_names_that_could_never_be_chosen_are_refused_when_saving(tmp_path, capsys, name):
+    with pytest.raises(ValueError, match="use letters, digits"):
+        files.save_voice(tmp_path / "mine.pt", name, a_voice())
+    assert not (tmp_path / "mine.pt").exists()
+    clip = float_wav(tmp_path / "clip.wav", 0.1 * np.sin(np.arange(2 * RATE) / 10))
+    with pytest.raises(SystemExit):
+        chat.parse_args(["--voice", clip, "--save_voice", name, "--text", "hi"])
+    assert "--save_voice: voice name" in capsys.readouterr().err
+
+
+def test_a_good_voice_name_is_kept(tmp_path):
+    files.save_voice(tmp_path / "mine.pt", "bob_2-b", a_voice())
+    assert list(files.load_voices(tmp_path / "mine.pt")) == ["bob_2-b"]
