@@ -1436,7 +1436,7 @@ def running_flags(parser):
     run.add_argument("--int8", action="store_true",
                      help="CPU only: int8 weights in every Linear layer, about 1.5x faster steps on 2 cores, "
                           "at a small cost in accuracy")
-    run.add_argument("--threads", type=files.positive, help="CPU threads for PyTorch (default: its own choice)")
+    run.add_argument("--threads", type=files.cpu_threads, help="CPU threads for PyTorch (default: its own choice)")
 
 
 def check_flags(p, args):

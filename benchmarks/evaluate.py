@@ -549,7 +549,7 @@ def parse_args(argv=None):
     p.add_argument("--top_p", type=float, default=TOP_P, help=f"default {TOP_P}, the release's")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--threads", type=files.positive, help="CPU threads for PyTorch")
+    p.add_argument("--threads", type=files.cpu_threads, help="CPU threads for PyTorch")
     p.add_argument("--download", action="store_true", help="first fetch the missing parts (online)")
     return p.parse_args(argv)
 

@@ -298,7 +298,7 @@ def test_old_turns_are_forgotten_beyond_max_context(flags):
     (["--repetition_penalty", "0"], "argument --repetition_penalty: 0 is not a number > 0"),
     (["--top_p", "0"], "argument --top_p: 0 is not in (0, 1]"),
     (["--top_p", "1.5"], "argument --top_p: 1.5 is not in (0, 1]"),
-    (["--threads", "-1"], "argument --threads: -1 is not a positive number"),
+    (["--threads", "-1"], "argument --threads: -1 is not a number of threads from 1 to"),
     (["--device", "tpu"], "argument --device: 'tpu' is not a PyTorch device"),
     (["--text", "hi", "--out", "."], "--out . is a folder"),
     (["--text", "hi", "--out", "reply.mp3"], "--out reply.mp3: cannot write 16-bit sound as .mp3"),

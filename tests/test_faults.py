@@ -64,3 +64,9 @@ def test_voice_names_that_could_never_be_chosen_are_refused_when_saving(tmp_path
 def test_a_good_voice_name_is_kept(tmp_path):
     files.save_voice(tmp_path / "mine.pt", "bob_2-b", a_voice())
     assert list(files.load_voices(tmp_path / "mine.pt")) == ["bob_2-b"]
+
+
+def test_more_threads_than_cores_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        chat.parse_args(["--threads", "100000", "--text", "hi"])
+    assert f"argument --threads: 100000 is not a number of threads from 1 to this machine's" in capsys.readouterr().err
