@@ -106,7 +106,8 @@ def defaults(name):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Train MiniMind-O (Thinker-Talker) on parquet rows in the release's schema. Without --data it "
-                    "writes a small demo dataset and trains a tiny model in about two minutes, even on a laptop CPU.",
+                    "writes a small demo dataset and trains a tiny model in several minutes on a CPU (its progress "
+                    "bar gives the estimate).",
         epilog="The release's recipes (stage order, modes, learning rates, lengths) are in README.md.")
     data_flags(p.add_argument_group("data"))
     model_flags(p.add_argument_group("model"))
@@ -1827,7 +1828,7 @@ def report(summary, args, demo):
                                                               for thing in sorted(DEMO_COLOURS))
             + ', and sums of two digits ("What is 3 plus 4?").',
             "next: ask it what it was taught. It gets the colours right; sums come out in the right form but "
-            "mostly wrong (a tiny model learns the format in two minutes, not arithmetic). Its 'speech' is "
+            "mostly wrong (a tiny model learns the format in minutes, not arithmetic). Its 'speech' is "
             "made-up codes, so ask for text only:",
             f'  python chat.py --checkpoint {summary["checkpoint"]} --tokenizer {tokenizer_folder(args)} --no_speech '
             '--greedy --text "What colour is the sky?"',

@@ -3,11 +3,17 @@ published folder layouts, so that tests load them through the same functions use
 
     build_sensevoice(dir)   SenseVoiceSmall/  config.yaml, configuration.json, model.pt, am.mvn and the CTC head's
                                               SentencePiece tokenizer (tiny encoder, 512-d output, 64 tokens)
-    build_siglip(dir)       siglip2/          config.json, model.safetensors, preprocessor_config.json
+    build_siglip(dir)       siglip2-base-p32-256-ve/  config.json, model.safetensors, preprocessor_config.json
     build_mimi(dir)         mimi/             tokenizer-e351c8d8-checkpoint125.safetensors (full Mimi)
     build_campplus(dir)     campplus/         campplus_cn_common.bin, configuration.json (full CAM++)
     make_speech_wavs(dir)   hello_16k.wav, question_24k.wav spoken by espeak-ng (committed under tests/data)
+
+As a command, it writes all four into models/ under the names the entry points look for, and a voices.pt
+cloned from the two clips, for a first try without the internet (their speech is noise, loudly said):
+
+    python tests/side_assets.py --random_parts models
 """
+import argparse
 import json
 import shutil
 import subprocess
@@ -140,7 +146,7 @@ def siglip_image_processor():
 def build_siglip(root, vision_conf=TINY_SIGLIP):
     """Random SiglipVisionModel + SiglipImageProcessor saved with save_pretrained; returns the folder."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
-    folder = Path(root) / "siglip2"
+    folder = Path(root) / "siglip2-base-p32-256-ve"  # where chat.py looks by default
     torch.manual_seed(SEED)
     config = SiglipVisionConfig(image_size=SIGLIP_IMAGE_SIZE, patch_size=SIGLIP_PATCH, **vision_conf)
     SiglipVisionModel(config).save_pretrained(folder, safe_serialization=True)
@@ -206,6 +212,41 @@ def build_all(root):
             "campplus": build_campplus(root)}
 
 
+RANDOM_WARNING = """
+  *** These side modules have RANDOM weights. ***
+  They are the real architectures in their published formats, so chat.py (--web too), train.py --prepare and
+  benchmarks/evaluate.py run end to end without the internet, but what they hear is meaningless and the speech
+  they make is noise. For real speech, replace them: python chat.py --download (or the commands it names).
+"""
+
+
+def write_random_parts(root):
+    """build_all(root) plus root/voices.pt holding a voice cloned (by the random Mimi and CAM++) from each clip."""
+    paths = build_all(root)
+    mimi, campp = files.load_mimi(paths["mimi"]), files.load_speaker_encoder(paths["campplus"])
+    for name, clip in (("hello", HELLO_WAV), ("question", QUESTION_WAV)):
+        files.save_voice(Path(root) / "voices.pt", name, files.clone_voice(clip, mimi, campp))
+    return paths
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Offline assets: the side modules with random weights, or the test clips.")
+    p.add_argument("--random_parts", metavar="DIR", help="write Mimi, SenseVoice, SigLIP2, CAM++ (random weights) "
+                   "and voices.pt into DIR, e.g. models")
+    p.add_argument("--speech", action="store_true", help="speak tests/data's two clips again with espeak-ng")
+    args = p.parse_args(argv)
+    if not (args.random_parts or args.speech):
+        p.error("give --random_parts DIR or --speech")
+    if args.speech:
+        make_speech_wavs()
+        print({p.name: p.stat().st_size for p in (HELLO_WAV, QUESTION_WAV)})
+    if args.random_parts:
+        print(RANDOM_WARNING, file=sys.stderr)
+        for part, path in write_random_parts(args.random_parts).items():
+            print(f"{part}: {path}")
+        print(f"voices: {Path(args.random_parts) / 'voices.pt'} (hello, question)")
+        print(RANDOM_WARNING, file=sys.stderr)
+
+
 if __name__ == "__main__":
-    make_speech_wavs()
-    print({p.name: p.stat().st_size for p in (HELLO_WAV, QUESTION_WAV)})
+    main()

@@ -441,3 +441,14 @@ def test_vad_ignores_silence_and_hiss():
 def test_vad_rejects_wrong_chunk_size():
     with pytest.raises(ValueError, match="chunks of 512 samples"):
         chat.VoiceActivity()(np.zeros(chat.VAD_CHUNK - 1, dtype=np.float32))
+
+
+def test_the_random_parts_command_fills_every_default_place_and_says_they_are_random(tmp_path, capsys):
+    assets.main(["--random_parts", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "RANDOM weights" in err and "speech" in err and "noise" in err
+    args = chat.parse_args(["--text", "hi", "--mimi", str(tmp_path / "mimi"), "--sensevoice", str(tmp_path / "SenseVoiceSmall"),
+                            "--siglip", str(tmp_path / "siglip2-base-p32-256-ve"), "--campplus", str(tmp_path / "campplus"),
+                            "--voices", str(tmp_path / "voices.pt")])
+    assert chat.missing_report(args, ["mimi", "sensevoice", "siglip", "campplus", "voices"]) is None
+    assert sorted(files.load_voices(tmp_path / "voices.pt")) == ["hello", "question"]
