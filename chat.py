@@ -454,7 +454,8 @@ class Reply:
 class TextStream:
     """Token ids in, printable text pieces out (a character can span several byte-level tokens). An empty
     think block at the start of the reply is not shown: the prompt already ends with one, and the chat
-    text puts it back before every reply in the history."""
+    text puts it back before every reply in the history. Nor is what comes before the first visible
+    character (the model may open with blank lines); the token ids stay as they were made."""
 
     def __init__(self, tok):
         self.tok, self.ids, self.shown = tok, [], ""
@@ -462,7 +463,7 @@ class TextStream:
     @property
     def text(self):
         text = self.tok.decode(self.ids, skip_special_tokens=True)
-        return text[len(mo.EMPTY_THINK):] if text.startswith(mo.EMPTY_THINK) else text
+        return (text[len(mo.EMPTY_THINK):] if text.startswith(mo.EMPTY_THINK) else text).lstrip()
 
     def add(self, token_id):
         self.ids.append(token_id)

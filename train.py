@@ -108,7 +108,7 @@ def parse_args(argv=None):
         description="Train MiniMind-O (Thinker-Talker) on parquet rows in the release's schema. Without --data it "
                     "writes a small demo dataset and trains a tiny model in several minutes on a CPU (its progress "
                     "bar gives the estimate).",
-        epilog="The release's recipes (stage order, modes, learning rates, lengths) are in README.md.")
+        epilog="The release's recipes (stage order, modes, learning rates, lengths) are in README.md and docs/training.md.")
     data_flags(p.add_argument_group("data"))
     model_flags(p.add_argument_group("model"))
     optimisation_flags(p.add_argument_group("optimisation"))
@@ -138,7 +138,7 @@ def data_flags(data):
                            "stopping at the first one; with --prepare, bad manifest lines are left out and counted")
     data.add_argument("--group_by_length", action="store_true",
                       help="batch rows of similar (estimated) length together, in a seeded order that resumes "
-                           "exactly: far less padding, so more samples/s on data of mixed lengths (README.md has "
+                           "exactly: far less padding, so more samples/s on data of mixed lengths (docs/performance.md has "
                            "the numbers); costs a pass over the rows at start (tokenizing each conversation) and "
                            "gives up the release's row order (default off: the release's order)")
     data.add_argument("--num_workers", type=at_least_0,
@@ -200,8 +200,9 @@ def optimisation_flags(opt):
     opt.add_argument("--grad_checkpointing", action="store_true",
                      help="keep only each block's input during the forward pass and recompute the block in the "
                           "backward pass: the same losses and gradients from 2.5-3x less activation memory per "
-                          "sample (estimated; README.md, 'Memory', has the table) for at most one more forward pass "
-                          "of the blocks (a third of their work; 1.02x the step time measured on a 2-core CPU)")
+                          "sample (estimated; docs/performance.md, 'Memory', has the table) for at most one more "
+                          "forward pass of the blocks (a third of their work; 1.02x the step time measured on a "
+                          "2-core CPU)")
     opt.add_argument("--compile", action="store_true",
                      help="torch.compile the model's three block stacks (the embedding and the heads, which run "
                           "only where labels are, stay eager): faster on a GPU once compiled, which takes a "
@@ -1783,7 +1784,7 @@ def memory_advice(error, args, procs, step):
         fits.append("--dtype bfloat16 (about 30% less activation memory)")
     fits.append(f"--max_seq_len {max(MIN_SEQ_LEN, args.max_seq_len // 2)} (longer conversations are cut)")
     return (f"out of {procs.device.type} memory in step {step} ({said}) with {settings}. Each of these needs less: "
-            + "; ".join(fits) + ". README.md, 'Memory', has a table of what fits in 8, 12, 16 and 24 GB")
+            + "; ".join(fits) + ". docs/performance.md, 'Memory', has a table of what fits in 8, 12, 16 and 24 GB")
 
 
 def finish(args, procs, learner, position, progress, demo):

@@ -28,7 +28,7 @@ samples/s of the first batches of each order.
 
 With --grad_checkpointing it times the step with and without train.py --grad_checkpointing.
 With --memory it estimates the peak GPU memory of a training step per batch size, max_seq_len,
---grad_checkpointing and --dtype, without a GPU (see estimate_memory): README.md's table.
+--grad_checkpointing and --dtype, without a GPU (see estimate_memory): docs/performance.md's memory table.
 
 Random weights; samples are built by minimind_o.build_sample from made-up English questions and
 replies whose speech lasts a log-normal number of seconds (median 8 s, as in spoken-assistant data),
@@ -323,7 +323,7 @@ USABLE_MARGIN_GIB = 1.0  # of a GPU's memory, left for the CUDA context and the 
 
 
 def report_memory(tok, device):
-    """README.md's table: estimated peak GiB per setting, and the largest batch that fits each GPU size."""
+    """docs/performance.md's memory table: estimated peak GiB per setting, and the largest batch that fits each GPU size."""
     params, table = estimate_memory(tok, device, MEMORY_LENS)
     print(f"ESTIMATED peak memory of one training step (GiB), full-size dense model ({params / 1e6:.0f}M parameters), "
           f"every sample max_seq_len long; not measured on a GPU; 'fits' leaves {USABLE_MARGIN_GIB:g} GiB of the GPU "
@@ -357,7 +357,7 @@ def main():
     p.add_argument("--grad_checkpointing", action="store_true",
                    help="time the step with and without train.py --grad_checkpointing")
     p.add_argument("--memory", action="store_true",
-                   help="estimate peak GPU memory per setting (README.md's table) instead of timing")
+                   help="estimate peak GPU memory per setting (docs/performance.md's memory table) instead of timing")
     p.add_argument("--encoder_cache", action="store_true",
                    help="time A2A rows through the full-size frozen encoders without, filling and reading "
                         "train.py's --encoder_cache, instead of the padding comparison")

@@ -483,7 +483,7 @@ def speed_table(summary):
 def report(summary, settings, variant):
     paper = (f"The paper's numbers for the released {variant} model stand beside ours; it transcribed with "
              "Qwen3-ASR and we with SenseVoiceSmall, so compare trends rather than digits."
-             if variant else "Not a released checkpoint: the paper's numbers are in the README to compare with.")
+             if variant else "Not a released checkpoint: the paper's numbers are in docs/evaluation.md to compare with.")
     return "\n\n".join([
         f"# MiniMind-O evaluation: {settings['checkpoint']}",
         f"{summary['samples']} samples, seed {settings['seed']}, temperature {settings['temperature']}, top_p "

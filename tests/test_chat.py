@@ -440,6 +440,10 @@ def test_parse_line_and_text_stream(tokenizer):
     stream = chat.TextStream(tokenizer)  # a repeated empty think block is not the reply
     pieces = [stream.add(i) for i in mo.encode(tokenizer, mo.EMPTY_THINK + "Blue.")]
     assert "".join(pieces) == stream.text == "Blue."
+    stream = chat.TextStream(tokenizer)  # blank lines before the first visible character are not shown
+    pieces = [stream.add(i) for i in mo.encode(tokenizer, "\n\n The night is black.\nIt is late.")]
+    assert "".join(pieces) == stream.text == "The night is black.\nIt is late."
+    assert stream.ids == mo.encode(tokenizer, "\n\n The night is black.\nIt is late.")
 
 
 def test_typed_text_never_becomes_control_or_placeholder_ids(flags):

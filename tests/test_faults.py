@@ -69,4 +69,4 @@ def test_a_good_voice_name_is_kept(tmp_path):
 def test_more_threads_than_cores_is_refused(capsys):
     with pytest.raises(SystemExit):
         chat.parse_args(["--threads", "100000", "--text", "hi"])
-    assert f"argument --threads: 100000 is not a number of threads from 1 to this machine's" in capsys.readouterr().err
+    assert "argument --threads: 100000 is not a number of threads from 1 to this machine's" in capsys.readouterr().err
