@@ -1743,7 +1743,8 @@ def train_stage(args, procs):
             position["batch"] += group_size
             position["step"] += 1
             step = position["step"]
-            if step % args.log_every == 0 or step == total_steps:
+            # step 1 and the last are always logged: the final report compares their losses
+            if step == 1 or step % args.log_every == 0 or step == total_steps:
                 progress.record(sums, position, lr, tick)
             progress.bar.update(1)
             if args.save_every and step % args.save_every == 0 and step < total_steps:

@@ -894,3 +894,13 @@ def test_the_benchmark_against_the_reference_measures_every_side():
     assert all(s["samples_per_s"] > 0 and s["tokens_per_s"] > 0 and s["peak_memory_mib"] > 0 for s in sides)
     assert sides[0]["width"] == sides[1]["width"] == 255 > sides[2]["width"]  # equal shapes; then cut to the longest
     assert set(ratios["vs_reference"]) == {"ours", "ours_longest"}
+
+
+def test_a_run_shorter_than_log_every_logs_its_first_and_last_step(tmp_path, tokenizer_flag):
+    data = train.write_demo_data(str(tmp_path / "rows16.parquet"), rows=16)
+    summary = train.main(["--data", data, "--from_weight", "none", "--device", "cpu", "--max_steps", "3",
+                          "--log_every", "10", "--save_every", "0", "--num_workers", "0", "--out_dir", str(tmp_path),
+                          "--learning_rate", "1e-2", *TINY_RUN, *tokenizer_flag])
+    records = [json.loads(line) for line in open(summary["metrics"])]
+    assert [r["step"] for r in records] == [1, 3]
+    assert summary["first_loss"] == records[0]["loss"] != summary["last_loss"] == records[-1]["loss"]
