@@ -1419,7 +1419,7 @@ def generation_flags(parser):
     gen.add_argument("--repetition_penalty", type=files.finite_above_0, default=1.0,
                      help="text repetition penalty (default 1.0)")
     gen.add_argument("--greedy", action="store_true", help="always the most likely text token and codes")
-    gen.add_argument("--seed", type=int, help="random seed, for a repeatable reply")
+    gen.add_argument("--seed", type=files.random_seed, help="random seed, for a repeatable reply")
     gen.add_argument("--system", help="a system prompt")
 
 

@@ -436,5 +436,6 @@ def number(kind, fits, rule):
 positive = number(int, lambda n: n >= 1, "a positive number")
 finite_at_least_0 = number(float, lambda x: 0 <= x < math.inf, "a number >= 0")
 finite_above_0 = number(float, lambda x: 0 < x < math.inf, "a number > 0")
+random_seed = number(int, lambda n: 0 <= n < 2 ** 63, "a seed from 0 to 2**63 - 1")  # what torch and numpy take
 cpu_threads = number(int, lambda n: 1 <= n <= os.cpu_count(),  # more threads than cores only wait on each other
                      f"a number of threads from 1 to this machine's {os.cpu_count()} cores")

@@ -213,7 +213,7 @@ def optimisation_flags(opt):
     opt.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                      help="cuda (or cuda:N), mps (an Apple-silicon GPU: autocast and fused AdamW as on CUDA, one "
                           "process) or cpu (default: cuda when available); under torchrun each process takes its GPU")
-    opt.add_argument("--seed", type=int, default=42,
+    opt.add_argument("--seed", type=files.random_seed, default=42,
                      help="seeds the weights, the data order and every per-sample random choice (default 42)")
 
 

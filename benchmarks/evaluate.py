@@ -543,7 +543,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(ROOT / "out" / "eval"), help="output folder (default out/eval); an "
                    "unfinished run there is continued")
     p.add_argument("--limit", type=files.positive, help="only the first N questions (each in every voice)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every sample's own seed (default 0)")
+    p.add_argument("--seed", type=files.random_seed, default=0, help="seed of every sample's own seed (default 0)")
     p.add_argument("--max_new_tokens", type=files.positive, default=MAX_NEW_TOKENS, help=f"default {MAX_NEW_TOKENS}")
     p.add_argument("--temperature", type=float, default=TEMPERATURE, help=f"default {TEMPERATURE}, the release's")
     p.add_argument("--top_p", type=float, default=TOP_P, help=f"default {TOP_P}, the release's")

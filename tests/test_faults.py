@@ -70,3 +70,12 @@ def test_more_threads_than_cores_is_refused(capsys):
     with pytest.raises(SystemExit):
         chat.parse_args(["--threads", "100000", "--text", "hi"])
     assert "argument --threads: 100000 is not a number of threads from 1 to this machine's" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", [str(2 ** 64), "-1"])
+def test_a_seed_torch_cannot_take_is_refused_as_a_flag(capsys, seed):
+    import train
+    for parse in (chat.parse_args, train.parse_args):
+        with pytest.raises(SystemExit):
+            parse(["--seed", seed])
+        assert f"argument --seed: {seed} is not a seed from 0 to 2**63 - 1" in capsys.readouterr().err
