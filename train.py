@@ -518,6 +518,8 @@ class ParquetRows:
         ref, spk = numbers(cell("ref_audios")), numbers(cell("spk_emb"))  # empty: the row has none
         if len(spk) not in (0, mo.OmniConfig.spk_emb_size):
             raise BadRow.at(file, r, "spk_emb", f"{len(spk)} values, expected {mo.OmniConfig.spk_emb_size}")
+        if not np.isfinite(spk).all():  # a NaN voice would turn every weight it reaches into NaN
+            raise BadRow.at(file, r, "spk_emb", "holds values that are not numbers (NaN or infinite)")
         image = cell("image_bytes")  # bytes, or a list of bytes of which the first is used
         if isinstance(image, pa.ListScalar):
             image = next(iter(items(image)), None)
@@ -1415,8 +1417,12 @@ def optimizer_step(learner, batches, group_size, encoders, args, world):
                                 lambda x: learner.scaler.scale(x / group_size), args.mode)
         sizes = torch.tensor([batch.tokens, len(batch.input_ids), batch.text_labels.numel()])
         sums += torch.cat([values.float().cpu() / group_size, sizes])
+    if not torch.isfinite(sums[0]):
+        raise NotFinite("the loss is not a number (NaN or infinite)")
     learner.scaler.unscale_(learner.optimizer)
-    torch.nn.utils.clip_grad_norm_(learner.params, args.grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(learner.params, args.grad_clip)
+    if not learner.scaler.is_enabled() and not torch.isfinite(norm):  # float16's scaler skips such a step itself
+        raise NotFinite("the gradient norm is not a number (NaN or infinite)")
     learner.scaler.step(learner.optimizer)
     learner.scaler.update()
     learner.optimizer.zero_grad(set_to_none=True)
@@ -1740,6 +1746,9 @@ def train_stage(args, procs):
                 sums = optimizer_step(learner, batches, group_size, dataset.encoders, args, procs.world)
             except torch.OutOfMemoryError as e:
                 raise OutOfMemory(memory_advice(e, args, procs, position["step"] + 1)) from None
+            except NotFinite as e:
+                raise NotFinite(f"step {position['step'] + 1}: {e}; it was not taken and training stopped, so the "
+                                "saved weights are those of the last save before it") from None
             position["batch"] += group_size
             position["step"] += 1
             step = position["step"]
@@ -1761,6 +1770,11 @@ def length_groups(dataset, args, procs):
     procs.say(f"--group_by_length: estimated the length of {len(lengths)} rows in {time.time() - started:.1f} s "
               f"(median {int(lengths.median())} tokens)")
     return lengths
+
+
+class NotFinite(ValueError):
+    """A step whose loss or gradients are not numbers: it is not taken, and the run stops before its next
+    save, so the weights on disk stay those of the last good one."""
 
 
 class OutOfMemory(RuntimeError):

@@ -904,3 +904,31 @@ def test_a_run_shorter_than_log_every_logs_its_first_and_last_step(tmp_path, tok
     records = [json.loads(line) for line in open(summary["metrics"])]
     assert [r["step"] for r in records] == [1, 3]
     assert summary["first_loss"] == records[0]["loss"] != summary["last_loss"] == records[-1]["loss"]
+
+
+def test_a_row_whose_voice_embedding_is_not_numbers_is_a_bad_row(tmp_path):
+    path = write(tmp_path / "nan_voice.parquet", dict(
+        conversations=[chat("Hi", "Hello!")] * 2, question_audios=[[], []], answer_audios=[[codes(3)]] * 2,
+        image_bytes=[[], []], ref_audios=[codes(6), codes(6)],
+        spk_emb=[np.linspace(-1, 1, 192).tolist(), [0.0] * 191 + [float("nan")]]), FULL_TYPES)
+    rows = train.ParquetRows([path])
+    assert rows.read(0).spk_emb.shape == (192,)
+    with pytest.raises(train.BadRow, match="nan_voice.parquet, row 1, column spk_emb: holds values that are not numbers"):
+        rows.read(1)
+
+
+@pytest.mark.parametrize("broken", ["loss", "gradient norm"])
+def test_a_step_that_is_not_numbers_stops_the_run_and_keeps_the_last_good_weights(tmp_path, tokenizer_flag,
+                                                                                    monkeypatch, broken):
+    data = train.write_demo_data(str(tmp_path / "rows16.parquet"), rows=16)
+    flags = ["--data", data, "--from_weight", "none", "--device", "cpu", "--max_steps", "2", "--save_every", "0",
+             "--num_workers", "0", "--out_dir", str(tmp_path), *TINY_RUN, *tokenizer_flag]
+    good = open(train.main(flags)["checkpoint"], "rb").read()
+    if broken == "loss":
+        real = train.micro_step
+        monkeypatch.setattr(train, "micro_step", lambda *a: real(*a) * float("nan"))
+    else:
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("inf")))
+    with pytest.raises(train.NotFinite, match=f"step 1: the {broken} is not a number .* the saved weights are"):
+        train.main(flags)
+    assert open(tmp_path / "sft_omni_64.pth", "rb").read() == good
