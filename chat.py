@@ -681,6 +681,9 @@ class Chat:
         if len(ids) > positions:
             raise ValueError(f"the prompt is {len(ids)} tokens: with --max_new_tokens {self.args.max_new_tokens} "
                              f"it does not fit the model's {self.model.config.max_position_embeddings} positions")
+        if len(ids) > self.args.max_context:  # every earlier turn is gone: the question itself is too long
+            raise ValueError(f"the question is {len(ids)} tokens with its template, more than --max_context "
+                             f"{self.args.max_context}: shorten it, or raise --max_context")
         return ids, history
 
     def ask(self, text="", audio=None, image=None, interrupt=lambda: False, on_text=None):

@@ -285,6 +285,9 @@ def test_old_turns_are_forgotten_beyond_max_context(flags):
     with pytest.raises(ValueError, match="does not fit the model's"):
         session.ask("word " * session.model.config.max_position_embeddings)
     assert session.history == history  # a question too long for the model does not wipe the conversation
+    with pytest.raises(ValueError, match="the question is 1[0-9]{3} tokens with its template, more than --max_context 160"):
+        session.ask("word " * 1000)  # typed text is held to --max_context as spoken questions are
+    assert session.history == history
 
 
 @pytest.mark.parametrize("extra, message", [
