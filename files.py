@@ -163,9 +163,17 @@ def read_checkpoint(path):
                                 "pytorch_model.bin or *.pth)")
     if found.endswith(".safetensors"):
         from safetensors.torch import load_file
-        return load_file(found)
-    state = torch.load(found, map_location="cpu", weights_only=True)
-    return state["model"] if isinstance(state.get("model"), dict) else state  # train.py's resume files nest it
+        state = load_file(found)
+    else:
+        state = torch.load(found, map_location="cpu", weights_only=True)
+        state = state["model"] if isinstance(state.get("model"), dict) else state  # train.py's resume files nest it
+    # The release's files carry no checksum; bytes damaged on disk almost always make some float16 value
+    # NaN or infinite, which no trained weight is.
+    damaged = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if damaged:
+        raise ValueError(f"{found}: {len(damaged)} tensors hold values that are not numbers (NaN or infinite), "
+                         f"{damaged[0]} first: the file is damaged; download or train it again")
+    return state
 
 
 def config_from_state_dict(state_dict):

@@ -79,3 +79,16 @@ def test_a_seed_torch_cannot_take_is_refused_as_a_flag(capsys, seed):
         with pytest.raises(SystemExit):
             parse(["--seed", seed])
         assert f"argument --seed: {seed} is not a seed from 0 to 2**63 - 1" in capsys.readouterr().err
+
+
+def test_a_checkpoint_with_damaged_bytes_is_refused_not_answered_with(tmp_path):
+    model = mo.MiniMindO(mo.OmniConfig(hidden_size=64, num_hidden_layers=2, talker_hidden_size=64,
+                                       num_talker_hidden_layers=1))
+    path = tmp_path / "model.pth"
+    files.save_checkpoint(model, path)
+    state = files.read_checkpoint(path)
+    state["model.norm.weight"][3] = float("nan")  # what 4 KB of random float16 bytes almost surely hold
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="model.pth: 1 tensors hold values that are not numbers .*model.norm.weight "
+                                         "first: the file is damaged"):
+        files.load_model(path)
