@@ -1434,7 +1434,8 @@ def running_flags(parser):
     run.add_argument("--frames_per_call", type=int, default=2, choices=range(1, 5), metavar="{1..4}",
                      help="Mimi frames (80 ms each) per decode call, after the first frame (decoded alone, "
                           "for the earliest sound): 1 = least delay, 4 = least CPU (default 2)")
-    run.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="cpu, cuda (or cuda:N) or mps (default: cuda when PyTorch sees a GPU, else cpu)")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                      help="model weights (default float32; bfloat16 suits GPUs)")
     run.add_argument("--int8", action="store_true",
@@ -1477,8 +1478,8 @@ def check_flags(p, args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="chat.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        description="Talk with MiniMind-O in text, speech and images; it answers in text and streaming speech "
-                    "(24 kHz, played as it is made when there is a sound card). Without --text/--audio/--image/"
+        description="Talk with MiniMind-O in text, speech and images; it answers in text and streaming speech\n"
+                    "(24 kHz, played as it is made when there is a sound card). Without --text/--audio/--image/\n"
                     "--mic it is interactive.")
     question_flags(p)
     web_flags(p)

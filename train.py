@@ -99,16 +99,33 @@ probability = files.number(float, lambda p: 0 <= p <= 1, "a probability (0 to 1)
 sequence_length = files.number(int, lambda n: n >= MIN_SEQ_LEN, f"a length of at least {MIN_SEQ_LEN} tokens")
 
 
+EXAMPLES = """\
+examples:
+  python train.py                                      the demo: a tiny model on made-up rows, on the CPU
+  python train.py --data dataset/sft_t2a_mini.parquet --from_weight out/llm_768.pth --save_weight sft_zero \\
+      --learning_rate 5e-4 --batch_size 40 --max_seq_len 512            the release's mini stage 1 (text to speech)
+  python train.py --data dataset/sft_a2a_mini.parquet --from_weight out/sft_zero_768.pth --save_weight sft_zero \\
+      --mode audio_proj --learning_rate 5e-4 --batch_size 40 --max_seq_len 640      stage 2: the audio projector
+  python train.py --data dataset/sft_a2a_mini.parquet --from_weight out/sft_zero_768.pth --save_weight sft_zero \\
+      --learning_rate 2e-5 --batch_size 16 --max_seq_len 768                       stage 3: all of it, speech in
+  torchrun --nproc_per_node 4 train.py ... --batch_size 10              the same on 4 GPUs (per-process batches)
+  python train.py ... --resume                         continue a killed run exactly where it stopped
+  python train.py --prepare my/manifest.jsonl my/data.parquet       your own recordings -> rows for --data
+
+The release's recipes (stage order, modes, learning rates, lengths) are in README.md and docs/training.md.
+"""
+
+
 def defaults(name):
     return f"default {REAL[name]}; demo {DEMO[name]}"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Train MiniMind-O (Thinker-Talker) on parquet rows in the release's schema. Without --data it "
-                    "writes a small demo dataset and trains a tiny model in several minutes on a CPU (its progress "
-                    "bar gives the estimate).",
-        epilog="The release's recipes (stage order, modes, learning rates, lengths) are in README.md and docs/training.md.")
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Train MiniMind-O (Thinker-Talker) on parquet rows in the release's schema. Without --data\n"
+                    "it writes a small demo dataset and trains a tiny model in several minutes on a CPU (its\n"
+                    "progress bar gives the estimate).")
     data_flags(p.add_argument_group("data"))
     model_flags(p.add_argument_group("model"))
     optimisation_flags(p.add_argument_group("optimisation"))
