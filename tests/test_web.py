@@ -41,6 +41,7 @@ PAUSE_S = 0.6             # between the two questions on the fake mic: VAD_SILEN
 BARGE_IN_LIMIT_MS = 300
 HEARD_AHEAD_S = 0.25      # speech is said over a reply with this much of it still to play: longer than the VAD
                           # takes to hear the speech start (the printed vadLagMs, plus the clip's first 50 ms)
+BARGE_TRIES = 4           # questions said over a reply until the VAD hears one while it is made and sounds
 SERVER_START_S = 180
 TURN_TIMEOUT_MS = 60_000
 QUESTION = side_assets.HELLO_WAV   # "Hello, how are you today?", 16 kHz
@@ -247,13 +248,25 @@ def test_speaking_over_the_reply_being_heard_silences_it_at_once(scripted_page):
     page = scripted_page
     page.click("#call")
     say_the_question(page)
-    wait_sounding(page, HEARD_AHEAD_S)
-    say_the_question(page)
-    first, second = wait_turns(page, 2)
-    barge = page.evaluate("chatState.barges.at(-1)")  # the second question's start (the first's came before any reply)
-    assert barge["sounding"] > 0 and barge["soundingAfter"] == 0    # what played stopped at once ...
-    assert first.samples == barge["playedSamples"]                   # ... and nothing of that reply played after
-    assert spoke_all(second)
+    # The question is said while the reply sounds, with HEARD_AHEAD_S of it still to play; on a busy machine the
+    # VAD may hear it only after the reply was all made, or its last sound ended, or in a gap while frames were
+    # late. Such a try proves nothing either way: the question just said gets its own reply, and the next try
+    # speaks over that one.
+    for tries in range(1, BARGE_TRIES + 1):
+        wait_sounding(page, HEARD_AHEAD_S)
+        say_the_question(page)
+        page.wait_for_function("n => chatState.barges.length > n", arg=tries, timeout=TURN_TIMEOUT_MS)
+        barge = page.evaluate("chatState.barges.at(-1)")  # (the first question's start came before any reply)
+        if barge["sounding"] > 0 and barge["turn"] is not None:
+            break
+    assert barge["sounding"] > 0 and barge["turn"] is not None, \
+        f"in {BARGE_TRIES} tries the VAD never heard the question while a reply was being made and sounded"
+    assert barge["soundingAfter"] == 0                                # what played stopped at once ...
+    *_, last = wait_turns(page, tries + 1)
+    [cut] = [t for t in turns(page) if t.id == barge["turn"]]
+    assert cut.samples == barge["playedSamples"]                      # ... and nothing of that reply played after
+    assert spoke_all(last)
+    print(f"the VAD heard the question over a sounding reply at try {tries}")
     page.click("#call")
 
 
