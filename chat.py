@@ -10,27 +10,19 @@ stops it (barge-in); the new question is heard from its first word. With --web, 
 Parts of the chat, in order: `Part`/`PARTS` (published files, what is missing, --download); the side-module
 parts only the chat uses (`MimiStreamDecoder`, Silero VAD's
 `VoiceActivity`); `SpeechOut` (Mimi in a background thread) and `Player` (sound card); `Chat` (one
-conversation); `Listener`/`converse` (--mic); the web chat (--web); `parse_args`, `main`.
+conversation); `Listener`/`converse` (--mic); `parse_args`, `main`. The web chat (--web) is web.py.
 """
 import argparse
-import asyncio
-import base64
-import binascii
 import collections
 import copy
-import io
 import itertools
-import json
 import os
 import queue
 import re
 import shlex
 import sys
-import tempfile
 import threading
 import time
-import traceback
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -626,10 +618,13 @@ class Chat:
         self.voice = voices[spec]
         return f"voice: {spec}"
 
+    def released_voices(self):
+        """The release's voices (name -> voice), {} when --voices is not there."""
+        return self.part("voices") if PARTS["voices"].present(self.args.voices) else {}
+
     def voices(self):
-        """The release's voices (when --voices is there) and the ones cloned with --save_voice (--my_voices)."""
-        released = self.part("voices") if PARTS["voices"].present(self.args.voices) else {}
-        return {**released, **my_voices(self.args)}
+        """The release's voices and the ones cloned with --save_voice (--my_voices)."""
+        return {**self.released_voices(), **my_voices(self.args)}
 
     def released_voices_hint(self):
         if PARTS["voices"].present(self.args.voices):
@@ -836,458 +831,6 @@ def converse(chat, mic, vad, echo=print, on_reply=lambda reply: None):
                     chat.player.stop()
                     echo("[interrupted]")
     return replies
-
-
-# -----------------------------------------------------------------------------------------------
-# Web chat (--web): one page (chat_web.html), a WebSocket per browser tab, one generation at a time
-# -----------------------------------------------------------------------------------------------
-#
-# Page -> server, on /ws: JSON messages
-#   {"type": "ask", "id", "text", "image": FILE | null, "audio": FILE | null}     FILE = {"name", "data": base64}
-#   {"type": "voice", "id", "name": NAME | "none"}  or  {"type": "voice", "id", "clip": FILE}   (clone it)
-#   {"type": "mic", "mode": "call" | "hold" | "send" | "off"}   {"type": "stop"}   {"type": "reset"}
-# and binary frames: the microphone, VAD_CHUNK samples of 16 kHz mono int16 each (what Silero VAD takes).
-# Server -> page: JSON {"type": "hello" | "queued" | "reply_start" | "text" | "reply_end" | "cancelled" |
-# "speech_start" | "speech_end" | "voice" | "reset" | "error" | "refused", ...} and binary frames: the reply's
-# 24 kHz mono int16 speech, as Mimi decodes it. Each tab's messages reach it in the order they were made.
-#
-# The model is one: its work (questions, cloning) runs in one thread, one turn at a time, first come first
-# served. Each tab has its own conversation, voice and microphone; stopping a reply stops only that tab's.
-
-WEB_PAGE = ROOT / "chat_web.html"
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-ANY_ADDRESS = ("0.0.0.0", "::", "")  # every interface of this machine
-MAX_UPLOAD_MB = 10            # one image, audio file or voice clip
-MAX_AUDIO_S = 30              # a spoken question, audio file or voice clip (SenseVoice: ~17 prompt tokens a second)
-MAX_TEXT_CHARS = 4000         # a typed question
-VAD_SILENCE_MS = 300          # this much silence ends a spoken question
-PCM16_FULL_SCALE = 32767
-WS_HEARTBEAT_S = 30           # pings find a tab whose connection died without closing
-UPLOADS_PER_MESSAGE = 2       # an image and an audio file
-MESSAGE_OVERHEAD = 2 ** 20    # the question's text and the JSON around the files
-BASE64_GROWTH = 4 / 3
-
-
-class TurnStop(threading.Event):
-    """Set when a question's reply must stop (barge-in, Stop, a new question, the tab closing). Called, as
-    Chat.ask's interrupt after every model step, it says whether to stop. It notes when it was set and when
-    the model first heard it, so that the reply's end can say how fast it stopped. `running`: the model is on it."""
-    asked_at = heard_at = None
-    running = False
-
-    def set(self):
-        if not self.is_set():
-            self.asked_at = time.perf_counter()
-        super().set()
-
-    def __call__(self):
-        if self.is_set() and self.heard_at is None:
-            self.heard_at = time.perf_counter()
-        return self.is_set()
-
-
-def received_file(field, what):
-    """A file from the page, {"name", "data": base64} -> (name, bytes); None stays None."""
-    if field is None:
-        return None
-    name = str(field.get("name") or what)[:100] if isinstance(field, dict) else what
-    try:
-        data = base64.b64decode(field["data"], validate=True)
-    except (KeyError, TypeError, binascii.Error):
-        raise ValueError(f"{what} {name}: not a file as the page sends it") from None
-    if len(data) > MAX_UPLOAD_MB * 2 ** 20:
-        raise ValueError(f"{what} {name} is {len(data) / 2 ** 20:.1f} MB: at most {MAX_UPLOAD_MB} MB")
-    if not data:
-        raise ValueError(f"{what} {name} is empty")
-    return name, data
-
-
-def check_audio_length(samples, rate, name):
-    if samples > MAX_AUDIO_S * rate:
-        raise ValueError(f"{name} lasts {samples / rate:.0f} s: at most {MAX_AUDIO_S} s of audio is heard")
-
-
-def uploaded_audio(upload):
-    """(name, bytes) of an audio file -> 16 kHz samples (S,), or a ValueError that names the file."""
-    name, data = upload
-    try:
-        wav, rate = files.read_audio(data)
-    except ValueError as e:
-        raise ValueError(f"{name}: {e}") from None
-    check_audio_length(len(wav), rate, name)
-    return mo.resample(wav, rate, mo.SAMPLE_RATE_SPEECH)
-
-
-def uploaded_image(upload):
-    """(name, bytes) of an image -> a PIL image, or a ValueError that names the file."""
-    from PIL import Image
-    name, data = upload
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (OSError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
-        raise ValueError(f"{name} is not an image that can be read ({e})") from None
-    return image
-
-
-class PageSpeaker:
-    """A web tab's Chat player: the reply's speech goes to the page as Mimi decodes it, in 16-bit frames."""
-
-    def __init__(self, tab):
-        self.tab = tab
-
-    def play(self, pcm):  # called in Mimi's thread: (S,) float32 at 24 kHz
-        pcm16 = np.clip(pcm * PCM16_FULL_SCALE, -PCM16_FULL_SCALE, PCM16_FULL_SCALE).astype("<i2")
-        self.tab.put(pcm16.tobytes())
-
-    def stop(self):  # Chat.ask calls it on barge-in; the page stops playing as soon as it hears of that
-        pass
-
-
-class WebTab:
-    """One browser tab: its own conversation (a Chat sharing the model), microphone and current question."""
-
-    def __init__(self, server, ws, number):
-        self.server, self.ws, self.number = server, ws, number
-        self.chat = server.chat.conversation(player=PageSpeaker(self))
-        self.loop = asyncio.get_running_loop()
-        self.outbox = asyncio.Queue()  # str (JSON) or bytes (speech) for the page, in order
-        self.turn = None               # the asyncio task of this tab's latest question
-        self.stop = TurnStop()         # that question's
-        self.voice_changes = set()     # their asyncio tasks, waiting for the model or running
-        self.mic_mode, self.listener, self.held = "off", None, []
-        self.mic_frames = 0            # frames heard since the call started: the page counts them too
-        self.spoken = itertools.count(1)
-
-    # -- to the page, from any thread
-
-    def put(self, message):
-        self.loop.call_soon_threadsafe(self.outbox.put_nowait, message)
-
-    def send(self, kind, **fields):
-        self.put(json.dumps({"type": kind, **fields}))
-
-    async def pump(self):
-        try:
-            while True:
-                message = await self.outbox.get()
-                if isinstance(message, bytes):
-                    await self.ws.send_bytes(message)
-                else:
-                    await self.ws.send_str(message)
-        except ConnectionResetError:  # the tab went away: what is still queued has no one to go to
-            pass
-
-    # -- from the page
-
-    async def run(self):
-        """Serve the tab until its connection closes; then its reply stops and a queued turn never starts."""
-        from aiohttp import WSMsgType
-        pump = asyncio.create_task(self.pump())
-        self.send("hello", **self.server.hello(self))
-        try:
-            async for message in self.ws:
-                if message.type == WSMsgType.BINARY:
-                    self.hear(message.data)
-                elif message.type == WSMsgType.TEXT:
-                    await self.on_message(message.data)
-        finally:
-            self.interrupt()
-            self.mic_mode = "off"
-            pump.cancel()
-
-    async def on_message(self, data):
-        try:
-            message = json.loads(data)
-            handler = {"ask": self.ask, "voice": self.voice, "mic": self.mic, "stop": self.stop_reply,
-                       "reset": self.reset}[message["type"]]
-        except (ValueError, KeyError, TypeError):
-            self.send("error", id=None, message=f"not a message this server knows: {str(data)[:80]}")
-            return
-        try:
-            await handler(message)
-        except ValueError as e:  # a bad question, file or setting: said in the page, the tab goes on
-            self.send("error", id=message.get("id"), message=str(e))
-        except Exception as e:  # a message no check foresaw: said, logged, and the tab still goes on
-            traceback.print_exc()
-            self.send("error", id=message.get("id"), message=f"{type(e).__name__}: {e}")
-
-    async def ask(self, message):
-        text = message.get("text") or ""
-        if not isinstance(text, str):
-            raise ValueError("the question's text must be a string")
-        if len(text) > MAX_TEXT_CHARS:
-            raise ValueError(f"the question is {len(text)} characters long: at most {MAX_TEXT_CHARS}")
-        image, audio = received_file(message.get("image"), "image"), received_file(message.get("audio"), "audio")
-        turn_id = message.get("id")
-
-        def answer(stop):
-            wav = uploaded_audio(audio) if audio else None
-            picture = uploaded_image(image) if image else None
-            self.answer(turn_id, stop, text, picture, wav)
-        self.start(turn_id, answer)
-
-    async def voice(self, message):
-        name, clip, turn_id = message.get("name"), received_file(message.get("clip"), "voice clip"), message.get("id")
-        if clip is None and name != "none" and name not in self.server.voices:  # never a path on the server
-            raise ValueError(f"no voice {name!r} here (there are: {', '.join(self.server.voices) or 'none'})")
-        # After this tab's reply, if one is running: a voice change does not cut it short
-        job = asyncio.create_task(self.server.use_model(self, turn_id, lambda: self.change_voice(turn_id, name, clip)))
-        self.voice_changes.add(job)  # a task nothing refers to may be garbage-collected before it ends
-        job.add_done_callback(self.voice_changes.discard)
-
-    async def mic(self, message):
-        mode = message.get("mode")
-        if mode not in ("call", "hold", "send", "off"):
-            raise ValueError(f"unknown microphone mode {mode!r}")
-        if mode == "call":  # a fresh VAD: what an earlier call heard does not leak into this one
-            vad = await self.loop.run_in_executor(None, lambda: VoiceActivity(min_silence_ms=VAD_SILENCE_MS))
-            self.listener, self.mic_frames = Listener(vad), 0
-        if mode == "hold":  # talking over the reply stops it, as in a call
-            self.interrupt()
-            self.held = []
-        if mode == "send" and self.mic_mode == "hold":
-            self.ask_spoken(self.held)
-        self.mic_mode = mode if mode in ("call", "hold") else "off"
-
-    async def stop_reply(self, message):
-        self.interrupt()
-
-    async def reset(self, message):
-        self.interrupt()
-        if self.turn:
-            await asyncio.wait([self.turn])
-        self.chat.reset()
-        self.send("reset")
-
-    def hear(self, data):
-        """One frame of the microphone (16 kHz int16): held while Talk is held, or heard by the call's VAD."""
-        if len(data) != 2 * VAD_CHUNK:
-            self.send("error", id=None, message=f"microphone frames are {VAD_CHUNK} 16-bit samples, "
-                                                f"got {len(data)} bytes")
-            return
-        chunk = np.frombuffer(data, "<i2").astype(np.float32) / PCM16_FULL_SCALE   # (512,)
-        if self.mic_mode == "hold":
-            self.held.append(chunk)
-            if len(self.held) * VAD_CHUNK > MAX_AUDIO_S * mo.SAMPLE_RATE_SPEECH:  # the page sends before
-                self.send("error", id=None, message=f"held for {MAX_AUDIO_S} s: that much is sent as the question")
-                self.ask_spoken(self.held)
-                self.mic_mode = "off"
-        elif self.mic_mode == "call":
-            self.listen(chunk)
-
-    def listen(self, chunk):
-        """VAD on one call frame: speech starting stops the reply at once (barge-in); speech ending asks it."""
-        frame, self.mic_frames = self.mic_frames, self.mic_frames + 1
-        was_speaking = self.listener.speaking
-        self.listener.feed(chunk)
-        if self.listener.speaking and not was_speaking:
-            self.interrupt()
-            self.send("speech_start", frame=frame)
-        if self.listener.speaking and len(self.listener.current) * VAD_CHUNK > MAX_AUDIO_S * mo.SAMPLE_RATE_SPEECH:
-            self.listener.current = None  # the VAD's "end" of it will find nothing to hand over
-            self.send("error", id=None, message=f"you spoke for over {MAX_AUDIO_S} s without a pause: that is not "
-                                                "heard; ask in shorter pieces")
-        while self.listener.utterances:
-            self.ask_spoken([self.listener.utterances.popleft()], frame)
-
-    def ask_spoken(self, chunks, end_frame=None):
-        if not chunks:
-            self.send("error", id=None, message="nothing was heard")
-            return
-        wav, turn_id = np.concatenate(chunks), f"spoken-{next(self.spoken)}"
-        self.send("speech_end", id=turn_id, frame=end_frame, seconds=round(len(wav) / mo.SAMPLE_RATE_SPEECH, 2))
-        self.start(turn_id, lambda stop: self.answer(turn_id, stop, "", None, wav))
-
-    # -- questions: the model answers them in its thread
-
-    def interrupt(self):
-        """Stop this tab's reply now (only this tab's): a running one after its next step, a queued one at once."""
-        self.stop.set()
-        if self.turn and not self.stop.running:
-            self.turn.cancel()
-
-    def start(self, turn_id, job):
-        """A new question: job(stop) runs in the model's thread once this tab's previous question is stopped
-        and the model is free."""
-        self.interrupt()
-        self.stop = stop = TurnStop()
-        self.turn = asyncio.create_task(self.question(turn_id, job, stop, self.turn))
-
-    async def question(self, turn_id, job, stop, previous):
-        try:
-            if previous:
-                await asyncio.wait([previous])
-            await self.server.use_model(self, turn_id, lambda: job(stop), stop)
-        except asyncio.CancelledError:
-            self.send("cancelled", id=turn_id)
-            raise
-
-    def answer(self, turn_id, stop, text, image, audio):
-        self.send("reply_start", id=turn_id)
-        reply = self.chat.ask(text, audio, image, interrupt=stop,
-                              on_text=lambda piece: self.send("text", id=turn_id, text=piece))
-        # Stopped: the model made no more steps from heard_at on; closed: Mimi's thread is done too
-        ms = lambda t: round((t - stop.asked_at) * 1000)
-        stopped_ms, closed_ms = (ms(stop.heard_at), ms(time.perf_counter())) if reply.interrupted else (None, None)
-        heard_s = None if audio is None else round(len(audio) / mo.SAMPLE_RATE_SPEECH, 2)
-        self.send("reply_end", id=turn_id, text=reply.text, interrupted=reply.interrupted, steps=reply.steps,
-                  frames=reply.frames, seconds=round(reply.seconds, 2), stopped_ms=stopped_ms, closed_ms=closed_ms,
-                  image=image is not None, heard_s=heard_s)
-        speech = f", {len(reply.pcm) / mo.SAMPLE_RATE_MIMI:.1f} s of speech" if len(reply.pcm) else ""
-        first = f", first sound {reply.first_audio_s:.2f} s after the model took the question" \
-            if reply.first_audio_s else ""
-        stopped = f", stopped {stopped_ms} ms after it was asked to ({closed_ms} ms with Mimi's last decode)" \
-            if reply.interrupted else ""
-        print(f"tab {self.number}: {reply.steps} steps in {reply.seconds:.1f} s{speech}{first}{stopped}",
-              file=sys.stderr)
-
-    def change_voice(self, turn_id, name, clip):
-        if clip is None:
-            said = self.chat.set_voice(name)
-        else:  # set_voice clones from a file: the clip goes to one, which no message names
-            clip_name, data = clip
-            try:
-                wav, rate = files.read_audio(data)
-            except ValueError as e:
-                raise ValueError(f"voice clip {clip_name}: {e}") from None
-            check_audio_length(len(wav), rate, f"voice clip {clip_name}")
-            with tempfile.TemporaryDirectory() as folder:
-                path = Path(folder) / ("clip" + Path(clip_name).suffix[:8])
-                path.write_bytes(data)
-                try:
-                    said = self.chat.set_voice(str(path))
-                except ValueError as e:
-                    raise ValueError(str(e).replace(str(path), clip_name)) from None
-            said = said.replace(str(path), clip_name)
-        self.send("voice", id=turn_id, message=said)
-
-
-class WebChat:
-    """The server: the page, the tabs' WebSockets, and the one model's queue of turns."""
-
-    def __init__(self, chat, args):
-        self.chat, self.args = chat, args
-        self.page = WEB_PAGE.read_bytes()
-        self.voices = sorted(chat.part("voices")) if PARTS["voices"].present(args.voices) else []
-        self.tabs, self.opened = set(), itertools.count(1)
-        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self.model_free = None     # an asyncio.Lock, made in the server's event loop
-        self.waiting = 0           # turns waiting for the model
-
-    def hello(self, tab):
-        voice = self.args.voice if self.args.voice in self.voices else "clone" if self.args.voice else "none"
-        return {"tab": tab.number, "voices": self.voices, "voice": voice, "speech": not self.args.no_speech,
-                "speech_rate": mo.SAMPLE_RATE_MIMI, "mic_rate": mo.SAMPLE_RATE_SPEECH, "mic_frame": VAD_CHUNK,
-                "silence_ms": VAD_SILENCE_MS,
-                "limits": {"upload_mb": MAX_UPLOAD_MB, "audio_s": MAX_AUDIO_S, "text_chars": MAX_TEXT_CHARS}}
-
-    async def use_model(self, tab, turn_id, job, stop=None):
-        """job() in the model's thread once the model is free (first come, first served); its errors go to the
-        tab's page. A question's stop is marked running from then on: it can no longer be dropped, only stopped."""
-        if self.model_free.locked():
-            tab.send("queued", id=turn_id, ahead=self.waiting + 1)
-        self.waiting += 1
-        try:
-            await self.model_free.acquire()
-        finally:
-            self.waiting -= 1
-        try:
-            if stop:
-                stop.running = True
-            await asyncio.get_running_loop().run_in_executor(self.model_thread, job)
-        except (FileNotFoundError, ValueError) as e:  # a bad file, a missing part, a prompt too long
-            tab.send("error", id=turn_id, message=str(e))
-        except Exception as e:  # e.g. Mimi failing mid-reply: the conversation so far is kept
-            traceback.print_exc()
-            tab.send("error", id=turn_id, message=f"{type(e).__name__}: {e} (the conversation goes on; "
-                                                  "Reset starts afresh)")
-        finally:
-            self.model_free.release()
-
-    async def index(self, request):
-        from aiohttp import web
-        return web.Response(body=self.page, content_type="text/html", charset="utf-8")
-
-    async def connect(self, request):
-        from aiohttp import web
-        origin = request.headers.get("Origin")
-        if origin and origin.split("://", 1)[-1] != request.host:  # another site's page, in the user's browser
-            raise web.HTTPForbidden(text=f"WebSocket from {origin} refused: only this server's own page may connect")
-        max_message = int(UPLOADS_PER_MESSAGE * MAX_UPLOAD_MB * 2 ** 20 * BASE64_GROWTH) + MESSAGE_OVERHEAD
-        ws = web.WebSocketResponse(max_msg_size=max_message, heartbeat=WS_HEARTBEAT_S, compress=False)
-        await ws.prepare(request)
-        if len(self.tabs) >= self.args.max_sessions:
-            await ws.send_str(json.dumps({"type": "refused", "message": (
-                f"the server already serves {len(self.tabs)} tabs, its limit (--max_sessions "
-                f"{self.args.max_sessions}): close another tab, or try again later")}))
-            await ws.close()
-            return ws
-        tab = WebTab(self, ws, next(self.opened))
-        self.tabs.add(tab)
-        print(f"tab {tab.number} opened ({len(self.tabs)} open)", file=sys.stderr)
-        try:
-            await tab.run()
-        finally:
-            self.tabs.discard(tab)
-            print(f"tab {tab.number} closed ({len(self.tabs)} open)", file=sys.stderr)
-        return ws
-
-    async def serve(self):
-        from aiohttp import web
-        self.model_free = asyncio.Lock()  # first come, first served
-        app = web.Application()
-        app.add_routes([web.get("/", self.index), web.get("/ws", self.connect)])
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, self.args.host, self.args.port, ssl_context=ssl_context(self.args))
-            try:
-                await site.start()
-            except OSError as e:
-                raise ValueError(f"cannot serve on --host {self.args.host} --port {self.args.port}: "
-                                 f"{e.strerror or e}") from None
-            for line in web_banner(self.args, runner.addresses[0][1]):
-                print(line, flush=True)
-            await asyncio.Event().wait()  # until Ctrl-C
-        finally:
-            await runner.cleanup()
-            self.model_thread.shutdown(wait=False, cancel_futures=True)
-
-
-def web_banner(args, port):
-    """The lines --web prints once it serves: the address, and what an address beyond this machine means."""
-    import socket
-    host = socket.gethostname() if args.host in ANY_ADDRESS else f"[{args.host}]" if ":" in args.host else args.host
-    lines = [f"MiniMind-O web chat: {'https' if args.ssl_cert else 'http'}://{host}:{port}/  (Ctrl-C stops it)"]
-    if args.host not in LOCAL_HOSTS:
-        lines.append(f"--host {args.host}: anyone who can reach port {port} of this machine can use this chat and "
-                     "its model (there is no login)")
-        if not args.ssl_cert:
-            lines.append("browsers allow the microphone only on https or localhost: give --ssl_cert/--ssl_key, or "
-                         f"reach the page through a tunnel (ssh -L {port}:localhost:{port} ...; see README.md)")
-    return lines
-
-
-def ssl_context(args):
-    if not args.ssl_cert:
-        return None
-    import ssl
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(args.ssl_cert, args.ssl_key)
-    except (OSError, ssl.SSLError) as e:
-        raise ValueError(f"--ssl_cert {args.ssl_cert} / --ssl_key {args.ssl_key}: cannot load them ({e})") from None
-    return context
-
-
-def serve_web(chat, args):
-    """python chat.py --web: load what the page uses, then serve it until Ctrl-C."""
-    for key in ("mimi", "sensevoice"):  # loaded now, not during the first question
-        if (key != "mimi" or not args.no_speech) and PARTS[key].present(getattr(args, key)):
-            chat.part(key)
-    asyncio.run(WebChat(chat, args).serve())
-
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1623,7 +1166,11 @@ def main(argv=None):
         if args.voice:
             print(chat.set_voice(args.voice, args.save_voice), file=sys.stderr)
         if args.web:
-            return serve_web(chat, args)
+            import web  # the web chat's own module, only when it is asked for
+            if PARTS["sensevoice"].present(args.sensevoice):  # loaded now, not during the first spoken question
+                chat.part("sensevoice")
+            return web.serve_web(chat, args, lambda silence_ms: Listener(VoiceActivity(min_silence_ms=silence_ms)),
+                                 VAD_CHUNK)
         if args.mic:
             try:
                 mic = MicStream()

@@ -29,11 +29,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-import chat  # noqa: E402  (first: it sets the OpenMP environment before torch loads)
 import minimind_o as mo  # noqa: E402
 import files  # noqa: E402
 import side_assets  # noqa: E402
 import torch  # noqa: E402
+import web  # noqa: E402
 
 SILENCE_BETWEEN_S = 8.0   # after each spoken question: its reply ends before the next one (no barge-in)
 LEAD_SILENCE_S = 0.5
@@ -141,7 +141,7 @@ def main(argv=None):
     print(f"first sound in the page, full-size model on {setting}; median (min-max) of {args.questions}:")
     for name, times in (("typed  (from Send)", typed), ("spoken (from the end of speech)", spoken)):
         print(f"  {name:32s} {statistics.median(times):.2f} s ({min(times):.2f}-{max(times):.2f})")
-    print(f"  spoken, from the VAD's decision  {statistics.median(spoken) - chat.VAD_SILENCE_MS / 1000:.2f} s")
+    print(f"  spoken, from the VAD's decision  {statistics.median(spoken) - web.VAD_SILENCE_MS / 1000:.2f} s")
     print(f"  (machine load, 5-minute average: {load:.1f} on {os.cpu_count()} cores, this benchmark included)")
     if cut_short:
         print(f"  {cut_short} replies were still running when the next spoken question came (barge-in): on a "

@@ -23,6 +23,7 @@ import soundfile as sf
 import torch
 
 import chat
+import web
 import minimind_o as mo
 import files
 
@@ -323,7 +324,7 @@ def test_bad_uploads_and_messages_are_refused_with_a_message_and_the_server_goes
     sf.write(long_audio, np.tile(files.load_audio(str(QUESTION), mo.SAMPLE_RATE_SPEECH), 20), mo.SAMPLE_RATE_SPEECH)
     page.set_input_files("#audio-file", str(long_audio))
     page.click("#send")
-    wait_notice(page, f"at most {chat.MAX_AUDIO_S} s of audio is heard")
+    wait_notice(page, f"at most {web.MAX_AUDIO_S} s of audio is heard")
 
     quiet = tmp_path / "quiet.wav"
     sf.write(quiet, files.load_audio(str(QUESTION), mo.SAMPLE_RATE_SPEECH) * 1e-3, mo.SAMPLE_RATE_SPEECH)
@@ -331,16 +332,16 @@ def test_bad_uploads_and_messages_are_refused_with_a_message_and_the_server_goes
     wait_notice(page, "voice clip quiet.wav is too quiet")
 
     big = tmp_path / "big.png"
-    big.write_bytes(b"\0" * (chat.MAX_UPLOAD_MB * 2 ** 20 + 1))
+    big.write_bytes(b"\0" * (web.MAX_UPLOAD_MB * 2 ** 20 + 1))
     page.set_input_files("#image-file", str(big))
-    wait_notice(page, f"big.png is 10.0 MB: at most {chat.MAX_UPLOAD_MB} MB")  # said by the page: never sent
+    wait_notice(page, f"big.png is 10.0 MB: at most {web.MAX_UPLOAD_MB} MB")  # said by the page: never sent
 
-    ask(page, "x" * (chat.MAX_TEXT_CHARS + 1))
-    wait_notice(page, f"at most {chat.MAX_TEXT_CHARS}")
+    ask(page, "x" * (web.MAX_TEXT_CHARS + 1))
+    wait_notice(page, f"at most {web.MAX_TEXT_CHARS}")
     # what the page would not send, the server refuses too
-    oversized = base64.b64encode(b"\0" * (chat.MAX_UPLOAD_MB * 2 ** 20 + 1)).decode()
+    oversized = base64.b64encode(b"\0" * (web.MAX_UPLOAD_MB * 2 ** 20 + 1)).decode()
     page.evaluate("data => send({type: 'ask', id: 'raw', text: '', image: {name: 'raw.png', data}})", oversized)
-    wait_notice(page, f"image raw.png is 10.0 MB: at most {chat.MAX_UPLOAD_MB} MB")
+    wait_notice(page, f"image raw.png is 10.0 MB: at most {web.MAX_UPLOAD_MB} MB")
     page.evaluate("send('hello?')")
     wait_notice(page, "not a message this server knows")
     page.evaluate("ws.send(new Uint8Array(3).buffer)")
@@ -422,9 +423,9 @@ def test_web_arguments_and_what_a_public_host_means(tmp_path, capsys):
         with pytest.raises(SystemExit):
             chat.parse_args(["--web", *extra])
         assert message in capsys.readouterr().err
-    local = chat.web_banner(chat.parse_args(["--web"]), 8000)
+    local = web.web_banner(chat.parse_args(["--web"]), 8000)
     assert local == ["MiniMind-O web chat: http://127.0.0.1:8000/  (Ctrl-C stops it)"]
-    public = "\n".join(chat.web_banner(chat.parse_args(["--web", "--host", "0.0.0.0"]), 8000))
+    public = "\n".join(web.web_banner(chat.parse_args(["--web", "--host", "0.0.0.0"]), 8000))
     assert "anyone who can reach port 8000" in public and "ssh -L 8000:localhost:8000" in public
 
 
@@ -433,9 +434,9 @@ def test_https_certificates_are_loaded_or_named(tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-days",
                     "1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    assert chat.ssl_context(chat.parse_args(["--web", "--ssl_cert", str(cert), "--ssl_key", str(key)])) is not None
+    assert web.ssl_context(chat.parse_args(["--web", "--ssl_cert", str(cert), "--ssl_key", str(key)])) is not None
     with pytest.raises(ValueError, match="cannot load them"):
-        chat.ssl_context(chat.parse_args(["--web", "--ssl_cert", str(key), "--ssl_key", str(cert)]))
+        web.ssl_context(chat.parse_args(["--web", "--ssl_cert", str(key), "--ssl_key", str(cert)]))
 
 
 def test_each_tab_has_its_own_conversation_on_the_shared_model(demo_checkpoint, tokenizer_flag):
