@@ -41,6 +41,7 @@ import math
 import os
 import random
 import shutil
+import textwrap
 import sys
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
@@ -69,12 +70,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------------------------
 # 1. Command line
 # -----------------------------------------------------------------------------------------------
-# Without --data, train.py runs its demo: the defaults in DEMO replace those in REAL unless a flag
-# is given. REAL follows the release's train_sft_omni.py.
+# The defaults follow the release's train_sft_omni.py. Without --data, train.py runs its demo: the DEMO
+# preset replaces those defaults (a flag given still wins).
 
-REAL = dict(from_weight="out/llm_768.pth", out_dir="out", save_weight="sft_omni", hidden_size=768,
-            num_hidden_layers=8, max_seq_len=512, batch_size=32, learning_rate=5e-4, epochs=1, num_workers=4,
-            log_every=10, save_every=1000)
 # The demo's max_seq_len leaves its two-exchange rows (~70 tokens) whole: cut_conversation keeps an earlier
 # exchange only with 100 tokens to spare, so at 96 every row was cut to its first exchange, the model never
 # saw a conversation go on, and a second question in the chat got blank lines back. Batches are padded to
@@ -98,6 +96,12 @@ at_least_0 = files.number(int, lambda n: n >= 0, "a number >= 0")
 probability = files.number(float, lambda p: 0 <= p <= 1, "a probability (0 to 1)")
 sequence_length = files.number(int, lambda n: n >= MIN_SEQ_LEN, f"a length of at least {MIN_SEQ_LEN} tokens")
 
+DESCRIPTION = "\n\n".join([
+    "Train MiniMind-O (Thinker-Talker) on parquet rows in the release's schema.",
+    textwrap.fill("Without --data it runs the demo: it writes a small made-up dataset and trains a tiny model on it "
+                  "from random weights, on the CPU in several minutes (its progress bar gives the estimate), with "
+                  "these settings unless a flag says otherwise: "
+                  + ", ".join(f"--{name} {value}" for name, value in DEMO.items()) + ".", width=100)])
 
 EXAMPLES = """\
 examples:
@@ -112,155 +116,114 @@ examples:
   python train.py ... --resume                         continue a killed run exactly where it stopped
   python train.py --prepare my/manifest.jsonl my/data.parquet       your own recordings -> rows for --data
 
-The release's recipes (stage order, modes, learning rates, lengths) are in README.md and docs/training.md.
+The release's recipes (stage order, modes, learning rates, lengths) are in README.md and docs/training.md;
+what each option costs and saves (--dtype, --grad_checkpointing, --compile, --group_by_length,
+--encoder_cache) is measured in docs/performance.md.
 """
 
 
-def defaults(name):
-    return f"default {REAL[name]}; demo {DEMO[name]}"
+class HelpFormat(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the description's and the examples' own line breaks."""
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        description="Train MiniMind-O (Thinker-Talker) on parquet rows in the release's schema. Without --data\n"
-                    "it writes a small demo dataset and trains a tiny model in several minutes on a CPU (its\n"
-                    "progress bar gives the estimate).")
+    p = argparse.ArgumentParser(formatter_class=HelpFormat, description=DESCRIPTION, epilog=EXAMPLES)
     data_flags(p.add_argument_group("data"))
     model_flags(p.add_argument_group("model"))
     optimisation_flags(p.add_argument_group("optimisation"))
     output_flags(p.add_argument_group("output"))
     prepare_flags(p.add_argument_group("data preparation (--prepare)"))
     args = p.parse_args(argv)
-    preset = DEMO if args.data is None else REAL
-    for name, value in preset.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    if args.data is None:  # the demo preset, under the flags given
+        p.set_defaults(**DEMO)
+        args = p.parse_args(argv)
     return args
 
 
 def data_flags(data):
     data.add_argument("--data", nargs="+", metavar="PARQUET",
-                      help="one or more parquet files (columns: conversations, question_audios, answer_audios, "
-                           "image_bytes, ref_audios, spk_emb); omitted: run the demo")
-    data.add_argument("--max_seq_len", type=sequence_length,
-                      help=f"sample length in tokens; longer conversations are cut ({defaults('max_seq_len')})")
+                      help="parquet files in the release's schema (README.md, 'Your own data'); none: the demo")
+    data.add_argument("--max_seq_len", type=sequence_length, default=512,
+                      help="sample length in tokens; longer conversations are cut (default %(default)s)")
     data.add_argument("--augment", choices=["both", "wave", "spec", "none"], default="both",
-                      help="the release's augmentations of question audio: waveform (speed, noise, volume, dropout, "
-                           "low-pass, reverb, rumble), spectrogram (SpecAugment masks), both or none (default both)")
+                      help="the release's question-audio augmentations: waveform, spectrogram (default %(default)s)")
     data.add_argument("--scheduled_sampling", type=probability, default=0.05,
-                      help="probability that a labelled input id is replaced by a random one (default 0.05)")
+                      help="chance that a labelled input id is replaced by a random one (default %(default)s)")
     data.add_argument("--skip_bad_rows", action="store_true",
-                      help="log and count malformed rows (each is replaced by the next good row) instead of "
-                           "stopping at the first one; with --prepare, bad manifest lines are left out and counted")
+                      help="report and skip malformed rows (or --prepare lines) instead of stopping at the first")
     data.add_argument("--group_by_length", action="store_true",
-                      help="batch rows of similar (estimated) length together, in a seeded order that resumes "
-                           "exactly: far less padding, so more samples/s on data of mixed lengths (docs/performance.md has "
-                           "the numbers); costs a pass over the rows at start (tokenizing each conversation) and "
-                           "gives up the release's row order (default off: the release's order)")
-    data.add_argument("--num_workers", type=at_least_0,
-                      help=f"DataLoader processes per GPU ({defaults('num_workers')})")
-    data.add_argument("--tokenizer", help="folder with the released tokenizer.json (default: the --from_weight "
-                                          f"folder if it has one, else {TOKENIZER_FOLDER}; get it with: "
-                                          f"{GET_TOKENIZER})")
+                      help="batch rows of similar length together: less padding, not the release's row order")
+    data.add_argument("--num_workers", type=at_least_0, default=4,
+                      help="DataLoader processes per GPU (default %(default)s)")
+    data.add_argument("--tokenizer",
+                      help=f"folder with tokenizer.json (default: --from_weight's folder, else {TOKENIZER_FOLDER})")
     data.add_argument("--speech_encoder", default="models/SenseVoiceSmall",
-                      help="SenseVoiceSmall folder, loaded only when the data has question audio "
-                           "(default models/SenseVoiceSmall)")
+                      help="SenseVoiceSmall folder, for rows with question audio (default %(default)s)")
     data.add_argument("--vision_encoder", default="models/siglip2-base-p32-256-ve",
-                      help="SigLIP2 folder, loaded only when the data has images "
-                           "(default models/siglip2-base-p32-256-ve)")
+                      help="SigLIP2 folder, for rows with images (default %(default)s)")
     data.add_argument("--encoder_cache", metavar="DIR",
-                      help="keep the frozen encoders' outputs in DIR (float16, one file per row's image or "
-                           "question audio): computed once, then read back in later epochs and by later runs "
-                           "on the same data files (e.g. --mode audio_proj, then --mode all). Question audio "
-                           "is cached only with --augment none. Entries are keyed by data file (path, size, "
-                           "modification time), row, user turn and encoder folder, so a changed file or "
-                           "encoder is never served stale outputs (default: no cache)")
+                      help="store the frozen encoders' outputs in DIR, to read back in later epochs and runs")
 
 
 def model_flags(model):
-    model.add_argument("--from_weight",
-                       help="where training starts: the text-only MiniMind (llm_768.pth), a previous stage's .pth "
-                            f"or folder, or 'none' for random weights ({defaults('from_weight')})")
+    model.add_argument("--from_weight", default="out/llm_768.pth",
+                       help="start: llm_768.pth, a previous stage's .pth or folder, or 'none' (default %(default)s)")
     model.add_argument("--mode", choices=["all", "audio_proj", "vision_proj"], default="all",
-                       help="what is trained: everything, or only the speech / image projector (default all)")
-    model.add_argument("--use_moe", action="store_true",
-                       help="mixture-of-experts FFNs (with --from_weight none; a checkpoint brings its own)")
-    model.add_argument("--hidden_size", type=files.positive,
-                       help=f"Thinker and Talker width, with --from_weight none ({defaults('hidden_size')})")
-    model.add_argument("--num_hidden_layers", type=files.positive,
-                       help="Thinker blocks, with --from_weight none; the Talker gets half as many "
-                            f"({defaults('num_hidden_layers')})")
+                       help="what trains: everything, or only the speech or image projector (default %(default)s)")
+    model.add_argument("--use_moe", action="store_true", help="mixture-of-experts FFNs, with --from_weight none")
+    model.add_argument("--hidden_size", type=files.positive, default=768,
+                       help="Thinker and Talker width, with --from_weight none (default %(default)s)")
+    model.add_argument("--num_hidden_layers", type=files.positive, default=8,
+                       help="Thinker blocks, with --from_weight none; the Talker has half (default %(default)s)")
 
 
 def optimisation_flags(opt):
-    opt.add_argument("--epochs", type=files.positive, help=f"passes over the data ({defaults('epochs')})")
-    opt.add_argument("--max_steps", type=files.positive,
-                     help="stop after this many optimizer steps (the lr schedule ends there)")
-    opt.add_argument("--batch_size", type=files.positive, help=f"samples per GPU per micro-batch ({defaults('batch_size')})")
+    opt.add_argument("--epochs", type=files.positive, default=1, help="passes over the data (default %(default)s)")
+    opt.add_argument("--max_steps", type=files.positive, help="stop after this many optimizer steps")
+    opt.add_argument("--batch_size", type=files.positive, default=32,
+                     help="samples per GPU per micro-batch (default %(default)s)")
     opt.add_argument("--accumulation_steps", type=files.positive, default=1,
-                     help="micro-batches summed before each optimizer step (default 1)")
-    opt.add_argument("--learning_rate", type=files.finite_above_0,
-                     help="peak lr; step t of T uses lr*(0.1 + 0.45*(1 + cos(pi*t/T))), from lr down to lr/10 "
-                          f"({defaults('learning_rate')})")
+                     help="micro-batches summed before each optimizer step (default %(default)s)")
+    opt.add_argument("--learning_rate", type=files.finite_above_0, default=5e-4,
+                     help="peak lr of the cosine schedule, which ends at a tenth of it (default %(default)s)")
     opt.add_argument("--weight_decay", type=files.finite_at_least_0, default=0.01,
-                     help="AdamW weight decay (default 0.01, PyTorch's default, which the release uses)")
+                     help="AdamW weight decay (default %(default)s)")
     opt.add_argument("--grad_clip", type=files.finite_above_0, default=1.0,
-                     help="clip the gradient norm to this (default 1.0)")
+                     help="clip the gradient norm to this (default %(default)s)")
     opt.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                     help="autocast precision: bfloat16 and float16 run the matmuls in 16 bits and keep about 30%% "
-                          "less activation memory than float32 (the weights, the optimizer and the loss stay "
-                          "float32); float16 adds a loss scaler and needs a GPU (CUDA or MPS). On the CPU bfloat16 pays "
-                          "off where the processor multiplies bfloat16 itself (Intel AMX or AVX512-BF16: 1.8x the step "
-                          "of float32 measured on a 2-core Xeon VM), elsewhere it is slower (default bfloat16 on a GPU, "
-                          "float32 on the CPU)")
+                     help="autocast precision (default bfloat16 on a GPU, float32 on the CPU; float16 needs a GPU)")
     opt.add_argument("--grad_checkpointing", action="store_true",
-                     help="keep only each block's input during the forward pass and recompute the block in the "
-                          "backward pass: the same losses and gradients from 2.5-3x less activation memory per "
-                          "sample (estimated; docs/performance.md, 'Memory', has the table) for at most one more "
-                          "forward pass of the blocks (a third of their work; 1.02x the step time measured on a "
-                          "2-core CPU)")
+                     help="recompute each block in the backward pass: 2.5-3x less activation memory")
     opt.add_argument("--compile", action="store_true",
-                     help="torch.compile the model's three block stacks (the embedding and the heads, which run "
-                          "only where labels are, stay eager): faster on a GPU once compiled, which takes a "
-                          f"minute or more per batch width; widths are rounded up to a multiple of {COMPILE_WIDTH} "
-                          "(more padded positions, which change no text or audio loss; a MoE's load-balance loss "
-                          "counts them, as the release's padding to max_seq_len does) so that it compiles a few "
-                          "shapes, not one per batch")
+                     help=f"torch.compile the block stacks, batch widths rounded up to a multiple of {COMPILE_WIDTH}")
     opt.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                     help="cuda (or cuda:N), mps (an Apple-silicon GPU: autocast and fused AdamW as on CUDA, one "
-                          "process) or cpu (default: cuda when available); under torchrun each process takes its GPU")
+                     help="cuda, cuda:N, mps or cpu (default %(default)s); under torchrun each process takes its GPU")
     opt.add_argument("--seed", type=files.random_seed, default=42,
-                     help="seeds the weights, the data order and every per-sample random choice (default 42)")
+                     help="seeds the weights, the data order and every per-sample choice (default %(default)s)")
+
+
+def output_flags(out):
+    out.add_argument("--out_dir", default="out", help="where checkpoints and logs go (default %(default)s)")
+    out.add_argument("--save_weight", default="sft_omni",
+                     help="checkpoint name: <out_dir>/<save_weight>_<hidden>[_moe].pth (default %(default)s)")
+    out.add_argument("--save_every", type=at_least_0, default=1000,
+                     help="optimizer steps between checkpoints, 0 for the end only (default %(default)s)")
+    out.add_argument("--log_every", type=files.positive, default=10,
+                     help="optimizer steps between metric lines (default %(default)s)")
+    out.add_argument("--resume", action="store_true",
+                     help="continue from <out_dir>/<save_weight>_resume.pt exactly where it was written")
 
 
 def prepare_flags(prep):
     prep.add_argument("--prepare", nargs=2, metavar=("MANIFEST", "OUT"),
-                      help="instead of training, turn a JSON-lines manifest of your own recordings (one exchange a "
-                           "line: question and/or question_audio, answer, answer_audio, optional voice and image, or "
-                           "a list of turns) into OUT, a parquet file for --data (README.md, 'Your own data')")
+                      help="instead of training, turn a JSON-lines manifest of recordings into OUT, a --data file")
     prep.add_argument("--mimi", default="models/mimi",
-                      help=f"folder with {files.MIMI_WEIGHTS} (or the file), which turns answer speech and voice clips "
-                           "into codes (default models/mimi)")
+                      help=f"folder with {files.MIMI_WEIGHTS} (or the file) (default %(default)s)")
     prep.add_argument("--campplus", default="models/campplus",
-                      help=f"folder with {files.CAMPP_WEIGHTS}, which makes a voice clip's speaker embedding; "
-                           "loaded only when a line names a voice (default models/campplus)")
+                      help=f"folder with {files.CAMPP_WEIGHTS}, for lines that name a voice (default %(default)s)")
     prep.add_argument("--prepare_chunk", type=int, default=PREPARE_CHUNK,
-                      help="manifest lines per part file in OUT.parts/; a killed --prepare started again keeps the "
-                           f"finished parts (default {PREPARE_CHUNK})")
-
-
-def output_flags(out):
-    out.add_argument("--out_dir", help=f"where checkpoints and logs go ({defaults('out_dir')})")
-    out.add_argument("--save_weight", help="checkpoint name: <out_dir>/<save_weight>_<hidden>[_moe].pth "
-                                           f"({defaults('save_weight')})")
-    out.add_argument("--save_every", type=at_least_0,
-                     help=f"optimizer steps between checkpoints, 0 for the end only ({defaults('save_every')})")
-    out.add_argument("--log_every", type=files.positive,
-                     help=f"optimizer steps between metric lines ({defaults('log_every')})")
-    out.add_argument("--resume", action="store_true",
-                     help="continue from <out_dir>/<save_weight>_resume.pt: weights, optimizer, loss scaler, step, "
-                          "data position and random states, exactly as when it was written")
+                      help="manifest lines per part file, kept when a killed --prepare starts again "
+                           "(default %(default)s)")
 
 
 # -----------------------------------------------------------------------------------------------
