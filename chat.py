@@ -7,8 +7,8 @@ so the first sound plays while the text is still being written and Mimi works wh
 its next steps. With --mic, Silero VAD cuts the microphone into questions, and speaking during a reply
 stops it (barge-in); the new question is heard from its first word. With --web, the same chat is a web page.
 
-Parts of the chat, in order: `Part`/`PARTS` (published files, what is missing, --download); the side-module
-parts only the chat uses (`MimiStreamDecoder`, Silero VAD's
+Parts of the chat, in order (files.py finds, fetches and loads the published parts): the side-module parts
+only the chat uses (`MimiStreamDecoder`, Silero VAD's
 `VoiceActivity`); `SpeechOut` (Mimi in a background thread) and `Player` (sound card); `Chat` (one
 conversation); `Listener`/`converse` (--mic); `parse_args`, `main`. The web chat (--web) is web.py.
 """
@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 # Mimi decodes in a second thread while the model computes. OpenMP threads that wait for work by spinning
 # (the default: forever) take the cores from that thread; sleeping at once (OMP_WAIT_POLICY=PASSIVE) makes
@@ -40,166 +40,10 @@ import torch  # noqa: E402
 import minimind_o as mo  # the model (sections 1-11) and the frozen side modules' adapters (section 12)
 import files     # the published parts (where each comes from, how to get it), and the user's audio and images
 
-ROOT = Path(__file__).resolve().parent
-MODELS = ROOT / "models"
-HUB = "jingyaogong"                                    # the release's Hugging Face account
-RELEASE_FOLDERS = ("minimind-3o", "minimind-3o-moe")   # Transformers-format folders (weights + tokenizer)
-RELEASE_FILES = ("sft_omni_768.pth", "sft_omni_768_moe.pth", "llm_768.pth")  # in `minimind-3o-pytorch`
-VOICES_URL = "https://raw.githubusercontent.com/jingyaogong/minimind-o/master/model/speaker/voices.pt"
-DOWNLOAD_TIMEOUT_S = 60
-CONNECT_TIMEOUT_S = 5      # a server that does not answer this soon is taken for being offline
-
 LEAD_IN_CHUNKS = 10        # 320 ms of audio kept before the VAD says "speech": it fires a little late
 PLAYBACK_POLL_S = 0.02     # how often --mic listens for barge-in while the last of a reply plays
 SPEECH_FRAME_S = 0.06     # one SenseVoice output frame (a prompt token) per 6 fbank frames of 10 ms
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus", ".aiff")
-
-
-# -----------------------------------------------------------------------------------------------
-# The published parts: where each goes, where it comes from, how --download gets it
-# -----------------------------------------------------------------------------------------------
-
-class MissingParts(FileNotFoundError):
-    """Some published files are not where the chat looks: the message lists all of them at once."""
-
-
-@dataclass
-class Part:
-    published: files.PublishedPart     # what it is, where it is published, the command that gets it
-    option: str                     # the command-line option that points at it
-    needed_for: str
-    files: tuple = ()               # for a folder: the files that must be in it
-    fetch: Optional[Callable] = None  # fetch(path): download into path
-    is_there: Optional[Callable] = None  # is_there(path), when the files alone cannot tell
-
-    @property
-    def name(self):
-        return self.published.name
-
-    def present(self, path):
-        if self.is_there:
-            return self.is_there(path)
-        path = Path(path)
-        return path.is_file() or (all((path / f).is_file() for f in self.files) if self.files else path.exists())
-
-
-def hub_folder(repo, patterns=None):
-    def fetch(path):
-        from huggingface_hub import snapshot_download
-        snapshot_download(repo, local_dir=path, allow_patterns=list(patterns) if patterns else None)
-    return fetch
-
-
-def hub_file(repo, filename):
-    def fetch(path):
-        from huggingface_hub import hf_hub_download
-        path = Path(path)
-        hf_hub_download(repo, filename, local_dir=path.parent if path.name == filename else path)
-    return fetch
-
-
-def url_file(url):
-    def fetch(path):
-        import urllib.request
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r:
-            data = r.read()
-        with files.atomic_path(path) as tmp:
-            Path(tmp).write_bytes(data)
-    fetch.url = url  # where --download checks it can reach
-    return fetch
-
-
-def fetch_checkpoint(path):
-    """The release's folders and .pth files can be fetched by their published names only."""
-    path = Path(path)
-    if path.name in RELEASE_FOLDERS:
-        return hub_folder(f"{HUB}/{path.name}")(path)
-    if path.name in RELEASE_FILES:
-        return hub_file(f"{HUB}/minimind-3o-pytorch", path.name)(path)
-    raise FileNotFoundError(f"{path} is not a published name ({', '.join(RELEASE_FOLDERS + RELEASE_FILES)}), "
-                            "so --download cannot fetch it")
-
-
-PARTS = {  # key = the argparse dest of the option that points at the part, and its row in files.PUBLISHED
-    "checkpoint": Part(files.PUBLISHED["checkpoint"], "--checkpoint", "everything", fetch=fetch_checkpoint,
-                       is_there=lambda path: files.weights_file(str(path)) is not None),  # not just a tokenizer
-    "tokenizer": Part(files.PUBLISHED["tokenizer"], "--tokenizer", "everything", files=("tokenizer.json",),
-                      fetch=hub_folder(f"{HUB}/minimind-3o", ["tokenizer*.json", "*.txt"])),
-    "mimi": Part(files.PUBLISHED["mimi"], "--mimi", "speech out and voice cloning", files=(files.MIMI_WEIGHTS,),
-                 fetch=hub_file("kyutai/moshiko-pytorch-bf16", files.MIMI_WEIGHTS)),
-    "sensevoice": Part(files.PUBLISHED["sensevoice"], "--sensevoice", "speech in (/audio, --audio, --mic)", files=files.SENSEVOICE_FILES,
-                       fetch=hub_folder("FunAudioLLM/SenseVoiceSmall", files.SENSEVOICE_FILES)),
-    "siglip": Part(files.PUBLISHED["siglip"], "--siglip", "images (/image, --image)", files=files.SIGLIP_FILES,
-                   fetch=hub_folder(f"{HUB}/siglip2-base-p32-256-ve", files.SIGLIP_FILES)),
-    "campplus": Part(files.PUBLISHED["campplus"], "--campplus", "voice cloning from an audio file", files=(files.CAMPP_WEIGHTS,),
-                     fetch=hub_file("funasr/campplus", files.CAMPP_WEIGHTS)),
-    "voices": Part(files.PUBLISHED["voices"], "--voices", "/voice NAME", fetch=url_file(VOICES_URL)),
-}
-
-
-def missing_report(args, keys, parts=PARTS):
-    """MissingParts listing every part in `keys` that is not where args say, or None when all are there.
-    parts: key -> Part (benchmarks/evaluate.py passes its own, which add the ASR's files)."""
-    missing = [k for k in keys if not parts[k].present(getattr(args, k))]
-    if not missing:
-        return None
-    lines = ["missing parts (put each where shown, point elsewhere with its option, or run with --download):"]
-    for k in missing:
-        p = parts[k]
-        lines.append(f"  {p.name} (for {p.needed_for}): {getattr(args, k)}  [{p.option}]\n"
-                     f"      get it with {p.published.how} (published: {p.published.source})")
-        if k == "mimi":
-            lines.append("      or chat in text only, without it: add --no_speech")
-    return MissingParts("\n".join(lines))
-
-
-def site_of(part):
-    """The address a part is fetched from: its file's URL (url_file), else the Hugging Face hub."""
-    from huggingface_hub import constants
-    return getattr(part.fetch, "url", constants.ENDPOINT)
-
-
-def hub_offline():
-    from huggingface_hub import constants
-    return constants.HF_HUB_OFFLINE
-
-
-def reachable(url):
-    """Whether the server of `url` takes a connection within CONNECT_TIMEOUT_S: offline, each part's
-    download would otherwise retry for many seconds before failing."""
-    import socket
-    import urllib.parse
-    address = urllib.parse.urlsplit(url)
-    try:
-        socket.create_connection((address.hostname, address.port or 443), timeout=CONNECT_TIMEOUT_S).close()
-        return True
-    except OSError:
-        return False
-
-
-def download(args, keys, parts=PARTS):
-    """Fetch the parts in `keys` that are missing; returns the list of failures (empty when all went well)."""
-    failures, online = [], {}
-    for key in keys:
-        part, path = parts[key], Path(getattr(args, key))
-        if part.present(path):
-            continue
-        site = site_of(part)
-        if site not in online:  # HF_HUB_OFFLINE=1 says so for the hub without asking
-            on_hub = not hasattr(part.fetch, "url")
-            online[site] = not (on_hub and hub_offline()) and reachable(site)
-        if not online[site]:
-            failures.append(f"{part.name}: {site} cannot be reached (are you online? or get it by hand: "
-                            f"{part.published.how})")
-            continue
-        print(f"downloading {part.name} into {path} ...", flush=True)
-        try:
-            part.fetch(path)
-        except Exception as e:  # offline, unknown repo, refused: all end in the same advice
-            failures.append(f"{part.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                            f"(are you online? or get it by hand: {part.published.how})")
-    return failures
 
 
 # -----------------------------------------------------------------------------------------------
@@ -575,9 +419,9 @@ class Chat:
     def part(self, key):
         """A side module, loaded the first time it is needed (a clear listing if its files are missing)."""
         if key not in self.parts:
-            missing = missing_report(self.args, [key])
+            missing = files.missing_report(self.args, [key])
             if missing:
-                raise missing
+                raise FileNotFoundError(missing)
             path, device = getattr(self.args, key), self.device
             load = {"mimi": lambda: files.load_mimi(path, device),
                     "campplus": lambda: files.load_speaker_encoder(path, device),
@@ -620,16 +464,16 @@ class Chat:
 
     def released_voices(self):
         """The release's voices (name -> voice), {} when --voices is not there."""
-        return self.part("voices") if PARTS["voices"].present(self.args.voices) else {}
+        return self.part("voices") if files.PARTS["voices"].present(self.args.voices) else {}
 
     def voices(self):
         """The release's voices and the ones cloned with --save_voice (--my_voices)."""
         return {**self.released_voices(), **my_voices(self.args)}
 
     def released_voices_hint(self):
-        if PARTS["voices"].present(self.args.voices):
+        if files.PARTS["voices"].present(self.args.voices):
             return ""
-        get = files.PUBLISHED["voices"].how
+        get = files.PARTS["voices"].how
         return f"; the released voices are not in {self.args.voices}: get them with {get} or --download"
 
     def user_turn(self, text, audio, image):
@@ -866,6 +710,8 @@ interactive commands:
 
 nucleus = files.number(float, lambda p: 0 < p <= 1, "in (0, 1]: the share of probability kept")
 port_number = files.number(int, lambda n: 0 <= n < 2 ** 16, "a port, 0 to 65535")
+cpu_threads = files.number(int, lambda n: 1 <= n <= os.cpu_count(),  # more threads than cores only wait on each other
+                           f"a number of threads from 1 to this machine's {os.cpu_count()} cores")
 
 
 def device_name(value):
@@ -927,24 +773,24 @@ def voice_flags(parser):
                        "(1-24 s of clean speech); default: the model's own")
     voice.add_argument("--save_voice", metavar="NAME", help="keep the voice cloned from --voice FILE in --my_voices "
                        "under NAME")
-    voice.add_argument("--voices", default=str(MODELS / "voices.pt"), help="the release's voices file (default "
+    voice.add_argument("--voices", default=files.PARTS["voices"].default, help="the release's voices file (default "
                        "models/voices.pt; --download fetches it)")
-    voice.add_argument("--my_voices", default=str(MODELS / "my_voices.pt"), help="the voices you cloned with "
+    voice.add_argument("--my_voices", default=str(files.MODELS / "my_voices.pt"), help="the voices you cloned with "
                        "--save_voice, kept apart from the released ones (default models/my_voices.pt)")
 
 
 def part_flags(parser):
     """Where the published files are, and --download."""
     parts = parser.add_argument_group("published files (see --download)")
-    parts.add_argument("--checkpoint", default=default_checkpoint(MODELS / "minimind-3o", MODELS / "sft_omni_768.pth"),
+    parts.add_argument("--checkpoint", default=default_checkpoint(files.MODELS / "minimind-3o", files.MODELS / "sft_omni_768.pth"),
                        help="released folder or .pth, or a train.py checkpoint (default models/minimind-3o, else "
                             "models/sft_omni_768.pth)")
     parts.add_argument("--tokenizer", help="folder with tokenizer.json (default: the checkpoint's folder if it has "
                        "one, else models/minimind-3o)")
-    parts.add_argument("--mimi", default=str(MODELS / "mimi"), help=f"folder with {files.MIMI_WEIGHTS}, or the file")
-    parts.add_argument("--sensevoice", default=str(MODELS / "SenseVoiceSmall"), help="SenseVoiceSmall folder")
-    parts.add_argument("--siglip", default=str(MODELS / "siglip2-base-p32-256-ve"), help="SigLIP2 folder")
-    parts.add_argument("--campplus", default=str(MODELS / "campplus"), help=f"folder with {files.CAMPP_WEIGHTS}")
+    parts.add_argument("--mimi", default=files.PARTS["mimi"].default, help=f"folder with {files.MIMI_WEIGHTS}, or the file")
+    parts.add_argument("--sensevoice", default=files.PARTS["sensevoice"].default, help="SenseVoiceSmall folder")
+    parts.add_argument("--siglip", default=files.PARTS["siglip"].default, help="SigLIP2 folder")
+    parts.add_argument("--campplus", default=files.PARTS["campplus"].default, help=f"folder with {files.CAMPP_WEIGHTS}")
     parts.add_argument("--download", action="store_true", help="first fetch the missing parts (those a one-shot "
                        "question needs, or all for the interactive chat) from Hugging Face (voices.pt from GitHub), "
                        "then go on")
@@ -984,7 +830,7 @@ def running_flags(parser):
     run.add_argument("--int8", action="store_true",
                      help="CPU only: int8 weights in every Linear layer, about 1.5x faster steps on 2 cores, "
                           "at a small cost in accuracy")
-    run.add_argument("--threads", type=files.cpu_threads, help="CPU threads for PyTorch (default: its own choice)")
+    run.add_argument("--threads", type=cpu_threads, help="CPU threads for PyTorch (default: its own choice)")
 
 
 def check_flags(p, args):
@@ -1001,7 +847,7 @@ def check_flags(p, args):
         p.error("--ssl_cert and --ssl_key go together (a certificate and its private key)")
     if args.tokenizer is None:
         ckpt = Path(args.checkpoint)
-        args.tokenizer = str(ckpt if (ckpt / "tokenizer.json").is_file() else MODELS / "minimind-3o")
+        args.tokenizer = str(ckpt if (ckpt / "tokenizer.json").is_file() else files.PARTS["tokenizer"].default)
     if args.save_voice and not (args.voice and os.path.isfile(args.voice)):
         p.error("--save_voice NAME needs --voice FILE (an audio clip to clone)")
     try:
@@ -1137,7 +983,7 @@ def load_session(args, player):
     time, and its first sound, then measure the reply, not the loading."""
     keys = parts_needed(args)
     started = time.perf_counter()
-    print(f"loading {', '.join(PARTS[k].name for k in keys)} ...", file=sys.stderr, flush=True)
+    print(f"loading {', '.join(files.PARTS[k].name for k in keys)} ...", file=sys.stderr, flush=True)
     chat = Chat(args, player)
     for key in keys:
         if key in ("mimi", "sensevoice", "siglip"):  # voices and CAM++ are loaded by set_voice, also at start
@@ -1154,10 +1000,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.download:  # the interactive chat may need any part; a one-shot question or --mic only its own
         one_shot = args.text or args.audio or args.image or args.mic
-        failures = download(args, parts_needed(args) if one_shot else list(PARTS))
+        failures = files.download(args, parts_needed(args) if one_shot else list(files.PARTS))
         if failures:
             sys.exit("download failed:\n  " + "\n  ".join(failures))
-    missing = missing_report(args, parts_needed(args))
+    missing = files.missing_report(args, parts_needed(args))
     if missing:
         sys.exit(f"chat.py: {missing}")
     player = None if args.no_speech or args.mute or args.web else open_player()
@@ -1167,7 +1013,7 @@ def main(argv=None):
             print(chat.set_voice(args.voice, args.save_voice), file=sys.stderr)
         if args.web:
             import web  # the web chat's own module, only when it is asked for
-            if PARTS["sensevoice"].present(args.sensevoice):  # loaded now, not during the first spoken question
+            if files.PARTS["sensevoice"].present(args.sensevoice):  # loaded now, not during the first spoken question
                 chat.part("sensevoice")
             return web.serve_web(chat, args, lambda silence_ms: Listener(VoiceActivity(min_silence_ms=silence_ms)),
                                  VAD_CHUNK)

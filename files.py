@@ -1,18 +1,18 @@
 """
 MiniMind-O's files: everything it reads from or writes to disk, each failure a message that names the
 file and says what to do. minimind_o.py (the model) never touches the disk, apart from the tokenizer;
-this file turns files into what it takes: state dicts, loaded side modules, arrays and images. Its last
-lines check the other thing users type: the numbers chat.py's and train.py's flags take.
+this file turns files into what it takes: state dicts, loaded side modules, arrays and images.
 
-  1. the published parts: what each is, where it is published, the command that downloads it, and
-     `loading`, which turns any failure to load one into a single message saying so
+  1. the published parts, one table (`PARTS`): what each is, where it goes, where it is published, the
+     commands that download it; what is missing (`missing_report`), --download, and `loading`, which
+     turns any failure to load one into a single message saying so
   2. checkpoints: one atomic writer for every file the project writes, and the readers of every
      published checkpoint form (.pth, .bin, safetensors folders with or without config.json)
   3. the frozen side modules' loaders: SenseVoice-Small, SigLIP2, Mimi, CAM++ from their published files
   4. the user's voices: cloned from a clip (checked first), kept in the release's voices.pt format
   5. the user's files: audio and images, decoded with an error that names the file; the flags' numbers
 
-The entry points (chat.py, train.py, benchmarks/evaluate.py) load and save through here.
+The entry points (chat.py, train.py, benchmarks/evaluate.py) find, fetch, load and save through here.
 """
 import argparse
 import contextlib
@@ -25,6 +25,7 @@ import uuid
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -33,59 +34,90 @@ from torch import nn
 import minimind_o as mo
 
 # -----------------------------------------------------------------------------------------------
-# 1. The published parts, and one message when one cannot be loaded
+# 1. The published parts: what each is, where it goes, where it is published, how to get it
 # -----------------------------------------------------------------------------------------------
 
+ROOT = Path(__file__).resolve().parent
+MODELS = ROOT / "models"                 # where the entry points look for every part by default
 MIMI_WEIGHTS = "tokenizer-e351c8d8-checkpoint125.safetensors"  # what moshi.models.loaders fetches
 CAMPP_WEIGHTS = "campplus_cn_common.bin"
+SENSEVOICE_FILES = ("config.yaml", "model.pt", "am.mvn")
+SIGLIP_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
+RELEASE_FOLDERS = ("minimind-3o", "minimind-3o-moe")   # Transformers-format folders (weights + tokenizer)
+RELEASE_FILES = ("sft_omni_768.pth", "sft_omni_768_moe.pth", "llm_768.pth")  # in `minimind-3o-pytorch`
+RELEASE_URL = "https://raw.githubusercontent.com/jingyaogong/minimind-o/master/model/"  # the release's GitHub files
+DOWNLOAD_TIMEOUT_S = 60
+CONNECT_TIMEOUT_S = 5      # a server that does not answer this soon is taken for being offline
 
 
 @dataclass
-class PublishedPart:
-    name: str        # what it is, for people
-    source: str      # where it is published
-    download: tuple  # commands, each putting it where the entry points look by default (the release's first)
+class Part:
+    name: str                  # what it is, for people
+    needed_for: str            # what of the chat needs it
+    place: str                 # where the entry points look for it by default, in the project's folder
+    source: str                # where it is published
+    download: tuple            # commands for people, each putting it at `place` (the release's first)
+    hub: Optional[str] = None  # the Hugging Face repository --download fetches it from (url: that file instead)
+    files: tuple = ()          # for a folder: the files that must be in it, all that --download fetches
+    url: Optional[str] = None
+
+    @property
+    def default(self):
+        return str(ROOT / self.place)
 
     @property
     def how(self):
         """The download commands, for a message: `one` or `another`."""
         return " or ".join(f"`{command}`" for command in self.download)
 
+    def present(self, path):
+        """The file itself, or a folder with the part's files (the checkpoint's: with weights in it)."""
+        path = Path(path)
+        if path.is_file():
+            return True
+        return all((path / f).is_file() for f in self.files) if self.files else weights_file(path) is not None
+
 
 HF, MS = "hf download", "modelscope download --model"  # the Hugging Face CLI; ModelScope's, as the release writes it
-PUBLISHED = {
-    "checkpoint": PublishedPart("MiniMind-O weights", "`jingyaogong/minimind-3o` (or `minimind-3o-moe`, or the .pth "
-                                "files of `minimind-3o-pytorch`) on Hugging Face, `gongjy` on ModelScope",
-                                (f"{MS} gongjy/minimind-3o-pytorch sft_omni_768.pth --local_dir models",
-                                 f"{HF} jingyaogong/minimind-3o --local-dir models/minimind-3o")),
-    "tokenizer": PublishedPart("tokenizer", "tokenizer.json in the `jingyaogong/minimind-3o` folder and in the "
-                               "release's GitHub repository (model/tokenizer.json)",
-                               (f"{HF} jingyaogong/minimind-3o --include 'tokenizer*' --local-dir models/minimind-3o",
-                                "curl -L --create-dirs -o models/minimind-3o/tokenizer.json https://raw."
-                                "githubusercontent.com/jingyaogong/minimind-o/master/model/tokenizer.json")),
-    "sensevoice": PublishedPart("speech encoder (SenseVoice-Small)", "`gongjy/SenseVoiceSmall` on ModelScope, "
-                                "`FunAudioLLM/SenseVoiceSmall` on Hugging Face",
-                                (f"{MS} gongjy/SenseVoiceSmall --local_dir models/SenseVoiceSmall",
-                                 f"{HF} FunAudioLLM/SenseVoiceSmall --local-dir models/SenseVoiceSmall")),
-    # the release's vision tower alone, or google's whole SigLIP2 (its text tower is skipped when loading)
-    "siglip": PublishedPart("vision encoder (SigLIP2)", "the release's `gongjy/siglip2-base-p32-256-ve` (ModelScope) "
-                            "and `jingyaogong/siglip2-base-p32-256-ve` (Hugging Face); google's "
-                            "`google/siglip2-base-patch32-256`",
-                            (f"{MS} gongjy/siglip2-base-p32-256-ve --local_dir models/siglip2-base-p32-256-ve",
-                             f"{HF} jingyaogong/siglip2-base-p32-256-ve --local-dir models/siglip2-base-p32-256-ve",
-                             f"{HF} google/siglip2-base-patch32-256 --local-dir models/siglip2-base-p32-256-ve")),
+PARTS = {  # key: the option that points at the part (--checkpoint ...), as chat.py and evaluate.py name it
+    # no hub: --download takes the release folder or .pth that the path names (see fetch)
+    "checkpoint": Part("MiniMind-O weights", "everything", "models/minimind-3o",
+                       "`jingyaogong/minimind-3o` (or `minimind-3o-moe`, or the .pth files of `minimind-3o-pytorch`) "
+                       "on Hugging Face, `gongjy` on ModelScope",
+                       (f"{MS} gongjy/minimind-3o-pytorch sft_omni_768.pth --local_dir models",
+                        f"{HF} jingyaogong/minimind-3o --local-dir models/minimind-3o")),
+    "tokenizer": Part("tokenizer", "everything", "models/minimind-3o", "tokenizer.json in the "
+                      "`jingyaogong/minimind-3o` folder and in the release's GitHub repository (model/tokenizer.json)",
+                      (f'{HF} jingyaogong/minimind-3o --include "tokenizer*" --local-dir models/minimind-3o',
+                       f"curl -L --create-dirs -o models/minimind-3o/tokenizer.json {RELEASE_URL}tokenizer.json"),
+                      "jingyaogong/minimind-3o", ("tokenizer.json",)),
     # moshi's file, which load_mimi reads; the release's `gongjy/mimi` is the Transformers layout, which it does not
-    "mimi": PublishedPart("Mimi codec", f"{MIMI_WEIGHTS} in `kyutai/moshiko-pytorch-bf16` on Hugging Face",
-                          (f"{HF} kyutai/moshiko-pytorch-bf16 {MIMI_WEIGHTS} --local-dir models/mimi",)),
+    "mimi": Part("Mimi codec", "speech out and voice cloning", "models/mimi",
+                 f"{MIMI_WEIGHTS} in `kyutai/moshiko-pytorch-bf16` on Hugging Face",
+                 (f"{HF} kyutai/moshiko-pytorch-bf16 {MIMI_WEIGHTS} --local-dir models/mimi",),
+                 "kyutai/moshiko-pytorch-bf16", (MIMI_WEIGHTS,)),
+    "sensevoice": Part("speech encoder (SenseVoice-Small)", "speech in (/audio, --audio, --mic)", "models/SenseVoiceSmall",
+                       "`gongjy/SenseVoiceSmall` on ModelScope, `FunAudioLLM/SenseVoiceSmall` on Hugging Face",
+                       (f"{MS} gongjy/SenseVoiceSmall --local_dir models/SenseVoiceSmall",
+                        f"{HF} FunAudioLLM/SenseVoiceSmall --local-dir models/SenseVoiceSmall"),
+                       "FunAudioLLM/SenseVoiceSmall", SENSEVOICE_FILES),
+    # the release's vision tower alone, or google's whole SigLIP2 (its text tower is skipped when loading)
+    "siglip": Part("vision encoder (SigLIP2)", "images (/image, --image)", "models/siglip2-base-p32-256-ve",
+                   "the release's `gongjy/siglip2-base-p32-256-ve` (ModelScope) and "
+                   "`jingyaogong/siglip2-base-p32-256-ve` (Hugging Face); google's `google/siglip2-base-patch32-256`",
+                   (f"{MS} gongjy/siglip2-base-p32-256-ve --local_dir models/siglip2-base-p32-256-ve",
+                    f"{HF} jingyaogong/siglip2-base-p32-256-ve --local-dir models/siglip2-base-p32-256-ve",
+                    f"{HF} google/siglip2-base-patch32-256 --local-dir models/siglip2-base-p32-256-ve"),
+                   "jingyaogong/siglip2-base-p32-256-ve", SIGLIP_FILES),
     # the .bin of the official copies; the release's `gongjy/campplus` holds a .pt of another name
-    "campplus": PublishedPart("speaker encoder (CAM++)", "`iic/speech_campplus_sv_zh-cn_16k-common` on ModelScope, "
-                              "`funasr/campplus` on Hugging Face",
-                              (f"{MS} iic/speech_campplus_sv_zh-cn_16k-common {CAMPP_WEIGHTS} "
-                               "--local_dir models/campplus",
-                               f"{HF} funasr/campplus {CAMPP_WEIGHTS} --local-dir models/campplus")),
-    "voices": PublishedPart("voices", "the release's model/speaker/voices.pt (GitHub jingyaogong/minimind-o)",
-                            ("curl -L -o models/voices.pt https://raw.githubusercontent.com/jingyaogong/minimind-o/"
-                             "master/model/speaker/voices.pt",)),
+    "campplus": Part("speaker encoder (CAM++)", "voice cloning from an audio file", "models/campplus",
+                     "`iic/speech_campplus_sv_zh-cn_16k-common` on ModelScope, `funasr/campplus` on Hugging Face",
+                     (f"{MS} iic/speech_campplus_sv_zh-cn_16k-common {CAMPP_WEIGHTS} --local_dir models/campplus",
+                      f"{HF} funasr/campplus {CAMPP_WEIGHTS} --local-dir models/campplus"),
+                     "funasr/campplus", (CAMPP_WEIGHTS,)),
+    "voices": Part("voices", "/voice NAME", "models/voices.pt",
+                   "the release's model/speaker/voices.pt (GitHub jingyaogong/minimind-o)",
+                   (f"curl -L -o models/voices.pt {RELEASE_URL}speaker/voices.pt",), url=f"{RELEASE_URL}speaker/voices.pt"),
 }
 
 
@@ -98,11 +130,83 @@ class DamagedPartError(UserError, ValueError):
     """A published part is there but cannot be read (a git-lfs pointer, a cut download, another file)."""
 
 
+def missing_report(args, keys, parts=PARTS):
+    """One message listing every part in `keys` that is not where args say (args.KEY), or None when all are
+    there. parts: key -> Part (benchmarks/evaluate.py passes its own, which add the ASR's files)."""
+    lines = ["missing parts (put each where shown, point elsewhere with its option, or run with --download):"]
+    for key in [k for k in keys if not parts[k].present(getattr(args, k))]:
+        p = parts[key]
+        lines.append(f"  {p.name} (for {p.needed_for}): {getattr(args, key)}  [--{key}]\n"
+                     f"      get it with {p.how} (published: {p.source})")
+        if key == "mimi":
+            lines.append("      or chat in text only, without it: add --no_speech")
+    return "\n".join(lines) if len(lines) > 1 else None
+
+
+def fetch(part, path):
+    """--download's way to `path`: the part's url, else its files from its Hugging Face repository (the
+    checkpoint's by the name `path` ends in: a release folder whole, or one .pth)."""
+    path = Path(path)
+    if part.url:
+        import urllib.request
+        with urllib.request.urlopen(part.url, timeout=DOWNLOAD_TIMEOUT_S) as r, atomic_path(path) as tmp:
+            Path(tmp).write_bytes(r.read())
+        return
+    repo, names = part.hub, part.files
+    if repo is None and path.name in RELEASE_FOLDERS:
+        repo = f"jingyaogong/{path.name}"
+    elif repo is None and path.name in RELEASE_FILES:
+        repo, names = "jingyaogong/minimind-3o-pytorch", (path.name,)
+    elif repo is None:
+        raise FileNotFoundError(f"{path} is not a published name ({', '.join(RELEASE_FOLDERS + RELEASE_FILES)}), "
+                                "so --download cannot fetch it")
+    from huggingface_hub import snapshot_download
+    into = path.parent if path.name in names else path  # a path naming the one file, or the folder for them
+    snapshot_download(repo, local_dir=into, allow_patterns=list(names) or None)
+
+
+def reachable(url):
+    """Whether the server of `url` takes a connection within CONNECT_TIMEOUT_S: offline, each part's
+    download would otherwise retry for many seconds before failing."""
+    import socket
+    import urllib.parse
+    address = urllib.parse.urlsplit(url)
+    try:
+        socket.create_connection((address.hostname, address.port or 443), timeout=CONNECT_TIMEOUT_S).close()
+        return True
+    except OSError:
+        return False
+
+
+def download(args, keys, parts=PARTS):
+    """Fetch the parts in `keys` that are not where args say; returns the failures, a line each (none when
+    all went well). Each server is asked once whether it answers: offline, nothing waits on retries."""
+    from huggingface_hub import constants
+    failures, online = [], {}
+    for key in keys:
+        part, path = parts[key], Path(getattr(args, key))
+        site = part.url or constants.ENDPOINT
+        if part.present(path):
+            continue
+        if site not in online:  # HF_HUB_OFFLINE=1 says so for the hub without asking
+            online[site] = not (site == constants.ENDPOINT and constants.HF_HUB_OFFLINE) and reachable(site)
+        error = None if online[site] else f"{site} cannot be reached"
+        if online[site]:
+            print(f"downloading {part.name} into {path} ...", flush=True)
+            try:
+                fetch(part, path)
+            except Exception as e:  # offline, unknown repo, refused: all end in the same advice
+                error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        if error:
+            failures.append(f"{part.name}: {error} (are you online? or get it by hand: {part.how})")
+    return failures
+
+
 @contextlib.contextmanager
 def loading(part, path):
-    """Around the loading of PUBLISHED[part] from `path`: a failure becomes one message naming the file
+    """Around the loading of PARTS[part] from `path`: a failure becomes one message naming the file
     and how to get it (a missing file stays a FileNotFoundError)."""
-    p = PUBLISHED[part]
+    p = PARTS[part]
     try:
         yield
     except FileNotFoundError as e:
@@ -112,7 +216,6 @@ def loading(part, path):
         raise DamagedPartError(f"cannot read the {p.name} at {path} ({type(e).__name__}: {detail}). Is it the "
                                "published file, whole? A git-lfs pointer (a clone without git-lfs) or a cut "
                                f"download fails like this. Get it with {p.how} (published: {p.source})") from e
-
 
 # -----------------------------------------------------------------------------------------------
 # 2. Checkpoints: written atomically, read in every published form
@@ -176,8 +279,15 @@ def read_checkpoint(path):
     return state
 
 
-def config_from_state_dict(state_dict):
-    """Model shape read off the weights themselves, so any checkpoint file loads without a config."""
+def checkpoint_config(path, state_dict):
+    """A checkpoint's shape: its folder's config.json (the release's; our fields kept), else read off the
+    weights themselves, so any checkpoint file loads without a config."""
+    config_file = os.path.join(path, "config.json")
+    if os.path.isfile(config_file):
+        with open(config_file) as f:
+            release = json.load(f)
+        ours = {field.name for field in fields(mo.OmniConfig)}   # the rest are transformers' extras
+        return mo.OmniConfig(**{k: v for k, v in release.items() if k in ours})
     layers = lambda prefix: len({k.split(".")[2] for k in state_dict if k.startswith(prefix)})
     embed = state_dict["model.embed_tokens.weight"]
     cfg = dict(vocab_size=embed.shape[0], hidden_size=embed.shape[1], num_hidden_layers=layers("model.layers."),
@@ -188,17 +298,6 @@ def config_from_state_dict(state_dict):
     else:  # a text-only start (train.py): a Talker as wide as the Thinker, so it can start from its last blocks
         cfg.update(talker_hidden_size=embed.shape[1])
     return mo.OmniConfig(**cfg)
-
-
-def checkpoint_config(path, state_dict):
-    """A checkpoint's shape: its folder's config.json (the release's; our fields kept), else read off the weights."""
-    config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        return config_from_state_dict(state_dict)
-    with open(config_file) as f:
-        release = json.load(f)
-    ours = {field.name for field in fields(mo.OmniConfig)}   # the rest are transformers' extras
-    return mo.OmniConfig(**{k: v for k, v in release.items() if k in ours})
 
 
 def load_model(path, device="cpu", dtype=torch.float32, config=None):
@@ -219,10 +318,6 @@ def load_model(path, device="cpu", dtype=torch.float32, config=None):
 # The libraries are imported inside the loaders: importing this file costs only torch and numpy.
 # A loader raises what its library raises; wrap it in `loading` for the message.
 
-SENSEVOICE_FILES = ("config.yaml", "model.pt", "am.mvn")
-SIGLIP_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
-
-
 def need_files(folder, names):
     folder = Path(folder)
     missing = [n for n in names if not (folder / n).is_file()]
@@ -237,16 +332,9 @@ def quiet_stdout():  # funasr prints an ffmpeg notice when first imported; chat.
         yield
 
 
-class SpeechEncoder(nn.Module):
-    """SenseVoice-Small: funasr's front end (fbank, LFR 7/6, the model's CMVN) and its encoder."""
-
-    def __init__(self, frontend, encoder):
-        super().__init__()
-        self.frontend, self.encoder = frontend, encoder
-
-
 def load_speech_encoder(folder, device="cpu"):
-    """Published SenseVoiceSmall folder (config.yaml, model.pt, am.mvn) -> frozen SpeechEncoder."""
+    """Published SenseVoiceSmall folder (config.yaml, model.pt, am.mvn) -> frozen SenseVoice-Small, as
+    .frontend (funasr's fbank, LFR 7/6 and the model's CMVN) and .encoder."""
     import yaml
     with quiet_stdout():
         from funasr.frontends.wav_frontend import WavFrontend
@@ -262,7 +350,7 @@ def load_speech_encoder(folder, device="cpu"):
     encoder.load_state_dict({k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")})
     if encoder.output_size() != mo.SPEECH_EMBED_DIM:
         raise ValueError(f"{folder / 'model.pt'}: encoder width {encoder.output_size()}, expected {mo.SPEECH_EMBED_DIM}")
-    return SpeechEncoder(frontend, encoder).eval().requires_grad_(False).to(device)
+    return nn.ModuleDict(dict(frontend=frontend, encoder=encoder)).eval().requires_grad_(False).to(device)
 
 
 def load_vision_encoder(folder, device="cpu"):
@@ -445,5 +533,4 @@ positive = number(int, lambda n: n >= 1, "a positive number")
 finite_at_least_0 = number(float, lambda x: 0 <= x < math.inf, "a number >= 0")
 finite_above_0 = number(float, lambda x: 0 < x < math.inf, "a number > 0")
 random_seed = number(int, lambda n: 0 <= n < 2 ** 63, "a seed from 0 to 2**63 - 1")  # what torch and numpy take
-cpu_threads = number(int, lambda n: 1 <= n <= os.cpu_count(),  # more threads than cores only wait on each other
-                     f"a number of threads from 1 to this machine's {os.cpu_count()} cores")
+

@@ -82,10 +82,7 @@ DEMO = dict(from_weight="none", out_dir="out/demo", save_weight="demo", hidden_s
             save_every=50)
 PUBLISHED_DATA = ("the release's data is `minimind-o_dataset` under `jingyaogong` on Hugging Face / `gongjy` on "
                   "ModelScope")
-TOKENIZER_FOLDER = "models/minimind-3o"   # the release's model folder, which holds its tokenizer
-TOKENIZER_REPO = "jingyaogong/minimind-3o"
-GET_TOKENIZER = f'hf download {TOKENIZER_REPO} --include "tokenizer*" --local-dir {TOKENIZER_FOLDER}'
-HUB_CONNECT_S = 5         # the hub not answering this soon is taken for being offline
+TOKENIZER = files.PARTS["tokenizer"]   # the released tokenizer: where it goes by default, how to get it
 
 
 MIN_SEQ_LEN = 16  # a one-turn conversation's template alone takes about 10 tokens
@@ -156,7 +153,7 @@ def data_flags(data):
     data.add_argument("--num_workers", type=at_least_0, default=4,
                       help="DataLoader processes per GPU (default %(default)s)")
     data.add_argument("--tokenizer",
-                      help=f"folder with tokenizer.json (default: --from_weight's folder, else {TOKENIZER_FOLDER})")
+                      help=f"folder with tokenizer.json (default: --from_weight's folder, else {TOKENIZER.place})")
     data.add_argument("--speech_encoder", default="models/SenseVoiceSmall",
                       help="SenseVoiceSmall folder, for rows with question audio (default %(default)s)")
     data.add_argument("--vision_encoder", default="models/siglip2-base-p32-256-ve",
@@ -1517,51 +1514,27 @@ class Progress:
                                  refresh=False)  # the step's update() draws the bar: once a step
 
 
-def hub_reachable():
-    """Whether the Hugging Face hub takes a connection within HUB_CONNECT_S (offline: no waiting on retries)."""
-    import socket
-    import urllib.parse
-    from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE:
-        return False
-    address = urllib.parse.urlsplit(constants.ENDPOINT)
-    try:
-        socket.create_connection((address.hostname, address.port or 443), timeout=HUB_CONNECT_S).close()
-        return True
-    except OSError:
-        return False
-
-
-def fetch_tokenizer(folder):
-    """The released tokenizer.json (about 450 KB) into `folder`; a failure leaves it missing, to be reported."""
-    from huggingface_hub import hf_hub_download
-    tqdm.write(f"fetching the released tokenizer into {folder} ...")
-    try:
-        hf_hub_download(TOKENIZER_REPO, "tokenizer.json", local_dir=folder)
-    except Exception as e:  # refused, cut off: the caller says how to get it by hand
-        tqdm.write(f"could not fetch it ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
-
-
 def tokenizer_folder(args):
-    """--tokenizer, else the --from_weight folder (release folders ship it), else TOKENIZER_FOLDER."""
+    """--tokenizer, else the --from_weight folder (release folders ship it), else TOKENIZER.place, fetched
+    there (about 450 KB) when it is missing and the hub can be reached."""
     if args.tokenizer:
         return args.tokenizer
     start = getattr(args, "from_weight", None)
     if start and os.path.isfile(os.path.join(start, "tokenizer.json")):
         return start
-    folder = os.path.join(HERE, TOKENIZER_FOLDER)
-    if not os.path.isfile(os.path.join(folder, "tokenizer.json")) and hub_reachable():
-        fetch_tokenizer(folder)
-    if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+    folder = os.path.join(HERE, TOKENIZER.place)
+    for failure in files.download(argparse.Namespace(tokenizer=folder), ["tokenizer"]):
+        tqdm.write(failure)  # offline, refused, cut off: the error below says how to get it by hand
+    if not TOKENIZER.present(folder):
         raise FileNotFoundError(f"no tokenizer in {folder}: training needs the released MiniMind tokenizer. Get it "
-                                f"with\n  {GET_TOKENIZER}\nor point --tokenizer at a folder that has tokenizer.json")
+                                f"with\n  {TOKENIZER.download[0]}\nor point --tokenizer at a folder that has tokenizer.json")
     return folder
 
 
 def published_weights(path):
     """How to get a published .pth (llm_768.pth, sft_omni_768.pth ...) to `path`, or the release folder."""
     if not path.endswith(".pth"):
-        return files.PUBLISHED["checkpoint"].how
+        return files.PARTS["checkpoint"].how
     folder, name = os.path.dirname(path) or ".", os.path.basename(path)
     return (f"`modelscope download --model gongjy/minimind-3o-pytorch {name} --local_dir {folder}` or "
             f"`hf download jingyaogong/minimind-3o-pytorch {name} --local-dir {folder}`")
@@ -1578,7 +1551,7 @@ def missing_inputs(args):
     missing += [f"data file not found: {p} ({PUBLISHED_DATA})" for p in args.data if not os.path.exists(p)]
     if args.from_weight != "none" and not args.resume and files.weights_file(args.from_weight) is None:
         missing.append(f"--from_weight {args.from_weight} not found; get the published weights with "
-                       f"{published_weights(args.from_weight)} ({files.PUBLISHED['checkpoint'].source})")
+                       f"{published_weights(args.from_weight)} ({files.PARTS['checkpoint'].source})")
     return "\n".join(missing) or None
 
 
@@ -1885,7 +1858,7 @@ class Exchange:
 
 
 def load_part(key, path, load, device):
-    """files.PUBLISHED[key], loaded from path by load(path, device); a failure also names the option --key."""
+    """files.PARTS[key], loaded from path by load(path, device); a failure also names the option --key."""
     try:
         with files.loading(key, path):
             return load(path, device)

@@ -66,7 +66,7 @@ PAPER_SIMILARITY = {  # CAM++ cosine per voice: (dense, MoE); overall = the mean
     ("unseen", "moon"): (0.4282, 0.6673)}
 PAPER_OVERALL_SIMILARITY = {"dense": 0.5995, "moe": 0.5937}
 VARIANTS = ("dense", "moe")
-RELEASED = chat.RELEASE_FOLDERS + ("sft_omni_768.pth", "sft_omni_768_moe.pth")   # the paper measured these
+RELEASED = files.RELEASE_FOLDERS + ("sft_omni_768.pth", "sft_omni_768_moe.pth")   # the paper measured these
 
 # -----------------------------------------------------------------------------------------------
 # The built-in questions: our own, on everyday topics, each asking for one short sentence
@@ -507,36 +507,34 @@ def report(summary, settings, variant):
 # Command line
 # -----------------------------------------------------------------------------------------------
 
-UNSEEN_VOICES_URL = chat.VOICES_URL.replace("voices.pt", "voices_unseen.pt")
-PARTS = {
-    **chat.PARTS,
+UNSEEN_VOICES_URL = f"{files.RELEASE_URL}speaker/voices_unseen.pt"
+PARTS = {  # files.PARTS, for what the evaluation needs each for, and the unseen voices
+    **files.PARTS,
     "sensevoice": dataclasses.replace(
-        chat.PARTS["sensevoice"], needed_for="transcribing the speech", files=ASR_FILES,
-        published=dataclasses.replace(files.PUBLISHED["sensevoice"],
-                                      name="ASR and speech encoder (SenseVoiceSmall with its CTC head and tokenizer)"),
-        fetch=chat.hub_folder("FunAudioLLM/SenseVoiceSmall", ASR_FILES)),
-    "campplus": dataclasses.replace(chat.PARTS["campplus"], needed_for="voice similarity"),
-    "voices": dataclasses.replace(chat.PARTS["voices"], needed_for="voice similarity, seen voices"),
-    "unseen_voices": chat.Part(files.PublishedPart("unseen voices", "the release's model/speaker/voices_unseen.pt "
-                                                "(GitHub jingyaogong/minimind-o)", (f"curl -L -o models/voices_unseen.pt {UNSEEN_VOICES_URL}",)),
-                               "--unseen_voices", "voice similarity, unseen voices", fetch=chat.url_file(UNSEEN_VOICES_URL)),
+        files.PARTS["sensevoice"], name="ASR and speech encoder (SenseVoiceSmall with its CTC head and tokenizer)",
+        needed_for="transcribing the speech", files=ASR_FILES),
+    "campplus": dataclasses.replace(files.PARTS["campplus"], needed_for="voice similarity"),
+    "voices": dataclasses.replace(files.PARTS["voices"], needed_for="voice similarity, seen voices"),
+    "unseen_voices": files.Part("unseen voices", "voice similarity, unseen voices", "models/voices_unseen.pt",
+                                "the release's model/speaker/voices_unseen.pt (GitHub jingyaogong/minimind-o)",
+                                (f"curl -L -o models/voices_unseen.pt {UNSEEN_VOICES_URL}",), url=UNSEEN_VOICES_URL),
 }
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    models = chat.MODELS
+    models = files.MODELS
     p.add_argument("--checkpoint", default=chat.default_checkpoint(models / "minimind-3o", models / "sft_omni_768.pth"),
                    help="released folder or .pth, or a train.py checkpoint (default as chat.py)")
     p.add_argument("--tokenizer", help="folder with tokenizer.json (default as chat.py)")
-    p.add_argument("--mimi", default=str(models / "mimi"), help=f"folder with {files.MIMI_WEIGHTS}, or the file")
-    p.add_argument("--sensevoice", default=str(models / "SenseVoiceSmall"),
+    p.add_argument("--mimi", default=PARTS["mimi"].default, help=f"folder with {files.MIMI_WEIGHTS}, or the file")
+    p.add_argument("--sensevoice", default=PARTS["sensevoice"].default,
                    help=f"SenseVoiceSmall folder: the ASR ({', '.join(ASR_FILES)})")
-    p.add_argument("--campplus", default=str(models / "campplus"), help=f"folder with {files.CAMPP_WEIGHTS}")
-    p.add_argument("--voices", default=str(models / "voices.pt"), help="seen voices (default models/voices.pt; "
+    p.add_argument("--campplus", default=PARTS["campplus"].default, help=f"folder with {files.CAMPP_WEIGHTS}")
+    p.add_argument("--voices", default=PARTS["voices"].default, help="seen voices (default models/voices.pt; "
                    "'none' skips them)")
-    p.add_argument("--unseen_voices", default=str(models / "voices_unseen.pt"),
+    p.add_argument("--unseen_voices", default=PARTS["unseen_voices"].default,
                    help="unseen voices (default models/voices_unseen.pt; 'none' skips them)")
     p.add_argument("--questions", metavar="FILE", help=".txt (a question a line) or .jsonl ({'text': ...} and/or "
                    "{'audio': FILE}); default: the built-in 20 English + 20 Chinese")
@@ -549,7 +547,7 @@ def parse_args(argv=None):
     p.add_argument("--top_p", type=float, default=TOP_P, help=f"default {TOP_P}, the release's")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--threads", type=files.cpu_threads, help="CPU threads for PyTorch")
+    p.add_argument("--threads", type=chat.cpu_threads, help="CPU threads for PyTorch")
     p.add_argument("--download", action="store_true", help="first fetch the missing parts (online)")
     return p.parse_args(argv)
 
@@ -584,9 +582,9 @@ def main(argv=None):
     cargs = chat_args(args)
     args.tokenizer = cargs.tokenizer
     keys = parts_needed(args)
-    if args.download and (failures := chat.download(args, keys, PARTS)):
+    if args.download and (failures := files.download(args, keys, PARTS)):
         sys.exit("download failed:\n  " + "\n  ".join(failures))
-    missing = chat.missing_report(args, keys, PARTS)
+    missing = files.missing_report(args, keys, PARTS)
     if missing:
         sys.exit(f"evaluate.py: {missing}")
     try:

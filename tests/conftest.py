@@ -1,3 +1,4 @@
+import argparse
 import os
 import sys
 
@@ -10,7 +11,6 @@ sys.path.insert(0, ROOT)
 
 import minimind_o as mo  # noqa: E402
 import files  # noqa: E402
-import train  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -36,8 +36,8 @@ def tokenizer_folder():
     places = [os.environ.get("MINIMIND_TOKENIZER"), os.path.join(ROOT, "models", "minimind-3o"),
               os.path.join(SHARED, "tokenizer")]
     found = next((p for p in places if p and os.path.exists(os.path.join(p, "tokenizer.json"))), None)
-    if found is None and train.hub_reachable():  # a fresh clone with internet: fetch it, as train.py does
-        train.fetch_tokenizer(places[1])
+    if found is None:  # a fresh clone with internet: fetch it, as train.py does
+        files.download(argparse.Namespace(tokenizer=places[1]), ["tokenizer"])
         found = places[1] if os.path.exists(os.path.join(places[1], "tokenizer.json")) else None
     if found is None:
         pytest.skip("needs the released tokenizer: hf download jingyaogong/minimind-3o --include 'tokenizer*' "

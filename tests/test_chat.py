@@ -397,12 +397,11 @@ def test_download_without_a_network_fails_at_once_with_one_line_a_part(tmp_path,
     def no_network(*args, **kwargs):
         raise OSError("Network is unreachable")
     monkeypatch.setattr(socket, "create_connection", no_network)
-    for part in chat.PARTS.values():  # no download may even be tried
-        monkeypatch.setattr(part, "fetch", lambda path: pytest.fail("tried to download while offline"))
+    monkeypatch.setattr(files, "fetch", lambda part, path: pytest.fail("tried to download while offline"))
     args = chat.parse_args(["--checkpoint", str(tmp_path / "minimind-3o"), "--tokenizer", str(tmp_path / "tok"),
                             "--mimi", str(tmp_path / "mimi"), "--voices", str(tmp_path / "voices.pt")])
     started = time.perf_counter()
-    failures = chat.download(args, ["checkpoint", "tokenizer", "mimi", "voices"])
+    failures = files.download(args, ["checkpoint", "tokenizer", "mimi", "voices"])
     assert time.perf_counter() - started < 1 and len(failures) == 4
     assert all("cannot be reached (are you online?" in f and "\n" not in f for f in failures)
     assert "`modelscope download --model gongjy/minimind-3o-pytorch sft_omni_768.pth --local_dir models` or " \
@@ -410,12 +409,12 @@ def test_download_without_a_network_fails_at_once_with_one_line_a_part(tmp_path,
 
 
 def test_every_missing_part_says_the_commands_that_fetch_it(tmp_path):
-    missing = str(chat.missing_report(chat.parse_args(["--checkpoint", str(tmp_path / "x.pth"), "--mimi",
+    missing = str(files.missing_report(chat.parse_args(["--checkpoint", str(tmp_path / "x.pth"), "--mimi",
                                                        str(tmp_path / "mimi")]), ["checkpoint", "mimi"]))
     assert "or chat in text only, without it: add --no_speech" in missing
-    for key, part in files.PUBLISHED.items():
+    for key, part in files.PARTS.items():
         assert all(c.startswith(("hf download ", "modelscope download --model ", "curl -L ")) for c in part.download)
-    assert files.PUBLISHED["sensevoice"].download[0] == ("modelscope download --model gongjy/SenseVoiceSmall "
+    assert files.PARTS["sensevoice"].download[0] == ("modelscope download --model gongjy/SenseVoiceSmall "
                                                       "--local_dir models/SenseVoiceSmall")
 
 

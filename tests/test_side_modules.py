@@ -261,7 +261,7 @@ def test_a_decompression_bomb_image_is_refused_by_name(tmp_path, monkeypatch, li
 
 
 def test_googles_whole_siglip2_folder_loads_as_its_vision_tower(tmp_path):
-    """PUBLISHED offers google/siglip2-base-patch32-256 (text and vision towers): the loader keeps the vision one."""
+    """PARTS offers google/siglip2-base-patch32-256 (text and vision towers): the loader keeps the vision one."""
     from transformers import SiglipConfig, SiglipModel
     torch.manual_seed(0)
     vision = dict(image_size=assets.SIGLIP_IMAGE_SIZE, patch_size=assets.SIGLIP_PATCH, **assets.TINY_SIGLIP)
@@ -274,7 +274,7 @@ def test_googles_whole_siglip2_folder_loads_as_its_vision_tower(tmp_path):
     with torch.no_grad():
         assert torch.equal(encoder(pixel_values=pixels).last_hidden_state,
                            whole.vision_model(pixel_values=pixels).last_hidden_state)
-    assert "google/siglip2-base-patch32-256 --local-dir models/siglip2-base-p32-256-ve" in files.PUBLISHED["siglip"].how
+    assert "google/siglip2-base-patch32-256 --local-dir models/siglip2-base-p32-256-ve" in files.PARTS["siglip"].how
 
 
 def test_vision_missing_files(tmp_path):
@@ -450,5 +450,5 @@ def test_the_random_parts_command_fills_every_default_place_and_says_they_are_ra
     args = chat.parse_args(["--text", "hi", "--mimi", str(tmp_path / "mimi"), "--sensevoice", str(tmp_path / "SenseVoiceSmall"),
                             "--siglip", str(tmp_path / "siglip2-base-p32-256-ve"), "--campplus", str(tmp_path / "campplus"),
                             "--voices", str(tmp_path / "voices.pt")])
-    assert chat.missing_report(args, ["mimi", "sensevoice", "siglip", "campplus", "voices"]) is None
+    assert files.missing_report(args, ["mimi", "sensevoice", "siglip", "campplus", "voices"]) is None
     assert sorted(files.load_voices(tmp_path / "voices.pt")) == ["hello", "question"]

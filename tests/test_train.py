@@ -588,7 +588,7 @@ def test_numeric_flags_are_checked_when_parsed(capsys, flag, value, message):
 
 def test_missing_inputs_are_listed_together(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "HERE", str(tmp_path))  # a fresh clone: no tokenizer in models/
-    monkeypatch.setattr(train, "hub_reachable", lambda: False)  # offline, so it cannot be fetched
+    monkeypatch.setattr(files, "reachable", lambda url: False)  # offline, so it cannot be fetched
     with pytest.raises(FileNotFoundError) as e:
         train.main(["--data", str(tmp_path / "sft_t2a_mini.parquet"), "--from_weight", str(tmp_path / "llm_768.pth"),
                     "--out_dir", str(tmp_path)])
@@ -605,7 +605,7 @@ def test_a_missing_encoder_names_its_option(tmp_path, tokenizer_flag):
 
 def test_without_a_tokenizer_it_says_how_to_get_one(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "HERE", str(tmp_path))  # a fresh clone: nothing in models/
-    monkeypatch.setattr(train, "hub_reachable", lambda: False)  # and offline
+    monkeypatch.setattr(files, "reachable", lambda url: False)  # and offline
     with pytest.raises(FileNotFoundError, match=r"(?s)hf download jingyaogong/minimind-3o .*--tokenizer"):
         train.main(["--out_dir", str(tmp_path / "out"), "--max_steps", "1"])
     assert not (tmp_path / "out" / "demo_t2a.parquet").exists()  # nothing written before the inputs were checked
@@ -615,15 +615,16 @@ def test_without_a_tokenizer_but_online_it_is_fetched(tmp_path, monkeypatch, tok
     import huggingface_hub
     fetched = []
 
-    def hub_download(repo, filename, local_dir):  # the hub, played by the tokenizer the tests use
-        fetched.append((repo, filename))
+    def snapshot_download(repo, local_dir, allow_patterns):  # the hub, played by the tokenizer the tests use
+        fetched.append((repo, allow_patterns))
         os.makedirs(local_dir, exist_ok=True)
-        shutil.copy(os.path.join(tokenizer_flag[1], filename), local_dir)
+        for name in allow_patterns:
+            shutil.copy(os.path.join(tokenizer_flag[1], name), local_dir)
     monkeypatch.setattr(train, "HERE", str(tmp_path))
-    monkeypatch.setattr(train, "hub_reachable", lambda: True)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub_download)
+    monkeypatch.setattr(files, "reachable", lambda url: True)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     folder = train.tokenizer_folder(train.parse_args([]))
-    assert fetched == [("jingyaogong/minimind-3o", "tokenizer.json")] and folder == str(tmp_path / "models/minimind-3o")
+    assert fetched == [("jingyaogong/minimind-3o", ["tokenizer.json"])] and folder == str(tmp_path / "models/minimind-3o")
     mo.load_tokenizer(folder)
 
 
