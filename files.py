@@ -17,6 +17,7 @@ The entry points (chat.py, train.py, benchmarks/evaluate.py) find, fetch, load a
 import argparse
 import contextlib
 import io
+import pickle
 import json
 import math
 import os
@@ -417,7 +418,11 @@ def check_voice_name(name):
 
 def load_voices(path):
     """voices.pt -> dict name -> {'ref_codes': (8, R) int64, 'spk_emb': (192,) float32}."""
-    voices = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        voices = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # cut short, overwritten, not torch.save's
+        raise ValueError(f"cannot read the voices file {path} ({(str(e).splitlines() or [''])[0][:120]}): is it "
+                         "damaged? Restore it or delete it (its voices are lost)") from e
     for name, voice in voices.items():
         _check_voice(name, voice, path)
     return voices

@@ -39,6 +39,7 @@ import io
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import textwrap
@@ -1152,7 +1153,10 @@ def take_lock(path):
     """The open, locked lock file at `path`, with this process's pid in it; OutputInUse when a live
     process holds it."""
     while True:
-        f = open(path, "a+")
+        try:
+            f = open(path, "a+")
+        except OSError as e:
+            raise write_failed(path, e, "Nothing was trained") from e
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -1165,9 +1169,13 @@ def take_lock(path):
         if os.path.exists(path) and os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
             break
         f.close()  # its owner removed it between our open and our lock: try again
-    f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
+    try:  # unbuffered: nothing is left to fail again when f closes
+        os.ftruncate(f.fileno(), 0)
+        os.write(f.fileno(), f"{os.getpid()}\n".encode())
+    except OSError as e:
+        os.remove(path)  # while holding it, as output_lock does
+        f.close()
+        raise write_failed(path, e, "Nothing was trained") from e
     return f
 
 
@@ -1199,7 +1207,12 @@ def load_resume_state(path, args, world):
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: no resume state at {path} (it is written every --save_every steps "
                                 "by a run with the same --out_dir and --save_weight)")
-    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states are not tensors
+    try:  # our own file: RNG states are not tensors
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # cut short, overwritten: not torch.save's whole file
+        raise ValueError(f"--resume: cannot read {path} ({(str(e).splitlines() or [''])[0][:120]}): it is damaged. "
+                         "Start afresh without --resume (the weights of its last save are in "
+                         f"{os.path.basename(path).replace('_resume.pt', '_<hidden>.pth')}, for --from_weight)") from e
     saved = lambda k: state["args"].get(k, False)  # a setting added since the file was written: it was off
     changed = [f"--{k} {saved(k)} -> {resume_setting(args, k)}" for k in RESUME_MUST_MATCH
                if saved(k) != resume_setting(args, k)]
@@ -1246,14 +1259,20 @@ def save(args, procs, learner, position, seconds):
             path = resume_path(args)
             save_resume_state(path, learner, dict(position, bad_rows=bad_rows, seconds=seconds()), args, procs)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-            free = shutil.disk_usage(args.out_dir).free / 1e6
-            raise SaveFailed(f"cannot write {path}: {(str(e).splitlines() or [''])[0]} ({free:.0f} MB free on its "
-                             "disk: is it full?). The previous file there is kept whole") from e
+            raise write_failed(path, e, "The previous file there is kept whole") from e
     return len(bad_rows)
 
 
 class SaveFailed(OSError):
-    """A checkpoint could not be written (full disk, no permission); the previous one is intact."""
+    """A file of the run could not be written (full disk, no permission); what was there before is intact."""
+
+
+def write_failed(path, error, outcome=""):
+    """The SaveFailed for `path`: the error's first line and the space left on its disk."""
+    folder = os.path.dirname(path) or "."
+    free = f"{shutil.disk_usage(folder).free / 1e6:.0f} MB free" if os.path.isdir(folder) else "no such folder"
+    return SaveFailed(f"cannot write {path}: {(str(error).splitlines() or [''])[0]} ({free} on its disk: is it full, "
+                      f"or not writable?). {outcome}".rstrip())
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1439,8 +1458,11 @@ class MetricsLog:
         kept = []
         if resume_step is not None and os.path.exists(path):
             kept = [line for line in self.lines() if json.loads(line)["step"] <= resume_step]
-        with files.atomic_path(path) as tmp, open(tmp, "w") as f:
-            f.writelines(kept)
+        try:
+            with files.atomic_path(path) as tmp, open(tmp, "w") as f:
+                f.writelines(kept)
+        except OSError as e:
+            raise write_failed(path, e, "Nothing was trained") from e
 
     def lines(self):
         """The file's whole lines. A kill mid-write can leave the last one cut off: it is dropped (that step
@@ -1457,8 +1479,11 @@ class MetricsLog:
         return lines
 
     def write(self, record):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # the lines before stay: each was written whole, closed, on its own
+            raise write_failed(self.path, e, "Its lines before this step are kept") from e
 
     def records(self):
         with open(self.path) as f:
@@ -1666,7 +1691,10 @@ def describe(learner, dataset, total_steps, args, procs):
 def train(args):
     """Run one training stage; returns a summary dict (also printed)."""
     procs = setup_processes(args)
-    os.makedirs(args.out_dir, exist_ok=True)
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        raise write_failed(args.out_dir, e, "Nothing was trained") from e
     with output_lock(args, procs):
         return train_stage(args, procs)
 

@@ -1,5 +1,7 @@
 """Bad input that once got through: each is refused with one line naming what is wrong, before anything is
 written or trained on."""
+import json
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -92,3 +94,53 @@ def test_a_checkpoint_with_damaged_bytes_is_refused_not_answered_with(tmp_path):
     with pytest.raises(ValueError, match="model.pth: 1 tensors hold values that are not numbers .*model.norm.weight "
                                          "first: the file is damaged"):
         files.load_model(path)
+
+
+# -- training's own files: a full disk, a damaged file -------------------------------------------------
+
+TINY_RUN = ["--max_seq_len", "64", "--batch_size", "4", "--hidden_size", "64", "--num_hidden_layers", "2",
+            "--num_workers", "0", "--save_every", "0"]
+
+
+def test_a_truncated_resume_state_or_voices_file_is_named_not_unpickled_into_a_traceback(tmp_path, tokenizer_flag):
+    import train
+    flags = ["--out_dir", str(tmp_path), "--max_steps", "1", *TINY_RUN, *tokenizer_flag]
+    train.main(flags)
+    for path in (tmp_path / "demo_resume.pt", tmp_path / "voices.pt"):
+        if path.name == "voices.pt":
+            files.save_voice(path, "bob", a_voice())
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])  # a copy cut short
+    with pytest.raises(ValueError, match="--resume: cannot read .*demo_resume.pt .*it is damaged. Start afresh"):
+        train.main([*flags, "--resume"])
+    with pytest.raises(ValueError, match="cannot read the voices file .*voices.pt .*is it damaged"):
+        files.save_voice(tmp_path / "voices.pt", "alice", a_voice())
+
+
+def failing_writes(monkeypatch, module, ends_with, after=0):
+    """module's open() of a file named ...ends_with fails as on a full disk, after `after` successful opens."""
+    opened = []
+
+    def open_or_fail(path, *args, **kwargs):
+        if str(path).endswith(ends_with):
+            opened.append(path)
+            if len(opened) > after:
+                raise OSError(28, "No space left on device")
+        return open(path, *args, **kwargs)
+    monkeypatch.setattr(module, "open", open_or_fail, raising=False)
+
+
+def test_an_out_dir_that_cannot_be_written_is_one_line_before_any_training(tmp_path, tokenizer_flag, monkeypatch):
+    import train
+    failing_writes(monkeypatch, train, ".lock")
+    with pytest.raises(train.SaveFailed, match=r"cannot write .*demo.lock: .*No space left on device .*is it full, or "
+                                               r"not writable\?\). Nothing was trained"):
+        train.main(["--out_dir", str(tmp_path), "--max_steps", "1", *TINY_RUN, *tokenizer_flag])
+    assert not (tmp_path / "demo_64.pth").exists()
+
+
+def test_metrics_that_cannot_be_written_stop_the_run_keeping_the_lines_before(tmp_path, tokenizer_flag, monkeypatch):
+    import train
+    failing_writes(monkeypatch, train, "metrics.jsonl", after=2)  # the first open makes the file, then two steps
+    with pytest.raises(train.SaveFailed, match="cannot write .*demo_metrics.jsonl: .*Its lines before this step are kept"):
+        train.main(["--out_dir", str(tmp_path), "--max_steps", "4", "--log_every", "1", *TINY_RUN, *tokenizer_flag])
+    assert [json.loads(line)["step"] for line in open(tmp_path / "demo_metrics.jsonl")] == [1, 2]
