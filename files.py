@@ -58,9 +58,9 @@ class Part:
     place: str                 # where the entry points look for it by default, in the project's folder
     source: str                # where it is published
     download: tuple            # commands for people, each putting it at `place` (the release's first)
-    hub: Optional[str] = None  # the Hugging Face repository --download fetches it from (url: that file instead)
+    hub: Optional[str] = None  # the Hugging Face repository --download fetches it from
     files: tuple = ()          # for a folder: the files that must be in it, all that --download fetches
-    url: Optional[str] = None
+    url: Optional[str] = None  # or the one file's address, fetched instead of a repository
 
     @property
     def default(self):
@@ -186,9 +186,9 @@ def download(args, keys, parts=PARTS):
     failures, online = [], {}
     for key in keys:
         part, path = parts[key], Path(getattr(args, key))
-        site = part.url or constants.ENDPOINT
         if part.present(path):
             continue
+        site = part.url or constants.ENDPOINT
         if site not in online:  # HF_HUB_OFFLINE=1 says so for the hub without asking
             online[site] = not (site == constants.ENDPOINT and constants.HF_HUB_OFFLINE) and reachable(site)
         error = None if online[site] else f"{site} cannot be reached"
@@ -217,6 +217,7 @@ def loading(part, path):
         raise DamagedPartError(f"cannot read the {p.name} at {path} ({type(e).__name__}: {detail}). Is it the "
                                "published file, whole? A git-lfs pointer (a clone without git-lfs) or a cut "
                                f"download fails like this. Get it with {p.how} (published: {p.source})") from e
+
 
 # -----------------------------------------------------------------------------------------------
 # 2. Checkpoints: written atomically, read in every published form

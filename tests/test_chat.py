@@ -390,6 +390,33 @@ def test_download_while_offline_says_what_failed_and_what_to_do(tmp_path, monkey
     assert str(e.value).count("are you online?") == 3 and "speech encoder" not in str(e.value)
 
 
+def test_download_fetches_each_part_from_where_the_table_says(tmp_path, monkeypatch, capsys):
+    import io
+    import urllib.request
+    import huggingface_hub
+    fetched = []
+    monkeypatch.setattr(files, "reachable", lambda url: True)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, local_dir, allow_patterns:
+                        fetched.append((repo, str(local_dir), allow_patterns)))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(url.encode()))
+    args = chat.parse_args(["--checkpoint", str(tmp_path / "sft_omni_768.pth"), "--tokenizer", str(tmp_path / "tok"),
+                            "--mimi", str(tmp_path / "mimi"), "--siglip", str(tmp_path / "siglip"),
+                            "--voices", str(tmp_path / "voices.pt")])
+    assert files.download(args, ["checkpoint", "tokenizer", "mimi", "siglip", "voices"]) == []
+    assert fetched == [("jingyaogong/minimind-3o-pytorch", str(tmp_path), ["sft_omni_768.pth"]),
+                       ("jingyaogong/minimind-3o", str(tmp_path / "tok"), ["tokenizer.json"]),
+                       ("kyutai/moshiko-pytorch-bf16", str(tmp_path / "mimi"), [files.MIMI_WEIGHTS]),
+                       ("jingyaogong/siglip2-base-p32-256-ve", str(tmp_path / "siglip"), list(files.SIGLIP_FILES))]
+    assert (tmp_path / "voices.pt").read_text() == files.PARTS["voices"].url
+    assert f"downloading voices into {tmp_path / 'voices.pt'} ..." in capsys.readouterr().out
+    fetched.clear()
+    args.checkpoint = str(tmp_path / "minimind-3o-moe")  # a release folder: fetched whole
+    assert files.download(args, ["checkpoint"]) == [] and fetched == [("jingyaogong/minimind-3o-moe",
+                                                                       args.checkpoint, None)]
+    args.checkpoint = str(tmp_path / "mine.pth")
+    assert "mine.pth is not a published name" in files.download(args, ["checkpoint"])[0]
+
+
 def test_download_without_a_network_fails_at_once_with_one_line_a_part(tmp_path, monkeypatch):
     import socket
     import time
