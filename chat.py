@@ -21,6 +21,7 @@ import queue
 import re
 import shlex
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -731,6 +732,11 @@ def check_out(path, one_shot):
     fmt = Path(path if one_shot else numbered(path, 1)).suffix[1:].upper()
     if not (fmt in sf.available_formats() and sf.check_format(fmt, "PCM_16")):
         return f"--out {path}: cannot write 16-bit sound as {Path(path).suffix or '(no extension)'}; use .wav or .flac"
+    folder = Path(path).parent
+    try:
+        tempfile.TemporaryFile(dir=folder).close()  # a file can be made there (it is gone when closed)
+    except OSError as e:
+        return f"--out {path}: cannot write in {folder} ({e.strerror})"
     return None
 
 

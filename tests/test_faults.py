@@ -144,3 +144,10 @@ def test_metrics_that_cannot_be_written_stop_the_run_keeping_the_lines_before(tm
     with pytest.raises(train.SaveFailed, match="cannot write .*demo_metrics.jsonl: .*Its lines before this step are kept"):
         train.main(["--out_dir", str(tmp_path), "--max_steps", "4", "--log_every", "1", *TINY_RUN, *tokenizer_flag])
     assert [json.loads(line)["step"] for line in open(tmp_path / "demo_metrics.jsonl")] == [1, 2]
+
+
+def test_an_out_file_that_cannot_be_written_is_refused_before_any_reply(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        chat.parse_args(["--text", "hi", "--out", str(tmp_path / "no such folder" / "reply.wav")])
+    assert "--out" in (err := capsys.readouterr().err) and "cannot write in" in err and "No such file or directory" in err
+    assert chat.parse_args(["--text", "hi", "--out", str(tmp_path / "reply.wav")]).out == str(tmp_path / "reply.wav")
