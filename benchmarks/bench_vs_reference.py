@@ -1,50 +1,38 @@
 """
-Ours against the reference (jingyaogong/minimind-o), side by side: same data, same shapes, same
-machine, one run. The reference is imported from a local checkout whose path you give; nothing of
-it is copied here. Get one with
-    git clone https://github.com/jingyaogong/minimind-o /tmp/minimind-o
+Ours against the release's own training code (jingyaogong/minimind-o), side by side: same data, same shapes,
+same machine, one run. The release's code is imported from a checkout (--reference, or $MINIMIND_O_REFERENCE)
+made with `git clone https://github.com/jingyaogong/minimind-o /tmp/minimind-o`; nothing of it is copied here.
 
-Two modes:
-
-    step   one training step (forward, loss, backward, clipping, AdamW) at equal shapes: the same
-           batches of synthetic T2A samples with realistic lengths (see bench_train.py), padded to
-           the full sample width as the release's data loader does, into
-             reference      the reference trainer's own train_epoch (trainer/train_sft_omni.py), fed
-                            those batches one by one
-             ours           train.optimizer_step on the same tensors (same width)
-             ours_longest   the same, each batch cut after its longest sample as train.py's collate
-                            does (the shapes differ from here on: the step train.py really runs)
-    cli    the whole command line: our train.py against the reference's trainer/train_sft_omni.py
-           on the same T2A parquet file (release schema, realistic lengths), one epoch of
-           batch_size * steps rows from random weights, wall time from start to exit (start-up and
-           the final checkpoint included in both); ours twice, in the release's row order (ours) and with
-           --group_by_length (ours_grouped)
+    step   one training step on the same batches of synthetic T2A samples of realistic length
+           (benchmarks/common.py), padded to the full sample width as the release's data loader does, into
+             reference      the release trainer's own train_epoch (trainer/train_sft_omni.py), fed them one by one
+             ours           train.py's optimizer step on the same tensors (same width)
+             ours_longest   the same, each batch cut after its longest sample (the step train.py really runs)
+           each side in its own process (its peak memory is its own), the sides taking turns step by step
+           (a machine whose other load comes and goes slows them alike)
+    cli    the whole command line, from start to exit (start-up and the last checkpoint included): train.py in
+           the release's row order (ours) and with --group_by_length (ours_grouped) against the release's
+           trainer, one epoch of batch_size * steps rows of the same T2A parquet file, from random weights
 
     python benchmarks/bench_vs_reference.py step --reference /tmp/minimind-o            # CPU: batch 4 x 512
     python benchmarks/bench_vs_reference.py cli --reference /tmp/minimind-o --steps 10
     python benchmarks/bench_vs_reference.py step --reference /tmp/minimind-o --device cuda \\
         --batch_size 40 --max_seq_len 512 --dtype bfloat16 [--compile]                  # the release's shapes
 
-Every side runs in its own process, so its peak memory is its own; in step mode the sides take turns
-step by step, so a machine whose other load comes and goes slows them alike. Each prints one JSON line:
-    {"mode", "side", "device", "batch_size", "max_seq_len", "width" (positions per sample in the
-     step), "steps", "seconds_per_step" (median of the timed steps; cli: the whole run / steps),
-     "samples_per_s", "tokens_per_s" (tokens = positions up to each sample's last label: the same
-     useful work for every side), "peak_memory_mib" (CUDA: torch.cuda.max_memory_allocated during
-     the steps; CPU: the process's peak resident set, ru_maxrss), "setup_memory_mib" (the same
-     before the first step: weights, imports), "load" (1-minute load average when it ended)}
-then a last line with the ratios against the reference.
+Each side prints one JSON line: mode, side, device, batch_size, max_seq_len, width (positions per sample in
+the step), steps, seconds_per_step (the median timed step; cli: the whole run / steps), samples_per_s,
+tokens_per_s (tokens = positions up to each sample's last label: the same useful work for every side),
+peak_memory_mib (CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak resident set) and load (the
+1-minute load average at its end); then a last line with the ratios against the reference.
 
-The reference imports `datasets` and `onnxruntime` at the top, which its training never uses; where
+The release's trainer imports `datasets` and `onnxruntime` at the top, which its training never uses; where
 they are not installed an empty module stands in for each. Its encoders are not loaded (T2A rows need none).
 """
 import argparse
 import contextlib
 import importlib.util
 import json
-import math
 import os
-import random
 import resource
 import statistics
 import subprocess
@@ -52,24 +40,26 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 
+import common
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HERE = os.path.dirname(os.path.abspath(__file__))
 MIB = 2 ** 20
-NO_ENCODER = "/nonexistent"          # the reference's trainer then leaves its encoders out (T2A needs none)
-UNREACHED = 10 ** 9                  # a step count the reference trainer never reaches: no log or save mid-run
-REF_VOICE_FRAMES = 25                # each row's voice prompt: 2 s of reference codes
+NO_ENCODER = "/nonexistent"          # the release's trainer then leaves its encoders out (T2A needs none)
+UNREACHED = 10 ** 9                  # a step count the release's trainer never reaches: no log or save mid-run
+REF_VOICE_FRAMES = 25                # cli rows' voice prompt: 2 s of reference codes
 SIDES = ("reference", "ours", "ours_longest")
+UNUSED_IMPORTS = ("datasets", "onnxruntime")
+CLI_DONE = {"reference": "({steps}/{steps})", "ours": "trained {steps} steps",   # what each prints after its last step
+            "ours_grouped": "trained {steps} steps"}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["step", "cli"])
-    p.add_argument("--reference", required=True, help="a checkout of jingyaogong/minimind-o (has trainer/ and model/)")
+    p.add_argument("--reference", help="a checkout of jingyaogong/minimind-o (default: $MINIMIND_O_REFERENCE)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--batch_size", type=int, default=4, help="samples per step (default 4)")
     p.add_argument("--max_seq_len", type=int, default=512, help="sample length (default 512)")
@@ -88,8 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--num_hidden_layers", type=int, default=8, help="Thinker blocks (default 8)")
     p.add_argument("--threads", type=int, help="CPU threads per side (default: torch's)")
     p.add_argument("--num_workers", type=int, default=1, help="DataLoader processes in cli mode, both sides (default 1)")
-    p.add_argument("--tokenizer", default=os.path.join(ROOT, "..", "shared", "tokenizer"),
-                   help="folder with the released tokenizer.json (default ../shared/tokenizer)")
+    p.add_argument("--tokenizer", help="folder with the released tokenizer.json (default: $MINIMIND_TOKENIZER, else "
+                                       "models/minimind-3o)")
     p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)       # internal: one side of step mode
     p.add_argument("--batches", help=argparse.SUPPRESS)                   # internal: its batches file
     args = p.parse_args(argv)
@@ -97,114 +87,70 @@ def parse_args(argv=None):
     return args
 
 
-# -- shared data ---------------------------------------------------------------------------------
-
-def step_batches(args, path):
-    """batch_size * (warmup + steps) synthetic samples as full-width tensors, saved to path."""
-    sys.path[:0] = [ROOT, HERE]
-    import bench_train
-    import minimind_o as mo
-    tok = mo.load_tokenizer(args.tokenizer)
-    samples = bench_train.synthetic_samples(tok, args.batch_size * (args.warmup + args.steps), args.max_seq_len)
-    stack = lambda group, name: torch.stack([getattr(s, name) for s in group])
-    batches = [dict(input_ids=stack(g, "input_ids"), text_labels=stack(g, "text_labels"),
-                    audio_labels=stack(g, "audio_labels"), spk_emb=stack(g, "spk_emb"),
-                    lengths=torch.tensor([s.length for s in g]))
-               for g in (samples[i:i + args.batch_size] for i in range(0, len(samples), args.batch_size))]
-    torch.save(batches, path)
+def model_flags(args):
+    """The model and precision flags both of our sides give train.py."""
+    flags = ["--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.num_hidden_layers),
+             "--dtype", args.dtype]
+    return flags + ["--use_moe"] * args.use_moe + ["--compile"] * args.compile
 
 
-def write_t2a_parquet(args, path):
-    """batch_size * steps T2A rows in the release's schema (conversations, answer_audios, ref_audios,
-    spk_emb), question and reply lengths as bench_train.py draws them."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    sys.path[:0] = [ROOT, HERE]
-    import bench_train
-    import minimind_o as mo
-    rng, np_rng = random.Random(0), np.random.default_rng(0)
-    columns = dict(conversations=[], answer_audios=[], ref_audios=[], spk_emb=[])
-    for _ in range(args.batch_size * args.steps):
-        conversation, codes = bench_train.draw_exchange(rng, np_rng)
-        columns["conversations"].append(json.dumps(conversation))
-        columns["answer_audios"].append([codes.tolist()])
-        columns["ref_audios"].append(np_rng.integers(0, mo.CODEBOOK_SIZE, REF_VOICE_FRAMES * mo.N_CODEBOOKS).tolist())
-        columns["spk_emb"].append(np_rng.standard_normal(mo.SPK_EMBED_DIM).astype(np.float32).tolist())
-    schema = pa.schema([("conversations", pa.string()), ("answer_audios", pa.list_(pa.list_(pa.int32()))),
-                        ("ref_audios", pa.list_(pa.int32())), ("spk_emb", pa.list_(pa.float32()))])
-    pq.write_table(pa.table(columns, schema=schema), path)
-
-
-# -- measuring -----------------------------------------------------------------------------------
-
-def memory_mib(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / MIB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MIB  # Linux reports KiB
-
-
-def result(args, side, seconds, peak, width=None, tokens=None, setup=None):
-    """One side's JSON line; width, tokens and setup memory are step mode's only."""
+def result(args, side, seconds, peak, width=None, tokens=None):
+    """One side's JSON line; width and tokens are step mode's only."""
     return dict(mode=args.mode, side=side, device=args.device, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
                 width=width, steps=args.steps, seconds_per_step=round(seconds, 4),
                 samples_per_s=round(args.batch_size / seconds, 3),
                 tokens_per_s=None if tokens is None else round(tokens / seconds, 1), peak_memory_mib=round(peak),
-                setup_memory_mib=None if setup is None else round(setup), load=os.getloadavg()[0])
+                load=os.getloadavg()[0])
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def child_env(args, tmp, side):
+    """One side's environment: its CPU threads and, for the reference, an empty package on PYTHONPATH for each
+    of UNUSED_IMPORTS that is not installed."""
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+    if side == "reference":
+        folder = os.path.join(tmp, "stand_ins")
+        for name in UNUSED_IMPORTS:
+            if importlib.util.find_spec(name) is None:
+                os.makedirs(os.path.join(folder, name), exist_ok=True)
+                open(os.path.join(folder, name, "__init__.py"), "w").close()
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [folder, env.get("PYTHONPATH")]))
+    return env
 
 
-def autocast(args, device):
-    if args.dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, args.dtype))
+# -----------------------------------------------------------------------------------------------
+# step mode: one side per process, which says "ready" once set up, then runs a step each time the parent
+# writes a line and says "done" after it
+# -----------------------------------------------------------------------------------------------
+
+def step_batches(args, path):
+    """batch_size * (warmup + steps) synthetic T2A samples from train.py's dataset, each batch both at the full
+    width and cut after its longest sample, saved to path."""
+    import minimind_o as mo
+    import train
+    rows = [common.write_rows(path + ".parquet", args.batch_size * (args.warmup + args.steps))]
+    data = train.OmniDataset(train.ParquetRows(rows), mo.load_tokenizer(args.tokenizer), args.max_seq_len)
+    samples = [data[i] for i in range(len(data))]
+    multiple = train.COMPILE_WIDTH if args.compile else 1  # as train.py rounds the width for --compile
+    groups = [samples[i:i + args.batch_size] for i in range(0, len(samples), args.batch_size)]
+    torch.save([dict(full=train.collate([replace(s, length=args.max_seq_len - 1) for s in g]),
+                     longest=train.collate(g, width_multiple=multiple)) for g in groups], path)
 
 
-UNUSED_IMPORTS = ("datasets", "onnxruntime")  # the reference imports them at the top; training never uses them
+def turns(batches, device, times):
+    """Yield each batch when the parent hands this side its turn; the time until the next one is asked for
+    (the step, the GPU synchronised) goes to `times`, and the parent hears "done"."""
+    for batch in batches:
+        sys.stdin.readline()
+        common.synchronize(device)
+        start = time.perf_counter()
+        yield batch
+        common.synchronize(device)
+        times.append(time.perf_counter() - start)
+        print("done", flush=True)
 
 
-def stand_ins(tmp):
-    """A folder with an empty package for each of UNUSED_IMPORTS that is not installed, for the
-    reference's processes to find on PYTHONPATH."""
-    folder = os.path.join(tmp, "stand_ins")
-    for name in UNUSED_IMPORTS:
-        if importlib.util.find_spec(name) is None and not os.path.isdir(os.path.join(folder, name)):
-            os.makedirs(os.path.join(folder, name))
-            open(os.path.join(folder, name, "__init__.py"), "w").close()
-    return folder
-
-
-# -- step mode: one side per process, the sides taking turns step by step -------------------------
-# A busy machine (other jobs come and go) then slows every side alike. Each side's process says "ready"
-# once set up, then runs a step each time the parent writes a line, and says "done" after it.
-
-def say(word):
-    print(word, flush=True)
-
-
-def await_turn(device):
-    """Wait for this side's turn -> the step's start time."""
-    sys.stdin.readline()
-    synchronize(device)
-    return time.perf_counter()
-
-
-def end_turn(device):
-    """The step's end time, once its work is done; the parent may hand the turn on."""
-    synchronize(device)
-    end = time.perf_counter()
-    say("done")
-    return end
-
-
-#-------------------------------------------------------------
-
-def reference_step_times(args, batches, device):
-    """Seconds of each step of the reference trainer's train_epoch over `batches`, its memory, and the
-    width of each batch (as given)."""
+def reference_steps(args, batches, device, times):
+    """The release trainer's train_epoch over the batches, its globals set as its __main__ sets them."""
     sys.path.insert(0, args.reference)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -214,55 +160,26 @@ def reference_step_times(args, batches, device):
         config = OmniConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers, use_moe=args.use_moe)
         model, _ = init_omni_model(config, from_weight="none", tokenizer_path=os.path.join(args.reference, "model"),
                                    audio_encoder_path=NO_ENCODER, vision_model_path=NO_ENCODER, device=str(device))
-    # The globals its train_epoch reads, set as its __main__ sets them.
     trainer.args = argparse.Namespace(device=str(device), accumulation_steps=1, grad_clip=1.0, epochs=1,
                                       learning_rate=5e-4, log_interval=UNREACHED, save_interval=UNREACHED)
     trainer.model = torch.compile(model) if args.compile else model
     trainer.optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
     trainer.scaler = torch.amp.GradScaler("cuda", enabled=args.dtype == "float16" and device.type == "cuda")
-    trainer.autocast_ctx = autocast(args, device)
+    trainer.autocast_ctx = (contextlib.nullcontext() if args.dtype == "float32"
+                            else torch.autocast(device.type, dtype=getattr(torch, args.dtype)))
     trainer.omni_config = config
-    setup = memory_mib(device)
-    times = []
-
-    def loader():  # a step is over when the trainer asks for the next batch
-        for b in batches:
-            start = await_turn(device)
-            yield (b["input_ids"], b["text_labels"], b["audio_labels"], None, torch.zeros(len(b["lengths"]), dtype=torch.long),
-                   None, b["spk_emb"])
-            times.append(end_turn(device) - start)
-
-    say("ready")
-    trainer.train_epoch(0, loader(), UNREACHED)
-    return times, setup, [b["input_ids"].shape[-1] for b in batches]
+    print("ready", flush=True)
+    loader = ((b.input_ids, b.text_labels, b.audio_labels, None, torch.zeros(len(b.input_ids), dtype=torch.long), None,
+               b.spk_emb) for b in turns([b["full"] for b in batches], device, times))
+    trainer.train_epoch(0, loader, UNREACHED)
 
 
-def our_step_times(args, batches, device, cut):
-    """Seconds of each train.optimizer_step over `batches` (cut: after the longest sample), memory, and
-    the width of each batch it ran."""
-    sys.path.insert(0, ROOT)
-    import train
-    flags = ["--data", "unused.parquet", "--from_weight", "none", "--batch_size", str(args.batch_size),
-             "--max_seq_len", str(args.max_seq_len), "--hidden_size", str(args.hidden_size),
-             "--num_hidden_layers", str(args.num_hidden_layers), "--device", str(device), "--dtype", args.dtype]
-    flags += ["--use_moe"] * args.use_moe + ["--compile"] * args.compile
-    train_args = train.parse_args(flags)
-    learner, _ = train.build_learner(train_args, train.Processes(0, 1, device), None)
-    setup = memory_mib(device)
-    times, widths = [], []
-    say("ready")
-    for b in batches:
-        full = b["input_ids"].shape[-1]
-        multiple = train.COMPILE_WIDTH if args.compile else 1  # as train.collate rounds the width for --compile
-        width = min(math.ceil(int(b["lengths"].max()) / multiple) * multiple, full) if cut else full
-        widths.append(width)
-        batch = train.Batch(b["input_ids"][..., :width], b["text_labels"][..., :width], b["audio_labels"][..., :width],
-                            speech=None, speech_lengths=None, image=None, spk_emb=b["spk_emb"],
-                            tokens=int(b["lengths"].sum()), bad_rows=[])
-        start = await_turn(device)
-        train.optimizer_step(learner, iter([batch.to(device)]), 1, train.Encoders(), train_args, 1)
-        times.append(end_turn(device) - start)
-    return times, setup, widths
+def our_steps(args, batches, device, times):
+    """train.py's optimizer step over the batches, at the full width or (ours_longest) cut."""
+    learner, train_args = common.learner(device, args.batch_size, args.max_seq_len, model_flags(args))
+    print("ready", flush=True)
+    for batch in turns([b["full" if args.side == "ours" else "longest"] for b in batches], device, times):
+        common.train_step(learner, train_args, batch.to(device))
 
 
 def run_side(args):
@@ -271,20 +188,19 @@ def run_side(args):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    batches = torch.load(args.batches)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    if args.side == "reference":
-        times, setup, widths = reference_step_times(args, batches, device)
-    else:
-        times, setup, widths = our_step_times(args, batches, device, cut=args.side == "ours_longest")
-    tokens = np.mean([int(b["lengths"].sum()) for b in batches[args.warmup:]])
-    print(json.dumps(result(args, args.side, statistics.median(times[args.warmup:]), memory_mib(device),
-                            round(float(np.mean(widths[args.warmup:])), 1), float(tokens), setup)), flush=True)
+    batches = torch.load(args.batches, weights_only=False)
+    times = []
+    (reference_steps if args.side == "reference" else our_steps)(args, batches, device, times)
+    timed = [b["full" if args.side != "ours_longest" else "longest"] for b in batches[args.warmup:]]
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+    tokens = np.mean([b["longest"].tokens for b in batches[args.warmup:]])
+    print(json.dumps(result(args, args.side, statistics.median(times[args.warmup:]), peak / MIB,
+                            round(float(np.mean([b.input_ids.shape[-1] for b in timed])), 1), float(tokens))), flush=True)
 
 
 def side_flags(args):
-    """The command-line flags a child process needs to repeat this run's settings."""
+    """The command-line flags a side's process needs to repeat this run's settings."""
     flags = [args.mode, "--reference", args.reference, "--device", args.device, "--batch_size", str(args.batch_size),
              "--max_seq_len", str(args.max_seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
              "--dtype", args.dtype, "--hidden_size", str(args.hidden_size),
@@ -293,12 +209,14 @@ def side_flags(args):
     return flags + (["--threads", str(args.threads)] if args.threads else [])
 
 
-def child_env(args, tmp, side):
-    """The environment of one side's process: the CPU threads, and the stand-ins for the reference."""
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
-    if side == "reference":
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [stand_ins(tmp), env.get("PYTHONPATH")]))
-    return env
+def next_line(proc, side, start, log):
+    """The next line of a side's output that starts with `start` (others are the reference's chatter)."""
+    for line in proc.stdout:
+        if line.startswith(start):
+            return line
+    proc.wait()
+    log.seek(0)
+    common.fail(f"the {side} side failed:\n{log.read()[-3000:]}")
 
 
 def step_mode(args, tmp):
@@ -310,31 +228,22 @@ def step_mode(args, tmp):
         procs[side] = subprocess.Popen([sys.executable, os.path.abspath(__file__), *side_flags(args), "--side", side,
                                         "--batches", path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        stderr=logs[side], text=True, env=child_env(args, tmp, side))
-        next_word(procs[side], side, "ready", logs[side])
+        next_line(procs[side], side, "ready", logs[side])
     for _ in range(args.warmup + args.steps):
         for side, proc in procs.items():
             proc.stdin.write("\n")
             proc.stdin.flush()
-            next_word(proc, side, "done", logs[side])
-    lines = {}
+            next_line(proc, side, "done", logs[side])
+    lines = {side: json.loads(next_line(proc, side, "{", logs[side])) for side, proc in procs.items()}
     for side, proc in procs.items():
-        lines[side] = json.loads(next_word(proc, side, "{", logs[side]))
         proc.wait()
         print(json.dumps(lines[side]), flush=True)
     return lines
 
 
-def next_word(proc, side, word, log):
-    """The next line of a side's output that starts with word (others are the reference's chatter)."""
-    for line in proc.stdout:
-        if line.startswith(word):
-            return line
-    proc.wait()
-    log.seek(0)
-    sys.exit(f"bench_vs_reference.py: the {side} side failed:\n{log.read()[-3000:]}")
-
-
-# -- cli mode ------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------------------------
+# cli mode
+# -----------------------------------------------------------------------------------------------
 
 def run_cli(command, cwd, env):
     """Run a training command to its end -> (wall seconds, its peak resident set in MiB, its output)."""
@@ -346,46 +255,38 @@ def run_cli(command, cwd, env):
         log.seek(0)
         output = log.read()
     if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"bench_vs_reference.py: {' '.join(command[:3])} ... failed:\n{output[-3000:]}")
+        common.fail(f"{' '.join(command[:3])} ... failed:\n{output[-3000:]}")
     return seconds, usage.ru_maxrss * 1024 / MIB, output
 
 
 def cli_commands(args, tmp, data):
-    """Our train.py (in the release's order, and grouped by length) and the reference trainer, each with its
-    own flags for the same run."""
-    ours = [sys.executable, os.path.join(ROOT, "train.py"), "--data", data, "--from_weight", "none",
-            "--tokenizer", args.tokenizer, "--batch_size", str(args.batch_size), "--max_seq_len", str(args.max_seq_len),
-            "--epochs", "1", "--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.num_hidden_layers),
-            "--num_workers", str(args.num_workers), "--device", args.device, "--dtype", args.dtype,
-            "--out_dir", os.path.join(tmp, "ours"), "--log_every", str(UNREACHED), "--save_every", "0"]
-    ours += ["--compile"] * args.compile + ["--use_moe"] * args.use_moe
-    # The reference reads its tokenizer from ../model and writes ../out and ../checkpoints: a run folder
+    """Our train.py (in the release's order, and grouped by length) and the release's trainer, each with its
+    own flags for the same run -> {side: (command, working folder)}."""
+    size = ["--batch_size", str(args.batch_size), "--max_seq_len", str(args.max_seq_len), "--epochs", "1",
+            "--num_workers", str(args.num_workers), "--device", args.device, "--from_weight", "none"]
+    ours = [sys.executable, str(common.ROOT / "train.py"), "--data", data, "--tokenizer", args.tokenizer, *size,
+            *model_flags(args), "--out_dir", os.path.join(tmp, "ours"), "--log_every", str(UNREACHED), "--save_every", "0"]
+    # The release's trainer reads its tokenizer from ../model and writes ../out and ../checkpoints: a run folder
     # whose ../model is the checkout's keeps all of that out of the checkout.
     run = os.path.join(tmp, "reference", "run")
     os.makedirs(run)
-    os.symlink(os.path.join(os.path.abspath(args.reference), "model"), os.path.join(tmp, "reference", "model"))
-    reference = [sys.executable, os.path.join(os.path.abspath(args.reference), "trainer", "train_sft_omni.py"),
-                 "--data_path", data, "--from_weight", "none", "--batch_size", str(args.batch_size),
-                 "--max_seq_len", str(args.max_seq_len), "--epochs", "1", "--hidden_size", str(args.hidden_size),
-                 "--num_hidden_layers", str(args.num_hidden_layers), "--num_workers", str(args.num_workers),
-                 "--device", args.device, "--dtype", args.dtype, "--use_moe", str(int(args.use_moe)),
-                 "--use_compile", str(int(args.compile)), "--audio_encoder_dir", NO_ENCODER, "--vision_dir", NO_ENCODER,
+    os.symlink(os.path.join(args.reference, "model"), os.path.join(tmp, "reference", "model"))
+    reference = [sys.executable, os.path.join(args.reference, common.REFERENCE_TRAINER), "--data_path", data, *size,
+                 "--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.num_hidden_layers),
+                 "--dtype", args.dtype, "--use_moe", str(int(args.use_moe)), "--use_compile", str(int(args.compile)),
+                 "--audio_encoder_dir", NO_ENCODER, "--vision_dir", NO_ENCODER,
                  "--log_interval", str(UNREACHED), "--save_interval", str(UNREACHED)]
-    return {"reference": (reference, run), "ours": (ours, ROOT), "ours_grouped": (ours + ["--group_by_length"], ROOT)}
-
-
-CLI_DONE = {"reference": "({steps}/{steps})", "ours": "trained {steps} steps",   # what each prints after its last step
-            "ours_grouped": "trained {steps} steps"}
+    return {"reference": (reference, run), "ours": (ours, common.ROOT),
+            "ours_grouped": (ours + ["--group_by_length"], common.ROOT)}
 
 
 def cli_mode(args, tmp):
-    data = os.path.join(tmp, "t2a.parquet")
-    write_t2a_parquet(args, data)
+    data = common.write_rows(os.path.join(tmp, "t2a.parquet"), args.batch_size * args.steps, voice_frames=REF_VOICE_FRAMES)
     lines = {}
     for side, (command, cwd) in cli_commands(args, tmp, data).items():
         seconds, peak, output = run_cli(command, cwd, child_env(args, tmp, side))
         if CLI_DONE[side].format(steps=args.steps) not in output:
-            sys.exit(f"bench_vs_reference.py: the {side} run did not train {args.steps} steps:\n{output[-2000:]}")
+            common.fail(f"the {side} run did not train {args.steps} steps:\n{output[-2000:]}")
         lines[side] = dict(result(args, side, seconds / args.steps, peak), wall_seconds=round(seconds, 1))
         print(json.dumps(lines[side]), flush=True)
     return lines
@@ -395,9 +296,8 @@ def main():
     args = parse_args()
     if args.side:
         return run_side(args)
-    if not os.path.isfile(os.path.join(args.reference, "trainer", "train_sft_omni.py")):
-        sys.exit(f"bench_vs_reference.py: --reference {args.reference} has no trainer/train_sft_omni.py; give a checkout "
-                 "of jingyaogong/minimind-o")
+    args.reference = common.reference_checkout(args.reference)
+    args.tokenizer = os.path.abspath(common.tokenizer_folder(args.tokenizer))
     with tempfile.TemporaryDirectory() as tmp:
         lines = (step_mode if args.mode == "step" else cli_mode)(args, tmp)
     ref = lines["reference"]

@@ -12,7 +12,8 @@ card's own output delay.
 
 Weights are random (speed does not depend on them): the full-size dense model, Mimi and SenseVoice-Small in
 their published architectures (tests/side_assets.py), the model's codec head made never to stop early so that
-every reply speaks. Needs the released tokenizer (as the tests find it) and Chromium with playwright.
+every reply speaks. Needs the released tokenizer ($MINIMIND_TOKENIZER, else models/minimind-3o) and Chromium
+with playwright.
 """
 import argparse
 import os
@@ -24,30 +25,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import common
 import numpy as np
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-import minimind_o as mo  # noqa: E402
-import files  # noqa: E402
-import side_assets  # noqa: E402
-import torch  # noqa: E402
-import web  # noqa: E402
+import files
+import minimind_o as mo
+import side_assets
+import web
 
 SILENCE_BETWEEN_S = 8.0   # after each spoken question: its reply ends before the next one (no barge-in)
 LEAD_SILENCE_S = 0.5
 START_TIMEOUT_S = 300
 TURN_TIMEOUT_MS = 120_000
-
-
-def tokenizer_folder():
-    places = [os.environ.get("MINIMIND_TOKENIZER"), ROOT / "models" / "minimind-3o",
-              ROOT.parent / "shared" / "tokenizer"]
-    found = next((Path(p) for p in places if p and (Path(p) / "tokenizer.json").is_file()), None)
-    if found is None:
-        sys.exit("needs the released tokenizer in models/minimind-3o (README: 'Train it'), or MINIMIND_TOKENIZER")
-    return found
 
 
 def build_parts(folder):
@@ -72,8 +62,8 @@ def fake_mic(path, questions):
 
 
 def start_server(parts, args, log):
-    command = [sys.executable, str(ROOT / "chat.py"), "--web", "--port", "0", "--checkpoint", str(parts["checkpoint"]),
-               "--tokenizer", str(tokenizer_folder()), "--mimi", str(parts["mimi"]), "--sensevoice",
+    command = [sys.executable, str(common.ROOT / "chat.py"), "--web", "--port", "0", "--checkpoint", str(parts["checkpoint"]),
+               "--tokenizer", str(common.tokenizer_folder()), "--mimi", str(parts["mimi"]), "--sensevoice",
                str(parts["sensevoice"]), "--max_new_tokens", str(args.steps), "--frames_per_call",
                str(args.frames_per_call)] + (["--int8"] if args.int8 else []) + \
               (["--threads", str(args.threads)] if args.threads else [])
@@ -94,6 +84,30 @@ def first_sounds(page, done_before):
     return page.evaluate("chatState.turns[chatState.order.at(-1)].firstSoundMs") / 1000
 
 
+def measure(url, mic, questions):
+    """Typed questions, then a call's spoken ones, in Chromium -> (typed seconds, spoken seconds, replies cut short);
+    the first of each is a warm-up."""
+    from playwright.sync_api import sync_playwright
+    chromium = shutil.which("chromium") or sys.exit("needs Chromium (apt-get install -y chromium)")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={mic}%noloop", "--autoplay-policy=no-user-gesture-required"])
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_function("chatState.connected")
+        typed = []
+        for n in range(questions + 1):
+            page.fill("#text", f"What is {n} plus {n}?")
+            page.click("#send")
+            typed.append(first_sounds(page, n))
+        page.click("#call")
+        spoken = [first_sounds(page, questions + 1 + n) for n in range(questions + 1)]
+        cut_short = page.evaluate("chatState.order.filter(id => chatState.turns[id].interrupted).length")
+        browser.close()
+    return typed[1:], spoken[1:], cut_short
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--questions", type=int, default=5, help="typed and spoken questions each (after one warm-up)")
@@ -103,8 +117,6 @@ def main(argv=None):
     p.add_argument("--int8", action="store_true")
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
-    from playwright.sync_api import sync_playwright
-    chromium = shutil.which("chromium") or sys.exit("needs Chromium (apt-get install -y chromium)")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         print("building the full-size model, Mimi and SenseVoice with random weights ...", flush=True)
@@ -113,36 +125,18 @@ def main(argv=None):
         with open(folder / "server.log", "w") as log:
             process, url = start_server(parts, args, log)
         try:
-            with sync_playwright() as pw:
-                browser = pw.chromium.launch(executable_path=chromium, args=[
-                    "--no-sandbox", "--disable-gpu", "--use-fake-ui-for-media-stream",
-                    "--use-fake-device-for-media-stream",
-                    f"--use-file-for-fake-audio-capture={folder / 'mic.wav'}%noloop",
-                    "--autoplay-policy=no-user-gesture-required"])
-                page = browser.new_page()
-                page.goto(url)
-                page.wait_for_function("chatState.connected")
-                typed = []
-                for n in range(args.questions + 1):  # the first is a warm-up
-                    page.fill("#text", f"What is {n} plus {n}?")
-                    page.click("#send")
-                    typed.append(first_sounds(page, n))
-                page.click("#call")
-                spoken = [first_sounds(page, args.questions + 1 + n) for n in range(args.questions + 1)]
-                cut_short = page.evaluate("chatState.order.filter(id => chatState.turns[id].interrupted).length")
-                browser.close()
+            typed, spoken, cut_short = measure(url, folder / "mic.wav", args.questions)
         finally:
             process.terminate()
             process.wait()
-    load = os.getloadavg()[1]
-    typed, spoken = typed[1:], spoken[1:]
     setting = f"{'int8' if args.int8 else 'float32'}, {args.frames_per_call} frame(s)/decode call, " \
               f"{args.threads or torch.get_num_threads()} threads"
     print(f"first sound in the page, full-size model on {setting}; median (min-max) of {args.questions}:")
     for name, times in (("typed  (from Send)", typed), ("spoken (from the end of speech)", spoken)):
         print(f"  {name:32s} {statistics.median(times):.2f} s ({min(times):.2f}-{max(times):.2f})")
     print(f"  spoken, from the VAD's decision  {statistics.median(spoken) - web.VAD_SILENCE_MS / 1000:.2f} s")
-    print(f"  (machine load, 5-minute average: {load:.1f} on {os.cpu_count()} cores, this benchmark included)")
+    print(f"  (machine load, 5-minute average: {os.getloadavg()[1]:.1f} on {os.cpu_count()} cores, this benchmark "
+          "included)")
     if cut_short:
         print(f"  {cut_short} replies were still running when the next spoken question came (barge-in): on a "
               f"machine this slow the spoken times include stopping them")

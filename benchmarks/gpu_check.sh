@@ -6,20 +6,20 @@
 #   decode_compiled  the same with the decode steps compiled as CUDA graphs
 #   resume           a torchrun (NCCL) run of train.py killed and resumed (check_resume.py)
 #   train_compiled   the training step with --compile
-#   conformance      the conformance generate cases through the compiled steps (compiled_decode.py)
+#   conformance      the conformance generate cases through the compiled steps (bench_generate.py --conformance)
 #
 #   bash benchmarks/gpu_check.sh [REFERENCE]
 #
 # REFERENCE (or $MINIMIND_O_REFERENCE) is a checkout of jingyaogong/minimind-o; without one the training
 # stages are skipped. Also read from the environment:
 #   MINIMIND_TOKENIZER   the released tokenizer's folder (default models/minimind-3o)
-#   GPU_CHECK_FIXTURE    a conformance fixture with generate cases (default ../shared/fixtures/conformance_public.pt)
+#   GPU_CHECK_FIXTURE    a conformance fixture with generate cases (default ../shared/fixtures/conformance_public.pt,
+#                        where CI keeps it)
 #   GPU_CHECK_STAGES     the stages to run besides env (default all, in the order above)
-#   GPU_CHECK_BUDGET_S   seconds for all stages (default 470); each stage also has its own limit below
 #   GPU_CHECK_DEVICE=cpu a dry run on a CPU: tiny shapes, short runs; every stage's commands, not its numbers
 #   OUT                  where gpu_check.log (every stage's output) and summary.txt go (default out/gpu_check)
-# A stage that fails or runs out of time is recorded and the next one runs. For a GPU machine without network,
-# docs/performance.md says how to bring the packages along.
+# Each stage has a time limit (LIMITS below); one that fails or runs out of time is recorded and the next one
+# runs. For a GPU machine without network, docs/performance.md says how to bring the packages along.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -34,106 +34,64 @@ trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
 LOG=$OUT/gpu_check.log
 : > "$LOG"
-START=$SECONDS
-SUMMARY_RESERVE_S=10   # kept back for the summary
-MIN_STAGE_S=15         # a stage with less time left is skipped
 
 if [ "$DEVICE" = cuda ]; then
-  BUDGET_S=${GPU_CHECK_BUDGET_S:-470}
   BATCH=40 SEQ=512 DTYPE=bfloat16 BACKEND=inductor REPEATS=3
   DECODE=(--dtype bfloat16 --steps 200 --text_steps 48)
   TRAIN=(--steps 10 --warmup 2) TRAIN_ENV=()
   LIMITS=(env=60 train=120 decode_eager=60 decode_compiled=150 resume=120 train_compiled=200 conformance=120)
 else                   # the dry run: tiny shapes; compiling only traced (aot_eager) or switched off
-  BUDGET_S=${GPU_CHECK_BUDGET_S:-900}
   BATCH=2 SEQ=64 DTYPE=float32 BACKEND=aot_eager REPEATS=1
   DECODE=(--steps 12 --text_steps 2 --prompt_tokens 8 --threads 2)
   TRAIN=(--steps 1 --warmup 1 --hidden_size 64 --num_hidden_layers 2)
   TRAIN_ENV=(TORCH_COMPILE_DISABLE=1)   # checks --compile's command line, not inductor's training compile
   LIMITS=(env=60 train=200 decode_eager=150 decode_compiled=200 resume=200 train_compiled=200 conformance=400)
 fi
+COMPILE_LOGS=recompiles,graph_breaks,perf_hints   # perf_hints: why a graph would not run as a CUDA graph
 
 limit_of() { local kv; for kv in "${LIMITS[@]}"; do [ "${kv%%=*}" = "$1" ] && echo "${kv#*=}"; done; }
 record() { echo "$(printf '%-16s' "$1") $2" >> "$WORK/stages.txt"; }
 
-# stage NAME FUNCTION [ARGS]: runs a stage, its output into the log and $WORK/NAME.out, its outcome into
-# $WORK/stages.txt. The function runs its commands through `limited`, which stops them at the stage's limit:
-# NAME's own, or what is left of the budget.
+# stage NAME COMMAND...: runs a stage within its limit, its output into the log and $WORK/NAME.out, its
+# outcome into $WORK/stages.txt; unless it is wanted and what it needs is there, it records why not.
 stage() {
-  local name=$1 left
+  local name=$1 limit began=$SECONDS status=ok
   shift
-  STAGE_LIMIT=$(limit_of "$name")
-  left=$(( BUDGET_S - (SECONDS - START) - SUMMARY_RESERVE_S ))
-  [ "$left" -lt "$STAGE_LIMIT" ] && STAGE_LIMIT=$left
-  if [ "$STAGE_LIMIT" -lt "$MIN_STAGE_S" ]; then
-    record "$name" "skipped: out of time"
-    return
-  fi
-  echo "== $name (limit $STAGE_LIMIT s, at $(( SECONDS - START )) s)" | tee -a "$LOG"
-  local began=$SECONDS status=ok
-  "$@" 2>&1 | tee "$WORK/$name.out" >> "$LOG"
+  [[ " $STAGES " == *" $name "* || $name = env ]] || return
+  case $name in
+    train*) [ -n "$REFERENCE" ] || { record "$name" "skipped: no reference checkout (an argument or MINIMIND_O_REFERENCE)"; return; } ;;
+    conformance) [ -f "$FIXTURE" ] || { record "$name" "skipped: no fixture at $FIXTURE (set GPU_CHECK_FIXTURE)"; return; } ;;
+  esac
+  limit=$(limit_of "$name")
+  echo "== $name (limit $limit s)" | tee -a "$LOG"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee "$WORK/$name.out" >> "$LOG"
   local rc=${PIPESTATUS[0]}
   [ "$rc" -ne 0 ] && status="failed (exit $rc)"
-  { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && status="timed out after $STAGE_LIMIT s"
+  { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && status="timed out after $limit s"
   record "$name" "$status in $(( SECONDS - began )) s"
   echo "== $name: $status" | tee -a "$LOG"
 }
 
-limited() { timeout -k 10 "$STAGE_LIMIT" "$@"; }
-
-# ready NAME: the stage is wanted and what it needs is there (else the reason is recorded)
-ready() {
-  [[ " $STAGES " == *" $1 "* ]] || return 1
-  case $1 in
-    train | train_compiled) [ -n "$REFERENCE" ] && return
-                            record "$1" "skipped: no reference checkout (an argument or MINIMIND_O_REFERENCE)" ;;
-    conformance) [ -f "$FIXTURE" ] && return
-                 record "$1" "skipped: no fixture at $FIXTURE (set GPU_CHECK_FIXTURE)" ;;
-    *) return 0 ;;
-  esac
-  return 1
-}
-
-env_report() {
-  if [ "$DEVICE" = cuda ]; then
-    limited nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || return 1
-  fi
-  limited python3 - <<'EOF'
-import platform, numpy, pyarrow, torch, transformers, moshi, minimind_o, train, chat  # a missing one fails here
+START=$SECONDS
+TRAINING=(env "${TRAIN_ENV[@]}" python3 benchmarks/bench_vs_reference.py step --reference "$REFERENCE"
+  --tokenizer "$TOKENIZER" --device "$DEVICE" --batch_size "$BATCH" --max_seq_len "$SEQ" --dtype "$DTYPE" "${TRAIN[@]}")
+GENERATE=(env TORCH_LOGS=$COMPILE_LOGS python3 benchmarks/bench_generate.py --device "$DEVICE" --repeats "$REPEATS"
+  --compile_backend "$BACKEND")
+stage env python3 - "$DEVICE" <<'EOF'
+import platform, subprocess, sys
+import numpy, pyarrow, torch, transformers, moshi, minimind_o, train, chat  # a missing one fails here
+if sys.argv[1] == "cuda":
+    subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"], check=True)
 print(f"python {platform.python_version()}, torch {torch.__version__}, cuda {torch.version.cuda}, numpy "
       f"{numpy.__version__}, pyarrow {pyarrow.__version__}, transformers {transformers.__version__}")
 EOF
-}
-
-train_vs_reference() {  # $@: extra flags (--compile)
-  limited env "${TRAIN_ENV[@]}" python3 benchmarks/bench_vs_reference.py step --reference "$REFERENCE" \
-    --tokenizer "$TOKENIZER" --device "$DEVICE" --batch_size "$BATCH" --max_seq_len "$SEQ" --dtype "$DTYPE" \
-    "${TRAIN[@]}" "$@"
-}
-
-COMPILE_LOGS=recompiles,graph_breaks,perf_hints   # perf_hints: why a graph would not run as a CUDA graph
-decode() {  # $1: the stage's name, then extra flags (--compile)
-  TORCH_LOGS=$COMPILE_LOGS limited python3 benchmarks/bench_generate.py --device "$DEVICE" "${DECODE[@]}" --repeats "$REPEATS" \
-    --compile_backend "$BACKEND" --json "$WORK/$1.jsonl" "${@:2}"
-}
-
-resume() {
-  OMP_NUM_THREADS=1 limited python3 benchmarks/check_resume.py --device "$DEVICE" --tokenizer "$TOKENIZER" \
-    --timeout "$(( $(limit_of resume) / 3 ))" --json "$WORK/resume.jsonl"
-}
-
-conformance() {
-  TORCH_LOGS=$COMPILE_LOGS limited python3 benchmarks/compiled_decode.py "$FIXTURE" --device "$DEVICE" --compile_backend "$BACKEND" \
-    --repeats "$REPEATS" --json "$WORK/conformance.jsonl"
-}
-
-stage env env_report   # always
-ready train && stage train train_vs_reference
-ready decode_eager && stage decode_eager decode decode_eager
-ready decode_compiled && stage decode_compiled decode decode_compiled --compile
-ready resume && stage resume resume
-ready train_compiled && stage train_compiled train_vs_reference --compile
-ready conformance && stage conformance conformance
+stage train "${TRAINING[@]}"
+stage decode_eager "${GENERATE[@]}" "${DECODE[@]}" --json "$WORK/decode_eager.jsonl"
+stage decode_compiled "${GENERATE[@]}" "${DECODE[@]}" --compile --json "$WORK/decode_compiled.jsonl"
+stage resume env OMP_NUM_THREADS=1 python3 benchmarks/check_resume.py --device "$DEVICE" --tokenizer "$TOKENIZER" \
+  --timeout "$(( $(limit_of resume) / 3 ))" --json "$WORK/resume.jsonl"
+stage train_compiled "${TRAINING[@]}" --compile
+stage conformance "${GENERATE[@]}" --conformance "$FIXTURE" --json "$WORK/conformance.jsonl"
 
 # The summary: each stage's outcome, then its results (the versions; the JSON lines a benchmark wrote or
 # printed), and the end of the output of a stage that did not end well.

@@ -9,7 +9,7 @@ import minimind_o as mo
 from conftest import tiny_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import compiled_decode  # noqa: E402
+import bench_generate  # noqa: E402
 
 PROMPT = torch.arange(100, 120)
 
@@ -245,7 +245,7 @@ def test_moe_generation_with_the_cache_equals_recomputing_everything():
 
 
 def test_compiled_decode_steps_trace_whole_compile_once_and_decode_as_eager(model):
-    """benchmarks/compiled_decode.py (CUDA graphs on a GPU): step and speech_step trace without a graph break
+    """bench_generate.py --compile (CUDA graphs on a GPU): step and speech_step trace without a graph break
     (fullgraph), compile once however many steps and replies follow, and give the eager greedy reply.
     Dynamo's tracing and guards only (backend "eager"): inductor's C++ build takes minutes here."""
     greedy = dict(max_new_tokens=20, greedy=True, repetition_penalty=1.5)  # the penalty: not one token repeated
@@ -255,7 +255,7 @@ def test_compiled_decode_steps_trace_whole_compile_once_and_decode_as_eager(mode
     assert len(expected[0]) < 20 and expected[1]
     compiled = mo.MiniMindO(model.config).eval()
     compiled.load_state_dict(model.state_dict())
-    compiled_decode.compile_decode(compiled, backend="eager")
-    before = compiled_decode.graphs_compiled()
+    bench_generate.compile_decode(compiled, backend="eager")
+    before = bench_generate.graphs_compiled()
     assert [mo.generate(compiled, PROMPT, eos_token_id=eos, **greedy) for _ in range(2)] == [expected] * 2
-    assert compiled_decode.graphs_compiled() - before == 2   # step and speech_step, once each
+    assert bench_generate.graphs_compiled() - before == 2   # step and speech_step, once each
