@@ -310,7 +310,7 @@ def load_model(path, device="cpu", dtype=torch.float32, config=None):
         raise ValueError(f"{path} holds no talker.* weights, so no MiniMind-O to run (a text-only MiniMind, "
                          "llm_768.pth, is where training starts: train.py --from_weight)")
     model = mo.MiniMindO(config or checkpoint_config(path, state))
-    mo.load_official_state_dict(model, state)
+    model.load_official_state_dict(state)
     return model.to(device, dtype).eval()
 
 

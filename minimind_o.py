@@ -22,9 +22,6 @@ Read top to bottom, in the order data flows:
   5. block and Thinker              11. streaming generation
   6. projectors and injection       12. thin adapters to the frozen side modules
 
-Files are files.py's: it reads checkpoints, the side modules' published weights and the user's audio and
-images into what this file takes (state dicts, loaded modules, arrays), and writes every file atomically.
-
 The binding facts (weight layout, token layout, delays, sampling, loss) are written down in
 ../shared/spec/conformance.md and checked by ../shared/checks/conformance.py against fixtures from the
 public reference implementation.
@@ -32,9 +29,10 @@ public reference implementation.
 import itertools
 import math
 import os
+import re
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -147,17 +145,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # In float32 whatever the model's dtype: x^2 overflows in float16, and bfloat16's 8-bit mantissa
-        # makes the mean of squares inaccurate.
+        # float32 whatever the model's dtype: x^2 overflows in float16, bfloat16's mean of squares is inaccurate
         xf = x.float()
         return (self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps))).type_as(x)
 
 
 def rope_tables(head_dim, max_pos, theta, yarn=False, factor=16, original_max=2048, beta_fast=32, beta_slow=1):
-    """cos/sin tables (max_pos, head_dim) for "rotate half" RoPE: the half-table concatenated twice.
-
-    YaRN (optional, for inference beyond the trained length) slows the low-frequency dimensions by
-    `factor`, leaves the high-frequency ones alone, and ramps linearly in between."""
+    """cos/sin tables (max_pos, head_dim) for "rotate half" RoPE: the half-table concatenated twice. YaRN (for
+    inference beyond the trained length) slows the low-frequency dimensions by `factor`, leaves the
+    high-frequency ones alone, and ramps linearly in between."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))  # (head_dim/2,)
     if yarn and max_pos > original_max:
         def dim_of(n_rotations):  # which dimension turns n_rotations times over original_max positions
@@ -178,11 +174,10 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache(nn.Module):
-    """One attention layer's keys and values for one conversation, preallocated to max_len positions.
-
-    A step writes its new position in place: nothing is concatenated or copied, a step costs the same
-    at position 10 as at position 1000 (apart from attention itself), and the shapes never change, so
-    a compiled decode step (CUDA graphs) can be replayed. Buffers, not parameters: never saved."""
+    """One attention layer's keys and values for one conversation, preallocated to max_len positions. A step
+    writes its new position in place: nothing is concatenated or copied, a step costs the same at position 10
+    as at position 1000 (apart from attention itself), and the shapes never change, so a compiled decode step
+    (CUDA graphs) can be replayed. Buffers, not parameters: never saved."""
 
     def __init__(self, n_kv_heads, head_dim, max_len, dtype, device):
         super().__init__()
@@ -357,10 +352,8 @@ class Projector(nn.Module):
 
 
 def pad_features(feats, dim, device, lengths=None):
-    """Per-sample features -> (B, L, dim) padded, on `device`, and (B,) lengths. feats: a list of (L_i, dim)
-    tensors or None, or a (B, L, dim) tensor padded already (lengths: (B,), or all L when None).
-
-    Batch preparation, not the forward pass: collate functions can hand the padded form directly."""
+    """Per-sample features -> (B, L, dim) padded on `device`, (B,) lengths. feats: a list of (L_i, dim) tensors or
+    None, or (B, L, dim) padded already, as collate functions hand it (lengths: (B,), or all L when None)."""
     if torch.is_tensor(feats):
         lengths = torch.full(feats.shape[:1], feats.shape[1]) if lengths is None else lengths
         return feats.to(device), lengths.to(device)
@@ -374,9 +367,8 @@ def pad_features(feats, dim, device, lengths=None):
 
 def inject(h, ids, placeholder, feats, lengths):
     """Put feats[b, :n] on the first run of `placeholder` in ids[b], n = min(lengths[b], run length).
-
-    h: (B, T, H) token embeddings; ids: (B, T); feats: (B, L, H); lengths: (B,).
-    Batched: every sample's run is found with tensor ops, no Python loop over samples."""
+    h: (B, T, H) token embeddings; ids: (B, T); feats: (B, L, H); lengths: (B,). Every sample's run is found
+    with tensor ops, no Python loop over samples."""
     B, T = ids.shape
     pos = torch.arange(T, device=ids.device).expand(B, T)
     is_ph = ids == placeholder
@@ -395,10 +387,8 @@ def inject(h, ids, placeholder, feats, lengths):
 # -----------------------------------------------------------------------------------------------
 
 class CodecEmbedding(nn.Module):
-    """A frame of 8 codes -> one vector: mean over layers of (shared table + that layer's adapter).
-
-    The shared table lets layers share what a code means; the small adapters (rank 256) let each
-    layer's code mean something slightly different."""
+    """A frame of 8 codes -> one vector: mean over layers of (shared table + that layer's adapter). The shared
+    table lets layers share what a code means; the small adapters (rank 256) let each layer's differ a little."""
 
     def __init__(self, vocab, dim, rank=256):
         super().__init__()
@@ -460,16 +450,23 @@ class Talker(BlockStack):
 # -----------------------------------------------------------------------------------------------
 # 8. The whole model: the training forward, the decode step, and the loss
 # -----------------------------------------------------------------------------------------------
-# `forward` runs whole sequences, every position through the heads; training takes its own path through the
-# same parts (train.Losses: heads only where labels are). Generation runs `prefill` once on the prompt, then
-# one column per step through `step`, or `speech_step` once the text has ended (the Thinker then stops at the
-# bridge). Both are tensor-only: each attention layer keeps its own KVCache, set up by `setup_caches`.
+# `forward` runs whole sequences: every position's logits (what `omni_loss` reads), or with labels the Losses
+# training minimises, omni_loss's values for less work (heads only where labels are, upper blocks cut short).
+# Generation runs `prefill` once on the prompt, then one column per step through `step`, or `speech_step` once the
+# text has ended (the Thinker then stops at the bridge). Both are tensor-only: each attention layer keeps its own
+# KVCache, set up by `setup_caches`.
 
-@dataclass
-class OmniOutput:
+class OmniOutput(NamedTuple):
     text_logits: torch.Tensor   # (B, T, vocab)
     audio_logits: torch.Tensor  # (B, 8, T, audio_vocab)
     aux_loss: torch.Tensor      # MoE load-balance loss (0 for the dense model or in eval)
+
+
+class Losses(NamedTuple):
+    """What a labelled forward returns (see labelled_losses); training minimises their sum."""
+    text: torch.Tensor   # mean cross-entropy over the labelled text positions
+    audio: torch.Tensor  # per codebook layer the weighted mean over its labels, then the mean over the 8 layers
+    aux: torch.Tensor    # MoE load-balance loss (0 for the dense model)
 
 
 class MiniMindO(nn.Module):
@@ -483,17 +480,28 @@ class MiniMindO(nn.Module):
         self.audio_proj = Projector(cfg.audio_hidden_size, cfg.hidden_size)
         self.vision_proj = Projector(cfg.image_hidden_size, cfg.hidden_size)
         self.apply(init_weights)
+        self.width_multiple = 1  # train.py --compile: a labelled forward's upper blocks see few widths, multiples of it
 
-    def forward(self, input_ids, audio_embeds=None, image_embeds=None, spk_emb=None, audio_lengths=None):
-        """input_ids: (B, 9, T), rows 0-7 audio layers, row 8 text -> OmniOutput for every position.
-        audio_embeds: a list of (L_i, 512) speech-encoder outputs or None per sample, or padded (B, L, 512) with
-        `audio_lengths` (B,); image_embeds: a list of (64, 768) or None, or (B, 64, 768); spk_emb: (B, 192)."""
+    def forward(self, input_ids, audio_embeds=None, image_embeds=None, spk_emb=None, audio_lengths=None,
+                text_labels=None, audio_labels=None):
+        """input_ids: (B, 9, T), rows 0-7 audio layers, row 8 text -> OmniOutput for every position; with text_labels
+        (B, T) and audio_labels (B, 8, T), the Losses instead. audio_embeds / image_embeds: per sample (L_i, 512) /
+        (64, 768) encoder outputs or None, or padded (pad_features; audio_lengths: (B,)); spk_emb: (B, 192)."""
+        width = input_ids.shape[-1]  # how far the upper blocks run; first, so its host sync waits for no queued block
+        if text_labels is not None and not self.config.use_moe:  # a MoE's load-balance loss averages over all T
+            # only the text head reads them; causal, the positions through the batch's last text label are unchanged
+            labelled = (text_labels != IGNORE).any(0).nonzero()      # (n, 1): positions where some sample has one
+            last = int(labelled[-1]) if len(labelled) else 0
+            width = min(width, math.ceil((last + 1) / self.width_multiple) * self.width_multiple)
         codes, text = input_ids[:, :N_CODEBOOKS], input_ids[:, TEXT_ROW]
-        h = self.embed(text, audio_embeds, image_embeds, audio_lengths)       # (B, T, H)
-        bridge, lower_aux = self.thinker.lower(h)
-        hidden, upper_aux = self.thinker.upper(bridge)
-        talk, talker_aux = self.talker(bridge, codes, spk_emb)
-        return OmniOutput(self.lm_head(hidden), self.talker.lm_head(talk), lower_aux + upper_aux + talker_aux)
+        bridge, lower_aux = self.thinker.lower(self.embed(text, audio_embeds, image_embeds, audio_lengths))  # (B, T, H)
+        talk, talker_aux = self.talker(bridge, codes, spk_emb)                              # (B, T, d)
+        # contiguous: strides that depend on width alone, as --compile's graphs expect
+        hidden, upper_aux = self.thinker.upper(bridge[:, :width].contiguous())              # (B, width, H)
+        if text_labels is None:
+            return OmniOutput(self.lm_head(hidden), self.talker.lm_head(talk), lower_aux + upper_aux + talker_aux)
+        losses = labelled_losses(self.lm_head, hidden, self.talker.lm_head, talk, text_labels[:, :width], audio_labels)
+        return Losses(*losses, lower_aux + upper_aux + talker_aux)
 
     def embed(self, text, audio_embeds=None, image_embeds=None, audio_lengths=None):
         """Text ids (B, T) -> (B, T, H) embeddings, encoder features put on their placeholders."""
@@ -539,7 +547,12 @@ class MiniMindO(nn.Module):
         return self.talker.lm_head(talk[:, -1])                                 # (1, 8, audio_vocab)
 
     def load_official_state_dict(self, state_dict):
-        load_official_state_dict(self, state_dict)
+        """Load release-named weights (section 9) strictly: PyTorch names every missing, unexpected or
+        mis-shaped key (under our names: `thinker.` for the release's `model.`)."""
+        ours = {re.sub(r"^model\.", "thinker.", k): v for k, v in state_dict.items()}
+        if "lm_head.weight" not in ours and "thinker.embed_tokens.weight" in ours:
+            ours["lm_head.weight"] = ours["thinker.embed_tokens.weight"]  # tied; folders may leave it out
+        self.load_state_dict(ours)
         return self
 
 
@@ -553,23 +566,36 @@ def init_weights(module):
 
 
 STOP_WEIGHT = 10.0  # the stop id's weight in the audio loss: one id per layer per reply, so it counts more
+HEAD_CHUNK = 1024   # positions per head call: (1024, 8, 2112) float32 audio logits are 69 MB
+
+
+def labelled_losses(text_head, text_h, audio_head, audio_h, text_labels, audio_labels, stop_weight=STOP_WEIGHT):
+    """(text loss, audio loss) of the heads on text_h (B, T', ...) and audio_h (B, T, ...) for labels (B, T') and
+    (B, 8, T), IGNORE where nothing is learned; each head runs only where its labels are. text: the mean
+    cross-entropy. audio: per layer the mean over its labels, the stop id weighing `stop_weight` (so the model
+    learns to end speech), then the mean over the 8 layers."""
+    text_at, audio_at = text_labels != IGNORE, (audio_labels != IGNORE).any(1)  # (B, T'), (B, T)
+    text_loss = head_loss(text_head, text_h[text_at], text_labels[text_at])
+    codes = audio_labels.transpose(1, 2)[audio_at]                              # (N, 8) labels
+    return text_loss, head_loss(audio_head, audio_h[audio_at], codes, stop_weight).mean()
+
+
+def head_loss(head, h, labels, stop_weight=1.0):
+    """h (N, ...) at N labelled positions, labels (N,) or (N, 8) -> mean cross-entropy of head(h) over the labels,
+    per codebook for (N, 8) (0 where none, not NaN), the stop id weighing stop_weight. A chunk of HEAD_CHUNK
+    positions at a time, its logits recomputed in the backward pass, not kept."""
+    def chunk_loss(h, labels):
+        ce = F.cross_entropy(head(h).flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE, reduction="none")
+        return (ce.view_as(labels) * torch.where(labels == AUDIO_STOP, stop_weight, 1.0)).sum(0)
+    chunks = zip(h.split(HEAD_CHUNK), labels.split(HEAD_CHUNK))
+    summed = sum(checkpoint(chunk_loss, *chunk, use_reentrant=False) for chunk in chunks)
+    return summed / (labels != IGNORE).sum(0).clamp_min(1)
 
 
 def omni_loss(out, text_labels, audio_labels, stop_weight=STOP_WEIGHT):
-    """(text loss, audio loss) for labels (B, T) and (B, 8, T), IGNORE where nothing is learned.
-
-    text: mean cross-entropy over labelled positions. audio: per layer, a weighted sum over labelled
-    positions (the stop id weighs `stop_weight`, so the model learns to end speech) divided by the
-    count, then the mean over the 8 layers (a layer with no labels adds 0)."""
-    ce_text = F.cross_entropy(out.text_logits.flatten(0, 1).float(), text_labels.flatten(), ignore_index=IGNORE,
-                              reduction="none")
-    text_loss = ce_text.sum() / (text_labels != IGNORE).sum().clamp_min(1)  # 0, not NaN, with no labels
-    logits = out.audio_logits.float()                                              # (B, 8, T, V)
-    ce = F.cross_entropy(logits.permute(0, 3, 1, 2), audio_labels, ignore_index=IGNORE, reduction="none")  # (B, 8, T)
-    labelled = audio_labels != IGNORE
-    weight = torch.where(audio_labels == AUDIO_STOP, stop_weight, 1.0) * labelled
-    per_layer = (ce * weight).sum((0, 2)) / labelled.sum((0, 2)).clamp_min(1)      # (8,)
-    return text_loss, per_layer.mean()
+    """(text loss, audio loss) of an OmniOutput for labels (B, T) and (B, 8, T): labelled_losses of logits."""
+    logits, audio_logits = nn.Identity(), out.audio_logits.transpose(1, 2)     # the heads applied; (B, T, 8, V)
+    return labelled_losses(logits, out.text_logits, logits, audio_logits, text_labels, audio_labels, stop_weight)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -578,26 +604,9 @@ def omni_loss(out, text_labels, audio_labels, stop_weight=STOP_WEIGHT):
 # The release names the Thinker `model.`; everything else has the same name here. Reading and writing
 # the checkpoint files (float16 .pth files, Transformers-format folders) is files.py's work.
 
-def official_key(our_key):
-    return "model." + our_key[len("thinker."):] if our_key.startswith("thinker.") else our_key
-
-
-def our_key(official):
-    return "thinker." + official[len("model."):] if official.startswith("model.") else official
-
-
 def official_state_dict(model, dtype=torch.float16):
     """Our weights under the release's names, on the CPU, in the release's dtype."""
-    return {official_key(k): v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
-
-
-def load_official_state_dict(model, state_dict):
-    """Load release-named weights strictly: PyTorch names every missing, unexpected or mis-shaped key
-    (under our names: `thinker.` for the release's `model.`)."""
-    ours = {our_key(k): v for k, v in state_dict.items()}
-    if "lm_head.weight" not in ours and "thinker.embed_tokens.weight" in ours:
-        ours["lm_head.weight"] = ours["thinker.embed_tokens.weight"]  # tied; folders may leave it out
-    model.load_state_dict(ours)
+    return {re.sub(r"^thinker\.", "model.", k): v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
 
 
 def parameter_counts(model):
@@ -708,12 +717,11 @@ def voice_prompt_rows(length, ref_codes=None, has_speaker=False):
 def build_sample(conversations, tok, max_len, answer_codes=None, ref_codes=None, has_spk=False, n_audio_tokens=0,
                  has_image=False, system_prompt=None, keep_empty_think=False, audio_layout="text_blankline_audio",
                  image_layout="text_blankline_image", use_ref=True):
-    """One training sample in the release's nine-row format.
-
-    conversations: [{role, content}]; answer_codes / ref_codes: flattened frame-major Mimi codes of the
-    last reply and of the voice prompt; n_audio_tokens: speech-encoder frames of the last question.
-    The other arguments are the per-sample variations (drawn by `draw_variations` in training).
-    Returns input_ids (9, max_len-1), text_labels (max_len-1,), audio_labels (8, max_len-1)."""
+    """One training sample in the release's nine-row format. conversations: [{role, content}]; answer_codes /
+    ref_codes: flattened frame-major Mimi codes of the last reply and of the voice prompt; n_audio_tokens:
+    speech-encoder frames of the last question. The other arguments are the per-sample variations (drawn by
+    `draw_variations` in training). Returns input_ids (9, max_len-1), text_labels (max_len-1,), audio_labels
+    (8, max_len-1)."""
     text = render_sample(conversations, n_audio_tokens, has_image, system_prompt, keep_empty_think, audio_layout,
                          image_layout)
     ids = encode(tok, text)[:max_len]
@@ -772,12 +780,11 @@ def audio_rows(ids, reply, tok, answer_codes, ref_codes, has_spk):
 # -----------------------------------------------------------------------------------------------
 # 11. Streaming generation
 # -----------------------------------------------------------------------------------------------
-# One step = one column. The Thinker samples a text token; the Talker samples one id per codebook
-# layer, layer i starting i + 1 steps after the reply starts. So at step n, layer i emits the code
-# of frame n - 1 - i, and frame f is complete once layer 7 has emitted it: frame n - 8 completes
-# at step n. Speech therefore starts 8 steps (640 ms of tokens, not of wall time) into the reply,
-# long before the text is done. After the text's EOS, the text inputs are forced: a newline (what the
-# training data has there), then padding, while the Talker finishes speaking.
+# One step = one column. The Thinker samples a text token; the Talker samples one id per codebook layer, layer i
+# starting i + 1 steps after the reply starts. So at step n, layer i emits the code of frame n - 1 - i, and frame f
+# is complete once layer 7 has emitted it: frame n - 8 completes at step n. Speech therefore starts 8 steps (640 ms
+# of tokens, not of wall time) into the reply, long before the text is done. After the text's EOS, the text inputs
+# are forced: a newline (what the training data has there), then padding, while the Talker finishes speaking.
 
 AUDIO_TEMPERATURE = 0.2     # audio is sampled sharp: codes must be right, not creative
 AUDIO_TOP_K = 50
@@ -892,13 +899,8 @@ def stream_generate(model, prompt_ids, max_new_tokens=1024, temperature=0.75, to
 
 def generate(model, prompt_ids, max_new_tokens=1024, **kwargs):
     """Run stream_generate to the end -> (text ids through EOS, list of complete 8-code frames)."""
-    text, frames = [], []
-    for step in stream_generate(model, prompt_ids, max_new_tokens, **kwargs):
-        if step.text is not None:
-            text.append(step.text)
-        if step.frame is not None:
-            frames.append(step.frame)
-    return text, frames
+    steps = list(stream_generate(model, prompt_ids, max_new_tokens, **kwargs))
+    return [s.text for s in steps if s.text is not None], [s.frame for s in steps if s.frame is not None]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -929,10 +931,9 @@ def resample(wav, sr_in, sr_out):
 
 
 def speech_features(frontend, wav16k):
-    """(S,) 16 kHz waveform -> (L, 560) features the encoder reads (L = its valid length), on the CPU.
-
-    funasr dithers each frame with fresh noise; here the same noise level comes from a fixed seed, so
-    a clip always gives the same features (train.py's encoder cache and exact resume rely on that)."""
+    """(S,) 16 kHz waveform -> (L, 560) features the encoder reads (L = its valid length), on the CPU. funasr
+    dithers each frame with fresh noise; here the same noise level comes from a fixed seed, so a clip always
+    gives the same features (train.py's encoder cache and exact resume rely on that)."""
     wav = torch.as_tensor(wav16k, dtype=torch.float32)
     wav = wav + DITHER * torch.randn(wav.shape, generator=torch.Generator().manual_seed(DITHER_SEED))
     feats, _ = frontend(wav[None], torch.tensor([wav.numel()]))               # (1, L, 560)

@@ -57,9 +57,7 @@ import pyarrow.parquet as pq
 import soundfile as sf
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
@@ -1002,7 +1000,7 @@ def build_model(args):
     state = files.read_checkpoint(args.from_weight)
     model = mo.MiniMindO(files.checkpoint_config(args.from_weight, state))
     if any(k.startswith("talker.") for k in state):
-        mo.load_official_state_dict(model, state)
+        model.load_official_state_dict(state)
     else:
         start_from_text_model(model, state)
     if args.use_moe and not model.config.use_moe:
@@ -1058,7 +1056,7 @@ def set_lr(optimizer, lr):
 class Learner:
     """The model and what trains it."""
     model: mo.MiniMindO              # its weights are what is saved
-    net: torch.nn.Module             # what a step calls: Losses(model) (--compile: its block stacks), maybe in DDP
+    net: torch.nn.Module             # what a step calls: the model, maybe in DDP
     params: list                     # the trainable parameters (--mode)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler     # loss scaling, enabled for float16 only
@@ -1077,10 +1075,12 @@ def build_learner(args, procs, resume):
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
     scaler = torch.amp.GradScaler(procs.device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
     autocast = torch.autocast(procs.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    learner = Learner(model, Losses(model, COMPILE_WIDTH if args.compile else 1), params, optimizer, scaler, autocast)
+    learner = Learner(model, model, params, optimizer, scaler, autocast)
     if args.compile:  # the block stacks: their widths are few; the heads' are the batch's number of labels
-        net = learner.net
-        net.lower, net.upper, net.talker = (compiled(stack, args) for stack in (net.lower, net.upper, net.talker))
+        model.width_multiple = COMPILE_WIDTH
+        thinker = model.thinker
+        thinker.lower, thinker.upper = compiled(thinker.lower, args), compiled(thinker.upper, args)
+        model.talker.forward = compiled(model.talker.forward, args)
     position = dict(epoch=0, batch=0, step=0, bad_rows=[], seconds=0.0)  # bad_rows: messages of skipped rows
     if resume is not None:
         position = restore(learner, resume, procs)
@@ -1332,71 +1332,16 @@ def idle_inputs(batch, audio, image, mode):
     return audio, lengths, image
 
 
-HEAD_CHUNK = 1024    # positions per head call: (1024, 8, 2112) float32 audio logits are 69 MB
-
-
-class Losses(torch.nn.Module):
-    """Training's own path to (text loss, audio loss, MoE loss): the values of mo.omni_loss(model(...))
-    and its aux_loss for less work. Each head runs only where its labels are (the reply), a chunk at a
-    time, with no float32 copy of every position's logits; and the Thinker's upper blocks, which only the
-    text head reads, stop after the last text label (the reply's speech goes on after its text ends, and
-    attention being causal, the positions before are unchanged). A module, for DDP to wrap (DDP syncs
-    gradients only for what runs through the wrapped module's forward)."""
-
-    def __init__(self, model, width_multiple=1):
-        super().__init__()
-        self.model, self.width_multiple = model, width_multiple
-        # what --compile compiles (see build_learner): each stack sees a few input widths of its own
-        self.lower, self.upper, self.talker = model.thinker.lower, model.thinker.upper, model.talker.forward
-
-    def forward(self, input_ids, text_labels, audio_labels, spk_emb=None, **inputs):
-        # first, so that its host sync waits for no queued block; a MoE's upper blocks see every position,
-        # which its load-balance loss averages over
-        width = text_labels.shape[1] if self.model.config.use_moe else upper_width(text_labels, self.width_multiple)
-        codes, text = input_ids[:, :mo.N_CODEBOOKS], input_ids[:, mo.TEXT_ROW]
-        bridge, lower_aux = self.lower(self.model.embed(text, **inputs))                  # (B, T, H)
-        talk, talker_aux = self.talker(bridge, codes, spk_emb)                            # (B, T, d)
-        # contiguous: strides that depend on width alone, as --compile's graphs expect
-        hidden, upper_aux = self.upper(bridge[:, :width].contiguous())                    # (B, width, H)
-        text_labels = text_labels[:, :width]
-        text_at, audio_at = text_labels != mo.IGNORE, (audio_labels != mo.IGNORE).any(1)  # (B, width), (B, T)
-        text_loss = head_loss(self.model.lm_head, hidden[text_at], text_labels[text_at])
-        codes = audio_labels.transpose(1, 2)[audio_at]                                   # (N, 8) labels
-        per_layer = head_loss(self.model.talker.lm_head, talk[audio_at], codes, mo.STOP_WEIGHT)  # (8,) summed
-        labelled = (codes != mo.IGNORE).sum(0).clamp_min(1)           # per layer; 0 labels: a loss of 0, not NaN
-        return (text_loss / text_at.sum().clamp_min(1), (per_layer / labelled).mean(),
-                lower_aux + upper_aux + talker_aux)
-
-
-def upper_width(text_labels, multiple):
-    """(B, T) text labels -> the positions the upper blocks run on: up to the batch's last text label (at
-    least 1), rounded up to a multiple of `multiple` (--compile's few shapes)."""
-    labelled = (text_labels != mo.IGNORE).any(0).nonzero()  # (n, 1): positions where some sample has one
-    last = int(labelled[-1]) if len(labelled) else 0
-    return min(text_labels.shape[1], math.ceil((last + 1) / multiple) * multiple)
-
-
-def head_loss(head, h, labels, stop_weight=1.0):
-    """h (N, d) at N labelled positions, labels (N,) or (N, 8) -> summed cross-entropy of head(h), per
-    codebook for (N, 8), the stop id weighing stop_weight. Each chunk's logits are recomputed in the
-    backward pass instead of kept, so no float32 copy of all of them ever exists."""
-    def chunk_loss(h, labels):
-        ce = F.cross_entropy(head(h).flatten(0, -2).float(), labels.flatten(), ignore_index=mo.IGNORE, reduction="none")
-        return (ce.view_as(labels) * torch.where(labels == mo.AUDIO_STOP, stop_weight, 1.0)).sum(0)
-    chunks = zip(h.split(HEAD_CHUNK), labels.split(HEAD_CHUNK))
-    return sum(checkpoint(chunk_loss, *chunk, use_reentrant=False) for chunk in chunks)
-
-
 def micro_step(net, batch, encoders, autocast, scale, mode):
-    """Forward and backward of one micro-batch through net (a Losses, maybe wrapped); returns the
-    unscaled (loss, text, audio, aux) values."""
+    """Forward and backward of one micro-batch through net (the model, maybe wrapped): its labelled forward
+    gives the losses. Returns the unscaled (loss, text, audio, aux) values."""
     with autocast:
         audio, audio_lengths, image = idle_inputs(batch, *encode_inputs(batch, encoders), mode)
-        text_loss, audio_loss, aux_loss = net(batch.input_ids, batch.text_labels, batch.audio_labels, audio_embeds=audio,
-                                              audio_lengths=audio_lengths, image_embeds=image, spk_emb=batch.spk_emb)
-        loss = text_loss + audio_loss + aux_loss
+        losses = net(batch.input_ids, audio_embeds=audio, image_embeds=image, spk_emb=batch.spk_emb,
+                     audio_lengths=audio_lengths, text_labels=batch.text_labels, audio_labels=batch.audio_labels)
+        loss = sum(losses)  # text + audio + aux
     scale(loss).backward()
-    return torch.stack([loss, text_loss, audio_loss, aux_loss]).detach()
+    return torch.stack([loss, *losses]).detach()
 
 
 def optimizer_step(learner, batches, group_size, encoders, args, world):

@@ -94,12 +94,13 @@ def test_omni_loss_weights_stop_and_averages_layers():
     audio_labels = torch.full((B, 8, T), mo.IGNORE)
     audio_labels[:, 0, 1] = mo.AUDIO_STOP
     audio_labels[1, 0, 3] = 5
+    audio_labels[0, 2, 5] = 11                     # a delayed layer's code where layer 0 has none
     text_loss, audio_loss = mo.omni_loss(out, text_labels, audio_labels)
     lp = out.text_logits.log_softmax(-1)
     assert torch.isclose(text_loss, -(lp[0, 2, 7] + lp[0, 3, 9]) / 2)
     la = out.audio_logits.log_softmax(-1)
     layer0 = -(10 * la[0, 0, 1, 2050] + 10 * la[1, 0, 1, 2050] + la[1, 0, 3, 5]) / 3
-    assert torch.isclose(audio_loss, layer0 / 8)   # layers without labels add nothing
+    assert torch.isclose(audio_loss, (layer0 - la[0, 2, 5, 11]) / 8)   # layers without labels add nothing
     empty = torch.full_like(text_labels, mo.IGNORE)
     assert mo.omni_loss(out, empty, torch.full_like(audio_labels, mo.IGNORE)) == (0, 0)
 

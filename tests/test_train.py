@@ -4,6 +4,7 @@ device checks, and short runs (demo, resume after a kill, DDP)."""
 import argparse
 import io
 import json
+import math
 import os
 import random
 import re
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 
 import minimind_o as mo
 import files
@@ -167,32 +169,54 @@ def loss_and_grads(model, losses):
 
 @pytest.mark.parametrize("use_moe", [False, True])
 def test_training_losses_equal_omni_loss_of_the_forward(tokenizer, demo_file, monkeypatch, use_moe):
-    """train.Losses (heads only where labels are, in chunks) gives omni_loss(model(...)) and the
-    aux loss, and the same gradients: on a batch with positions past its labels and speech past its
-    text (where a dense model's upper blocks stop), a spoken question, chunks split mid-batch, a layer
-    without labels, and no labels at all."""
-    monkeypatch.setattr(train, "HEAD_CHUNK", 7)  # several chunks per head
+    """The labelled forward (heads only where labels are, in chunks) gives the losses of the unlabelled forward's
+    logits (written out below, and omni_loss) and its aux loss, with the same gradients: on a batch with
+    positions past its labels and speech past its text (where a dense model's upper blocks stop), a spoken
+    question, chunks split mid-batch, a layer without labels, a text label at the last position (no cut), and
+    no labels at all."""
+    monkeypatch.setattr(mo, "HEAD_CHUNK", 7)  # several chunks per head
     data = train.OmniDataset(train.ParquetRows([demo_file]), tokenizer, 96, scheduled_sampling=0.0)
     samples = [data[i] for i in range(2)]
     ids, text_labels, audio_labels = (torch.stack([getattr(s, k) for s in samples])
                                       for k in ("input_ids", "text_labels", "audio_labels"))
-    assert train.upper_width(text_labels, 1) < max(s.length for s in samples)   # the upper blocks stop early,
-    assert train.upper_width(text_labels, train.COMPILE_WIDTH) < ids.shape[-1]    # rounded up too
+    assert upper_width(text_labels, 1) < max(s.length for s in samples)   # the upper blocks stop early,
+    assert upper_width(text_labels, train.COMPILE_WIDTH) < ids.shape[-1]    # rounded up too
     ids[0, mo.TEXT_ROW, 1:4] = mo.AUDIO_PLACEHOLDER       # a question of 3 speech frames in sample 0
     inputs = dict(audio_embeds=[torch.randn(3, mo.SPEECH_EMBED_DIM), None], spk_emb=torch.randn(2, 192))
     no_layer_3 = audio_labels.clone()
     no_layer_3[:, 3] = mo.IGNORE
+    to_the_end = text_labels.clone()
+    to_the_end[1, -1] = 42
     nothing = (torch.full_like(text_labels, mo.IGNORE), torch.full_like(audio_labels, mo.IGNORE))
     torch.manual_seed(0)
     model = mo.MiniMindO(tiny_config(num_hidden_layers=2, num_talker_hidden_layers=1, use_moe=use_moe)).train()
-    for labels in ((text_labels, audio_labels), (text_labels, no_layer_3), nothing):
+    for labels in ((text_labels, audio_labels), (text_labels, no_layer_3), (to_the_end, audio_labels), nothing):
         out = model(ids, **inputs)
-        expected, expected_grads = loss_and_grads(model, (*mo.omni_loss(out, *labels), out.aux_loss))
+        expected, expected_grads = loss_and_grads(model, (*reference_loss(out, *labels), out.aux_loss))
         for multiple in (1, train.COMPILE_WIDTH):  # where the upper blocks stop: exactly, and as --compile rounds it
-            got, grads = loss_and_grads(model, train.Losses(model, multiple)(ids, *labels, **inputs))
+            model.width_multiple = multiple
+            got, grads = loss_and_grads(model, model(ids, **inputs, text_labels=labels[0], audio_labels=labels[1]))
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(grads, expected_grads, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(torch.stack(mo.omni_loss(out, *labels)), expected[:2], rtol=1e-5, atol=1e-6)
     assert got[:2].tolist() == [0, 0] and (got[2] > 0) == use_moe
+
+
+def upper_width(text_labels, multiple):
+    """Where a dense model's labelled forward stops its upper blocks: after the batch's last text label (at
+    least 1), rounded up to a multiple."""
+    last = max((t for t in range(text_labels.shape[1]) if (text_labels[:, t] != mo.IGNORE).any()), default=0)
+    return min(text_labels.shape[1], math.ceil((last + 1) / multiple) * multiple)
+
+
+def reference_loss(out, text_labels, audio_labels):
+    """omni_loss written out over every position's logits at once (no chunks, no selection), as the spec says."""
+    text = F.cross_entropy(out.text_logits.flatten(0, 1), text_labels.flatten(), ignore_index=mo.IGNORE, reduction="sum")
+    ce = F.cross_entropy(out.audio_logits.permute(0, 3, 1, 2), audio_labels, ignore_index=mo.IGNORE, reduction="none")
+    labelled = audio_labels != mo.IGNORE                                                   # (B, 8, T)
+    weight = torch.where(audio_labels == mo.AUDIO_STOP, mo.STOP_WEIGHT, 1.0) * labelled
+    per_layer = (ce * weight).sum((0, 2)) / labelled.sum((0, 2)).clamp_min(1)              # (8,)
+    return text / (text_labels != mo.IGNORE).sum().clamp_min(1), per_layer.mean()
 
 
 def test_epoch_batches_split_rows_across_processes_and_resume_mid_epoch():
@@ -280,7 +304,7 @@ def test_grad_checkpointing_gives_the_same_losses_and_gradients_from_fewer_saved
         saved = []  # bytes of every tensor the forward pass keeps for the backward pass
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
                                                       lambda t: t):
-            losses = train.micro_step(train.Losses(model), batch, train.Encoders(), contextlib.nullcontext(), lambda x: x, "all")
+            losses = train.micro_step(model, batch, train.Encoders(), contextlib.nullcontext(), lambda x: x, "all")
         return losses, {k: p.grad for k, p in model.named_parameters() if p.grad is not None}, sum(saved)
 
     (plain, plain_grads, plain_saved), (checkpointed, grads, saved) = step(False), step(True)
@@ -362,7 +386,7 @@ def test_compile_makes_one_graph_per_batch_width_not_per_batch(tmp_path, tokeniz
     torch._dynamo.reset()
     longest = {max(s.length for s in samples) for samples, _ in batches}
     width = {batch.input_ids.shape[-1] for _, batch in batches}
-    upper = {train.upper_width(batch.text_labels, train.COMPILE_WIDTH) for _, batch in batches}
+    upper = {upper_width(batch.text_labels, train.COMPILE_WIDTH) for _, batch in batches}
     assert all(w % train.COMPILE_WIDTH == 0 for w in width | upper) and len(longest) > len(width)
     assert counters["stats"]["unique_graphs"] == 2 * len(width) + len(upper)
 
