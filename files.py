@@ -3,16 +3,13 @@ MiniMind-O's files: everything it reads from or writes to disk, each failure a m
 file and says what to do. minimind_o.py (the model) never touches the disk, apart from the tokenizer;
 this file turns files into what it takes: state dicts, loaded side modules, arrays and images.
 
-  1. the published parts, one table (`PARTS`): what each is, where it goes, where it is published, the
-     commands that download it; what is missing (`missing_report`), --download, and `loading`, which
-     turns any failure to load one into a single message saying so
+  1. the published parts, one table (`PARTS`): what each is, where it goes, the commands that get it;
+     what is missing, --download, and `loading`: any failure to load one as a single message
   2. checkpoints: one atomic writer for every file the project writes, and the readers of every
      published checkpoint form (.pth, .bin, safetensors folders with or without config.json)
   3. the frozen side modules' loaders: SenseVoice-Small, SigLIP2, Mimi, CAM++ from their published files
   4. the user's voices: cloned from a clip (checked first), kept in the release's voices.pt format
   5. the user's files: audio and images, decoded with an error that names the file; the flags' numbers
-
-The entry points (chat.py, train.py, benchmarks/evaluate.py) find, fetch, load and save through here.
 """
 import argparse
 import contextlib
@@ -35,7 +32,7 @@ from torch import nn
 import minimind_o as mo
 
 # -----------------------------------------------------------------------------------------------
-# 1. The published parts: what each is, where it goes, where it is published, how to get it
+# 1. The published parts: what each is, where it goes, how to get it
 # -----------------------------------------------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parent
@@ -56,7 +53,6 @@ class Part:
     name: str                  # what it is, for people
     needed_for: str            # what of the chat needs it
     place: str                 # where the entry points look for it by default, in the project's folder
-    source: str                # where it is published
     download: tuple            # commands for people, each putting it at `place` (the release's first)
     hub: Optional[str] = None  # the Hugging Face repository --download fetches it from
     files: tuple = ()          # for a folder: the files that must be in it, all that --download fetches
@@ -83,41 +79,32 @@ HF, MS = "hf download", "modelscope download --model"  # the Hugging Face CLI; M
 PARTS = {  # key: the option that points at the part (--checkpoint ...), as chat.py and evaluate.py name it
     # no hub: --download takes the release folder or .pth that the path names (see fetch)
     "checkpoint": Part("MiniMind-O weights", "everything", "models/minimind-3o",
-                       "`jingyaogong/minimind-3o` (or `minimind-3o-moe`, or the .pth files of `minimind-3o-pytorch`) "
-                       "on Hugging Face, `gongjy` on ModelScope",
                        (f"{MS} gongjy/minimind-3o-pytorch sft_omni_768.pth --local_dir models",
                         f"{HF} jingyaogong/minimind-3o --local-dir models/minimind-3o")),
-    "tokenizer": Part("tokenizer", "everything", "models/minimind-3o", "tokenizer.json in the "
-                      "`jingyaogong/minimind-3o` folder and in the release's GitHub repository (model/tokenizer.json)",
+    "tokenizer": Part("tokenizer", "everything", "models/minimind-3o",
                       (f'{HF} jingyaogong/minimind-3o --include "tokenizer*" --local-dir models/minimind-3o',
                        f"curl -L --create-dirs -o models/minimind-3o/tokenizer.json {RELEASE_URL}tokenizer.json"),
                       "jingyaogong/minimind-3o", ("tokenizer.json",)),
     # moshi's file, which load_mimi reads; the release's `gongjy/mimi` is the Transformers layout, which it does not
     "mimi": Part("Mimi codec", "speech out and voice cloning", "models/mimi",
-                 f"{MIMI_WEIGHTS} in `kyutai/moshiko-pytorch-bf16` on Hugging Face",
                  (f"{HF} kyutai/moshiko-pytorch-bf16 {MIMI_WEIGHTS} --local-dir models/mimi",),
                  "kyutai/moshiko-pytorch-bf16", (MIMI_WEIGHTS,)),
     "sensevoice": Part("speech encoder (SenseVoice-Small)", "speech in (/audio, --audio, --mic)", "models/SenseVoiceSmall",
-                       "`gongjy/SenseVoiceSmall` on ModelScope, `FunAudioLLM/SenseVoiceSmall` on Hugging Face",
                        (f"{MS} gongjy/SenseVoiceSmall --local_dir models/SenseVoiceSmall",
                         f"{HF} FunAudioLLM/SenseVoiceSmall --local-dir models/SenseVoiceSmall"),
                        "FunAudioLLM/SenseVoiceSmall", SENSEVOICE_FILES),
     # the release's vision tower alone, or google's whole SigLIP2 (its text tower is skipped when loading)
     "siglip": Part("vision encoder (SigLIP2)", "images (/image, --image)", "models/siglip2-base-p32-256-ve",
-                   "the release's `gongjy/siglip2-base-p32-256-ve` (ModelScope) and "
-                   "`jingyaogong/siglip2-base-p32-256-ve` (Hugging Face); google's `google/siglip2-base-patch32-256`",
                    (f"{MS} gongjy/siglip2-base-p32-256-ve --local_dir models/siglip2-base-p32-256-ve",
                     f"{HF} jingyaogong/siglip2-base-p32-256-ve --local-dir models/siglip2-base-p32-256-ve",
                     f"{HF} google/siglip2-base-patch32-256 --local-dir models/siglip2-base-p32-256-ve"),
                    "jingyaogong/siglip2-base-p32-256-ve", SIGLIP_FILES),
     # the .bin of the official copies; the release's `gongjy/campplus` holds a .pt of another name
     "campplus": Part("speaker encoder (CAM++)", "voice cloning from an audio file", "models/campplus",
-                     "`iic/speech_campplus_sv_zh-cn_16k-common` on ModelScope, `funasr/campplus` on Hugging Face",
                      (f"{MS} iic/speech_campplus_sv_zh-cn_16k-common {CAMPP_WEIGHTS} --local_dir models/campplus",
                       f"{HF} funasr/campplus {CAMPP_WEIGHTS} --local-dir models/campplus"),
                      "funasr/campplus", (CAMPP_WEIGHTS,)),
     "voices": Part("voices", "/voice NAME", "models/voices.pt",
-                   "the release's model/speaker/voices.pt (GitHub jingyaogong/minimind-o)",
                    (f"curl -L -o models/voices.pt {RELEASE_URL}speaker/voices.pt",), url=f"{RELEASE_URL}speaker/voices.pt"),
 }
 
@@ -137,8 +124,7 @@ def missing_report(args, keys, parts=PARTS):
     lines = ["missing parts (put each where shown, point elsewhere with its option, or run with --download):"]
     for key in [k for k in keys if not parts[k].present(getattr(args, k))]:
         p = parts[key]
-        lines.append(f"  {p.name} (for {p.needed_for}): {getattr(args, key)}  [--{key}]\n"
-                     f"      get it with {p.how} (published: {p.source})")
+        lines.append(f"  {p.name} (for {p.needed_for}): {getattr(args, key)}  [--{key}]\n      get it with {p.how}")
         if key == "mimi":
             lines.append("      or chat in text only, without it: add --no_speech")
     return "\n".join(lines) if len(lines) > 1 else None
@@ -184,22 +170,20 @@ def download(args, keys, parts=PARTS):
     all went well). Each server is asked once whether it answers: offline, nothing waits on retries."""
     from huggingface_hub import constants
     failures, online = [], {}
-    for key in keys:
+    for key in [k for k in keys if not parts[k].present(getattr(args, k))]:
         part, path = parts[key], Path(getattr(args, key))
-        if part.present(path):
-            continue
         site = part.url or constants.ENDPOINT
         if site not in online:  # HF_HUB_OFFLINE=1 says so for the hub without asking
             online[site] = not (site == constants.ENDPOINT and constants.HF_HUB_OFFLINE) and reachable(site)
-        error = None if online[site] else f"{site} cannot be reached"
+        error = f"{site} cannot be reached"
         if online[site]:
             print(f"downloading {part.name} into {path} ...", flush=True)
             try:
                 fetch(part, path)
+                continue
             except Exception as e:  # offline, unknown repo, refused: all end in the same advice
                 error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-        if error:
-            failures.append(f"{part.name}: {error} (are you online? or get it by hand: {part.how})")
+        failures.append(f"{part.name}: {error} (are you online? or get it by hand: {part.how})")
     return failures
 
 
@@ -211,12 +195,12 @@ def loading(part, path):
     try:
         yield
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{p.name}: {e}. Get it with {p.how} (published: {p.source})") from e
+        raise FileNotFoundError(f"{p.name}: {e}. Get it with {p.how}") from e
     except Exception as e:
         detail = (str(e).strip().splitlines() or [""])[0][:200]
         raise DamagedPartError(f"cannot read the {p.name} at {path} ({type(e).__name__}: {detail}). Is it the "
                                "published file, whole? A git-lfs pointer (a clone without git-lfs) or a cut "
-                               f"download fails like this. Get it with {p.how} (published: {p.source})") from e
+                               f"download fails like this. Get it with {p.how}") from e
 
 
 # -----------------------------------------------------------------------------------------------
@@ -251,13 +235,11 @@ def save_checkpoint(model, path):
 def weights_file(path):
     """The file holding a checkpoint's weights: `path` itself, or in a release folder the first of
     model.safetensors, pytorch_model.bin, *.pth; None when there is none."""
-    path = os.fspath(path)  # a str or a pathlib.Path
     if os.path.isfile(path):
-        return path
-    if not os.path.isdir(path):
-        return None
-    candidates = ["model.safetensors", "pytorch_model.bin"] + sorted(f for f in os.listdir(path) if f.endswith(".pth"))
-    return next((os.path.join(path, f) for f in candidates if os.path.isfile(os.path.join(path, f))), None)
+        return os.fspath(path)  # a str, as given
+    folder = Path(path)
+    candidates = [folder / "model.safetensors", folder / "pytorch_model.bin", *sorted(folder.glob("*.pth"))]
+    return next((str(c) for c in candidates if c.is_file()), None)
 
 
 def read_checkpoint(path):
@@ -284,10 +266,9 @@ def read_checkpoint(path):
 def checkpoint_config(path, state_dict):
     """A checkpoint's shape: its folder's config.json (the release's; our fields kept), else read off the
     weights themselves, so any checkpoint file loads without a config."""
-    config_file = os.path.join(path, "config.json")
-    if os.path.isfile(config_file):
-        with open(config_file) as f:
-            release = json.load(f)
+    config_file = Path(path) / "config.json"
+    if config_file.is_file():
+        release = json.loads(config_file.read_text())
         ours = {field.name for field in fields(mo.OmniConfig)}   # the rest are transformers' extras
         return mo.OmniConfig(**{k: v for k, v in release.items() if k in ours})
     layers = lambda prefix: len({k.split(".")[2] for k in state_dict if k.startswith(prefix)})
@@ -367,8 +348,7 @@ def load_mimi(path, device="cpu"):
     """Mimi from the published safetensors file (or a folder holding it), using its first 8 codebooks."""
     from moshi.models import loaders as moshi_loaders
     path = Path(path) / MIMI_WEIGHTS if Path(path).is_dir() else Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
+    need_files(path.parent, (path.name,))
     mimi = moshi_loaders.get_mimi(str(path), device=device)
     mimi.set_num_codebooks(mo.N_CODEBOOKS)
     return mimi.eval().requires_grad_(False)

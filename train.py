@@ -1521,7 +1521,7 @@ def missing_inputs(args):
     missing += [f"data file not found: {p} ({PUBLISHED_DATA})" for p in args.data if not os.path.exists(p)]
     if args.from_weight != "none" and not args.resume and files.weights_file(args.from_weight) is None:
         missing.append(f"--from_weight {args.from_weight} not found; get the published weights with "
-                       f"{published_weights(args.from_weight)} ({files.PARTS['checkpoint'].source})")
+                       f"{published_weights(args.from_weight)}")
     return "\n".join(missing) or None
 
 

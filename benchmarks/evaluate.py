@@ -516,7 +516,6 @@ PARTS = {  # files.PARTS, for what the evaluation needs each for, and the unseen
     "campplus": dataclasses.replace(files.PARTS["campplus"], needed_for="voice similarity"),
     "voices": dataclasses.replace(files.PARTS["voices"], needed_for="voice similarity, seen voices"),
     "unseen_voices": files.Part("unseen voices", "voice similarity, unseen voices", "models/voices_unseen.pt",
-                                "the release's model/speaker/voices_unseen.pt (GitHub jingyaogong/minimind-o)",
                                 (f"curl -L -o models/voices_unseen.pt {UNSEEN_VOICES_URL}",), url=UNSEEN_VOICES_URL),
 }
 
