@@ -29,6 +29,7 @@ import torch
 
 import files
 import minimind_o as mo
+import data
 import train
 
 EPOCH_ROWS = 1024                 # --group_by_length: the epoch whose padding is counted
@@ -36,8 +37,8 @@ EPOCH_ROWS = 1024                 # --group_by_length: the epoch whose padding i
 
 def rows_dataset(tmp, tok, n, max_len, spoken=False, encoders=None):
     """n synthetic rows written to a parquet file and read by train.py's dataset."""
-    rows = train.ParquetRows([common.write_rows(os.path.join(tmp, f"rows_{n}_{spoken}.parquet"), n, spoken)])
-    return rows, train.OmniDataset(rows, tok, max_len, encoders, augment="none")
+    rows = data.ParquetRows([common.write_rows(os.path.join(tmp, f"rows_{n}_{spoken}.parquet"), n, spoken)])
+    return rows, data.OmniDataset(rows, tok, max_len, encoders, augment="none")
 
 
 def report(times, batch_size, tokens=None, average=np.median):
@@ -53,12 +54,12 @@ def report(times, batch_size, tokens=None, average=np.median):
 # The comparisons
 # -----------------------------------------------------------------------------------------------
 
-def padding(learner, args, data, batch_size, warmup, steps):
+def padding(learner, args, dataset, batch_size, warmup, steps):
     """Each batch cut after its longest sample (train.py's collate) against padded to max_len (the release)."""
-    samples = [data[i] for i in range(len(data))]
+    samples = [dataset[i] for i in range(len(dataset))]
     groups = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
-    batches = {"padded to longest": [train.collate(g).to(args.device) for g in groups],
-               "padded to max_len": [train.collate([replace(s, length=args.max_seq_len - 1) for s in g]).to(args.device)
+    batches = {"padded to longest": [data.collate(g).to(args.device) for g in groups],
+               "padded to max_len": [data.collate([replace(s, length=args.max_seq_len - 1) for s in g]).to(args.device)
                                      for g in groups]}
     lengths = np.array([s.length for s in samples])
     print(f"sample lengths: mean {lengths.mean():.0f}, median {np.median(lengths):.0f}, max {lengths.max()} (of "
@@ -72,10 +73,10 @@ def padding(learner, args, data, batch_size, warmup, steps):
     print(f"padding to the longest sample is {seconds['padded to max_len'] / seconds['padded to longest']:.2f}x faster")
 
 
-def checkpointing(learner, args, data, batch_size, warmup, steps):
+def checkpointing(learner, args, dataset, batch_size, warmup, steps):
     """The same batches with and without --grad_checkpointing."""
-    batches = [train.collate([data[i] for i in range(k, k + batch_size)]).to(args.device)
-               for k in range(0, len(data), batch_size)]
+    batches = [data.collate([dataset[i] for i in range(k, k + batch_size)]).to(args.device)
+               for k in range(0, len(dataset), batch_size)]
     model = learner.model
 
     def step(on):
@@ -91,20 +92,20 @@ def checkpointing(learner, args, data, batch_size, warmup, steps):
 def group_by_length(learner, args, tok, tmp, batch_size, warmup, steps):
     """An epoch of T2A rows in the release's order and grouped by estimated length: its padding share, and
     the mean step time over the first batches of each (a mean weighs their widths as the epoch does)."""
-    rows, data = rows_dataset(tmp, tok, EPOCH_ROWS, args.max_seq_len)
+    rows, dataset = rows_dataset(tmp, tok, EPOCH_ROWS, args.max_seq_len)
     started = time.perf_counter()
-    estimates = train.estimated_lengths(rows, tok, args.max_seq_len)
+    estimates = data.estimated_lengths(rows, tok, args.max_seq_len)
     estimate_s = time.perf_counter() - started
-    lengths = torch.tensor([data[i].length for i in range(len(rows))])
-    orders = {"release order": train.EpochBatches(len(rows), batch_size, seed=0, epoch=0),
-              "grouped": train.EpochBatches(len(rows), batch_size, seed=0, epoch=0, lengths=estimates)}
+    lengths = torch.tensor([dataset[i].length for i in range(len(rows))])
+    orders = {"release order": data.EpochBatches(len(rows), batch_size, seed=0, epoch=0),
+              "grouped": data.EpochBatches(len(rows), batch_size, seed=0, epoch=0, lengths=estimates)}
     shares = {name: 1 - lengths.sum().item() / sum(len(b) * lengths[b].max().item() for b in order.batches)
               for name, order in orders.items()}
     print(f"{EPOCH_ROWS} T2A rows, sample lengths: median {int(lengths.median())}, max {int(lengths.max())} (of "
           f"{args.max_seq_len - 1}); estimated in {estimate_s:.2f} s, the estimate {np.corrcoef(estimates, lengths)[0, 1]:.2f} "
           "correlated with the true lengths; padding share of the epoch: "
           + ", ".join(f"{name} {share:.0%}" for name, share in shares.items()))
-    batches = {name: [train.collate([data[i] for i in b.tolist()]).to(args.device) for b in order.batches[:warmup + steps]]
+    batches = {name: [data.collate([dataset[i] for i in b.tolist()]).to(args.device) for b in order.batches[:warmup + steps]]
                for name, order in orders.items()}
     for name, timed in batches.items():
         print(f"  {name}: timed batches of widths {[b.input_ids.shape[-1] for b in timed[warmup:]]}")
@@ -124,25 +125,25 @@ def encoder_cache(learner, args, tok, tmp, batch_size, warmup, steps):
     vision, processor = files.load_vision_encoder(vision_folder, args.device)
 
     def dataset(cache):
-        encoders = train.Encoders(speech, speech.frontend, vision, processor)
+        encoders = data.Encoders(speech, speech.frontend, vision, processor)
         if cache:
-            encoders.speech_cache = train.EncoderCache(os.path.join(tmp, cache), "speech", speech_folder)
-            encoders.image_cache = train.EncoderCache(os.path.join(tmp, cache), "image", vision_folder)
+            encoders.speech_cache = data.EncoderCache(os.path.join(tmp, cache), "speech", speech_folder)
+            encoders.image_cache = data.EncoderCache(os.path.join(tmp, cache), "image", vision_folder)
         return rows_dataset(tmp, tok, batch_size * (warmup + steps), args.max_seq_len, True, encoders)[1]
 
     variants = {"no cache": dataset(None), "first epoch": dataset("first"), "warm cache": dataset("warm")}
     rows = lambda i: range(i * batch_size, (i + 1) * batch_size)
     warm = variants["warm cache"]
     for i in range(warmup + steps):  # an earlier epoch fills the warm cache
-        train.encode_inputs(train.collate([warm[r] for r in rows(i)]).to(args.device), warm.encoders)
+        data.encode_inputs(data.collate([warm[r] for r in rows(i)]).to(args.device), warm.encoders)
     millions = lambda module: sum(p.numel() for p in module.parameters()) / 1e6
     print(f"SenseVoiceSmall {millions(speech):.0f}M and SigLIP2 {millions(vision):.0f}M parameters; an image in "
           f"every {common.IMAGE_EVERY} rows")
 
-    def step(data):
-        return lambda i: common.train_step(learner, args, train.collate([data[r] for r in rows(i)]).to(args.device),
-                                           data.encoders)
-    seconds = report(common.take_turns({name: step(data) for name, data in variants.items()}, steps, warmup,
+    def step(variant):
+        return lambda i: common.train_step(learner, args, data.collate([variant[r] for r in rows(i)]).to(args.device),
+                                           variant.encoders)
+    seconds = report(common.take_turns({name: step(variant) for name, variant in variants.items()}, steps, warmup,
                                        args.device), batch_size)
     print(f"a warm encoder cache is {seconds['no cache'] / seconds['warm cache']:.2f}x faster (the first epoch: "
           f"{seconds['no cache'] / seconds['first epoch']:.2f}x)")
@@ -187,7 +188,7 @@ def saved_bytes(learner, batch, autocast):
             largest = max(largest, t.numel() * t.element_size() // len(batch.input_ids))
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        train.micro_step(learner.net, batch, train.Encoders(), autocast, lambda x: x, "all")
+        train.micro_step(learner.net, batch, data.Encoders(), autocast, lambda x: x, "all")
     learner.model.zero_grad(set_to_none=True)
     return sum(storages.values()), largest
 
@@ -201,9 +202,9 @@ def estimate_memory(learner, tok, tmp, device):
     for dtype in ("bfloat16", "float32"):
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
         for max_len in MEMORY_LENS:
-            data = rows_dataset(tmp, tok, 2, max_len)[1]
-            samples = [widest(data[i], max_len - 1) for i in range(2)]
-            one, two = train.collate(samples[:1]).to(device), train.collate(samples).to(device)
+            dataset = rows_dataset(tmp, tok, 2, max_len)[1]
+            samples = [widest(dataset[i], max_len - 1) for i in range(2)]
+            one, two = data.collate(samples[:1]).to(device), data.collate(samples).to(device)
             per_sample = {}
             for checkpointing in (False, True):
                 model.thinker.checkpointing = model.talker.checkpointing = checkpointing
@@ -271,8 +272,8 @@ def main():
         elif args.encoder_cache:
             encoder_cache(learner, train_args, tok, tmp, batch_size, warmup, steps)
         else:
-            data = rows_dataset(tmp, tok, batch_size * (warmup + steps), max_len)[1]
-            (checkpointing if args.grad_checkpointing else padding)(learner, train_args, data, batch_size, warmup, steps)
+            dataset = rows_dataset(tmp, tok, batch_size * (warmup + steps), max_len)[1]
+            (checkpointing if args.grad_checkpointing else padding)(learner, train_args, dataset, batch_size, warmup, steps)
 
 
 if __name__ == "__main__":

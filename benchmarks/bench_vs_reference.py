@@ -126,14 +126,15 @@ def step_batches(args, path):
     """batch_size * (warmup + steps) synthetic T2A samples from train.py's dataset, each batch both at the full
     width and cut after its longest sample, saved to path."""
     import minimind_o as mo
+    import data
     import train
     rows = [common.write_rows(path + ".parquet", args.batch_size * (args.warmup + args.steps))]
-    data = train.OmniDataset(train.ParquetRows(rows), mo.load_tokenizer(args.tokenizer), args.max_seq_len)
-    samples = [data[i] for i in range(len(data))]
+    dataset = data.OmniDataset(data.ParquetRows(rows), mo.load_tokenizer(args.tokenizer), args.max_seq_len)
+    samples = [dataset[i] for i in range(len(dataset))]
     multiple = train.COMPILE_WIDTH if args.compile else 1  # as train.py rounds the width for --compile
     groups = [samples[i:i + args.batch_size] for i in range(0, len(samples), args.batch_size)]
-    torch.save([dict(full=train.collate([replace(s, length=args.max_seq_len - 1) for s in g]),
-                     longest=train.collate(g, width_multiple=multiple)) for g in groups], path)
+    torch.save([dict(full=data.collate([replace(s, length=args.max_seq_len - 1) for s in g]),
+                     longest=data.collate(g, width_multiple=multiple)) for g in groups], path)
 
 
 def turns(batches, device, times):
@@ -259,19 +260,19 @@ def run_cli(command, cwd, env):
     return seconds, usage.ru_maxrss * 1024 / MIB, output
 
 
-def cli_commands(args, tmp, data):
+def cli_commands(args, tmp, data_file):
     """Our train.py (in the release's order, and grouped by length) and the release's trainer, each with its
     own flags for the same run -> {side: (command, working folder)}."""
     size = ["--batch_size", str(args.batch_size), "--max_seq_len", str(args.max_seq_len), "--epochs", "1",
             "--num_workers", str(args.num_workers), "--device", args.device, "--from_weight", "none"]
-    ours = [sys.executable, str(common.ROOT / "train.py"), "--data", data, "--tokenizer", args.tokenizer, *size,
+    ours = [sys.executable, str(common.ROOT / "train.py"), "--data", data_file, "--tokenizer", args.tokenizer, *size,
             *model_flags(args), "--out_dir", os.path.join(tmp, "ours"), "--log_every", str(UNREACHED), "--save_every", "0"]
     # The release's trainer reads its tokenizer from ../model and writes ../out and ../checkpoints: a run folder
     # whose ../model is the checkout's keeps all of that out of the checkout.
     run = os.path.join(tmp, "reference", "run")
     os.makedirs(run)
     os.symlink(os.path.join(args.reference, "model"), os.path.join(tmp, "reference", "model"))
-    reference = [sys.executable, os.path.join(args.reference, common.REFERENCE_TRAINER), "--data_path", data, *size,
+    reference = [sys.executable, os.path.join(args.reference, common.REFERENCE_TRAINER), "--data_path", data_file, *size,
                  "--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.num_hidden_layers),
                  "--dtype", args.dtype, "--use_moe", str(int(args.use_moe)), "--use_compile", str(int(args.compile)),
                  "--audio_encoder_dir", NO_ENCODER, "--vision_dir", NO_ENCODER,
@@ -281,9 +282,9 @@ def cli_commands(args, tmp, data):
 
 
 def cli_mode(args, tmp):
-    data = common.write_rows(os.path.join(tmp, "t2a.parquet"), args.batch_size * args.steps, voice_frames=REF_VOICE_FRAMES)
+    data_file = common.write_rows(os.path.join(tmp, "t2a.parquet"), args.batch_size * args.steps, voice_frames=REF_VOICE_FRAMES)
     lines = {}
-    for side, (command, cwd) in cli_commands(args, tmp, data).items():
+    for side, (command, cwd) in cli_commands(args, tmp, data_file).items():
         seconds, peak, output = run_cli(command, cwd, child_env(args, tmp, side))
         if CLI_DONE[side].format(steps=args.steps) not in output:
             common.fail(f"the {side} run did not train {args.steps} steps:\n{output[-2000:]}")

@@ -25,7 +25,7 @@ from pathlib import Path
 import common
 import torch
 
-import train
+import data
 
 # The same batches in the same order give the same losses: exactly on the CPU (float32); on a GPU within
 # bf16 autocast and atomic-add (embedding backward) reordering, which differ from run to run.
@@ -123,7 +123,7 @@ def main(argv=None):
         p.error(f"--kill_after {args.kill_after} must be between 0 and --steps {args.steps}")
     args.tokenizer = common.tokenizer_folder(args.tokenizer)
     with tempfile.TemporaryDirectory(prefix="resume_check_") as tmp:
-        args.data = train.write_demo_data(os.path.join(tmp, "rows.parquet"), rows=64)
+        args.data = data.write_demo_data(os.path.join(tmp, "rows.parquet"), rows=64)
         try:
             result = check(args, Path(tmp))
         except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:

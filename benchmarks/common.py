@@ -140,8 +140,9 @@ def learner(device, batch_size, max_len, flags=()):
 
 def train_step(learner, args, batch, encoders=None):
     """train.py's optimizer step on one batch: forward, backward, clipping, AdamW."""
+    import data
     import train
-    train.optimizer_step(learner, iter([batch]), 1, encoders or train.Encoders(), args, 1)
+    train.optimizer_step(learner, iter([batch]), 1, encoders or data.Encoders(), args, 1)
 
 
 def synchronize(device):

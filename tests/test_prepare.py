@@ -20,6 +20,7 @@ import soundfile as sf
 import torch
 
 import minimind_o as mo
+import data
 import files
 import side_assets
 import train
@@ -104,7 +105,7 @@ def test_rows_hold_each_exchange_in_the_release_schema(prepared, clips, mimi, pa
     schema = pq.read_schema(out)
     assert schema.names == ["conversations", "question_audios", "answer_audios", "image_bytes", "ref_audios",
                             "spk_emb"]
-    rows = train.ParquetRows([out])
+    rows = data.ParquetRows([out])
     t2a, a2a, image, turns = (rows.read(i) for i in range(4))
     assert t2a.conversations == [{"role": "user", "content": "What is two plus two?"},
                                  {"role": "assistant", "content": ANSWERS[0]}]
@@ -130,7 +131,7 @@ def test_rows_hold_each_exchange_in_the_release_schema(prepared, clips, mimi, pa
 def test_answer_codes_are_the_clips_mimi_codes_and_decode_back(prepared, clips, mimi):
     """The stored codes (encoded in padded batches) are what encoding each clip alone with the same Mimi
     gives, and they decode to a waveform as long as the clip (to the next whole frame)."""
-    rows = train.ParquetRows([prepared[1]])
+    rows = data.ParquetRows([prepared[1]])
     answers = [a for i in range(len(rows)) for a in rows.read(i).answer_audios]
     assert len(answers) == len(ANSWERS)
     for i, flat in enumerate(answers, 1):
@@ -146,7 +147,7 @@ def test_answer_codes_are_the_clips_mimi_codes_and_decode_back(prepared, clips, 
 def test_batched_encoding_pads_without_changing_frames(mimi):
     wav = files.load_audio(side_assets.QUESTION_WAV, mo.SAMPLE_RATE_MIMI)
     clips = [wav, wav[:5000], wav[7000:20001], wav[:mo.MIMI_FRAME_SAMPLES]]
-    batched = train.encode_in_batches(mimi, clips, batch_size=3)
+    batched = data.encode_in_batches(mimi, clips, batch_size=3)
     assert not torch.equal(batched[1], batched[2][:, :batched[1].shape[1]])  # the clips' codes differ
     for clip, codes in zip(clips, batched):
         assert torch.equal(codes, mo.encode_audio_codes(mimi, clip))
@@ -160,12 +161,12 @@ def labelled_codes(audio_labels):
 
 
 def test_our_reader_makes_samples_of_every_kind(prepared, tokenizer):
-    rows = train.ParquetRows([prepared[1]])
-    encoders = train.Encoders(speech_frontend=side_assets.sensevoice_front_end(), image_processor=side_assets.siglip_image_processor())
-    data = train.OmniDataset(rows, tokenizer, 512, encoders, augment="none", scheduled_sampling=0.0)
+    rows = data.ParquetRows([prepared[1]])
+    encoders = data.Encoders(speech_frontend=side_assets.sensevoice_front_end(), image_processor=side_assets.siglip_image_processor())
+    dataset = data.OmniDataset(rows, tokenizer, 512, encoders, augment="none", scheduled_sampling=0.0)
     for i in range(len(rows)):
-        row, sample = rows.read(i), data[i]
-        assert isinstance(sample, train.Sample), sample
+        row, sample = rows.read(i), dataset[i]
+        assert isinstance(sample, data.Sample), sample
         taught = labelled_codes(sample.audio_labels)
         reply = [torch.equal(taught, mo.frames_of(a)) for a in row.answer_audios].index(True)  # multi-turn: drawn
         exchange = EXCHANGES[i]
@@ -217,12 +218,12 @@ def test_the_release_reader_loads_a_prepared_file(prepared):
     random.seed(0)
     np.random.seed(0)
     tok = AutoTokenizer.from_pretrained(tokenizer_folder())
-    data = reader.OmniDataset(prepared[1], tok, audio_processor=ReleaseAudioProcessor(),
+    dataset = reader.OmniDataset(prepared[1], tok, audio_processor=ReleaseAudioProcessor(),
                               vision_processor=side_assets.siglip_image_processor(), max_length=512, scheduled_sampling=0.0)
-    rows = train.ParquetRows([prepared[1]])
-    assert len(data) == len(rows)
-    for i in range(len(data)):
-        input_ids, text_labels, audio_labels, audio, audio_len, pixels, spk_emb = data[i]
+    rows = data.ParquetRows([prepared[1]])
+    assert len(dataset) == len(rows)
+    for i in range(len(dataset)):
+        input_ids, text_labels, audio_labels, audio, audio_len, pixels, spk_emb = dataset[i]
         row = rows.read(i)
         exchange, taught = EXCHANGES[i], labelled_codes(audio_labels)
         reply = [torch.equal(taught, mo.frames_of(a)) for a in row.answer_audios].index(True)  # multi-turn: drawn
@@ -261,8 +262,8 @@ def test_a_killed_run_resumes_keeping_finished_parts(clips, parts, monkeypatch):
     assert not out.exists() and 0 < kept < len(lines), "the run should have been killed part-way"
 
     made = []
-    real = train.prepare_chunk
-    monkeypatch.setattr(train, "prepare_chunk", lambda chunk, *args: made.append(chunk[0][0]) or real(chunk, *args))
+    real = data.prepare_chunk
+    monkeypatch.setattr(data, "prepare_chunk", lambda chunk, *args: made.append(chunk[0][0]) or real(chunk, *args))
     summary = train.main(flags)
     assert made == list(range(kept + 1, len(lines) + 1)) and summary["reused_parts"] == kept
     assert pq.read_table(out).equals(pq.read_table(whole))
@@ -290,13 +291,13 @@ def test_each_bad_line_is_named_with_its_line_number(clips, parts):
     good = {"question": "Hi", "answer": "Hello."}                                  # a text-only answer is fine
     manifest = write_manifest(clips / "bad.jsonl", [good] + [line for line, _ in BAD_LINES])
     out = str(clips / "bad.parquet")
-    with pytest.raises(train.BadLine, match=f"^{manifest}, line 2: not valid JSON"):
+    with pytest.raises(data.BadLine, match=f"^{manifest}, line 2: not valid JSON"):
         train.main(["--prepare", manifest, out, *parts])
     summary = train.main(["--prepare", manifest, out, "--skip_bad_rows", *parts])
     assert summary["rows"] == 1 and len(summary["bad_lines"]) == len(BAD_LINES)
     for n, (message, (_, expected)) in enumerate(zip(summary["bad_lines"], BAD_LINES), 2):
         assert re.match(f"{manifest}, line {n}: {expected}", message), message
-    assert [len(a) for a in train.ParquetRows([out]).read(0).answer_audios] == [0]  # answered in text only
+    assert [len(a) for a in data.ParquetRows([out]).read(0).answer_audios] == [0]  # answered in text only
 
 
 def test_prepare_errors_are_one_line(tmp_path, parts):

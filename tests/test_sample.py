@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import minimind_o as mo
-import train
+import data
 
 CONV = [{"role": "user", "content": "What is the capital of France?"},
         {"role": "assistant", "content": "The capital of France is Paris."}]
@@ -67,21 +67,21 @@ def test_audio_and_image_layouts(tokenizer):
 
 def test_draw_variations_follows_published_probabilities():
     rng = random.Random(0)
-    draws = [train.draw_variations(rng) for _ in range(4000)]
+    draws = [data.draw_variations(rng) for _ in range(4000)]
     share = lambda key, value: sum(d[key] == value for d in draws) / len(draws)
     assert abs(share("audio_layout", "audio_only") - 0.4) < 0.03
     assert abs(share("image_layout", "text_blankline_image") - 0.4) < 0.03
     assert abs(share("keep_empty_think", True) - 0.2) < 0.03
     assert abs(share("use_ref", True) - 0.5) < 0.03
     assert abs(1 - share("system_prompt", None) - 0.2) < 0.03
-    assert all(d["system_prompt"] is None for d in (train.draw_variations(rng, has_system_turn=True) for _ in range(50)))
+    assert all(d["system_prompt"] is None for d in (data.draw_variations(rng, has_system_turn=True) for _ in range(50)))
 
 
 def test_cut_conversation_backs_off_to_fit(tokenizer):
     conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
             {"role": "user", "content": "tell me " * 100}, {"role": "assistant", "content": "ok " * 100}]
-    assert train.cut_conversation(conv, 1, tokenizer, 1000) == conv
-    assert train.cut_conversation(conv, 1, tokenizer, 200) == conv[:2]   # the second reply does not fit
+    assert data.cut_conversation(conv, 1, tokenizer, 1000) == conv
+    assert data.cut_conversation(conv, 1, tokenizer, 200) == conv[:2]   # the second reply does not fit
 
 
 def test_scheduled_sampling_touches_only_labelled_positions():
@@ -93,7 +93,7 @@ def test_scheduled_sampling_touches_only_labelled_positions():
     text_labels[:, 5:30] = 1
     audio_labels = torch.full((4, 8, 50), mo.IGNORE)
     audio_labels[:, 3, 30:40] = 1
-    out = train.scheduled_sampling(ids, text_labels, audio_labels, p=0.5, generator=g)
+    out = data.scheduled_sampling(ids, text_labels, audio_labels, p=0.5, generator=g)
     changed = out != ids
     assert changed[:, :8, 30:40].any() and not changed[:, :8, :30].any() and not changed[:, :8, 40:].any()
     assert changed[:, mo.TEXT_ROW, 5:10].any() and changed[:, mo.TEXT_ROW, 20:30].any()
@@ -108,7 +108,7 @@ def test_scheduled_sampling_replaces_a_share_p_of_labelled_inputs(p):
     B, T = 40, 500
     ids = torch.full((B, 9, T), 7)                    # every audio and text input a plain id
     labels = torch.ones(B, T, dtype=torch.long)        # everything labelled
-    out = train.scheduled_sampling(ids, labels, labels[:, None].expand(B, 8, T), p=p,
+    out = data.scheduled_sampling(ids, labels, labels[:, None].expand(B, 8, T), p=p,
                                 generator=torch.Generator().manual_seed(0))
     changed = out != ids
     audio_share = changed[:, :8].any(1).float().mean().item()   # all 8 layers of a position change together

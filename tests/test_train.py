@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import minimind_o as mo
+import data
 import files
 import side_assets
 import train
@@ -77,7 +78,7 @@ def a2a_file(path):
 
 @pytest.fixture(scope="module")
 def demo_file(tmp_path_factory):
-    return train.write_demo_data(str(tmp_path_factory.mktemp("demo") / "demo.parquet"), rows=64)
+    return data.write_demo_data(str(tmp_path_factory.mktemp("demo") / "demo.parquet"), rows=64)
 
 
 # -- parquet rows --------------------------------------------------------------------------------
@@ -87,9 +88,9 @@ def test_parquet_files_round_trip(tmp_path):
     b = write(tmp_path / "i2t.parquet", dict(conversations=[chat("<image>Describe.", "A cat.")],
                                             image_bytes=[png_bytes()]),
               dict(conversations=pa.string(), image_bytes=pa.binary()))  # plain string and bytes, fewer columns
-    rows = train.ParquetRows([a, b])
+    rows = data.ParquetRows([a, b])
     assert len(rows) == 3 and rows.has_any("question_audios") and rows.has_any("image_bytes")
-    assert not train.ParquetRows([b]).has_any("question_audios")
+    assert not data.ParquetRows([b]).has_any("question_audios")
 
     first, second, third = rows.read(0), rows.read(1), rows.read(2)
     assert (first.file, first.row, second.row, third.file, third.row) == ("a2a.parquet", 0, 1, "i2t.parquet", 0)
@@ -105,14 +106,14 @@ def test_parquet_files_round_trip(tmp_path):
 
 
 def test_sample_is_build_sample_with_drawn_variations(tokenizer, tmp_path):
-    rows = train.ParquetRows([a2a_file(tmp_path / "a.parquet")])
-    data = train.OmniDataset(rows, tokenizer, 128, scheduled_sampling=0.0)
+    rows = data.ParquetRows([a2a_file(tmp_path / "a.parquet")])
+    dataset = data.OmniDataset(rows, tokenizer, 128, scheduled_sampling=0.0)
     row = rows.read(0)
     row.question_audios, row.image = [], None  # text and speech out only
-    sample = data.make_sample(row, random.Random(7))
+    sample = dataset.make_sample(row, random.Random(7))
     expected = mo.build_sample(row.conversations, tokenizer, 128, answer_codes=row.answer_audios[0],
                                ref_codes=row.ref_codes, has_spk=True,
-                               **train.draw_variations(random.Random(7), has_system_turn=False))
+                               **data.draw_variations(random.Random(7), has_system_turn=False))
     for got, want in zip((sample.input_ids, sample.text_labels, sample.audio_labels), expected):
         assert torch.equal(got, want)
     # the valid length ends at the last label: the last layer's stop id
@@ -122,9 +123,9 @@ def test_sample_is_build_sample_with_drawn_variations(tokenizer, tmp_path):
 
 
 def test_question_audio_and_image_become_encoder_inputs(tokenizer, tmp_path):
-    rows = train.ParquetRows([a2a_file(tmp_path / "a.parquet")])
-    enc = train.Encoders(speech_frontend=side_assets.sensevoice_front_end(), image_processor=side_assets.siglip_image_processor())
-    plain = train.OmniDataset(rows, tokenizer, 256, enc, augment="none")
+    rows = data.ParquetRows([a2a_file(tmp_path / "a.parquet")])
+    enc = data.Encoders(speech_frontend=side_assets.sensevoice_front_end(), image_processor=side_assets.siglip_image_processor())
+    plain = data.OmniDataset(rows, tokenizer, 256, enc, augment="none")
     s = plain[0]
     # 1 s at 24 kHz stereo -> 16 kHz mono: 98 fbank frames of 10 ms -> ceil(98 / 6) = 17 stacked frames
     assert s.speech.shape == (17, mo.SPEECH_FEAT_DIM)
@@ -138,16 +139,16 @@ def test_question_audio_and_image_become_encoder_inputs(tokenizer, tmp_path):
     lengths = {len(plain.make_sample(rows.read(1), random.Random(k)).speech) for k in range(8)}
     assert lengths == {17, 33}
 
-    augmented = train.OmniDataset(rows, tokenizer, 256, enc, augment="both")
+    augmented = data.OmniDataset(rows, tokenizer, 256, enc, augment="both")
     feats = [augmented.make_sample(rows.read(0), random.Random(k)).speech for k in range(6)]
     assert any(f.shape != (17, mo.SPEECH_FEAT_DIM) or not torch.equal(f, plain[0].speech) for f in feats)
     assert torch.equal(augmented.make_sample(rows.read(0), random.Random(3)).speech, feats[3])  # seeded
 
 
 def test_batch_is_padded_to_its_longest_sample_and_loses_nothing(tokenizer, demo_file):
-    data = train.OmniDataset(train.ParquetRows([demo_file]), tokenizer, 96)
-    samples = [data[i] for i in range(4)]
-    batch = train.collate(samples)
+    dataset = data.OmniDataset(data.ParquetRows([demo_file]), tokenizer, 96)
+    samples = [dataset[i] for i in range(4)]
+    batch = data.collate(samples)
     T = max(s.length for s in samples)
     assert batch.input_ids.shape == (4, 9, T) and T < 95 and batch.tokens == sum(s.length for s in samples)
     assert batch.spk_emb.shape == (4, 192)
@@ -175,8 +176,8 @@ def test_training_losses_equal_omni_loss_of_the_forward(tokenizer, demo_file, mo
     question, chunks split mid-batch, a layer without labels, a text label at the last position (no cut), and
     no labels at all."""
     monkeypatch.setattr(mo, "HEAD_CHUNK", 7)  # several chunks per head
-    data = train.OmniDataset(train.ParquetRows([demo_file]), tokenizer, 96, scheduled_sampling=0.0)
-    samples = [data[i] for i in range(2)]
+    dataset = data.OmniDataset(data.ParquetRows([demo_file]), tokenizer, 96, scheduled_sampling=0.0)
+    samples = [dataset[i] for i in range(2)]
     ids, text_labels, audio_labels = (torch.stack([getattr(s, k) for s in samples])
                                       for k in ("input_ids", "text_labels", "audio_labels"))
     assert upper_width(text_labels, 1) < max(s.length for s in samples)   # the upper blocks stop early,
@@ -220,29 +221,29 @@ def reference_loss(out, text_labels, audio_labels):
 
 
 def test_epoch_batches_split_rows_across_processes_and_resume_mid_epoch():
-    ranks = [list(train.EpochBatches(10, 2, seed=1, epoch=0, rank=r, world=2)) for r in range(2)]
-    assert [len(r) for r in ranks] == [3, 3] and train.batches_per_epoch(10, 2, 2) == 3
+    ranks = [list(data.EpochBatches(10, 2, seed=1, epoch=0, rank=r, world=2)) for r in range(2)]
+    assert [len(r) for r in ranks] == [3, 3] and data.batches_per_epoch(10, 2, 2) == 3
     seen = sum((sum(r, []) for r in ranks), [])
     assert sorted(seen) == list(range(10))
-    assert list(train.EpochBatches(10, 2, seed=1, epoch=0, rank=1, world=2, skip=1)) == ranks[1][1:]
-    assert list(train.EpochBatches(10, 2, seed=1, epoch=1)) != list(train.EpochBatches(10, 2, seed=1, epoch=0))
+    assert list(data.EpochBatches(10, 2, seed=1, epoch=0, rank=1, world=2, skip=1)) == ranks[1][1:]
+    assert list(data.EpochBatches(10, 2, seed=1, epoch=1)) != list(data.EpochBatches(10, 2, seed=1, epoch=0))
 
 
 def test_group_by_length_batches_similar_lengths_in_a_seeded_order_that_resumes():
     lengths = torch.randint(20, 500, (203,), generator=torch.Generator().manual_seed(0))
-    grouped = lambda **kw: list(train.EpochBatches(203, 4, **dict(dict(seed=1, epoch=0, lengths=lengths), **kw)))
+    grouped = lambda **kw: list(data.EpochBatches(203, 4, **dict(dict(seed=1, epoch=0, lengths=lengths), **kw)))
     width = lambda batches: sum(len(b) * int(lengths[b].max()) for b in batches)  # positions computed
     one = grouped()
     assert one == grouped() and one != grouped(seed=2) and one != grouped(epoch=1)  # the seed and epoch decide
-    assert sorted(sum(one, [])) == list(range(203)) and len(one) == train.batches_per_epoch(203, 4, 1)
-    in_order = list(train.EpochBatches(203, 4, seed=1, epoch=0))  # the release's order, without lengths
+    assert sorted(sum(one, [])) == list(range(203)) and len(one) == data.batches_per_epoch(203, 4, 1)
+    in_order = list(data.EpochBatches(203, 4, seed=1, epoch=0))  # the release's order, without lengths
     assert width(one) < 0.7 * width(in_order)  # less padding
     assert max(lengths[one[0]]) == max(lengths) and len(one[-1]) == 3  # the longest first, the partial batch last
     assert grouped(skip=5) == one[5:]  # resuming mid-epoch continues the same sequence
     ranks = [grouped(rank=r, world=2) for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1]) == train.batches_per_epoch(203, 4, 2)
+    assert len(ranks[0]) == len(ranks[1]) == data.batches_per_epoch(203, 4, 2)
     assert not set(sum(ranks[0], [])) & set(sum(ranks[1], []))  # each row goes to one process
-    in_order = list(train.EpochBatches(203, 4, seed=1, epoch=0, rank=1, world=2))
+    in_order = list(data.EpochBatches(203, 4, seed=1, epoch=0, rank=1, world=2))
     assert sorted(sum(ranks[1], [])) == sorted(sum(in_order, []))  # a process's rows are those of the release's order
     assert ranks[1] != in_order
 
@@ -256,18 +257,18 @@ def test_estimated_lengths_follow_the_samples(tokenizer, tmp_path):
         question_audios=[[], [], [wav_bytes(16000, seconds=3.0)], [], [], []],
         answer_audios=[[codes(f, i)] for i, f in enumerate(frames)],
         image_bytes=[[], [], [], [], [png_bytes()], []]), FULL_TYPES)
-    enc = train.Encoders(speech_frontend=side_assets.sensevoice_front_end(), image_processor=side_assets.siglip_image_processor())
-    data = train.OmniDataset(train.ParquetRows([path]), tokenizer, 256, enc, augment="none", scheduled_sampling=0)
-    estimates = train.estimated_lengths(data.rows, tokenizer, 256).tolist()
-    lengths = [data[i].length for i in range(5)]
+    enc = data.Encoders(speech_frontend=side_assets.sensevoice_front_end(), image_processor=side_assets.siglip_image_processor())
+    dataset = data.OmniDataset(data.ParquetRows([path]), tokenizer, 256, enc, augment="none", scheduled_sampling=0)
+    estimates = data.estimated_lengths(dataset.rows, tokenizer, 256).tolist()
+    lengths = [dataset[i].length for i in range(5)]
     assert estimates[1] == 256 and estimates[5] == 256  # longer than max_len, and the row that cannot be read
     for estimate, length in zip(estimates, lengths):  # the draws (a system prompt, layouts) add up to ~25 tokens
         assert abs(estimate - length) <= 30, (estimates, lengths)
 
 
 def test_a_run_grouped_by_length_resumes_with_the_same_losses(tmp_path, tokenizer_flag, monkeypatch):
-    data = train.write_demo_data(str(tmp_path / "rows16.parquet"), rows=16)
-    flags = ["--data", data, "--from_weight", "none", "--group_by_length", "--epochs", "2", "--accumulation_steps",
+    data_file = data.write_demo_data(str(tmp_path / "rows16.parquet"), rows=16)
+    flags = ["--data", data_file, "--from_weight", "none", "--group_by_length", "--epochs", "2", "--accumulation_steps",
              "2", "--save_every", "3", "--log_every", "1", "--num_workers", "0", *TINY_RUN, *tokenizer_flag]
     whole = train.main(["--out_dir", str(tmp_path / "whole"), *flags])
     assert whole["steps"] == 4  # 16 rows in 4 batches of 4, 2 a step, 2 epochs
@@ -294,8 +295,8 @@ def test_a_run_grouped_by_length_resumes_with_the_same_losses(tmp_path, tokenize
 def test_grad_checkpointing_gives_the_same_losses_and_gradients_from_fewer_saved_tensors(tokenizer, demo_file,
                                                                                         use_moe):
     import contextlib
-    data = train.OmniDataset(train.ParquetRows([demo_file]), tokenizer, 96)
-    batch = train.collate([data[i] for i in range(2)])
+    dataset = data.OmniDataset(data.ParquetRows([demo_file]), tokenizer, 96)
+    batch = data.collate([dataset[i] for i in range(2)])
 
     def step(checkpointing):
         torch.manual_seed(0)
@@ -304,7 +305,7 @@ def test_grad_checkpointing_gives_the_same_losses_and_gradients_from_fewer_saved
         saved = []  # bytes of every tensor the forward pass keeps for the backward pass
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
                                                       lambda t: t):
-            losses = train.micro_step(model, batch, train.Encoders(), contextlib.nullcontext(), lambda x: x, "all")
+            losses = train.micro_step(model, batch, data.Encoders(), contextlib.nullcontext(), lambda x: x, "all")
         return losses, {k: p.grad for k, p in model.named_parameters() if p.grad is not None}, sum(saved)
 
     (plain, plain_grads, plain_saved), (checkpointed, grads, saved) = step(False), step(True)
@@ -353,12 +354,12 @@ def test_out_of_memory_on_the_command_line_is_one_line_not_a_traceback(tmp_path,
 
 
 def test_compile_widths_are_rounded_up_and_change_no_loss(tokenizer, demo_file):
-    data = train.OmniDataset(train.ParquetRows([demo_file]), tokenizer, 96)
-    samples = [data[i] for i in range(3)]
-    exact, rounded = train.collate(samples), train.collate(samples, width_multiple=train.COMPILE_WIDTH)
+    dataset = data.OmniDataset(data.ParquetRows([demo_file]), tokenizer, 96)
+    samples = [dataset[i] for i in range(3)]
+    exact, rounded = data.collate(samples), data.collate(samples, width_multiple=train.COMPILE_WIDTH)
     T = exact.input_ids.shape[-1]
     assert T < train.COMPILE_WIDTH < 95 and rounded.input_ids.shape[-1] == train.COMPILE_WIDTH
-    assert train.collate(samples, width_multiple=1000).input_ids.shape[-1] == 95  # never past the samples' length
+    assert data.collate(samples, width_multiple=1000).input_ids.shape[-1] == 95  # never past the samples' length
     assert (rounded.text_labels[:, T:] == mo.IGNORE).all() and (rounded.audio_labels[..., T:] == mo.IGNORE).all()
     torch.manual_seed(0)
     model = mo.MiniMindO(tiny_config()).train()
@@ -376,8 +377,8 @@ def test_compile_makes_one_graph_per_batch_width_not_per_batch(tmp_path, tokeniz
     import torch._dynamo
     from torch._dynamo.utils import counters
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    batches, collate = [], train.collate
-    monkeypatch.setattr(train, "collate", lambda samples, **kw: batches.append((samples, collate(samples, **kw)))
+    batches, collate = [], data.collate
+    monkeypatch.setattr(data, "collate", lambda samples, **kw: batches.append((samples, collate(samples, **kw)))
                         or batches[-1][1])
     torch._dynamo.reset()
     counters.clear()
@@ -417,15 +418,15 @@ def test_the_cpu_trains_in_float32_by_default_and_refuses_float16(tmp_path):
 def test_bfloat16_on_the_cpu_autocasts_the_step(tokenizer, demo_file):
     """--dtype bfloat16 --device cpu trains in bf16 autocast: losses near float32's but not equal to them
     (measured on three batches of the tiny model: 2e-6 to 7e-5 relative)."""
-    data = train.OmniDataset(train.ParquetRows([demo_file]), tokenizer, 96)
-    batch = train.collate([data[i] for i in range(2)])
+    dataset = data.OmniDataset(data.ParquetRows([demo_file]), tokenizer, 96)
+    batch = data.collate([dataset[i] for i in range(2)])
 
     def first_losses(dtype):
         torch.manual_seed(0)
         args = train.parse_args(["--device", "cpu", "--dtype", dtype, *TINY_RUN])
         train.check_device(args)
         learner, _ = train.build_learner(args, train.Processes(0, 1, torch.device("cpu")), None)
-        return train.micro_step(learner.net, batch, train.Encoders(), learner.autocast, lambda x: x, "all")
+        return train.micro_step(learner.net, batch, data.Encoders(), learner.autocast, lambda x: x, "all")
 
     plain, half = first_losses("float32"), first_losses("bfloat16")
     assert not torch.equal(half[:3], plain[:3])
@@ -434,10 +435,10 @@ def test_bfloat16_on_the_cpu_autocasts_the_step(tokenizer, demo_file):
 
 def test_the_demo_trains_its_two_exchange_rows_whole(tokenizer, demo_file):
     """At the demo's max_seq_len a second exchange is kept with the first (a second question in the chat needs it)."""
-    rows = train.ParquetRows([demo_file])
+    rows = data.ParquetRows([demo_file])
     two = [c for c in (rows.read(i).conversations for i in range(len(rows))) if len(c) == 4]
     max_len = train.parse_args([]).max_seq_len
-    assert two and all(train.cut_conversation(c, 1, tokenizer, max_len) == c for c in two)
+    assert two and all(data.cut_conversation(c, 1, tokenizer, max_len) == c for c in two)
 
 
 def test_learning_rate_schedule_is_the_release_cosine():
@@ -473,15 +474,15 @@ def bad_file(path, kinds):
 @pytest.mark.parametrize("kind", sorted(BAD))
 def test_bad_row_error_names_file_row_and_column(tokenizer, tmp_path, kind):
     path = bad_file(tmp_path / f"bad_{kind}.parquet", [kind])
-    enc = train.Encoders(speech_frontend=side_assets.sensevoice_front_end(), image_processor=side_assets.siglip_image_processor())
-    data = train.OmniDataset(train.ParquetRows([path]), tokenizer, 64, enc)
-    assert all(isinstance(data[i], train.Sample) for i in (0, 2))  # the good rows around it are fine
+    enc = data.Encoders(speech_frontend=side_assets.sensevoice_front_end(), image_processor=side_assets.siglip_image_processor())
+    dataset = data.OmniDataset(data.ParquetRows([path]), tokenizer, 64, enc)
+    assert all(isinstance(dataset[i], data.Sample) for i in (0, 2))  # the good rows around it are fine
     _, column, problem = BAD[kind]
-    bad = train.collate([data[0], data[1]])  # handed back, for the training loop to raise (see the next test)
-    assert isinstance(bad, train.BadRow)
+    bad = data.collate([dataset[0], dataset[1]])  # handed back, for the training loop to raise (see the next test)
+    assert isinstance(bad, data.BadRow)
     assert re.match(f"bad_{kind}.parquet, row 1, column {column}: {problem}", str(bad))
-    skipping = train.OmniDataset(train.ParquetRows([path]), tokenizer, 64, enc, skip_bad_rows=True)
-    batch = train.collate([skipping[i] for i in range(3)])  # the bad row is replaced by the next one
+    skipping = data.OmniDataset(data.ParquetRows([path]), tokenizer, 64, enc, skip_bad_rows=True)
+    batch = data.collate([skipping[i] for i in range(3)])  # the bad row is replaced by the next one
     assert len(batch.input_ids) == 3 and len(batch.bad_rows) == 1 and column in batch.bad_rows[0]
     assert torch.equal(batch.input_ids[1], batch.input_ids[2])
 
@@ -500,7 +501,7 @@ def test_a_file_of_rows_that_teach_nothing_is_an_error_not_a_zero_loss(tmp_path,
                  dict(conversations=pa.string()))
     flags = ["--data", path, "--from_weight", "none", "--out_dir", str(tmp_path), "--num_workers", "0", *TINY_RUN,
              *tokenizer_flag]
-    with pytest.raises(train.BadRow, match="silent.parquet, row 0, column conversations: no assistant turn"):
+    with pytest.raises(data.BadRow, match="silent.parquet, row 0, column conversations: no assistant turn"):
         train.main(flags)
     with pytest.raises(ValueError, match="every row of the data is bad"):
         train.main(flags + ["--skip_bad_rows"])
@@ -510,7 +511,7 @@ def test_a_file_of_rows_that_teach_nothing_is_an_error_not_a_zero_loss(tmp_path,
 def test_a_bad_row_stops_the_run_with_its_own_message(tmp_path, tokenizer_flag, workers):
     """Also from DataLoader worker processes, which would turn an exception raised there into another type."""
     path = bad_file(tmp_path / "bad.parquet", ["json"])
-    with pytest.raises(train.BadRow) as e:
+    with pytest.raises(data.BadRow) as e:
         train.main(["--data", path, "--from_weight", "none", "--out_dir", str(tmp_path), "--num_workers",
                     str(workers), *TINY_RUN, "--batch_size", "2", *tokenizer_flag])
     assert str(e.value).startswith("bad.parquet, row 1, column conversations: malformed JSON")
@@ -520,22 +521,22 @@ def test_columns_of_the_wrong_type_are_named(tmp_path):
     rows = dict(GOOD, answer_audios=codes(2))  # flat codes, not one list per reply
     path = write(tmp_path / "flat.parquet", {k: [v] for k, v in rows.items()},
                  dict(FULL_TYPES, answer_audios=pa.list_(pa.int64())))
-    with pytest.raises(train.BadRow, match=r"flat.parquet, row -, column answer_audios: of type list<.*int64>; "
+    with pytest.raises(data.BadRow, match=r"flat.parquet, row -, column answer_audios: of type list<.*int64>; "
                                            r"it should hold a list of code lists"):
-        train.ParquetRows([path])
+        data.ParquetRows([path])
     path = write(tmp_path / "text_spk.parquet", {**{k: [v] for k, v in GOOD.items()}, "spk_emb": ["0.1 0.2"]},
                  dict(FULL_TYPES, spk_emb=pa.string()))
-    with pytest.raises(train.BadRow, match="column spk_emb: of type string; it should hold a list of numbers"):
-        train.ParquetRows([path])
+    with pytest.raises(data.BadRow, match="column spk_emb: of type string; it should hold a list of numbers"):
+        data.ParquetRows([path])
 
 
 def test_an_empty_or_unreadable_parquet_file_is_named(tmp_path):
     empty = write(tmp_path / "empty.parquet", dict(conversations=[]), dict(conversations=pa.string()))
     with pytest.raises(ValueError, match=f"{empty} has no rows"):
-        train.ParquetRows([empty])
+        data.ParquetRows([empty])
     (tmp_path / "zero.parquet").write_bytes(b"")
     with pytest.raises(ValueError, match=f"{tmp_path / 'zero.parquet'} is not a readable parquet file"):
-        train.ParquetRows([str(tmp_path / "zero.parquet")])
+        data.ParquetRows([str(tmp_path / "zero.parquet")])
 
 
 def test_a_decompression_bomb_image_is_a_bad_row(tokenizer, tmp_path, monkeypatch):
@@ -543,11 +544,11 @@ def test_a_decompression_bomb_image_is_a_bad_row(tokenizer, tmp_path, monkeypatc
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the 40x30 test image counts as a bomb (> 2x the limit)
     rows = write(tmp_path / "bomb.parquet", dict(conversations=[chat("Hi", "Hello."), chat("<image>Hi", "Hello.")],
                                                  image_bytes=[[], [png_bytes()]]), FULL_TYPES)
-    enc = train.Encoders(image_processor=side_assets.siglip_image_processor())
-    bad = train.OmniDataset(train.ParquetRows([rows]), tokenizer, 64, enc)[1]
-    assert isinstance(bad, train.BadRow) and re.match("bomb.parquet, row 1, column image_bytes: cannot read image.*"
+    enc = data.Encoders(image_processor=side_assets.siglip_image_processor())
+    bad = data.OmniDataset(data.ParquetRows([rows]), tokenizer, 64, enc)[1]
+    assert isinstance(bad, data.BadRow) and re.match("bomb.parquet, row 1, column image_bytes: cannot read image.*"
                                                       "decompression bomb", str(bad))
-    skipping = train.OmniDataset(train.ParquetRows([rows]), tokenizer, 64, enc, skip_bad_rows=True)
+    skipping = data.OmniDataset(data.ParquetRows([rows]), tokenizer, 64, enc, skip_bad_rows=True)
     assert "decompression bomb" in skipping[1].skipped[0]
 
 
@@ -738,8 +739,8 @@ def test_a_second_run_on_the_same_outputs_is_refused_and_a_killed_runs_lock_is_t
 def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path, tokenizer_flag):
     """16 rows: one step is 2 processes x 2 micro-batches of 4 or 1 process x 4 micro-batches of 4, the same
     16 rows either way (EpochBatches splits one seeded order), so the losses and weights must be the same."""
-    data = train.write_demo_data(str(tmp_path / "rows16.parquet"), rows=16)
-    flags = ["--data", data, "--from_weight", "none", "--device", "cpu", "--epochs", "2", "--num_workers", "0",
+    data_file = data.write_demo_data(str(tmp_path / "rows16.parquet"), rows=16)
+    flags = ["--data", data_file, "--from_weight", "none", "--device", "cpu", "--epochs", "2", "--num_workers", "0",
              "--log_every", "1", "--save_every", "0", *TINY_RUN, *tokenizer_flag]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -782,12 +783,12 @@ def test_speech_and_image_rows_train_through_the_frozen_encoders(tmp_path, encod
 def test_projector_modes_step_over_batches_with_nothing_for_the_projector(tmp_path, encoder_flags, tokenizer_flag):
     """Batches of one, from a text row, a spoken row and an image row: in either mode two of the three
     steps have nothing for the projector that is being trained."""
-    data = write(tmp_path / "mixed.parquet", dict(
+    data_file = write(tmp_path / "mixed.parquet", dict(
         conversations=[chat("Hi", "Hello!"), chat("Listen.", "A tone."), chat("<image>What is this?", "Red.")],
         question_audios=[[], [wav_bytes(16000)], []], answer_audios=[[codes(2)], [codes(3)], [codes(2)]],
         image_bytes=[[], [], [png_bytes()]]), FULL_TYPES)
     for mode in ("audio_proj", "vision_proj"):
-        summary = train.main(["--data", data, "--from_weight", "none", "--mode", mode, *encoder_flags,
+        summary = train.main(["--data", data_file, "--from_weight", "none", "--mode", mode, *encoder_flags,
                               "--out_dir", str(tmp_path / mode), "--num_workers", "0", "--batch_size", "1",
                               "--max_seq_len", "128", "--hidden_size", "64", "--num_hidden_layers", "2",
                               "--log_every", "1", *tokenizer_flag])
@@ -797,18 +798,18 @@ def test_projector_modes_step_over_batches_with_nothing_for_the_projector(tmp_pa
 # -- encoder cache -------------------------------------------------------------------------------
 
 def test_encoder_cache_ids_follow_the_data_file_and_the_encoder(tmp_path):
-    data = a2a_file(tmp_path / "a2a.parquet")
-    first = train.identity(data)
-    assert first.startswith("a2a-") and train.identity(data) == first
-    os.utime(data, ns=(0, 0))  # the same file, modified at another time: possibly different rows
-    assert train.identity(data) != first
+    data_file = a2a_file(tmp_path / "a2a.parquet")
+    first = data.identity(data_file)
+    assert first.startswith("a2a-") and data.identity(data_file) == first
+    os.utime(data_file, ns=(0, 0))  # the same file, modified at another time: possibly different rows
+    assert data.identity(data_file) != first
     folder = tmp_path / "encoder"
     folder.mkdir()
     (folder / "model.pt").write_bytes(b"weights")
-    cache = train.EncoderCache(tmp_path / "cache", "speech", folder)
+    cache = data.EncoderCache(tmp_path / "cache", "speech", folder)
     assert os.path.basename(cache.folder).startswith("speech-encoder-")
     (folder / "model.pt").write_bytes(b"other weights")
-    assert train.EncoderCache(tmp_path / "cache", "speech", folder).folder != cache.folder
+    assert data.EncoderCache(tmp_path / "cache", "speech", folder).folder != cache.folder
 
     output = torch.randn(5, mo.SPEECH_EMBED_DIM)
     assert cache.get("a2a-x/0-0") is None
@@ -828,14 +829,14 @@ def test_encoder_cache_is_written_then_read_with_the_same_losses(tmp_path, encod
             return run(encoder, inputs, *rest)
         return counted
 
-    monkeypatch.setattr(train, "run_speech_encoder", counting("speech", train.run_speech_encoder))
-    monkeypatch.setattr(train, "run_vision_encoder", counting("image", train.run_vision_encoder))
-    data, cache = a2a_file(tmp_path / "a2a.parquet"), tmp_path / "cache"
+    monkeypatch.setattr(data, "run_speech_encoder", counting("speech", data.run_speech_encoder))
+    monkeypatch.setattr(data, "run_vision_encoder", counting("image", data.run_vision_encoder))
+    data_file, cache = a2a_file(tmp_path / "a2a.parquet"), tmp_path / "cache"
     epochs = 3
 
     def run(name, *flags):
         encoded.update(speech=0, image=0)
-        summary = train.main(["--data", data, "--from_weight", "none", *encoder_flags, "--out_dir",
+        summary = train.main(["--data", data_file, "--from_weight", "none", *encoder_flags, "--out_dir",
                               str(tmp_path / name), "--num_workers", "0", "--epochs", str(epochs), "--max_seq_len",
                               "256", "--batch_size", "2", "--hidden_size", "64", "--num_hidden_layers", "2",
                               "--log_every", "1", "--save_every", "0", *tokenizer_flag, *flags])
@@ -922,8 +923,8 @@ def test_the_benchmark_against_the_reference_measures_every_side():
 
 
 def test_a_run_shorter_than_log_every_logs_its_first_and_last_step(tmp_path, tokenizer_flag):
-    data = train.write_demo_data(str(tmp_path / "rows16.parquet"), rows=16)
-    summary = train.main(["--data", data, "--from_weight", "none", "--device", "cpu", "--max_steps", "3",
+    data_file = data.write_demo_data(str(tmp_path / "rows16.parquet"), rows=16)
+    summary = train.main(["--data", data_file, "--from_weight", "none", "--device", "cpu", "--max_steps", "3",
                           "--log_every", "10", "--save_every", "0", "--num_workers", "0", "--out_dir", str(tmp_path),
                           "--learning_rate", "1e-2", *TINY_RUN, *tokenizer_flag])
     records = [json.loads(line) for line in open(summary["metrics"])]
@@ -936,17 +937,17 @@ def test_a_row_whose_voice_embedding_is_not_numbers_is_a_bad_row(tmp_path):
         conversations=[chat("Hi", "Hello!")] * 2, question_audios=[[], []], answer_audios=[[codes(3)]] * 2,
         image_bytes=[[], []], ref_audios=[codes(6), codes(6)],
         spk_emb=[np.linspace(-1, 1, 192).tolist(), [0.0] * 191 + [float("nan")]]), FULL_TYPES)
-    rows = train.ParquetRows([path])
+    rows = data.ParquetRows([path])
     assert rows.read(0).spk_emb.shape == (192,)
-    with pytest.raises(train.BadRow, match="nan_voice.parquet, row 1, column spk_emb: holds values that are not numbers"):
+    with pytest.raises(data.BadRow, match="nan_voice.parquet, row 1, column spk_emb: holds values that are not numbers"):
         rows.read(1)
 
 
 @pytest.mark.parametrize("broken", ["loss", "gradient norm"])
 def test_a_step_that_is_not_numbers_stops_the_run_and_keeps_the_last_good_weights(tmp_path, tokenizer_flag,
                                                                                     monkeypatch, broken):
-    data = train.write_demo_data(str(tmp_path / "rows16.parquet"), rows=16)
-    flags = ["--data", data, "--from_weight", "none", "--device", "cpu", "--max_steps", "2", "--save_every", "0",
+    data_file = data.write_demo_data(str(tmp_path / "rows16.parquet"), rows=16)
+    flags = ["--data", data_file, "--from_weight", "none", "--device", "cpu", "--max_steps", "2", "--save_every", "0",
              "--num_workers", "0", "--out_dir", str(tmp_path), *TINY_RUN, *tokenizer_flag]
     good = open(train.main(flags)["checkpoint"], "rb").read()
     if broken == "loss":
