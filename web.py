@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from aiohttp import WSMsgType, web  # web: aiohttp's server
+from aiohttp import WSCloseCode, WSMsgType, web  # web: aiohttp's server
 
 import minimind_o as mo  # sample rates, resampling
 import files             # reading the user's audio
@@ -122,7 +122,8 @@ class WebTab:
         self.outbox = asyncio.Queue()  # str (JSON) or bytes (speech) for the page, in order
         self.turn = None               # the asyncio task of this tab's latest question
         self.stopping = TurnStop()     # that question's
-        self.voice_changes = set()     # their asyncio tasks, waiting for the model or running
+        self.voice_change = None       # the asyncio task of this tab's latest voice change
+        self.voice_stop = TurnStop()   # that voice change's (only its `running` counts: cloning cannot be cut short)
         self.mic_mode, self.listener, self.held = "off", None, []
         self.mic_frames = 0            # frames heard since the call started: the page counts them too
         self.spoken = itertools.count(1)
@@ -153,7 +154,7 @@ class WebTab:
     # -- from the page
 
     async def run(self):
-        """Serve the tab until its connection closes; then its reply stops and a queued turn never starts."""
+        """Serve the tab until its connection closes; then its reply stops, and what it queued never starts."""
         pump = asyncio.create_task(self.pump())
         self.send("hello", **self.server.hello(self))
         try:
@@ -164,7 +165,8 @@ class WebTab:
                     await self.on_message(message.data)
         finally:
             self.interrupt()
-            self.mic_mode = "off"
+            if self.voice_change and not self.voice_stop.running:
+                self.voice_change.cancel()
             pump.cancel()
 
     async def on_message(self, data):
@@ -191,19 +193,19 @@ class WebTab:
             raise ValueError(f"the question is {len(text)} characters long: at most {MAX_TEXT_CHARS}")
         image, audio = received_file(message.get("image"), "image"), received_file(message.get("audio"), "audio")
         turn_id = message.get("id")
-
-        def answer(stop):  # the files are read in the model's thread, not the event loop's
-            self.answer(turn_id, stop, text, image and uploaded_image(image), audio and uploaded_audio(audio))
-        self.start(turn_id, answer)
+        self.start(turn_id, lambda stop: self.answer(  # the files are read in the model's thread, not the event loop's
+            turn_id, stop, text, image and uploaded_image(image), audio and uploaded_audio(audio)))
 
     async def voice(self, message):
+        if self.voice_change and not self.voice_change.done():  # before its clip is decoded: one clip at a time
+            raise ValueError("a voice is already being set for this tab (cloning takes a while): wait for it")
         name, clip, turn_id = message.get("name"), received_file(message.get("clip"), "voice clip"), message.get("id")
         if clip is None and name != "none" and name not in self.server.voices:  # never a path on the server
             raise ValueError(f"no voice {name!r} here (there are: {', '.join(self.server.voices) or 'none'})")
         # After this tab's reply, if one is running: a voice change does not cut it short
-        job = asyncio.create_task(self.server.use_model(self, turn_id, lambda: self.change_voice(turn_id, name, clip)))
-        self.voice_changes.add(job)  # a task nothing refers to may be garbage-collected before it ends
-        job.add_done_callback(self.voice_changes.discard)
+        self.voice_stop = TurnStop()
+        self.voice_change = asyncio.create_task(self.server.use_model(
+            self, turn_id, lambda: self.change_voice(turn_id, name, clip), self.voice_stop))
 
     async def mic(self, message):
         mode = message.get("mode")
@@ -277,8 +279,7 @@ class WebTab:
             self.turn.cancel()
 
     def start(self, turn_id, job):
-        """A new question: job(stop) runs in the model's thread once this tab's previous question is stopped
-        and the model is free."""
+        """A new question: job(stop), in the model's thread once the previous one is stopped and the model is free."""
         self.interrupt()
         self.stopping = stop = TurnStop()
         self.turn = asyncio.create_task(self.question(turn_id, job, stop, self.turn))
@@ -320,11 +321,10 @@ class WebTab:
             with tempfile.TemporaryDirectory() as folder:
                 path = Path(folder) / ("clip" + Path(clip_name).suffix[:8])
                 path.write_bytes(data)
-                try:
-                    said = self.chat.set_voice(str(path))
+                try:  # what set_voice says names the clip as the page did
+                    said = self.chat.set_voice(str(path)).replace(str(path), clip_name)
                 except ValueError as e:
                     raise ValueError(str(e).replace(str(path), clip_name)) from None
-            said = said.replace(str(path), clip_name)
         self.send("voice", id=turn_id, message=said)
 
 
@@ -351,9 +351,9 @@ class WebChat:
                 "silence_ms": VAD_SILENCE_MS,
                 "limits": {"upload_mb": MAX_UPLOAD_MB, "audio_s": MAX_AUDIO_S, "text_chars": MAX_TEXT_CHARS}}
 
-    async def use_model(self, tab, turn_id, job, stop=None):
+    async def use_model(self, tab, turn_id, job, stop):
         """job() in the model's thread once the model is free (first come, first served); its errors go to the
-        tab's page. A question's stop is marked running from then on: it can no longer be dropped, only stopped."""
+        tab's page. Its stop is marked running from then on: the job can no longer be dropped, only stopped."""
         if self.model_free.locked():
             tab.send("queued", id=turn_id, ahead=self.waiting + 1)
         self.waiting += 1
@@ -362,8 +362,7 @@ class WebChat:
         finally:
             self.waiting -= 1
         try:
-            if stop:
-                stop.running = True
+            stop.running = True
             await asyncio.get_running_loop().run_in_executor(self.model_thread, job)
         except (FileNotFoundError, ValueError) as e:  # a bad file, a missing part, a prompt too long
             tab.send("error", id=turn_id, message=str(e))
@@ -411,12 +410,13 @@ class WebChat:
             except OSError as e:
                 raise ValueError(f"cannot serve on --host {self.args.host} --port {self.args.port}: "
                                  f"{e.strerror or e}") from None
-            for line in web_banner(self.args, runner.addresses[0][1]):
-                print(line, flush=True)
+            print(*web_banner(self.args, runner.addresses[0][1]), sep="\n", flush=True)
             await asyncio.Event().wait()  # until Ctrl-C
-        finally:
+        finally:  # each tab's reply stops as its page is told: no open WebSocket holds up the exit
+            await asyncio.gather(*(tab.ws.close(code=WSCloseCode.GOING_AWAY, message=b"the server stopped")
+                                   for tab in self.tabs))
             await runner.cleanup()
-            self.model_thread.shutdown(wait=False, cancel_futures=True)
+            await self.model_free.acquire()  # the model's job ends while its tab's loop lives: a reply at its next step
 
 
 def web_banner(args, port):

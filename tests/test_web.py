@@ -5,16 +5,20 @@ capture path (getUserMedia -> audio worklet -> 512-sample frames over the WebSoc
   of PAUSE_S, the question again, then silence; for the tests that hold to talk or record a voice;
 - a scripted one (`scripted_page`): silence until the test says the question, so that speaking over a reply
   waits for that reply to be heard, however slow the machine is."""
+import asyncio
 import base64
 import http.client
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
@@ -44,6 +48,7 @@ HEARD_AHEAD_S = 0.25      # speech is said over a reply with this much of it sti
                           # takes to hear the speech start (the printed vadLagMs, plus the clip's first 50 ms)
 BARGE_TRIES = 4           # questions said over a reply until the VAD hears one while it is made and sounds
 SERVER_START_S = 180
+SERVER_STOP_S = 20        # Ctrl-C to the exit with a tab open mid-reply: most of it is the interpreter's own exit
 TURN_TIMEOUT_MS = 60_000
 QUESTION = side_assets.HELLO_WAV   # "Hello, how are you today?", 16 kHz
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,10 +56,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # -- the server, the browser, and the page's view of a conversation ---------------------------------
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, parts, demo_checkpoint, tokenizer_flag):
-    """`python chat.py --web --port 0` in its own process; yields (url, process, path of its stderr log)."""
-    folder = tmp_path_factory.mktemp("web")
+def start_server(folder, parts, demo_checkpoint, tokenizer_flag):
+    """`python chat.py --web --port 0` in its own process -> (url, process, path of its stderr log)."""
     voices = folder / "voices.pt"
     files.save_voice(voices, "bob", {"ref_codes": torch.zeros(8, 3, dtype=torch.long), "spk_emb": torch.zeros(192)})
     log = folder / "server.log"
@@ -71,7 +74,13 @@ def server(tmp_path_factory, parts, demo_checkpoint, tokenizer_flag):
         if not line and (process.poll() is not None or time.monotonic() > deadline):
             process.kill()
             pytest.fail(f"chat.py --web did not start:\n{log.read_text()}")
-    url = line.split("web chat: ")[1].split()[0]
+    return line.split("web chat: ")[1].split()[0], process, log
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, parts, demo_checkpoint, tokenizer_flag):
+    """The server the tests share: (url, process, path of its stderr log)."""
+    url, process, log = start_server(tmp_path_factory.mktemp("web"), parts, demo_checkpoint, tokenizer_flag)
     yield url, process, log
     process.send_signal(signal.SIGINT)  # Ctrl-C: it shuts down cleanly
     assert process.wait(timeout=30) == 0, log.read_text()
@@ -352,6 +361,20 @@ def test_bad_uploads_and_messages_are_refused_with_a_message_and_the_server_goes
     assert server[1].poll() is None
 
 
+def test_a_tab_clones_one_voice_at_a_time(page):
+    """Each waiting clip is held in memory: a tab may not queue them. The second is refused before it is decoded."""
+    ask(page, "1+1=")
+    page.wait_for_function("chatState.replying !== null", timeout=TURN_TIMEOUT_MS)  # the clone waits for it
+    page.set_input_files("#clone-file", str(QUESTION))
+    page.wait_for_function("Object.keys(chatState.voiceRequests).length > 0")  # sent
+    page.evaluate("send({type: 'voice', id: 'second', clip: {name: 'second.wav', data: 'not base64'}})")
+    wait_notice(page, "a voice is already being set for this tab")
+    wait_notice(page, f"voice: cloned from {QUESTION.name} (")
+    assert spoke_all(wait_last(page))
+    page.select_option("#voice", "bob")  # the first clone is done: the tab may change its voice again
+    wait_notice(page, "voice: bob")
+
+
 def test_two_tabs_at_once_both_get_answers_and_one_tabs_barge_in_leaves_the_others_reply(browser, server):
     first, second = open_page(browser, server), open_page(browser, server, SCRIPTED_MIC)
     try:
@@ -446,3 +469,65 @@ def test_each_tab_has_its_own_conversation_on_the_shared_model(demo_checkpoint, 
     first.ask("What is 1 plus 1?")
     assert len(first.history) == 2 and second.history == [] and base.history == []
     assert first.model is second.model is base.model and first.parts is second.parts is base.parts
+
+
+class Socket:
+    """A tab's WebSocket, for a WebTab without a browser: iterating it waits until `close`; what is sent is kept."""
+    def __init__(self):
+        self.sent, self.closed = [], asyncio.Event()
+
+    async def send_str(self, text):
+        self.sent.append(json.loads(text))
+
+    def close(self):
+        self.closed.set()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        await self.closed.wait()
+        raise StopAsyncIteration
+
+
+def test_a_closed_tabs_waiting_voice_change_never_holds_the_model():
+    voices_set = []
+    conversation = SimpleNamespace(set_voice=lambda name: voices_set.append(name) or f"voice: {name}")
+    model = SimpleNamespace(conversation=lambda player: conversation, released_voices=lambda: {"bob": None})
+
+    async def close_while_waiting():
+        server = web.WebChat(model, chat.parse_args(["--web"]), None, 512)
+        socket, busy = Socket(), threading.Event()
+        tab = web.WebTab(server, socket, 1)
+        served = asyncio.create_task(tab.run())
+        other = asyncio.create_task(server.use_model(tab, "other", lambda: busy.wait(TURN_TIMEOUT_MS / 1000),
+                                                       web.TurnStop()))
+        await tab.on_message(json.dumps({"type": "voice", "id": "v", "name": "bob"}))
+        await asyncio.sleep(0)  # each starts: the other turn has the model, the voice change waits for it
+        assert server.waiting == 1
+        socket.close()
+        await served
+        busy.set()
+        await other
+        await asyncio.wait([tab.voice_change])
+        return tab.voice_change.cancelled()
+    with ThreadPoolExecutor(1) as thread:  # not in this one: playwright's event loop runs in it
+        assert thread.submit(asyncio.run, close_while_waiting()).result() and voices_set == []
+
+
+def test_ctrl_c_with_a_tab_open_mid_reply_stops_the_server_at_once(browser, tmp_path, parts, demo_checkpoint,
+                                                                    tokenizer_flag):
+    server = start_server(tmp_path, parts, demo_checkpoint, tokenizer_flag)
+    page = open_page(browser, server)
+    try:
+        ask(page, "1+1=")
+        page.wait_for_function("chatState.replying !== null", timeout=TURN_TIMEOUT_MS)
+        server[1].send_signal(signal.SIGINT)
+        assert server[1].wait(timeout=SERVER_STOP_S) == 0
+        log = server[2].read_text()
+        assert "Traceback" not in log and re.search(r"tab 1: \d+ steps .* stopped \d+ ms after", log), log
+        wait_notice(page, "the connection closed: the server stopped")
+        assert page.errors == []
+    finally:
+        server[1].kill()
+        page.close()
