@@ -3,10 +3,8 @@ MiniMind-O's files: everything it reads from or writes to disk, each failure a m
 file and says what to do. minimind_o.py (the model) never touches the disk, apart from the tokenizer;
 this file turns files into what it takes: state dicts, loaded side modules, arrays and images.
 
-  1. the published parts, one table (`PARTS`): what each is, where it goes, the commands that get it;
-     what is missing, --download, and `loading`: any failure to load one as a single message
-  2. checkpoints: one atomic writer for every file the project writes, and the readers of every
-     published checkpoint form (.pth, .bin, safetensors folders with or without config.json)
+  1. the published parts, one table (`PARTS`); what is missing, --download, and `loading`'s messages
+  2. checkpoints: one atomic writer for every file the project writes; the readers of every published form
   3. the frozen side modules' loaders: SenseVoice-Small, SigLIP2, Mimi, CAM++ from their published files
   4. the user's voices: cloned from a clip (checked first), kept in the release's voices.pt format
   5. the user's files: audio and images, decoded with an error that names the file; the flags' numbers
@@ -69,10 +67,9 @@ class Part:
 
     def present(self, path):
         """The file itself, or a folder with the part's files (the checkpoint's: with weights in it)."""
-        path = Path(path)
-        if path.is_file():
-            return True
-        return all((path / f).is_file() for f in self.files) if self.files else weights_file(path) is not None
+        if self.files and not os.path.isfile(path):
+            return all((Path(path) / f).is_file() for f in self.files)
+        return weights_file(path) is not None
 
 
 HF, MS = "hf download", "modelscope download --model"  # the Hugging Face CLI; ModelScope's, as the release writes it
@@ -309,10 +306,8 @@ def need_files(folder, names):
     return folder
 
 
-@contextlib.contextmanager
 def quiet_stdout():  # funasr prints an ffmpeg notice when first imported; chat.py's terminal is not its to write on
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
+    return contextlib.redirect_stdout(io.StringIO())
 
 
 def load_speech_encoder(folder, device="cpu"):
@@ -378,10 +373,8 @@ VOICE_NAME = re.compile(r"[\w-]+")  # what `--voice NAME` and `/voice NAME` can 
 
 def _check_voice(name, voice, where):
     codes, emb = voice.get("ref_codes"), voice.get("spk_emb")
-    ok = (isinstance(codes, torch.Tensor) and codes.dtype == torch.long and codes.dim() == 2
-          and codes.size(0) == mo.N_CODEBOOKS and isinstance(emb, torch.Tensor)
-          and emb.shape == (mo.SPK_EMBED_DIM,))
-    if not ok:
+    if not (isinstance(codes, torch.Tensor) and codes.dtype == torch.long and codes.dim() == 2
+            and codes.size(0) == mo.N_CODEBOOKS and isinstance(emb, torch.Tensor) and emb.shape == (mo.SPK_EMBED_DIM,)):
         raise ValueError(f"voice {name!r} in {where}: expected ref_codes ({mo.N_CODEBOOKS}, R) int64 and "
                          f"spk_emb ({mo.SPK_EMBED_DIM},)")
     if codes.numel() and not (0 <= int(codes.min()) and int(codes.max()) < mo.CODEBOOK_SIZE):
