@@ -5,12 +5,13 @@ The model makes one column per step: a text token and one 80 ms frame of 8 Mimi 
 minimind_o.py). Here the frames go to a background thread that decodes them with Mimi in streaming mode,
 so the first sound plays while the text is still being written and Mimi works while the model computes
 its next steps. With --mic, Silero VAD cuts the microphone into questions, and speaking during a reply
-stops it (barge-in); the new question is heard from its first word. With --web, the same chat is a web page.
+stops it (barge-in); the new question is heard from its first word. With --web, the same chat is a web
+page: web.py, imported only then.
 
-Parts of the chat, in order (files.py finds, fetches and loads the published parts): the side-module parts
-only the chat uses (`MimiStreamDecoder`, Silero VAD's
-`VoiceActivity`); `SpeechOut` (Mimi in a background thread) and `Player` (sound card); `Chat` (one
-conversation); `Listener`/`converse` (--mic); `parse_args`, `main`. The web chat (--web) is web.py.
+Parts, in order (files.py finds, fetches and loads the published parts): speech out (`MimiStreamDecoder`,
+`SpeechOut`, `Player`); speech in (`MicStream`, Silero VAD's `VoiceActivity`, `Listener`); a conversation
+(`TextStream`, the prompt's escaping, `Chat`); the terminal chat (`converse` for --mic, `interactive`,
+`one_shot`); the command line (`parse_args`, `main`).
 """
 import argparse
 import collections
@@ -48,14 +49,11 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus", ".aiff")
 
 
 # -----------------------------------------------------------------------------------------------
-# Streaming Mimi decoding, voices, voice activity: the side-module parts only the chat uses
+# Speech out: Mimi decoding frame by frame, in a background thread, to the sound card
 # -----------------------------------------------------------------------------------------------
 
-VAD_CHUNK = 512                     # samples per call at 16 kHz (32 ms), what Silero was trained on
-
-
 class MimiStreamDecoder:
-    """Frames in, 24 kHz PCM out, as the Talker produces them. Use as a context manager:
+    """Frames in, 24 kHz PCM out, as the Talker produces them:
 
         with MimiStreamDecoder(mimi, frames_per_call=2) as dec:
             for frame in frames:            # each (8,) codes
@@ -64,9 +62,8 @@ class MimiStreamDecoder:
 
     Mimi's decoder is causal, so decoding chunk by chunk under moshi's streaming state gives the same samples
     as decoding the whole sequence. Fewer frames per call = lower latency, more calls = more overhead;
-    first_call_frames (default: frames_per_call) lets the first sound out sooner. While the decoder is open
-    the whole Mimi model is in streaming mode: do not call encode on it. open()/close() do what the `with`
-    block does, for a decoder that lives across calls or threads."""
+    first_call_frames (default: frames_per_call) lets the first sound out sooner. Inside the `with` block
+    the whole Mimi model is in streaming mode: do not call encode on it."""
 
     def __init__(self, mimi, frames_per_call=1, first_call_frames=None):
         if frames_per_call < 1 or (first_call_frames is not None and first_call_frames < 1):
@@ -75,29 +72,14 @@ class MimiStreamDecoder:
         self.first_call_frames = first_call_frames or frames_per_call
         self._pending, self._stream, self._started = [], None, False
 
-    def open(self):
+    def __enter__(self):
         self._stream = self.mimi.streaming(batch_size=1)   # an ExitStack that resets the state when closed
         self._pending, self._started = [], False
         return self
 
-    def close(self):
+    def __exit__(self, *exc):
         self._stream.close()
         self._stream = None
-
-    def __enter__(self):
-        return self.open()
-
-    def __exit__(self, *exc):
-        self.close()
-
-    @torch.no_grad()
-    def _decode(self, frames):
-        from moshi.utils.compile import no_cuda_graph  # on a GPU, moshi would capture CUDA graphs, which break
-        codes = torch.stack(frames, dim=1)              # with a shorter last chunk or another thread: (8, n)
-        with no_cuda_graph():
-            pcm = self.mimi.decode(codes[None].to(next(self.mimi.parameters()).device))
-        self._started = True
-        return pcm[0, 0].float().cpu().numpy()
 
     def push(self, frame):
         """Add one frame (8,) of codes; returns the PCM of each full chunk (n * 1920,), possibly empty."""
@@ -106,100 +88,19 @@ class MimiStreamDecoder:
         self._pending.append(torch.as_tensor(frame, dtype=torch.long).reshape(mo.N_CODEBOOKS))
         if len(self._pending) < (self.frames_per_call if self._started else self.first_call_frames):
             return np.zeros(0, dtype=np.float32)
-        frames, self._pending = self._pending, []
-        return self._decode(frames)
+        return self.flush()
 
+    @torch.no_grad()
     def flush(self):
-        """Decode whatever frames are still buffered (end of an utterance)."""
+        """Decode whatever frames are still buffered (the end of an utterance)."""
         if not self._pending:
             return np.zeros(0, dtype=np.float32)
-        frames, self._pending = self._pending, []
-        return self._decode(frames)
-
-
-# Voice activity: Silero VAD (the silero_vad package ships its weights)
-
-class VoiceActivity:
-    """Feed 16 kHz mic chunks of 512 samples; returns 'start' when speech begins, 'end' when it stops, else None.
-
-    chat.py uses 'start' to interrupt the model's reply (barge-in)."""
-
-    def __init__(self, threshold=0.5, min_silence_ms=300):
-        from silero_vad import VADIterator, load_silero_vad
-        self._vad = VADIterator(load_silero_vad(), threshold=threshold, sampling_rate=mo.SAMPLE_RATE_SPEECH,
-                                min_silence_duration_ms=min_silence_ms)
-
-    def __call__(self, chunk):
-        chunk = torch.as_tensor(chunk, dtype=torch.float32)
-        if chunk.shape != (VAD_CHUNK,):
-            raise ValueError(f"VoiceActivity takes chunks of {VAD_CHUNK} samples at 16 kHz, got {tuple(chunk.shape)}")
-        event = self._vad(chunk)  # None, {"start": sample} or {"end": sample}
-        if not event:
-            return None
-        return "start" if "start" in event else "end"
-
-
-# -----------------------------------------------------------------------------------------------
-# Speech out: Mimi in a background thread, and the sound card
-# -----------------------------------------------------------------------------------------------
-
-class Player:
-    """Plays 24 kHz PCM on the default output device as it arrives; stop() silences it at once."""
-
-    def __init__(self):
-        import sounddevice as sd  # raises OSError when the PortAudio library is absent
-        self.buffer, self.lock = collections.deque(), threading.Lock()
-        self.stream = sd.OutputStream(samplerate=mo.SAMPLE_RATE_MIMI, channels=1, dtype="float32",
-                                      callback=self._fill)
-        self.stream.start()
-
-    def _fill(self, out, frames, time_info, status):  # sounddevice's audio thread asks for `frames` samples
-        out.fill(0)
-        done = 0
-        with self.lock:
-            while done < frames and self.buffer:
-                chunk = self.buffer[0]
-                n = min(frames - done, len(chunk))
-                out[done:done + n, 0] = chunk[:n]
-                done += n
-                if n == len(chunk):
-                    self.buffer.popleft()
-                else:
-                    self.buffer[0] = chunk[n:]
-
-    def play(self, pcm):
-        with self.lock:
-            self.buffer.append(pcm)
-
-    @property
-    def busy(self):
-        with self.lock:
-            return bool(self.buffer)
-
-    def stop(self):
-        with self.lock:
-            self.buffer.clear()
-
-    def close(self):
-        self.stream.close()
-
-
-GET_PORTAUDIO = ("install PortAudio: `apt-get install libportaudio2` (Debian, Ubuntu) or `brew install portaudio` "
-                 "(macOS)")
-
-
-def sound_problem(e):
-    """Why the sound card cannot be used, with what to install when it is the PortAudio library that is missing."""
-    return f"{e}; {GET_PORTAUDIO}" if "PortAudio library not found" in str(e) else str(e)
-
-
-def open_player():
-    """A Player, or None (said once) when there is no sound output here."""
-    try:
-        return Player()
-    except Exception as e:  # OSError without PortAudio, sounddevice.PortAudioError without a device
-        print(f"(no sound output: {sound_problem(e)}; speech is not played, --out FILE keeps it)", file=sys.stderr)
-        return None
+        from moshi.utils.compile import no_cuda_graph  # on a GPU, moshi would capture CUDA graphs, which break
+        codes = torch.stack(self._pending, dim=1)       # with a shorter last chunk or another thread: (8, n)
+        self._pending, self._started = [], True
+        with no_cuda_graph():
+            pcm = self.mimi.decode(codes[None].to(next(self.mimi.parameters()).device))
+        return pcm[0, 0].float().cpu().numpy()
 
 
 class SpeechOut:
@@ -216,7 +117,7 @@ class SpeechOut:
         if background is None:
             background = next(mimi.parameters()).device.type == "cpu"
         # Mimi's streaming state lives from here to close(), across threads: hence no `with` block
-        self.decoder = MimiStreamDecoder(mimi, frames_per_call, first_call_frames=1).open()
+        self.decoder = MimiStreamDecoder(mimi, frames_per_call, first_call_frames=1).__enter__()
         self.frames = queue.Queue()
         self.thread = threading.Thread(target=self._run, daemon=True) if background else None
         if self.thread:
@@ -239,10 +140,8 @@ class SpeechOut:
 
     @torch.inference_mode()  # in whichever thread decodes
     def _decode(self, frame=None):
-        """One frame in (None: the end of the reply, decode what is buffered)."""
-        self._emit(self.decoder.push(frame) if frame is not None else self.decoder.flush())
-
-    def _emit(self, pcm):
+        """One frame in (None: the end of the reply, decode what is buffered), its PCM out if a chunk is full."""
+        pcm = self.decoder.push(frame) if frame is not None else self.decoder.flush()
         if pcm.size:
             if self.first_audio is None:
                 self.first_audio = time.perf_counter()
@@ -260,10 +159,66 @@ class SpeechOut:
             self.thread.join()
         if not drop_pending and self.error is None:
             self._decode(None)
-        self.decoder.close()
+        self.decoder.__exit__()
         if self.error is not None:
             raise self.error
         return np.concatenate(self.pcm) if self.pcm else np.zeros(0, np.float32)
+
+
+class Player:
+    """Plays 24 kHz PCM on the default output device as it arrives; stop() silences it at once."""
+
+    def __init__(self):
+        import sounddevice as sd  # raises OSError when the PortAudio library is absent
+        self.buffer, self.lock = collections.deque(), threading.Lock()
+        self.stream = sd.OutputStream(samplerate=mo.SAMPLE_RATE_MIMI, channels=1, dtype="float32",
+                                      callback=self._fill)
+        self.stream.start()
+
+    def _fill(self, out, frames, time_info, status):  # sounddevice's audio thread asks for `frames` samples
+        out.fill(0)
+        done = 0
+        with self.lock:
+            while done < frames and self.buffer:
+                chunk = self.buffer.popleft()
+                n = min(frames - done, len(chunk))
+                out[done:done + n, 0] = chunk[:n]
+                done += n
+                if n < len(chunk):  # the rest of it plays next time
+                    self.buffer.appendleft(chunk[n:])
+
+    def play(self, pcm):
+        with self.lock:
+            self.buffer.append(pcm)
+
+    @property
+    def busy(self):
+        with self.lock:
+            return bool(self.buffer)
+
+    def stop(self):
+        with self.lock:
+            self.buffer.clear()
+
+    def close(self):
+        self.stream.close()
+
+
+def sound_problem(e):
+    """Why the sound card cannot be used, with what to install when it is the PortAudio library that is missing."""
+    if "PortAudio library not found" not in str(e):
+        return str(e)
+    return f"{e}; install PortAudio: `apt-get install libportaudio2` (Debian, Ubuntu) or `brew install portaudio` " \
+           "(macOS)"
+
+
+def open_player():
+    """A Player, or None (said once) when there is no sound output here."""
+    try:
+        return Player()
+    except Exception as e:  # OSError without PortAudio, sounddevice.PortAudioError without a device
+        print(f"(no sound output: {sound_problem(e)}; speech is not played, --out FILE keeps it)", file=sys.stderr)
+        return None
 
 
 def write_wav(path, pcm):
@@ -271,6 +226,78 @@ def write_wav(path, pcm):
     import soundfile as sf
     with files.atomic_path(path) as tmp:  # the temporary name keeps the extension soundfile goes by
         sf.write(str(tmp), pcm, mo.SAMPLE_RATE_MIMI, subtype="PCM_16")
+
+
+# -----------------------------------------------------------------------------------------------
+# Speech in: the microphone, and Silero VAD cutting it into questions
+# -----------------------------------------------------------------------------------------------
+
+VAD_CHUNK = 512                     # samples per call at 16 kHz (32 ms), what Silero was trained on
+
+
+class MicStream:
+    """The default microphone as 16 kHz mono chunks of 512 samples (what Silero VAD takes).
+    Iterating waits for the next chunk; poll() returns the chunks that arrived, without waiting."""
+
+    def __init__(self):
+        import sounddevice as sd
+        self.chunks = queue.Queue()
+        self.stream = sd.InputStream(samplerate=mo.SAMPLE_RATE_SPEECH, channels=1, dtype="float32",
+                                     blocksize=VAD_CHUNK,
+                                     callback=lambda data, *_: self.chunks.put(data[:, 0].copy()))
+        self.stream.start()
+
+    def __iter__(self):
+        while True:
+            yield self.chunks.get()
+
+    def poll(self):
+        return [self.chunks.get_nowait() for _ in range(self.chunks.qsize())]  # this thread alone takes from it
+
+
+class VoiceActivity:
+    """Feed 16 kHz mic chunks of 512 samples; returns 'start' when speech begins, 'end' when it stops, else None.
+    Silero VAD: the silero_vad package ships its weights."""
+
+    def __init__(self, threshold=0.5, min_silence_ms=300):
+        from silero_vad import VADIterator, load_silero_vad
+        self._vad = VADIterator(load_silero_vad(), threshold=threshold, sampling_rate=mo.SAMPLE_RATE_SPEECH,
+                                min_silence_duration_ms=min_silence_ms)
+
+    def __call__(self, chunk):
+        chunk = torch.as_tensor(chunk, dtype=torch.float32)
+        if chunk.shape != (VAD_CHUNK,):
+            raise ValueError(f"VoiceActivity takes chunks of {VAD_CHUNK} samples at 16 kHz, got {tuple(chunk.shape)}")
+        event = self._vad(chunk)  # None, {"start": sample} or {"end": sample}
+        if not event:
+            return None
+        return "start" if "start" in event else "end"
+
+
+class Listener:
+    """Cuts a stream of 16 kHz chunks into utterances with Silero VAD (VoiceActivity).
+    An utterance starts LEAD_IN_CHUNKS before the VAD's "start" and ends at its "end"."""
+
+    def __init__(self, vad):
+        self.vad, self.before, self.current = vad, collections.deque(maxlen=LEAD_IN_CHUNKS), None
+        self.utterances = collections.deque()  # finished ones, oldest first
+
+    @property
+    def speaking(self):
+        return self.current is not None
+
+    def feed(self, chunk):
+        event = self.vad(chunk)
+        if self.current is None:
+            self.before.append(chunk)
+            if event == "start":
+                self.current = list(self.before)
+                self.before.clear()
+        else:
+            self.current.append(chunk)
+            if event == "end":
+                self.utterances.append(np.concatenate(self.current))
+                self.current = None
 
 
 # -----------------------------------------------------------------------------------------------
@@ -312,10 +339,9 @@ class TextStream:
 
 
 # Typed text never becomes control ids: only the chat template makes <|im_start|>, <|im_end|> and the
-# placeholders. A control token's text inside a message (what a person typed, a reply of the model) is
-# escaped before the template is applied, and prompt_ids encodes the text between the template's control
-# tokens as plain text. The tokenizer splits at control tokens first anyway, so an ordinary prompt gets
-# exactly the ids of encoding it whole (what the model was trained on).
+# placeholders. A control token's text inside a message (typed, or a reply of the model) is escaped before the
+# template is applied, and prompt_ids encodes the text between the template's control tokens as plain text: an
+# ordinary prompt gets exactly the ids of encoding it whole (what the model was trained on).
 ESCAPE = "\ue000"  # a private-use character: after a control token's first character, it breaks the match
 
 
@@ -394,6 +420,11 @@ def int8_linears(model):
         return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
+LOADERS = {  # a side module's key in files.PARTS -> how it loads: (path, device) -> the module
+    "mimi": files.load_mimi, "campplus": files.load_speaker_encoder, "sensevoice": files.load_speech_encoder,
+    "siglip": files.load_vision_encoder, "voices": lambda path, device: files.load_voices(path)}
+
+
 class Chat:
     """The model, the history of the conversation, the voice, and the side modules (loaded on first use)."""
 
@@ -423,20 +454,16 @@ class Chat:
             missing = files.missing_report(self.args, [key])
             if missing:
                 raise FileNotFoundError(missing)
-            path, device = getattr(self.args, key), self.device
-            load = {"mimi": lambda: files.load_mimi(path, device),
-                    "campplus": lambda: files.load_speaker_encoder(path, device),
-                    "sensevoice": lambda: files.load_speech_encoder(path, device),
-                    "siglip": lambda: files.load_vision_encoder(path, device), "voices": lambda: files.load_voices(path)}
-            with files.loading(key, path):
-                self.parts[key] = load[key]()
+            with files.loading(key, getattr(self.args, key)):
+                self.parts[key] = LOADERS[key](getattr(self.args, key), self.device)
         return self.parts[key]
 
     def conversation(self, player=None):
         """Another conversation with this one's model, tokenizer, side modules and voice (the web chat: one
         per browser tab), starting afresh."""
         other = copy.copy(self)
-        other.player, other.history, other.image = player, [], None
+        other.player = player
+        other.reset()
         return other
 
     def reset(self):
@@ -538,13 +565,20 @@ class Chat:
         turn = {"role": "user", "content": content}
         ids, history = self.prompt(history, turn)
         has_image = any(mo.IMAGE_MARK in t["content"] for t in history + [turn])
-        a = self.args
+        reply = self.reply(start, ids, audio_embeds, [image_feats] if has_image else None, interrupt, on_text)
+        self.image = image_feats
+        self.history = history + [{"role": "user", "content": remembered},
+                                  {"role": "assistant", "content": escaped(self.tok, reply.text)}]
+        return reply
+
+    def reply(self, start, ids, audio_embeds, image_embeds, interrupt, on_text):
+        """Run the model on the prompt's ids, streaming its text to on_text and its frames to the speech out."""
+        a, voice = self.args, self.voice or {}
         speech = None if a.no_speech else SpeechOut(self.part("mimi"), a.frames_per_call, self.player)
-        voice = self.voice or {}
         steps = mo.stream_generate(
             self.model, ids, a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
             repetition_penalty=a.repetition_penalty, greedy=a.greedy, ref_codes=voice.get("ref_codes"),
-            spk_emb=voice.get("spk_emb"), audio_embeds=audio_embeds, image_embeds=[image_feats] if has_image else None)
+            spk_emb=voice.get("spk_emb"), audio_embeds=audio_embeds, image_embeds=image_embeds)
         text_out, n_steps, n_frames, interrupted = TextStream(self.tok), 0, 0, False
         try:
             for step in steps:
@@ -569,90 +603,18 @@ class Chat:
             pcm = speech.close(drop_pending=interrupted) if speech else np.zeros(0, np.float32)
         if interrupted and self.player:
             self.player.stop()
-        self.image = image_feats
-        self.history = history + [{"role": "user", "content": remembered},
-                                  {"role": "assistant", "content": escaped(self.tok, text_out.text)}]
         first = speech.first_audio - start if speech and speech.first_audio else None
         return Reply(text_out.text, n_frames, pcm, n_steps, interrupted, time.perf_counter() - start, first)
 
 
 # -----------------------------------------------------------------------------------------------
-# Live conversation (--mic): VAD turns, barge-in
+# The terminal chat: spoken (--mic), typed, or one shot
 # -----------------------------------------------------------------------------------------------
-
-class MicStream:
-    """The default microphone as 16 kHz mono chunks of 512 samples (what Silero VAD takes).
-    Iterating waits for the next chunk; poll() returns the chunks that arrived, without waiting."""
-
-    def __init__(self):
-        import sounddevice as sd
-        self.chunks = queue.Queue()
-        self.stream = sd.InputStream(samplerate=mo.SAMPLE_RATE_SPEECH, channels=1, dtype="float32",
-                                     blocksize=VAD_CHUNK,
-                                     callback=lambda data, *_: self.chunks.put(data[:, 0].copy()))
-        self.stream.start()
-
-    def __iter__(self):
-        while True:
-            yield self.chunks.get()
-
-    def poll(self):
-        out = []
-        while not self.chunks.empty():
-            out.append(self.chunks.get_nowait())
-        return out
-
-
-class RecordedMic:
-    """A recording played as if it were the microphone (tests, demos): iterating gives its chunks in
-    order; poll() gives one chunk per call, i.e. during a reply 32 ms of sound arrive per model step."""
-
-    def __init__(self, wav16k):
-        n = len(wav16k) // VAD_CHUNK
-        self.chunks = list(np.asarray(wav16k[:n * VAD_CHUNK], dtype=np.float32).reshape(n, VAD_CHUNK))
-        self.position = 0
-
-    def __iter__(self):
-        while self.position < len(self.chunks):
-            self.position += 1
-            yield self.chunks[self.position - 1]
-
-    def poll(self):
-        if self.position >= len(self.chunks):
-            return []
-        self.position += 1
-        return [self.chunks[self.position - 1]]
-
-
-class Listener:
-    """Cuts a stream of 16 kHz chunks into utterances with Silero VAD (VoiceActivity).
-    An utterance starts LEAD_IN_CHUNKS before the VAD's "start" and ends at its "end"."""
-
-    def __init__(self, vad):
-        self.vad, self.before, self.current = vad, collections.deque(maxlen=LEAD_IN_CHUNKS), None
-        self.utterances = collections.deque()  # finished ones, oldest first
-
-    @property
-    def speaking(self):
-        return self.current is not None
-
-    def feed(self, chunk):
-        event = self.vad(chunk)
-        if self.current is None:
-            self.before.append(chunk)
-            if event == "start":
-                self.current = list(self.before)
-                self.before.clear()
-        else:
-            self.current.append(chunk)
-            if event == "end":
-                self.utterances.append(np.concatenate(self.current))
-                self.current = None
-
 
 def converse(chat, mic, vad, echo=print, on_reply=lambda reply: None):
     """Speak, pause, hear the reply; speaking during a reply stops it and the new question is heard.
-    mic: a MicStream or a RecordedMic; on_reply(reply) after each reply. Returns the replies, in order."""
+    mic: a MicStream, or a recording with its iteration and poll(); on_reply(reply) after each reply. Returns the
+    replies, in order."""
     listener, replies = Listener(vad), []
 
     def barge_in():  # called after every model step: take in what the mic heard meanwhile
@@ -676,233 +638,6 @@ def converse(chat, mic, vad, echo=print, on_reply=lambda reply: None):
                     chat.player.stop()
                     echo("[interrupted]")
     return replies
-
-
-# -----------------------------------------------------------------------------------------------
-# Command line
-# -----------------------------------------------------------------------------------------------
-
-EXAMPLES = """\
-examples:
-  python chat.py                                     interactive: type, or use the commands below
-  python chat.py --voice vivian                      ... in a released voice (from models/voices.pt)
-  python chat.py --voice me.wav --save_voice me      ... in a voice cloned from a clip, kept for next time
-  python chat.py --text "Why is the sky blue?" --out reply.wav     one shot, for scripts
-  python chat.py --audio question.wav --out reply.wav              a spoken question
-  python chat.py --image cat.jpg --text "What is this?"            a question about a picture
-  python chat.py --mic                               live: speak, pause, listen; talk over it to interrupt
-                                                     (use headphones, or it hears itself)
-  python chat.py --web                               in a web page (http://127.0.0.1:8000): type, speak, call
-                                                     hands-free and talk over it; from a laptop to a GPU box:
-                                                     ssh -L 8000:localhost:8000 you@box, then open that address
-  python chat.py --checkpoint out/demo/demo_64.pth --no_speech   a train.py checkpoint (the demo's: text only)
-  python chat.py --download                          fetch the missing published files (online)
-
-interactive commands:
-  any text                     ask it
-  /audio FILE [text]           ask with speech (FILE: wav, flac, ogg, mp3 ...)
-  /image FILE [text]           ask about an image (kept for follow-up questions until /reset)
-  /image FILE /audio FILE      both, with or without text
-  /voice NAME | FILE | none    switch voice (no argument: list the voices)
-  /reset                       forget the conversation
-  /quit                        leave (or Ctrl-D); Ctrl-C stops a reply
-"""
-
-
-nucleus = files.number(float, lambda p: 0 < p <= 1, "in (0, 1]: the share of probability kept")
-port_number = files.number(int, lambda n: 0 <= n < 2 ** 16, "a port, 0 to 65535")
-cpu_threads = files.number(int, lambda n: 1 <= n <= os.cpu_count(),  # more threads than cores only wait on each other
-                           f"a number of threads from 1 to this machine's {os.cpu_count()} cores")
-
-
-def device_name(value):
-    try:
-        torch.device(value)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a PyTorch device (cpu, cuda, cuda:1, mps)") from None
-    return value
-
-
-def check_out(path, one_shot):
-    """The problem with --out, or None: what it names must be a file of a format soundfile writes as 16-bit
-    PCM (the interactive chat's numbered files add .wav to a name without one). Said before any reply is made."""
-    import soundfile as sf
-    if Path(path).is_dir():
-        return f"--out {path} is a folder; give a file name such as {Path(path) / 'reply.wav'}"
-    fmt = Path(path if one_shot else numbered(path, 1)).suffix[1:].upper()
-    if not (fmt in sf.available_formats() and sf.check_format(fmt, "PCM_16")):
-        return f"--out {path}: cannot write 16-bit sound as {Path(path).suffix or '(no extension)'}; use .wav or .flac"
-    folder = Path(path).parent
-    try:
-        tempfile.TemporaryFile(dir=folder).close()  # a file can be made there (it is gone when closed)
-    except OSError as e:
-        return f"--out {path}: cannot write in {folder} ({e.strerror})"
-    return None
-
-
-def default_checkpoint(*candidates):
-    """The first candidate that holds weights, else the first (reported as missing where it matters)."""
-    return next((str(c) for c in candidates if files.weights_file(str(c))), str(candidates[0]))
-
-
-def question_flags(parser):
-    """One-shot questions and the microphone."""
-    ask = parser.add_argument_group("one shot (for scripts)")
-    ask.add_argument("--text", help="the question, as text")
-    ask.add_argument("--audio", metavar="FILE", help="the question, spoken (any audio file)")
-    ask.add_argument("--image", metavar="FILE", help="an image the question is about")
-    ask.add_argument("--out", metavar="WAV", help="write the spoken reply here (interactive: one numbered file per "
-                     "reply, REPLY_01.wav ...)")
-    ask.add_argument("--mic", action="store_true", help="live conversation through the microphone, with Silero VAD "
-                     "and barge-in")
-
-
-def web_flags(parser):
-    """The web page (--web)."""
-    page = parser.add_argument_group("web page")
-    page.add_argument("--web", action="store_true", help="serve the chat as a web page (chat_web.html): type, hold "
-                      "to talk or call hands-free with barge-in, images, voices; each browser tab its own conversation")
-    page.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine "
-                      "only; any other lets everyone who can reach the port use it)")
-    page.add_argument("--port", type=port_number, default=8000, help="port (default 8000; 0: any free one, printed)")
-    page.add_argument("--ssl_cert", metavar="PEM", help="serve https with this certificate (browsers allow the "
-                      "microphone only on https or localhost)")
-    page.add_argument("--ssl_key", metavar="PEM", help="the certificate's private key")
-    page.add_argument("--max_sessions", type=files.positive, default=4, metavar="N", help="browser tabs served at once "
-                      "(default 4; they share the model, one reply at a time)")
-
-
-def voice_flags(parser):
-    """Which voice speaks, and cloning one."""
-    voice = parser.add_argument_group("voice")
-    voice.add_argument("--voice", metavar="NAME|FILE", help="a voice from --voices, or an audio clip to clone "
-                       "(1-24 s of clean speech); default: the model's own")
-    voice.add_argument("--save_voice", metavar="NAME", help="keep the voice cloned from --voice FILE in --my_voices "
-                       "under NAME")
-    voice.add_argument("--voices", default=files.PARTS["voices"].default, help="the release's voices file (default "
-                       "models/voices.pt; --download fetches it)")
-    voice.add_argument("--my_voices", default=str(files.MODELS / "my_voices.pt"), help="the voices you cloned with "
-                       "--save_voice, kept apart from the released ones (default models/my_voices.pt)")
-
-
-def part_flags(parser):
-    """Where the published files are, and --download."""
-    parts = parser.add_argument_group("published files (see --download)")
-    parts.add_argument("--checkpoint", default=default_checkpoint(files.MODELS / "minimind-3o", files.MODELS / "sft_omni_768.pth"),
-                       help="released folder or .pth, or a train.py checkpoint (default models/minimind-3o, else "
-                            "models/sft_omni_768.pth)")
-    parts.add_argument("--tokenizer", help="folder with tokenizer.json (default: the checkpoint's folder if it has "
-                       "one, else models/minimind-3o)")
-    parts.add_argument("--mimi", default=files.PARTS["mimi"].default, help=f"folder with {files.MIMI_WEIGHTS}, or the file")
-    parts.add_argument("--sensevoice", default=files.PARTS["sensevoice"].default, help="SenseVoiceSmall folder")
-    parts.add_argument("--siglip", default=files.PARTS["siglip"].default, help="SigLIP2 folder")
-    parts.add_argument("--campplus", default=files.PARTS["campplus"].default, help=f"folder with {files.CAMPP_WEIGHTS}")
-    parts.add_argument("--download", action="store_true", help="first fetch the missing parts (those a one-shot "
-                       "question needs, or all for the interactive chat) from Hugging Face (voices.pt from GitHub), "
-                       "then go on")
-
-
-def generation_flags(parser):
-    """How replies are sampled."""
-    gen = parser.add_argument_group("generation")
-    gen.add_argument("--max_new_tokens", type=files.positive, default=1024, help="steps per reply at most (one step = "
-                     "one text token and 80 ms of speech; default 1024)")
-    gen.add_argument("--max_context", type=files.positive, default=2048,
-                     help="earlier turns are forgotten, oldest first, while the prompt is longer than this many "
-                          "tokens (default 2048; the model was trained on samples of 512-1024, and every reply "
-                          "reads the whole prompt again)")
-    gen.add_argument("--temperature", type=files.finite_at_least_0, default=0.75,
-                     help="text sampling temperature (default 0.75)")
-    gen.add_argument("--top_p", type=nucleus, default=0.9, help="text nucleus sampling (default 0.9)")
-    gen.add_argument("--repetition_penalty", type=files.finite_above_0, default=1.0,
-                     help="text repetition penalty (default 1.0)")
-    gen.add_argument("--greedy", action="store_true", help="always the most likely text token and codes")
-    gen.add_argument("--seed", type=files.random_seed, help="random seed, for a repeatable reply")
-    gen.add_argument("--system", help="a system prompt")
-
-
-def running_flags(parser):
-    """Device, precision and speech output."""
-    run = parser.add_argument_group("running")
-    run.add_argument("--no_speech", action="store_true", help="text replies only (no Mimi needed)")
-    run.add_argument("--mute", action="store_true", help="do not play the speech (--out still writes it)")
-    run.add_argument("--frames_per_call", type=int, default=2, choices=range(1, 5), metavar="{1..4}",
-                     help="Mimi frames (80 ms each) per decode call, after the first frame (decoded alone, "
-                          "for the earliest sound): 1 = least delay, 4 = least CPU (default 2)")
-    run.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
-                     help="cpu, cuda (or cuda:N) or mps (default: cuda when PyTorch sees a GPU, else cpu)")
-    run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                     help="model weights (default float32; bfloat16 suits GPUs)")
-    run.add_argument("--int8", action="store_true",
-                     help="CPU only: int8 weights in every Linear layer, about 1.5x faster steps on 2 cores, "
-                          "at a small cost in accuracy")
-    run.add_argument("--threads", type=cpu_threads, help="CPU threads for PyTorch (default: its own choice)")
-
-
-def check_flags(p, args):
-    """Refuse what cannot work together, naming the flags; fill in the defaults that depend on others."""
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: PyTorch sees no CUDA GPU here; use --device cpu")
-    if args.int8 and (args.device != "cpu" or args.dtype != "float32"):
-        p.error("--int8 is for --device cpu --dtype float32 (PyTorch's dynamic int8 kernels take float32 on the CPU)")
-    if args.mic and (args.text or args.audio or args.image):
-        p.error("--mic is a spoken conversation: it takes no --text, --audio or --image")
-    if args.web and (args.text or args.audio or args.image or args.mic or args.out):
-        p.error("--web serves the chat as a page: it takes no --text, --audio, --image, --mic or --out")
-    if bool(args.ssl_cert) != bool(args.ssl_key):
-        p.error("--ssl_cert and --ssl_key go together (a certificate and its private key)")
-    if args.tokenizer is None:
-        ckpt = Path(args.checkpoint)
-        args.tokenizer = str(ckpt if (ckpt / "tokenizer.json").is_file() else files.PARTS["tokenizer"].default)
-    if args.save_voice and not (args.voice and os.path.isfile(args.voice)):
-        p.error("--save_voice NAME needs --voice FILE (an audio clip to clone)")
-    try:
-        if args.save_voice is not None:
-            files.check_voice_name(args.save_voice)
-    except ValueError as e:
-        p.error(f"--save_voice: {e}")
-    if args.no_speech and args.out:
-        p.error("--out writes the spoken reply: it cannot go with --no_speech")
-    if args.text is not None and not args.text.strip():
-        p.error("--text is empty: give the question, or leave --text out for the interactive chat")
-    problem = args.out and check_out(args.out, one_shot=bool(args.text or args.audio or args.image))
-    if problem:
-        p.error(problem)
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="chat.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        description="Talk with MiniMind-O in text, speech and images; it answers in text and streaming speech\n"
-                    "(24 kHz, played as it is made when there is a sound card). Without --text/--audio/--image/\n"
-                    "--mic it is interactive.")
-    question_flags(p)
-    web_flags(p)
-    voice_flags(p)
-    part_flags(p)
-    generation_flags(p)
-    running_flags(p)
-    args = p.parse_args(argv)
-    check_flags(p, args)
-    return args
-
-
-def parts_needed(args):
-    keys = ["checkpoint", "tokenizer"] + ([] if args.no_speech else ["mimi"])
-    if args.audio or args.mic:
-        keys.append("sensevoice")
-    if args.image:
-        keys.append("siglip")
-    if args.voice and os.path.isfile(args.voice):
-        keys += ["mimi", "campplus"]
-    elif args.voice and args.voice != "none" and args.voice not in my_voices(args):
-        keys.append("voices")
-    return list(dict.fromkeys(keys))
-
-
-def my_voices(args):
-    """The voices cloned with --save_voice (name -> voice), {} before the first."""
-    return files.load_voices(args.my_voices) if os.path.isfile(args.my_voices) else {}
 
 
 def numbered(path, n):
@@ -984,6 +719,230 @@ def interactive(chat, args):
             print(f"\nerror: {type(e).__name__}: {e} (the conversation goes on; /reset to start afresh)")
 
 
+def one_shot(chat, args):
+    """--text, --audio, --image: one reply, printed, written to --out, played to its end."""
+    reply = chat.ask(args.text or "", args.audio, args.image, on_text=lambda s: print(s, end="", flush=True))
+    print()
+    if args.out:
+        write_wav(args.out, reply.pcm)
+    report(reply, args.out)
+    while chat.player and chat.player.busy:  # let the last of it play
+        time.sleep(PLAYBACK_POLL_S)
+    return reply
+
+
+# -----------------------------------------------------------------------------------------------
+# Command line
+# -----------------------------------------------------------------------------------------------
+
+EXAMPLES = """\
+examples:
+  python chat.py                                     interactive: type, or use the commands below
+  python chat.py --voice vivian                      ... in a released voice (from models/voices.pt)
+  python chat.py --voice me.wav --save_voice me      ... in a voice cloned from a clip, kept for next time
+  python chat.py --text "Why is the sky blue?" --out reply.wav     one shot, for scripts
+  python chat.py --audio question.wav --out reply.wav              a spoken question
+  python chat.py --image cat.jpg --text "What is this?"            a question about a picture
+  python chat.py --mic                               live: speak, pause, listen; talk over it to interrupt
+                                                     (use headphones, or it hears itself)
+  python chat.py --web                               in a web page (http://127.0.0.1:8000): type, speak, call
+                                                     hands-free and talk over it; from a laptop to a GPU box:
+                                                     ssh -L 8000:localhost:8000 you@box, then open that address
+  python chat.py --checkpoint out/demo/demo_64.pth --no_speech   a train.py checkpoint (the demo's: text only)
+  python chat.py --download                          fetch the missing published files (online)
+
+interactive commands:
+  any text                     ask it
+  /audio FILE [text]           ask with speech (FILE: wav, flac, ogg, mp3 ...)
+  /image FILE [text]           ask about an image (kept for follow-up questions until /reset)
+  /image FILE /audio FILE      both, with or without text
+  /voice NAME | FILE | none    switch voice (no argument: list the voices)
+  /reset                       forget the conversation
+  /quit                        leave (or Ctrl-D); Ctrl-C stops a reply
+"""
+
+
+nucleus = files.number(float, lambda p: 0 < p <= 1, "in (0, 1]: the share of probability kept")
+port_number = files.number(int, lambda n: 0 <= n < 2 ** 16, "a port, 0 to 65535")
+cpu_threads = files.number(int, lambda n: 1 <= n <= os.cpu_count(),  # more threads than cores only wait on each other
+                           f"a number of threads from 1 to this machine's {os.cpu_count()} cores")
+
+
+def device_name(value):
+    try:
+        torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a PyTorch device (cpu, cuda, cuda:1, mps)") from None
+    return value
+
+
+def check_out(path, one_shot):
+    """The problem with --out, or None: what it names must be a file of a format soundfile writes as 16-bit
+    PCM (the interactive chat's numbered files add .wav to a name without one). Said before any reply is made."""
+    import soundfile as sf
+    if Path(path).is_dir():
+        return f"--out {path} is a folder; give a file name such as {Path(path) / 'reply.wav'}"
+    fmt = Path(path if one_shot else numbered(path, 1)).suffix[1:].upper()
+    if not (fmt in sf.available_formats() and sf.check_format(fmt, "PCM_16")):
+        return f"--out {path}: cannot write 16-bit sound as {Path(path).suffix or '(no extension)'}; use .wav or .flac"
+    folder = Path(path).parent
+    try:
+        tempfile.TemporaryFile(dir=folder).close()  # a file can be made there (it is gone when closed)
+    except OSError as e:
+        return f"--out {path}: cannot write in {folder} ({e.strerror})"
+    return None
+
+
+def default_checkpoint(*candidates):
+    """The first candidate that holds weights, else the first (reported as missing where it matters)."""
+    return next((str(c) for c in candidates if files.weights_file(str(c))), str(candidates[0]))
+
+
+def question_flags(parser):
+    """Where the questions come from: one shot, the microphone, or the web page."""
+    ask = parser.add_argument_group("one shot (for scripts)")
+    ask.add_argument("--text", help="the question, as text")
+    ask.add_argument("--audio", metavar="FILE", help="the question, spoken (any audio file)")
+    ask.add_argument("--image", metavar="FILE", help="an image the question is about")
+    ask.add_argument("--out", metavar="WAV", help="write the spoken reply here (interactive: one numbered file per "
+                     "reply, REPLY_01.wav ...)")
+    ask.add_argument("--mic", action="store_true", help="live conversation through the microphone, with Silero VAD "
+                     "and barge-in")
+    page = parser.add_argument_group("web page")
+    page.add_argument("--web", action="store_true", help="serve the chat as a web page (chat_web.html): type, hold "
+                      "to talk or call hands-free with barge-in, images, voices; each browser tab its own conversation")
+    page.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine "
+                      "only; any other lets everyone who can reach the port use it)")
+    page.add_argument("--port", type=port_number, default=8000, help="port (default 8000; 0: any free one, printed)")
+    page.add_argument("--ssl_cert", metavar="PEM", help="serve https with this certificate (browsers allow the "
+                      "microphone only on https or localhost)")
+    page.add_argument("--ssl_key", metavar="PEM", help="the certificate's private key")
+    page.add_argument("--max_sessions", type=files.positive, default=4, metavar="N", help="browser tabs served at once "
+                      "(default 4; they share the model, one reply at a time)")
+
+
+def voice_flags(parser):
+    """Which voice speaks (and cloning one); where the published files are, and --download."""
+    voice = parser.add_argument_group("voice")
+    voice.add_argument("--voice", metavar="NAME|FILE", help="a voice from --voices, or an audio clip to clone "
+                       "(1-24 s of clean speech); default: the model's own")
+    voice.add_argument("--save_voice", metavar="NAME", help="keep the voice cloned from --voice FILE in --my_voices "
+                       "under NAME")
+    voice.add_argument("--voices", default=files.PARTS["voices"].default, help="the release's voices file (default "
+                       "models/voices.pt; --download fetches it)")
+    voice.add_argument("--my_voices", default=str(files.MODELS / "my_voices.pt"), help="the voices you cloned with "
+                       "--save_voice, kept apart from the released ones (default models/my_voices.pt)")
+    parts = parser.add_argument_group("published files (see --download)")
+    parts.add_argument("--checkpoint", default=default_checkpoint(files.MODELS / "minimind-3o", files.MODELS / "sft_omni_768.pth"),
+                       help="released folder or .pth, or a train.py checkpoint (default models/minimind-3o, else "
+                            "models/sft_omni_768.pth)")
+    parts.add_argument("--tokenizer", help="folder with tokenizer.json (default: the checkpoint's folder if it has "
+                       "one, else models/minimind-3o)")
+    parts.add_argument("--mimi", default=files.PARTS["mimi"].default, help=f"folder with {files.MIMI_WEIGHTS}, or the file")
+    parts.add_argument("--sensevoice", default=files.PARTS["sensevoice"].default, help="SenseVoiceSmall folder")
+    parts.add_argument("--siglip", default=files.PARTS["siglip"].default, help="SigLIP2 folder")
+    parts.add_argument("--campplus", default=files.PARTS["campplus"].default, help=f"folder with {files.CAMPP_WEIGHTS}")
+    parts.add_argument("--download", action="store_true", help="first fetch the missing parts (those a one-shot "
+                       "question needs, or all for the interactive chat) from Hugging Face (voices.pt from GitHub), "
+                       "then go on")
+
+
+def generation_flags(parser):
+    """How replies are sampled; the device, precision and speech output that make them."""
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--max_new_tokens", type=files.positive, default=1024, help="steps per reply at most (one step = "
+                     "one text token and 80 ms of speech; default 1024)")
+    gen.add_argument("--max_context", type=files.positive, default=2048,
+                     help="earlier turns are forgotten, oldest first, while the prompt is longer than this many "
+                          "tokens (default 2048; the model was trained on samples of 512-1024, and every reply "
+                          "reads the whole prompt again)")
+    gen.add_argument("--temperature", type=files.finite_at_least_0, default=0.75,
+                     help="text sampling temperature (default 0.75)")
+    gen.add_argument("--top_p", type=nucleus, default=0.9, help="text nucleus sampling (default 0.9)")
+    gen.add_argument("--repetition_penalty", type=files.finite_above_0, default=1.0,
+                     help="text repetition penalty (default 1.0)")
+    gen.add_argument("--greedy", action="store_true", help="always the most likely text token and codes")
+    gen.add_argument("--seed", type=files.random_seed, help="random seed, for a repeatable reply")
+    gen.add_argument("--system", help="a system prompt")
+    run = parser.add_argument_group("running")
+    run.add_argument("--no_speech", action="store_true", help="text replies only (no Mimi needed)")
+    run.add_argument("--mute", action="store_true", help="do not play the speech (--out still writes it)")
+    run.add_argument("--frames_per_call", type=int, default=2, choices=range(1, 5), metavar="{1..4}",
+                     help="Mimi frames (80 ms each) per decode call, after the first frame (decoded alone, "
+                          "for the earliest sound): 1 = least delay, 4 = least CPU (default 2)")
+    run.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="cpu, cuda (or cuda:N) or mps (default: cuda when PyTorch sees a GPU, else cpu)")
+    run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                     help="model weights (default float32; bfloat16 suits GPUs)")
+    run.add_argument("--int8", action="store_true",
+                     help="CPU only: int8 weights in every Linear layer, about 1.5x faster steps on 2 cores, "
+                          "at a small cost in accuracy")
+    run.add_argument("--threads", type=cpu_threads, help="CPU threads for PyTorch (default: its own choice)")
+
+
+def check_flags(p, args):
+    """Refuse what cannot work together, naming the flags; fill in the defaults that depend on others."""
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: PyTorch sees no CUDA GPU here; use --device cpu")
+    if args.int8 and (args.device != "cpu" or args.dtype != "float32"):
+        p.error("--int8 is for --device cpu --dtype float32 (PyTorch's dynamic int8 kernels take float32 on the CPU)")
+    if args.mic and (args.text or args.audio or args.image):
+        p.error("--mic is a spoken conversation: it takes no --text, --audio or --image")
+    if args.web and (args.text or args.audio or args.image or args.mic or args.out):
+        p.error("--web serves the chat as a page: it takes no --text, --audio, --image, --mic or --out")
+    if bool(args.ssl_cert) != bool(args.ssl_key):
+        p.error("--ssl_cert and --ssl_key go together (a certificate and its private key)")
+    if args.tokenizer is None:
+        ckpt = Path(args.checkpoint)
+        args.tokenizer = str(ckpt if (ckpt / "tokenizer.json").is_file() else files.PARTS["tokenizer"].default)
+    if args.save_voice and not (args.voice and os.path.isfile(args.voice)):
+        p.error("--save_voice NAME needs --voice FILE (an audio clip to clone)")
+    try:
+        if args.save_voice is not None:
+            files.check_voice_name(args.save_voice)
+    except ValueError as e:
+        p.error(f"--save_voice: {e}")
+    if args.no_speech and args.out:
+        p.error("--out writes the spoken reply: it cannot go with --no_speech")
+    if args.text is not None and not args.text.strip():
+        p.error("--text is empty: give the question, or leave --text out for the interactive chat")
+    problem = args.out and check_out(args.out, one_shot=bool(args.text or args.audio or args.image))
+    if problem:
+        p.error(problem)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="chat.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Talk with MiniMind-O in text, speech and images; it answers in text and streaming speech\n"
+                    "(24 kHz, played as it is made when there is a sound card). Without --text/--audio/--image/\n"
+                    "--mic it is interactive.")
+    question_flags(p)
+    voice_flags(p)
+    generation_flags(p)
+    args = p.parse_args(argv)
+    check_flags(p, args)
+    return args
+
+
+def parts_needed(args):
+    keys = ["checkpoint", "tokenizer"] + ([] if args.no_speech else ["mimi"])
+    if args.audio or args.mic:
+        keys.append("sensevoice")
+    if args.image:
+        keys.append("siglip")
+    if args.voice and os.path.isfile(args.voice):
+        keys += ["mimi", "campplus"]
+    elif args.voice and args.voice != "none" and args.voice not in my_voices(args):
+        keys.append("voices")
+    return list(dict.fromkeys(keys))
+
+
+def my_voices(args):
+    """The voices cloned with --save_voice (name -> voice), {} before the first."""
+    return files.load_voices(args.my_voices) if os.path.isfile(args.my_voices) else {}
+
+
 def load_session(args, player):
     """The Chat, with every part this session needs loaded now (said, and timed apart): the first reply's
     time, and its first sound, then measure the reply, not the loading."""
@@ -998,12 +957,9 @@ def load_session(args, player):
     return chat
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def get_parts(args):
+    """--download what this run may need (everything for the interactive chat), then stop with one listing of
+    what is still missing, if anything is."""
     if args.download:  # the interactive chat may need any part; a one-shot question or --mic only its own
         one_shot = args.text or args.audio or args.image or args.mic
         failures = files.download(args, parts_needed(args) if one_shot else list(files.PARTS))
@@ -1012,6 +968,15 @@ def main(argv=None):
     missing = files.missing_report(args, parts_needed(args))
     if missing:
         sys.exit(f"chat.py: {missing}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    get_parts(args)
     player = None if args.no_speech or args.mute or args.web else open_player()
     try:
         chat = load_session(args, player)
@@ -1031,14 +996,7 @@ def main(argv=None):
             print("listening: speak, then pause (Ctrl-C to leave)", file=sys.stderr)
             return converse(chat, mic, VoiceActivity(), on_reply=saver(args.out))
         if args.text or args.audio or args.image:
-            reply = chat.ask(args.text or "", args.audio, args.image, on_text=lambda s: print(s, end="", flush=True))
-            print()
-            if args.out:
-                write_wav(args.out, reply.pcm)
-            report(reply, args.out)
-            while player and player.busy:  # let the last of it play
-                time.sleep(PLAYBACK_POLL_S)
-            return reply
+            return one_shot(chat, args)
         return interactive(chat, args)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"chat.py: {e}")

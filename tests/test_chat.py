@@ -227,6 +227,27 @@ def test_bad_clips_get_their_messages(tmp_path, flags, clip, message):
 
 # -- live conversation (--mic) ---------------------------------------------------------------------
 
+class RecordedMic:
+    """A recording played as if it were the microphone: iterating gives its chunks in order; poll() gives one
+    chunk per call, i.e. during a reply 32 ms of sound arrive per model step."""
+
+    def __init__(self, wav16k):
+        n = len(wav16k) // chat.VAD_CHUNK
+        self.chunks = list(np.asarray(wav16k[:n * chat.VAD_CHUNK], dtype=np.float32).reshape(n, chat.VAD_CHUNK))
+        self.position = 0
+
+    def __iter__(self):
+        while self.position < len(self.chunks):
+            self.position += 1
+            yield self.chunks[self.position - 1]
+
+    def poll(self):
+        if self.position >= len(self.chunks):
+            return []
+        self.position += 1
+        return [self.chunks[self.position - 1]]
+
+
 def test_speaking_during_a_reply_stops_it_and_the_new_question_is_heard(flags):
     """The recording is fed as the microphone, one 32 ms chunk per model step during a reply: a question,
     a pause (the reply starts), then the same sentence again, which must cut the reply short."""
@@ -234,7 +255,7 @@ def test_speaking_during_a_reply_stops_it_and_the_new_question_is_heard(flags):
     session, heard = chat.Chat(args), []
     ask = session.ask
     session.ask = lambda **kw: heard.append(len(kw["audio"])) or ask(**kw)
-    mic = chat.RecordedMic(np.concatenate([speech16k(0.5, 1.2), speech16k(0.0, 1.0)]))
+    mic = RecordedMic(np.concatenate([speech16k(0.5, 1.2), speech16k(0.0, 1.0)]))
     saved = []
     replies = chat.converse(session, mic, chat.VoiceActivity(), echo=lambda *a, **k: None, on_reply=saved.append)
     assert len(replies) == 2 and saved == replies
