@@ -148,19 +148,14 @@ class Encoders:
 
 def load_encoders(rows, args, device):
     """Load only the encoders the data needs: T2A data needs neither."""
-    enc, option = Encoders(), None
-    try:
-        if rows.has_any("question_audios"):
-            option = "--speech_encoder"
-            with files.loading("sensevoice", args.speech_encoder):
-                enc.speech = files.load_speech_encoder(args.speech_encoder, device)
-            enc.speech_frontend = enc.speech.frontend
-        if rows.has_any("image_bytes"):
-            option = "--vision_encoder"
-            with files.loading("siglip", args.vision_encoder):
-                enc.vision, enc.image_processor = files.load_vision_encoder(args.vision_encoder, device)
-    except (FileNotFoundError, files.DamagedPartError) as e:  # say which option points there
-        raise type(e)(f"{option}: {e}") from e
+    enc = Encoders()
+    if rows.has_any("question_audios"):
+        with files.loading("sensevoice", args.speech_encoder, "--speech_encoder"):
+            enc.speech = files.load_speech_encoder(args.speech_encoder, device)
+        enc.speech_frontend = enc.speech.frontend
+    if rows.has_any("image_bytes"):
+        with files.loading("siglip", args.vision_encoder, "--vision_encoder"):
+            enc.vision, enc.image_processor = files.load_vision_encoder(args.vision_encoder, device)
     return enc
 
 
@@ -887,25 +882,18 @@ class Exchange:
     voice: Optional[dict]   # clone_voice's {'ref_codes': (8, R) int64, 'spk_emb': (192,) float32}
 
 
-def load_part(key, path, load, device):
-    """files.PARTS[key], loaded from path by load(path, device); a failure also names the option --key."""
-    try:
-        with files.loading(key, path):
-            return load(path, device)
-    except (FileNotFoundError, files.DamagedPartError) as e:
-        raise type(e)(f"--{key}: {e}") from e
-
-
 class Preparer:
     """Mimi and CAM++ (only when some line names a voice), loaded once, and the voices cloned so far
     (one clone per distinct clip)."""
 
     def __init__(self, args, needs_voices):
         self.folder = os.path.dirname(os.path.abspath(args.prepare[0]))   # manifest paths are relative to it
-        self.mimi = load_part("mimi", args.mimi, files.load_mimi, args.device)
+        with files.loading("mimi", args.mimi, "--mimi"):
+            self.mimi = files.load_mimi(args.mimi, args.device)
         self.campp = None
         if needs_voices:
-            self.campp = load_part("campplus", args.campplus, files.load_speaker_encoder, args.device)
+            with files.loading("campplus", args.campplus, "--campplus"):
+                self.campp = files.load_speaker_encoder(args.campplus, args.device)
         self.voices = {}
 
     def path(self, line, key):

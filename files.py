@@ -185,17 +185,17 @@ def download(args, keys, parts=PARTS):
 
 
 @contextlib.contextmanager
-def loading(part, path):
-    """Around the loading of PARTS[part] from `path`: a failure becomes one message naming the file
-    and how to get it (a missing file stays a FileNotFoundError)."""
-    p = PARTS[part]
+def loading(part, path, option=None):
+    """Around the loading of PARTS[part] from `path`: a failure becomes one message naming the option that
+    points there (when given), the file and how to get it (a missing file stays a FileNotFoundError)."""
+    p, flag = PARTS[part], f"{option}: " if option else ""
     try:
         yield
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{p.name}: {e}. Get it with {p.how}") from e
+        raise FileNotFoundError(f"{flag}{p.name}: {e}. Get it with {p.how}") from e
     except Exception as e:
         detail = (str(e).strip().splitlines() or [""])[0][:200]
-        raise DamagedPartError(f"cannot read the {p.name} at {path} ({type(e).__name__}: {detail}). Is it the "
+        raise DamagedPartError(f"{flag}cannot read the {p.name} at {path} ({type(e).__name__}: {detail}). Is it the "
                                "published file, whole? A git-lfs pointer (a clone without git-lfs) or a cut "
                                f"download fails like this. Get it with {p.how}") from e
 
