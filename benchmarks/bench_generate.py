@@ -1,6 +1,6 @@
 """
-How fast does MiniMind-O talk? Streaming generation of the full-size model with speech decoded by Mimi,
-exactly as chat.py does it (mo.stream_generate + chat.SpeechOut), random weights in both.
+How fast does MiniMind-O talk? Streaming generation of the full-size model with speech decoded by Mimi, as
+chat.py does it (mo.stream_generate + chat.SpeechOut), random weights in both.
 
     python benchmarks/bench_generate.py                              # CPU, PyTorch's own thread count
     taskset -c 0,1 python benchmarks/bench_generate.py --threads 2   # "2 CPU cores"
@@ -8,20 +8,12 @@ exactly as chat.py does it (mo.stream_generate + chat.SpeechOut), random weights
     python benchmarks/bench_generate.py --device cuda --dtype bfloat16 --compile   # decode steps as CUDA graphs
     python benchmarks/bench_generate.py --conformance FIXTURE.pt [--device cuda]    # the compiled steps checked
 
-Reports, as the median of --repeats runs after a warm-up run:
-  prefill       the first step: the whole --prompt_tokens prompt at once
-  steps/s       model steps per second without Mimi, while the text is being written and after it
-  RTF           real-time factor = wall time of the reply / seconds of speech made (model + Mimi decode)
-  first audio   from the call to the first decoded PCM: prefill + 8 steps + decoding the first frame
-Goals on 2 CPU cores: RTF <= 0.5 and first audio <= 0.4 s. Random weights never end the text or the speech
-on their own, so the text ends after --text_steps steps (a reply's text is much shorter than its speech:
-about 3 text tokens per second of speech) and the speech never stops early: every run makes --steps steps.
-
---compile: MiniMindO.step and .speech_step under torch.compile (on a GPU mode="reduce-overhead": each step
-recorded once as a CUDA graph, then replayed); the warm-up run compiles them, and the report says how long
-that took and that nothing compiled again. --conformance: each generate case of a conformance fixture runs
-greedily eagerly and with the compiled steps, which must give the expected text and frames, compile once
-per step function and speaker variant, never break a graph and, on a GPU, never skip a CUDA graph.
+Reports the median of --repeats runs after a warm-up run: the prefill, steps/s without Mimi (while the text
+is written and after), the real-time factor (the reply's wall time / seconds of speech, Mimi included) and
+the time to the first audio. Random weights would never end the text or the speech: the text ends after
+--text_steps steps and the speech never stops early. --compile: MiniMindO.step and .speech_step under
+torch.compile (CUDA graphs on a GPU). --conformance: a fixture's generate cases, compiled, must give the
+expected text and frames, compile once per step and speaker variant, and never skip a CUDA graph.
 """
 import argparse
 import json
@@ -148,10 +140,9 @@ def script_lengths(model, text_steps):
 
 
 def run_once(model, mimi, prompt, args, with_speech):
-    """One reply -> timings. Mimi decodes in chat.SpeechOut (a background thread unless --serial_decode)."""
+    """One reply -> timings. Mimi decodes in chat.SpeechOut (on the CPU in a thread of its own, as in chat.py)."""
     model.steps_seen = 0
-    speech = chat.SpeechOut(mimi, args.frames_per_call, background=False if args.serial_decode else None) \
-        if with_speech else None
+    speech = chat.SpeechOut(mimi, args.frames_per_call) if with_speech else None
     start = time.perf_counter()
     stamps = []
     for step in mo.stream_generate(model, prompt, args.steps, greedy=False):
@@ -192,19 +183,17 @@ def measure(args):
     median = lambda way, key: statistics.median(r[key] for r in runs[way])
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
             f"cpu, {torch.get_num_threads()} threads", "dtype": "int8 Linear" if args.int8 else args.dtype,
-            "prompt_tokens": args.prompt_tokens, "steps": args.steps, "text_steps": args.text_steps,
-            "frames_per_call": args.frames_per_call, "overlap": device.type == "cpu" and not args.serial_decode,
-            "prefill_s": median(False, "prefill_s"), "steps_per_s_text": median(False, "steps_per_s_text"),
+            "frames_per_call": args.frames_per_call, "prefill_s": median(False, "prefill_s"), "steps_per_s_text": median(False, "steps_per_s_text"),
             "steps_per_s_after_text": median(False, "steps_per_s_after_text"), "rtf": median(True, "rtf"),
             "first_audio_s": median(True, "first_audio_s"), "speech_s": runs[True][0]["speech_s"],
-            "compiled": args.compile, "warm_up_s": warm_up, "graphs_compiled": graphs,
+            "warm_up_s": warm_up, "graphs_compiled": graphs,
             "recompiles": graphs_compiled() - graphs, "cudagraph_skips": cudagraph_skips(),
             "load": os.getloadavg()[0]}
 
 
 def report(r, args):
-    print(f"MiniMind-O dense ({r['dtype']}), {r['device']}, Mimi {'overlapped' if r['overlap'] else 'serial'}, "
-          f"{args.frames_per_call} frame(s)/decode call; median of {args.repeats}")
+    print(f"MiniMind-O dense ({r['dtype']}), {r['device']}, {args.frames_per_call} frame(s)/decode call; median of "
+          f"{args.repeats}")
     if args.compile:
         print(f"  compiled steps        {r['graphs_compiled']} graphs in the warm-up run ({r['warm_up_s']:.1f} s), "
               f"{r['recompiles']} recompiles after it, {r['cudagraph_skips']} CUDA-graph skips")
@@ -231,8 +220,6 @@ def main(argv=None):
     p.add_argument("--text_steps", type=int, default=48, help="steps before the text ends (about 3 per second "
                    "of speech)")
     p.add_argument("--frames_per_call", type=int, default=2, choices=range(1, 5), metavar="{1..4}")
-    p.add_argument("--serial_decode", action="store_true", help="decode Mimi in the generating thread on the CPU "
-                   "too (no overlap; on a GPU that is the default)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs (--conformance: compiled runs per case after the "
                    "first)")
     p.add_argument("--json", help="also append the result as JSON lines to this file")

@@ -10,11 +10,8 @@ full-size model with random weights, on synthetic rows of realistic length read 
     python benchmarks/bench_train.py --encoder_cache [--mode audio_proj]  # spoken rows and images, full-size encoders
     python benchmarks/bench_train.py --memory            # the estimated peak GPU memory table, without a GPU
 
---group_by_length: the release's seeded batch order against batches grouped by estimated length, on an epoch
-of T2A rows: its padding share, then the mean step time over its first batches. --encoder_cache: A2A rows
-through full-size SenseVoiceSmall and SigLIP2 (random weights) with no cache, while filling one (the first
-epoch) and reading it back (later epochs and stages). Reports samples/s and tokens/s (tokens = positions up to
-each sample's last label: the same useful work in every variant), the median step after warm-up.
+Reports each variant's median step after warm-up (--group_by_length: the mean, over the first batches of an
+epoch in the release's order and grouped) and its samples/s against the first variant's.
 """
 import argparse
 import contextlib
@@ -27,9 +24,9 @@ import common
 import numpy as np
 import torch
 
+import data
 import files
 import minimind_o as mo
-import data
 import train
 
 EPOCH_ROWS = 1024                 # --group_by_length: the epoch whose padding is counted
@@ -41,57 +38,45 @@ def rows_dataset(tmp, tok, n, max_len, spoken=False, encoders=None):
     return rows, data.OmniDataset(rows, tok, max_len, encoders, augment="none")
 
 
-def report(times, batch_size, tokens=None, average=np.median):
-    """One line per variant (ms/step, samples/s, tokens/s) -> {name: seconds per step}."""
-    seconds = {name: float(average(t)) for name, t in times.items()}
-    for name, s in seconds.items():
-        per_token = "" if tokens is None else f"  {tokens / s:9.0f} tokens/s"
-        print(f"  {name:24s} {s * 1000:8.1f} ms/step  {batch_size / s:8.2f} samples/s{per_token}")
-    return seconds
+def steps_on(learner, args, batches, encoders=None):
+    """A variant for common.take_turns: train.py's step on batches[i]."""
+    return lambda i: common.train_step(learner, args, batches[i], encoders)
 
 
 # -----------------------------------------------------------------------------------------------
-# The comparisons
+# The comparisons: each prints what it compares and returns its variants, the first the baseline
 # -----------------------------------------------------------------------------------------------
 
-def padding(learner, args, dataset, batch_size, warmup, steps):
+def padding(learner, args, tok, tmp, batch_size, rounds):
     """Each batch cut after its longest sample (train.py's collate) against padded to max_len (the release)."""
-    samples = [dataset[i] for i in range(len(dataset))]
-    groups = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
-    batches = {"padded to longest": [data.collate(g).to(args.device) for g in groups],
-               "padded to max_len": [data.collate([replace(s, length=args.max_seq_len - 1) for s in g]).to(args.device)
-                                     for g in groups]}
-    lengths = np.array([s.length for s in samples])
+    dataset = rows_dataset(tmp, tok, batch_size * rounds, args.max_seq_len)[1]
+    groups = [[dataset[i] for i in range(k, k + batch_size)] for k in range(0, len(dataset), batch_size)]
+    longest = [data.collate(g).to(args.device) for g in groups]
+    lengths = np.array([s.length for g in groups for s in g])
     print(f"sample lengths: mean {lengths.mean():.0f}, median {np.median(lengths):.0f}, max {lengths.max()} (of "
           f"{args.max_seq_len - 1}); mean batch width when padded to the longest: "
-          f"{np.mean([b.input_ids.shape[-1] for b in batches['padded to longest']]):.0f}")
-    times = common.take_turns({name: lambda i, b=b: common.train_step(learner, args, b[i]) for name, b in batches.items()},
-                              steps, warmup, args.device)
-    seconds = report(times, batch_size, tokens=lengths.sum() / len(groups))
-    if args.device.startswith("cuda"):
-        print(f"peak GPU memory {torch.cuda.max_memory_allocated(args.device) / 2**30:.1f} GiB (the max_len batches)")
-    print(f"padding to the longest sample is {seconds['padded to max_len'] / seconds['padded to longest']:.2f}x faster")
+          f"{np.mean([b.input_ids.shape[-1] for b in longest]):.0f}; {lengths.sum() / len(groups):.0f} tokens a batch")
+    full = [data.collate([replace(s, length=args.max_seq_len - 1) for s in g]).to(args.device) for g in groups]
+    return {"padded to max_len": steps_on(learner, args, full), "padded to longest": steps_on(learner, args, longest)}
 
 
-def checkpointing(learner, args, dataset, batch_size, warmup, steps):
-    """The same batches with and without --grad_checkpointing."""
+def grad_checkpointing(learner, args, tok, tmp, batch_size, rounds):
+    """The same batches without and with --grad_checkpointing."""
+    dataset = rows_dataset(tmp, tok, batch_size * rounds, args.max_seq_len)[1]
     batches = [data.collate([dataset[i] for i in range(k, k + batch_size)]).to(args.device)
                for k in range(0, len(dataset), batch_size)]
-    model = learner.model
 
     def step(on):
         def run(i):
-            model.thinker.checkpointing = model.talker.checkpointing = on
+            learner.model.thinker.checkpointing = learner.model.talker.checkpointing = on
             common.train_step(learner, args, batches[i])
         return run
-    seconds = report(common.take_turns({"without": step(False), "with --grad_checkpointing": step(True)}, steps, warmup,
-                                       args.device), batch_size)
-    print(f"--grad_checkpointing: {seconds['with --grad_checkpointing'] / seconds['without']:.2f}x the time")
+    return {"without": step(False), "with --grad_checkpointing": step(True)}
 
 
-def group_by_length(learner, args, tok, tmp, batch_size, warmup, steps):
+def group_by_length(learner, args, tok, tmp, batch_size, rounds):
     """An epoch of T2A rows in the release's order and grouped by estimated length: its padding share, and
-    the mean step time over the first batches of each (a mean weighs their widths as the epoch does)."""
+    the first batches of each to time (a mean over them weighs their widths as the epoch does)."""
     rows, dataset = rows_dataset(tmp, tok, EPOCH_ROWS, args.max_seq_len)
     started = time.perf_counter()
     estimates = data.estimated_lengths(rows, tok, args.max_seq_len)
@@ -105,17 +90,14 @@ def group_by_length(learner, args, tok, tmp, batch_size, warmup, steps):
           f"{args.max_seq_len - 1}); estimated in {estimate_s:.2f} s, the estimate {np.corrcoef(estimates, lengths)[0, 1]:.2f} "
           "correlated with the true lengths; padding share of the epoch: "
           + ", ".join(f"{name} {share:.0%}" for name, share in shares.items()))
-    batches = {name: [data.collate([dataset[i] for i in b.tolist()]).to(args.device) for b in order.batches[:warmup + steps]]
+    batches = {name: [data.collate([dataset[i] for i in b.tolist()]).to(args.device) for b in order.batches[:rounds]]
                for name, order in orders.items()}
     for name, timed in batches.items():
-        print(f"  {name}: timed batches of widths {[b.input_ids.shape[-1] for b in timed[warmup:]]}")
-    times = common.take_turns({name: lambda i, b=b: common.train_step(learner, args, b[i]) for name, b in batches.items()},
-                              steps, warmup, args.device)
-    seconds = report(times, batch_size, average=np.mean)
-    print(f"grouped by length: {seconds['release order'] / seconds['grouped']:.2f}x the samples/s")
+        print(f"  {name}: batches of widths {[b.input_ids.shape[-1] for b in timed]}")
+    return {name: steps_on(learner, args, b) for name, b in batches.items()}
 
 
-def encoder_cache(learner, args, tok, tmp, batch_size, warmup, steps):
+def encoder_cache(learner, args, tok, tmp, batch_size, rounds):
     """A2A rows from the file to the AdamW update, through the full-size frozen encoders: no cache, the
     first epoch (encoding and writing the cache) and a warm cache (read back), each on its own rows."""
     import side_assets
@@ -124,45 +106,44 @@ def encoder_cache(learner, args, tok, tmp, batch_size, warmup, steps):
     speech = files.load_speech_encoder(speech_folder, args.device)
     vision, processor = files.load_vision_encoder(vision_folder, args.device)
 
-    def dataset(cache):
+    def cached(cache):
         encoders = data.Encoders(speech, speech.frontend, vision, processor)
         if cache:
             encoders.speech_cache = data.EncoderCache(os.path.join(tmp, cache), "speech", speech_folder)
             encoders.image_cache = data.EncoderCache(os.path.join(tmp, cache), "image", vision_folder)
-        return rows_dataset(tmp, tok, batch_size * (warmup + steps), args.max_seq_len, True, encoders)[1]
+        return rows_dataset(tmp, tok, batch_size * rounds, args.max_seq_len, True, encoders)[1]
 
-    variants = {"no cache": dataset(None), "first epoch": dataset("first"), "warm cache": dataset("warm")}
-    rows = lambda i: range(i * batch_size, (i + 1) * batch_size)
+    variants = {"no cache": cached(None), "first epoch": cached("first"), "warm cache": cached("warm")}
+    batch = lambda rows, i: data.collate([rows[r] for r in range(i * batch_size, (i + 1) * batch_size)]).to(args.device)
     warm = variants["warm cache"]
-    for i in range(warmup + steps):  # an earlier epoch fills the warm cache
-        data.encode_inputs(data.collate([warm[r] for r in rows(i)]).to(args.device), warm.encoders)
+    for i in range(rounds):  # an earlier epoch fills the warm cache
+        data.encode_inputs(batch(warm, i), warm.encoders)
     millions = lambda module: sum(p.numel() for p in module.parameters()) / 1e6
     print(f"SenseVoiceSmall {millions(speech):.0f}M and SigLIP2 {millions(vision):.0f}M parameters; an image in "
           f"every {common.IMAGE_EVERY} rows")
+    return {name: lambda i, dataset=dataset: common.train_step(learner, args, batch(dataset, i), dataset.encoders)
+            for name, dataset in variants.items()}
 
-    def step(variant):
-        return lambda i: common.train_step(learner, args, data.collate([variant[r] for r in rows(i)]).to(args.device),
-                                           variant.encoders)
-    seconds = report(common.take_turns({name: step(variant) for name, variant in variants.items()}, steps, warmup,
-                                       args.device), batch_size)
-    print(f"a warm encoder cache is {seconds['no cache'] / seconds['warm cache']:.2f}x faster (the first epoch: "
-          f"{seconds['no cache'] / seconds['first epoch']:.2f}x)")
+
+def compare(variants, args, batch_size, warmup, steps, average=np.median):
+    """Time the variants taking turns; one line each, and its speed against the first's."""
+    times = common.take_turns(variants, steps, warmup, args.device)
+    seconds = {name: float(average(t)) for name, t in times.items()}
+    first = next(iter(seconds))
+    for name, s in seconds.items():
+        print(f"  {name:26s} {s * 1000:8.1f} ms/step  {batch_size / s:8.2f} samples/s  "
+              f"{seconds[first] / s:.2f}x the samples/s of {first}")
 
 
 # -----------------------------------------------------------------------------------------------
 # --memory: the estimated peak GPU memory of a training step
 # -----------------------------------------------------------------------------------------------
-# Per (dtype, checkpointing, max_seq_len), bytes for the model (any batch) and per sample:
-#   weights, gradients and AdamW's two moments     16 bytes a parameter (float32)
-#   autocast's low-precision copies of the weights  2 bytes a parameter (bfloat16 only)
-#   activations    what the forward pass keeps for the backward pass (saved_tensors_hooks, each storage once),
-#                  at batch 2 less at batch 1, every sample max_seq_len long with a text label at its end
-#                  (the widest batch there is: no block stops early)
-#   working memory twice a sample's share of the largest saved tensor (its gradient and a temporary), and
-#                  with checkpointing one block's recomputed activations
-# The CUDA context and the allocator's fragmentation are not included ('fits' leaves USABLE_MARGIN_GIB of
-# each GPU for them). The CPU's autocast stands in for CUDA's (both cast matmuls to bfloat16 and keep the
-# loss in float32), and the CPU's flash attention for CUDA's (neither keeps T x T scores).
+# Per (dtype, checkpointing, max_seq_len): 16 bytes a parameter for the weights, gradients and AdamW's moments
+# (+2 for bfloat16 autocast's weight copies), and per sample what the forward pass saves for the backward pass
+# (saved_tensors_hooks, each storage once; batch 2 less batch 1, every sample max_seq_len long with a text
+# label at its end: no block stops early), plus twice its share of the largest saved tensor and, with
+# checkpointing, one block's recomputed activations. The CPU's autocast and flash attention stand in for
+# CUDA's; the CUDA context and fragmentation are left out ('fits' leaves USABLE_MARGIN_GIB for them).
 
 MEMORY_BATCHES = (4, 8, 16, 32, 40)
 MEMORY_LENS = (256, 512)
@@ -266,14 +247,10 @@ def main():
           f"{max_len}, --dtype {train_args.dtype}, --mode {args.mode}; {warmup} warm-up + {steps} timed steps")
     with tempfile.TemporaryDirectory() as tmp:
         if args.memory:
-            report_memory(learner, tok, tmp, torch.device(args.device))
-        elif args.group_by_length:
-            group_by_length(learner, train_args, tok, tmp, batch_size, warmup, steps)
-        elif args.encoder_cache:
-            encoder_cache(learner, train_args, tok, tmp, batch_size, warmup, steps)
-        else:
-            dataset = rows_dataset(tmp, tok, batch_size * (warmup + steps), max_len)[1]
-            (checkpointing if args.grad_checkpointing else padding)(learner, train_args, dataset, batch_size, warmup, steps)
+            return report_memory(learner, tok, tmp, torch.device(args.device))
+        mode = next((m for m in (grad_checkpointing, group_by_length, encoder_cache) if getattr(args, m.__name__)), padding)
+        variants = mode(learner, train_args, tok, tmp, batch_size, warmup + steps)
+        compare(variants, train_args, batch_size, warmup, steps, np.mean if mode is group_by_length else np.median)
 
 
 if __name__ == "__main__":

@@ -3,30 +3,22 @@ Ours against the release's own training code (jingyaogong/minimind-o), side by s
 same machine, one run. The release's code is imported from a checkout (--reference, or $MINIMIND_O_REFERENCE)
 made with `git clone https://github.com/jingyaogong/minimind-o /tmp/minimind-o`; nothing of it is copied here.
 
-    step   one training step on the same batches of synthetic T2A samples of realistic length
-           (benchmarks/common.py), padded to the full sample width as the release's data loader does, into
-             reference      the release trainer's own train_epoch (trainer/train_sft_omni.py), fed them one by one
-             ours           train.py's optimizer step on the same tensors (same width)
-             ours_longest   the same, each batch cut after its longest sample (the step train.py really runs)
-           each side in its own process (its peak memory is its own), the sides taking turns step by step
-           (a machine whose other load comes and goes slows them alike)
-    cli    the whole command line, from start to exit (start-up and the last checkpoint included): train.py in
-           the release's row order (ours) and with --group_by_length (ours_grouped) against the release's
-           trainer, one epoch of batch_size * steps rows of the same T2A parquet file, from random weights
+    step   one training step on the same batches of synthetic T2A rows (benchmarks/common.py), padded to the
+           full width as the release's data loader does: the release trainer's own train_epoch (reference),
+           train.py's optimizer step on the same tensors (ours), and on each batch cut after its longest
+           sample (ours_longest: the step train.py really runs); each side in its own process, so that its
+           peak memory is its own, the sides taking turns step by step
+    cli    the whole command line, from start to exit: train.py in the release's row order (ours) and with
+           --group_by_length (ours_grouped) against the release's trainer, on the same T2A parquet file
 
     python benchmarks/bench_vs_reference.py step --reference /tmp/minimind-o            # CPU: batch 4 x 512
     python benchmarks/bench_vs_reference.py cli --reference /tmp/minimind-o --steps 10
-    python benchmarks/bench_vs_reference.py step --reference /tmp/minimind-o --device cuda \\
-        --batch_size 40 --max_seq_len 512 --dtype bfloat16 [--compile]                  # the release's shapes
+    python benchmarks/bench_vs_reference.py step --device cuda --batch_size 40 --dtype bfloat16 [--compile]
 
-Each side prints one JSON line: mode, side, device, batch_size, max_seq_len, width (positions per sample in
-the step), steps, seconds_per_step (the median timed step; cli: the whole run / steps), samples_per_s,
-tokens_per_s (tokens = positions up to each sample's last label: the same useful work for every side),
-peak_memory_mib (CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak resident set) and load (the
-1-minute load average at its end); then a last line with the ratios against the reference.
-
-The release's trainer imports `datasets` and `onnxruntime` at the top, which its training never uses; where
-they are not installed an empty module stands in for each. Its encoders are not loaded (T2A rows need none).
+Each side prints one JSON line (samples_per_s, tokens_per_s counting positions up to each sample's last
+label, peak_memory_mib: CUDA's max_memory_allocated or the process's peak resident set, ...), then a line of
+ratios against the reference. The release's trainer imports `datasets` and `onnxruntime`, which its training
+never uses: where they are not installed an empty module stands in for each.
 """
 import argparse
 import contextlib
@@ -66,18 +58,13 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="timed steps (step) or steps in the run (cli) (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first, step mode (default 1)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="autocast precision, as train.py --dtype, given to both sides. step: the reference's step runs "
-                        "in the same autocast as ours on every device. cli: its trainer autocasts on CUDA only, "
-                        "trains in float32 on the CPU whatever --dtype says, and on CUDA takes any --dtype but "
-                        "bfloat16 for float16 (default: train.py's, bfloat16 on CUDA, float32 on the CPU)")
+                   help="autocast precision, as train.py --dtype, both sides (default bfloat16 on CUDA, float32 on the "
+                        "CPU); the release's trainer in cli mode trains in float32 on the CPU whatever it says")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (ours: train.py --compile; "
                                                             "the reference: its --use_compile 1)")
-    p.add_argument("--use_moe", action="store_true", help="the MoE model on both sides")
     p.add_argument("--hidden_size", type=int, default=768, help="Thinker width (default 768; smaller only for tests: "
                                                                 "the reference's Talker stays 768 wide)")
     p.add_argument("--num_hidden_layers", type=int, default=8, help="Thinker blocks (default 8)")
-    p.add_argument("--threads", type=int, help="CPU threads per side (default: torch's)")
-    p.add_argument("--num_workers", type=int, default=1, help="DataLoader processes in cli mode, both sides (default 1)")
     p.add_argument("--tokenizer", help="folder with the released tokenizer.json (default: $MINIMIND_TOKENIZER, else "
                                        "models/minimind-3o)")
     p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)       # internal: one side of step mode
@@ -91,7 +78,7 @@ def model_flags(args):
     """The model and precision flags both of our sides give train.py."""
     flags = ["--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.num_hidden_layers),
              "--dtype", args.dtype]
-    return flags + ["--use_moe"] * args.use_moe + ["--compile"] * args.compile
+    return flags + ["--compile"] * args.compile
 
 
 def result(args, side, seconds, peak, width=None, tokens=None):
@@ -103,18 +90,14 @@ def result(args, side, seconds, peak, width=None, tokens=None):
                 load=os.getloadavg()[0])
 
 
-def child_env(args, tmp, side):
-    """One side's environment: its CPU threads and, for the reference, an empty package on PYTHONPATH for each
-    of UNUSED_IMPORTS that is not installed."""
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
-    if side == "reference":
-        folder = os.path.join(tmp, "stand_ins")
-        for name in UNUSED_IMPORTS:
-            if importlib.util.find_spec(name) is None:
-                os.makedirs(os.path.join(folder, name), exist_ok=True)
-                open(os.path.join(folder, name, "__init__.py"), "w").close()
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [folder, env.get("PYTHONPATH")]))
-    return env
+def side_env(tmp):
+    """The sides' environment: an empty package on PYTHONPATH for each of UNUSED_IMPORTS that is not installed."""
+    folder = os.path.join(tmp, "stand_ins")
+    for name in UNUSED_IMPORTS:
+        if importlib.util.find_spec(name) is None:
+            os.makedirs(os.path.join(folder, name), exist_ok=True)
+            open(os.path.join(folder, name, "__init__.py"), "w").close()
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [folder, os.environ.get("PYTHONPATH")])))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -125,8 +108,8 @@ def child_env(args, tmp, side):
 def step_batches(args, path):
     """batch_size * (warmup + steps) synthetic T2A samples from train.py's dataset, each batch both at the full
     width and cut after its longest sample, saved to path."""
-    import minimind_o as mo
     import data
+    import minimind_o as mo
     import train
     rows = [common.write_rows(path + ".parquet", args.batch_size * (args.warmup + args.steps))]
     dataset = data.OmniDataset(data.ParquetRows(rows), mo.load_tokenizer(args.tokenizer), args.max_seq_len)
@@ -158,7 +141,7 @@ def reference_steps(args, batches, device, times):
         from model.model_omni import OmniConfig
         from trainer import train_sft_omni as trainer
         from trainer.trainer_utils import init_omni_model
-        config = OmniConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers, use_moe=args.use_moe)
+        config = OmniConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers, )
         model, _ = init_omni_model(config, from_weight="none", tokenizer_path=os.path.join(args.reference, "model"),
                                    audio_encoder_path=NO_ENCODER, vision_model_path=NO_ENCODER, device=str(device))
     trainer.args = argparse.Namespace(device=str(device), accumulation_steps=1, grad_clip=1.0, epochs=1,
@@ -185,8 +168,6 @@ def our_steps(args, batches, device, times):
 
 def run_side(args):
     """One side of step mode, in this process: prints its JSON line."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
     batches = torch.load(args.batches, weights_only=False)
@@ -198,16 +179,6 @@ def run_side(args):
     tokens = np.mean([b["longest"].tokens for b in batches[args.warmup:]])
     print(json.dumps(result(args, args.side, statistics.median(times[args.warmup:]), peak / MIB,
                             round(float(np.mean([b.input_ids.shape[-1] for b in timed])), 1), float(tokens))), flush=True)
-
-
-def side_flags(args):
-    """The command-line flags a side's process needs to repeat this run's settings."""
-    flags = [args.mode, "--reference", args.reference, "--device", args.device, "--batch_size", str(args.batch_size),
-             "--max_seq_len", str(args.max_seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
-             "--dtype", args.dtype, "--hidden_size", str(args.hidden_size),
-             "--num_hidden_layers", str(args.num_hidden_layers), "--tokenizer", args.tokenizer]
-    flags += ["--compile"] * args.compile + ["--use_moe"] * args.use_moe
-    return flags + (["--threads", str(args.threads)] if args.threads else [])
 
 
 def next_line(proc, side, start, log):
@@ -226,9 +197,10 @@ def step_mode(args, tmp):
     procs, logs = {}, {}
     for side in SIDES:  # set up one at a time, so that no side's set-up slows another's steps
         logs[side] = open(os.path.join(tmp, f"{side}.log"), "w+")
-        procs[side] = subprocess.Popen([sys.executable, os.path.abspath(__file__), *side_flags(args), "--side", side,
-                                        "--batches", path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       stderr=logs[side], text=True, env=child_env(args, tmp, side))
+        command = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--reference", args.reference,
+                   "--tokenizer", args.tokenizer, "--dtype", args.dtype, "--side", side, "--batches", path]
+        procs[side] = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=logs[side], text=True, env=side_env(tmp))
         next_line(procs[side], side, "ready", logs[side])
     for _ in range(args.warmup + args.steps):
         for side, proc in procs.items():
@@ -260,21 +232,21 @@ def run_cli(command, cwd, env):
     return seconds, usage.ru_maxrss * 1024 / MIB, output
 
 
-def cli_commands(args, tmp, data_file):
+def cli_commands(args, tmp, data):
     """Our train.py (in the release's order, and grouped by length) and the release's trainer, each with its
     own flags for the same run -> {side: (command, working folder)}."""
     size = ["--batch_size", str(args.batch_size), "--max_seq_len", str(args.max_seq_len), "--epochs", "1",
-            "--num_workers", str(args.num_workers), "--device", args.device, "--from_weight", "none"]
-    ours = [sys.executable, str(common.ROOT / "train.py"), "--data", data_file, "--tokenizer", args.tokenizer, *size,
+            "--num_workers", "1", "--device", args.device, "--from_weight", "none"]
+    ours = [sys.executable, str(common.ROOT / "train.py"), "--data", data, "--tokenizer", args.tokenizer, *size,
             *model_flags(args), "--out_dir", os.path.join(tmp, "ours"), "--log_every", str(UNREACHED), "--save_every", "0"]
     # The release's trainer reads its tokenizer from ../model and writes ../out and ../checkpoints: a run folder
     # whose ../model is the checkout's keeps all of that out of the checkout.
     run = os.path.join(tmp, "reference", "run")
     os.makedirs(run)
     os.symlink(os.path.join(args.reference, "model"), os.path.join(tmp, "reference", "model"))
-    reference = [sys.executable, os.path.join(args.reference, common.REFERENCE_TRAINER), "--data_path", data_file, *size,
+    reference = [sys.executable, os.path.join(args.reference, common.REFERENCE_TRAINER), "--data_path", data, *size,
                  "--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.num_hidden_layers),
-                 "--dtype", args.dtype, "--use_moe", str(int(args.use_moe)), "--use_compile", str(int(args.compile)),
+                 "--dtype", args.dtype, "--use_compile", str(int(args.compile)),
                  "--audio_encoder_dir", NO_ENCODER, "--vision_dir", NO_ENCODER,
                  "--log_interval", str(UNREACHED), "--save_interval", str(UNREACHED)]
     return {"reference": (reference, run), "ours": (ours, common.ROOT),
@@ -282,10 +254,10 @@ def cli_commands(args, tmp, data_file):
 
 
 def cli_mode(args, tmp):
-    data_file = common.write_rows(os.path.join(tmp, "t2a.parquet"), args.batch_size * args.steps, voice_frames=REF_VOICE_FRAMES)
+    data = common.write_rows(os.path.join(tmp, "t2a.parquet"), args.batch_size * args.steps, voice_frames=REF_VOICE_FRAMES)
     lines = {}
-    for side, (command, cwd) in cli_commands(args, tmp, data_file).items():
-        seconds, peak, output = run_cli(command, cwd, child_env(args, tmp, side))
+    for side, (command, cwd) in cli_commands(args, tmp, data).items():
+        seconds, peak, output = run_cli(command, cwd, side_env(tmp))
         if CLI_DONE[side].format(steps=args.steps) not in output:
             common.fail(f"the {side} run did not train {args.steps} steps:\n{output[-2000:]}")
         lines[side] = dict(result(args, side, seconds / args.steps, peak), wall_seconds=round(seconds, 1))

@@ -1,19 +1,14 @@
 """
-How soon does the web chat speak? Time from the end of a question to the first sound in the page, measured by
-the page itself (chat_web.html's own per-turn number), with `python chat.py --web` serving the full-size model.
+How soon does the web chat speak? From the end of a question to the first sound in the page, measured by the
+page itself (chat_web.html's per-turn number), `python chat.py --web` serving the full-size model with random
+weights (Mimi and SenseVoice-Small too: tests/side_assets.py), its codec head made never to stop early.
 
     python benchmarks/bench_web.py                    # CPU, 5 typed and 5 spoken questions
     python benchmarks/bench_web.py --int8 --frames_per_call 4
 
 Typed: from the click on Send. Spoken (a call, Chromium's fake microphone playing espeak-ng speech): from the
-end of the speech, i.e. including the VAD_SILENCE_MS of silence that tells the VAD the question is over.
-The first sound is when the page schedules the reply's first frame to play (WebAudio), not counting the sound
-card's own output delay.
-
-Weights are random (speed does not depend on them): the full-size dense model, Mimi and SenseVoice-Small in
-their published architectures (tests/side_assets.py), the model's codec head made never to stop early so that
-every reply speaks. Needs the released tokenizer ($MINIMIND_TOKENIZER, else models/minimind-3o) and Chromium
-with playwright.
+end of the speech, the VAD's silence included. The first sound is when the page schedules the reply's first
+frame to play. Needs the released tokenizer ($MINIMIND_TOKENIZER, else models/minimind-3o) and Chromium.
 """
 import argparse
 import os

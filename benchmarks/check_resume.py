@@ -8,8 +8,7 @@ holds, log every step once, and log the whole run's losses.
     python benchmarks/check_resume.py --device cpu        # gloo
     python benchmarks/check_resume.py --device cuda --nproc 2
 
-Prints what it saw and one JSON line (also appended to --json): ok, the step it stopped at, the largest
-loss difference from the whole run, and each run's wall time (start-up included).
+Prints what it saw and one JSON line (also appended to --json).
 """
 import argparse
 import contextlib

@@ -1,10 +1,6 @@
 """What the benchmarks share: the project on the import path, the released tokenizer and the reference
-checkout (from an argument or the environment), synthetic rows of realistic length, train.py's own
-training step, and timing that takes turns.
-
-Torch is imported inside the functions: chat.py must be imported before it (it sets the OpenMP
-environment), and the scripts that talk as chat.py does import this module first.
-"""
+checkout (an argument or the environment), synthetic rows, train.py's own step, and timing that takes turns.
+Torch is imported inside the functions: chat.py, which sets the OpenMP environment, must come before it."""
 import argparse
 import io
 import json
@@ -47,7 +43,7 @@ def reference_checkout(given=None):
 
 
 def append_json(path, rows):
-    """Append each row as one JSON line to `path` (when given)."""
+    """Append each row as one JSON line to `path`, when there is one."""
     if path:
         with open(path, "a") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
@@ -147,7 +143,7 @@ def train_step(learner, args, batch, encoders=None):
 
 def synchronize(device):
     import torch
-    if torch.device(device).type == "cuda":
+    if torch.device(device).type == "cuda":   # the GPU's queued work done: the time is the step's
         torch.cuda.synchronize(device)
 
 

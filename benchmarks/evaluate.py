@@ -5,22 +5,15 @@ The paper's evaluation in one command: does the Talker say what the Thinker wrot
     python benchmarks/evaluate.py --checkpoint out/sft_zero_768.pth --limit 10 --unseen_voices none
     python benchmarks/evaluate.py --questions my_questions.jsonl     # {"text": ...} / {"audio": "q.wav"} rows
 
-For every question (a built-in English + Chinese set that asks for one short sentence, as the paper does,
-or a file of text or spoken questions) the model answers in text and speech, exactly as chat.py does; then
-  consistency   an ASR (SenseVoiceSmall's CTC head, from the speech encoder's own folder) transcribes the
-                speech; both texts are normalised (case, punctuation, full/half width, numbers spelled out)
-                and compared: CER over characters (Chinese), WER and CER (English), by the reply's length;
-  voice         the same questions in each voice of --voices (seen in training) and --unseen_voices:
-                cosine of the speaker embeddings (CAM++) of the voice's reference clip and of the speech made;
-  speed         real-time factor (reply wall time / seconds of speech) and time to the first audio.
-It writes DIR/report.md (tables laid out like the paper's, its numbers beside ours for the released
-checkpoints), DIR/results.json (every sample) and DIR/wavs/. Each sample has its own seed (from --seed and
-its name) and is appended to DIR/samples.jsonl when done: a killed run, started again with the same
-command, continues where it stopped and ends with the same samples as a run that was never stopped.
-
-Swapping the ASR or the speaker model: they sit behind transcribe(wavs, sr, language) -> list[str] and
-embed_speaker(wav, sr) -> (D,) tensor; pass others to evaluate() (see sensevoice_transcriber and
-campplus_embedder).
+Every question (built-in English and Chinese ones, or a file's) is answered in text and speech as chat.py
+does, in the model's own voice and in each voice of --voices and --unseen_voices. Consistency: the speech
+transcribed (SenseVoiceSmall's CTC head) against the Thinker's text, both normalised, as CER (and WER for
+English) by length bucket; voice: the cosine of CAM++ embeddings of the voice's reference clip and of the
+speech made; speed: real-time factor and first audio. Writes DIR/report.md (the paper's tables, its numbers
+beside ours for a released checkpoint), DIR/results.json and DIR/wavs/; a killed run, started again with
+the same command, continues to the same samples. docs/evaluation.md has the details. The ASR and the
+speaker model sit behind transcribe(wavs, sr, language) -> list[str] and embed_speaker(wav, sr) -> embedding:
+pass others to evaluate() to swap them.
 """
 import argparse
 import dataclasses
@@ -34,13 +27,13 @@ import unicodedata
 import zlib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import chat  # noqa: E402  (first: it sets the OpenMP environment before torch loads)
-import minimind_o as mo  # noqa: E402
-import files  # noqa: E402
+import common
+import chat  # noqa: E402  (before torch: it sets the OpenMP environment)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+import files  # noqa: E402
+import minimind_o as mo  # noqa: E402
 
 load_voices = files.load_voices   # the one place voices files are read
 
@@ -315,13 +308,13 @@ class SampleLog:
         self.rows[row["key"]] = row
 
 
-def run_sample(session, sample, voice, seed, out, transcribe, embed_speaker, reference_embedding):
+def run_sample(bot, sample, voice, seed, out, transcribe, embed_speaker, reference_embedding):
     """Ask one question in one voice; transcribe and embed the speech; keep the wav. -> the sample's row."""
     q = sample["question"]
-    session.reset()
-    session.voice = voice
+    bot.reset()
+    bot.voice = voice
     torch.manual_seed(sample_seed(seed, sample["key"]))
-    reply = session.ask(q["text"], q["audio"])
+    reply = bot.ask(q["text"], q["audio"])
     wav_path = Path(out) / "wavs" / f"{sample['key']}.wav"
     chat.write_wav(wav_path, reply.pcm)
     speech_s = len(reply.pcm) / mo.SAMPLE_RATE_MIMI
@@ -336,15 +329,15 @@ def run_sample(session, sample, voice, seed, out, transcribe, embed_speaker, ref
             "first_audio_s": reply.first_audio_s, "wav": str(wav_path.relative_to(out))}
 
 
-def reference_embedding(session, split, name, voice, embed_speaker, out):
+def reference_embedding(bot, split, name, voice, embed_speaker, out):
     """The embedding of a voice's reference clip: its ref_codes decoded by Mimi (the codec the generated
     speech comes through too), kept as DIR/wavs/references/SPLIT-NAME.wav to listen to."""
-    pcm = mo.decode_audio_codes(session.part("mimi"), voice["ref_codes"])
+    pcm = mo.decode_audio_codes(bot.part("mimi"), voice["ref_codes"])
     chat.write_wav(Path(out) / "wavs" / "references" / f"{split}-{name}.wav", pcm)
     return embed_speaker(pcm, mo.SAMPLE_RATE_MIMI)
 
 
-def evaluate(session, questions, voice_sets, out, seed, transcribe, embed_speaker):
+def evaluate(bot, questions, voice_sets, out, seed, transcribe, embed_speaker):
     """Run (or continue) every sample not yet in DIR/samples.jsonl -> all rows, in plan order. The samples
     already there must come from the same settings (main checks that with check_settings)."""
     from tqdm import tqdm
@@ -354,16 +347,16 @@ def evaluate(session, questions, voice_sets, out, seed, transcribe, embed_speake
     todo = [s for s in samples if s["key"] not in log.rows]
     # Load the side modules before the first sample: building one draws random numbers (its initial weights),
     # which inside a sample would shift the sample's random stream, differently in a resumed run.
-    session.part("mimi")
+    bot.part("mimi")
     if any(q["audio"] for q in questions):
-        session.part("sensevoice")
+        bot.part("sensevoice")
     references = {}   # (split, name) -> embedding, for the voices that still have samples to run
     for sample in tqdm(todo, desc="evaluate", unit="sample", initial=len(samples) - len(todo), total=len(samples)):
         split, name = sample["split"], sample["voice"]
         voice = voice_sets[split][name] if split else None
         if voice is not None and (split, name) not in references:
-            references[split, name] = reference_embedding(session, split, name, voice, embed_speaker, out)
-        log.add(run_sample(session, sample, voice, seed, out, transcribe, embed_speaker, references.get((split, name))))
+            references[split, name] = reference_embedding(bot, split, name, voice, embed_speaker, out)
+        log.add(run_sample(bot, sample, voice, seed, out, transcribe, embed_speaker, references.get((split, name))))
     return [log.rows[s["key"]] for s in samples]
 
 
@@ -414,11 +407,11 @@ def summarize(rows):
     overall = {split: mean(v["similarity"] for v in per_voice.values() if split in ("all", v["split"]))
                for split in ("all", "seen", "unseen")}
     spoken = [r for r in rows if r["rtf"] is not None]
-    speed = {"n": len(spoken), "speech_s": sum(r["speech_s"] for r in spoken),
-             "rtf_mean": mean(r["rtf"] for r in spoken),
-             "rtf_median": statistics.median(r["rtf"] for r in spoken) if spoken else None,
-             "first_audio_median_s": statistics.median(r["first_audio_s"] for r in spoken) if spoken else None,
-             "first_audio_max_s": max((r["first_audio_s"] for r in spoken), default=None)}
+    rtf, first_audio = [r["rtf"] for r in spoken], [r["first_audio_s"] for r in spoken]
+    median = lambda values: statistics.median(values) if values else None
+    speed = {"n": len(spoken), "speech_s": sum(r["speech_s"] for r in spoken), "rtf_mean": mean(rtf),
+             "rtf_median": median(rtf), "first_audio_median_s": median(first_audio),
+             "first_audio_max_s": max(first_audio, default=None)}
     return {"consistency": consistency, "by_language": by_language, "voices": per_voice,
             "similarity": overall, "speed": speed, "samples": len(rows)}
 
@@ -537,7 +530,7 @@ def parse_args(argv=None):
                    help="unseen voices (default models/voices_unseen.pt; 'none' skips them)")
     p.add_argument("--questions", metavar="FILE", help=".txt (a question a line) or .jsonl ({'text': ...} and/or "
                    "{'audio': FILE}); default: the built-in 20 English + 20 Chinese")
-    p.add_argument("--out", default=str(ROOT / "out" / "eval"), help="output folder (default out/eval); an "
+    p.add_argument("--out", default=str(common.ROOT / "out" / "eval"), help="output folder (default out/eval); an "
                    "unfinished run there is continued")
     p.add_argument("--limit", type=files.positive, help="only the first N questions (each in every voice)")
     p.add_argument("--seed", type=files.random_seed, default=0, help="seed of every sample's own seed (default 0)")
@@ -593,18 +586,18 @@ def main(argv=None):
                       ("unseen", "unseen_voices")) if getattr(args, key) != "none"}
         settings = settings_of(args, every_question, voice_sets)   # so a run may go on with a larger --limit
         check_settings(args.out, settings)
-        session = chat.Chat(cargs)
+        bot = chat.Chat(cargs)
         with files.loading("sensevoice", args.sensevoice):
-            transcribe = sensevoice_transcriber(args.sensevoice, session.device)
-        embed_speaker = campplus_embedder(session.part("campplus")) if voice_sets else None
-        rows = evaluate(session, questions, voice_sets, args.out, args.seed, transcribe, embed_speaker)
+            transcribe = sensevoice_transcriber(args.sensevoice, bot.device)
+        embed_speaker = campplus_embedder(bot.part("campplus")) if voice_sets else None
+        rows = evaluate(bot, questions, voice_sets, args.out, args.seed, transcribe, embed_speaker)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"evaluate.py: {e}")
     except KeyboardInterrupt:
         sys.exit(f"\nstopped; the finished samples are kept in {args.out}: the same command continues")
     summary = summarize(rows)
     released = Path(args.checkpoint).name in RELEASED
-    variant = ("moe" if session.model.config.use_moe else "dense") if released else None
+    variant = ("moe" if bot.model.config.use_moe else "dense") if released else None
     out = Path(args.out)
     with files.atomic_path(out / "results.json") as tmp:
         Path(tmp).write_text(json.dumps({"settings": settings, "summary": summary, "samples": rows}, indent=1,

@@ -10,16 +10,13 @@
 #
 #   bash benchmarks/gpu_check.sh [REFERENCE]
 #
-# REFERENCE (or $MINIMIND_O_REFERENCE) is a checkout of jingyaogong/minimind-o; without one the training
-# stages are skipped. Also read from the environment:
-#   MINIMIND_TOKENIZER   the released tokenizer's folder (default models/minimind-3o)
-#   GPU_CHECK_FIXTURE    a conformance fixture with generate cases (default ../shared/fixtures/conformance_public.pt,
-#                        where CI keeps it)
-#   GPU_CHECK_STAGES     the stages to run besides env (default all, in the order above)
-#   GPU_CHECK_DEVICE=cpu a dry run on a CPU: tiny shapes, short runs; every stage's commands, not its numbers
-#   OUT                  where gpu_check.log (every stage's output) and summary.txt go (default out/gpu_check)
-# Each stage has a time limit (LIMITS below); one that fails or runs out of time is recorded and the next one
-# runs. For a GPU machine without network, docs/performance.md says how to bring the packages along.
+# REFERENCE (or $MINIMIND_O_REFERENCE): a checkout of jingyaogong/minimind-o; without one no training stages.
+# From the environment: MINIMIND_TOKENIZER (default models/minimind-3o); GPU_CHECK_FIXTURE, a conformance
+# fixture (default ../shared/fixtures/conformance_public.pt, where CI keeps it); GPU_CHECK_STAGES, the stages
+# besides env (default all); GPU_CHECK_DEVICE=cpu, a dry run on a CPU (tiny shapes: every stage's commands,
+# not its numbers); OUT, where gpu_check.log and summary.txt go (default out/gpu_check). A stage that fails or
+# runs past its limit (LIMITS) is recorded and the next one runs. A GPU machine without network:
+# docs/performance.md says how to bring the packages along.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
