@@ -112,7 +112,8 @@ def step_batches(args, path):
     import minimind_o as mo
     import train
     rows = [common.write_rows(path + ".parquet", args.batch_size * (args.warmup + args.steps))]
-    dataset = data.OmniDataset(data.ParquetRows(rows), mo.load_tokenizer(args.tokenizer), args.max_seq_len)
+    dataset = data.OmniDataset(data.ParquetRows(rows), mo.load_tokenizer(args.tokenizer), args.max_seq_len,
+                               skip_bad_rows=True)   # a row whose reply starts after max_seq_len teaches nothing
     samples = [dataset[i] for i in range(len(dataset))]
     multiple = train.COMPILE_WIDTH if args.compile else 1  # as train.py rounds the width for --compile
     groups = [samples[i:i + args.batch_size] for i in range(0, len(samples), args.batch_size)]

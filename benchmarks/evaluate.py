@@ -185,24 +185,17 @@ def bucket_of(words):
     return "short" if words <= SHORT_MAX_WORDS else "mid" if words <= MID_MAX_WORDS else "long"
 
 
-def error_rates(reference, hypothesis, language):
-    """Normalised texts -> {'cer', 'wer'} (jiwer; wer is None for Chinese, which has no spaces to count
-    words by), or None when there is no reference text to compare with. Each can exceed 1 (insertions)."""
-    import jiwer
-    if not reference:
-        return None
-    return {"cer": jiwer.cer(reference, hypothesis),
-            "wer": jiwer.wer(reference, hypothesis) if language == "en" else None}
-
-
 def score(thinker_text, transcript):
     """What the Thinker wrote and what the ASR heard -> the sample's language, normalised texts, length
-    bucket and error rates."""
+    bucket and error rates (jiwer; either can exceed 1: insertions). Without a text to compare with there is
+    none; WER is English's only (Chinese has no spaces to count words by)."""
+    import jiwer
     language = language_of(thinker_text)
     reference, hypothesis = normalize(thinker_text, language), normalize(transcript, language)
-    rates = error_rates(reference, hypothesis, language) or {"cer": None, "wer": None}
     return {"language": language, "reference": reference, "hypothesis": hypothesis,
-            "bucket": bucket_of(length_in_words(reference, language)), **rates}
+            "bucket": bucket_of(length_in_words(reference, language)),
+            "cer": jiwer.cer(reference, hypothesis) if reference else None,
+            "wer": jiwer.wer(reference, hypothesis) if reference and language == "en" else None}
 
 
 # -----------------------------------------------------------------------------------------------

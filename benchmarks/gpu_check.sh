@@ -38,7 +38,7 @@ if [ "$DEVICE" = cuda ]; then
   TRAIN=(--steps 10 --warmup 2) TRAIN_ENV=()
   LIMITS=(env=60 train=120 decode_eager=60 decode_compiled=150 resume=120 train_compiled=200 conformance=120)
 else                   # the dry run: tiny shapes; compiling only traced (aot_eager) or switched off
-  BATCH=2 SEQ=64 DTYPE=float32 BACKEND=aot_eager REPEATS=1
+  BATCH=2 SEQ=256 DTYPE=float32 BACKEND=aot_eager REPEATS=1
   DECODE=(--steps 12 --text_steps 2 --prompt_tokens 8 --threads 2)
   TRAIN=(--steps 1 --warmup 1 --hidden_size 64 --num_hidden_layers 2)
   TRAIN_ENV=(TORCH_COMPILE_DISABLE=1)   # checks --compile's command line, not inductor's training compile
