@@ -501,12 +501,15 @@ def write_failed(path, error, outcome=""):
 # 4. The training loop
 # -----------------------------------------------------------------------------------------------
 
-def idle_inputs(batch, audio, image, mode):
-    """In --mode audio_proj / vision_proj the projector is all that trains, so it must take part in every
+def batch_inputs(batch, encoders, mode):
+    """What the model takes besides batch.input_ids: the frozen encoders' outputs and the labels.
+
+    In --mode audio_proj / vision_proj the projector is all that trains, so it must take part in every
     step, even when a batch has nothing for it (no question audio, no image): otherwise the loss has no
     gradient to follow. It is given a zero-length question or a zero image, which injects nothing (the
     batch has no placeholder for it). In --mode all an idle projector simply gets no gradient, as in
     the release."""
+    audio, image = data.encode_inputs(batch, encoders)  # (B, L, 512), (B, 64, 768) or None
     B, device = len(batch.input_ids), batch.input_ids.device
     lengths = batch.speech_lengths
     if audio is None and mode == "audio_proj":
@@ -514,45 +517,8 @@ def idle_inputs(batch, audio, image, mode):
         lengths = torch.zeros(B, dtype=torch.long, device=device)
     if image is None and mode == "vision_proj":
         image = torch.zeros(B, mo.IMAGE_TOKENS, mo.IMAGE_EMBED_DIM, device=device)
-    return audio, lengths, image
-
-
-def micro_step(net, batch, encoders, autocast, scale, mode):
-    """Forward and backward of one micro-batch through net (the model, maybe wrapped): its labelled forward
-    gives the losses. Returns the unscaled (loss, text, audio, aux) values."""
-    with autocast:
-        audio, audio_lengths, image = idle_inputs(batch, *data.encode_inputs(batch, encoders), mode)
-        losses = net(batch.input_ids, audio_embeds=audio, image_embeds=image, spk_emb=batch.spk_emb,
-                     audio_lengths=audio_lengths, text_labels=batch.text_labels, audio_labels=batch.audio_labels)
-        loss = sum(losses)  # text + audio + aux
-    scale(loss).backward()
-    return torch.stack([loss, *losses]).detach()
-
-
-def optimizer_step(learner, batches, group_size, encoders, args, world):
-    """One optimizer step: forward and backward of group_size micro-batches from `batches`, their
-    gradients summed, then clipping and the update. Returns the step's (7,) sums on the CPU: loss,
-    text, audio and aux (each the mean over the micro-batches), tokens, samples and the positions
-    computed (tokens and padding)."""
-    sums = torch.zeros(7)
-    for i in range(group_size):
-        batch = next(batches)
-        last = i == group_size - 1  # DDP averages gradients only after the last micro-batch
-        with contextlib.nullcontext() if last or world == 1 else learner.net.no_sync():
-            values = micro_step(learner.net, batch, encoders, learner.autocast,
-                                lambda x: learner.scaler.scale(x / group_size), args.mode)
-        sizes = torch.tensor([batch.tokens, len(batch.input_ids), batch.text_labels.numel()])
-        sums += torch.cat([values.float().cpu() / group_size, sizes])
-    if not torch.isfinite(sums[0]):
-        raise NotFinite("the loss is not a number (NaN or infinite)")
-    learner.scaler.unscale_(learner.optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(learner.params, args.grad_clip)
-    if not learner.scaler.is_enabled() and not torch.isfinite(norm):  # float16's scaler skips such a step itself
-        raise NotFinite("the gradient norm is not a number (NaN or infinite)")
-    learner.scaler.step(learner.optimizer)
-    learner.scaler.update()
-    learner.optimizer.zero_grad(set_to_none=True)
-    return sums
+    return dict(audio_embeds=audio, audio_lengths=lengths, image_embeds=image, spk_emb=batch.spk_emb,
+                text_labels=batch.text_labels, audio_labels=batch.audio_labels)
 
 
 def epoch_batches(dataset, args, procs, position, lengths=None):
@@ -845,33 +811,53 @@ def train_stage(args, procs):
     if position["step"] >= total_steps:
         procs.say(f"--resume: this run already finished all {total_steps} steps; nothing left to train")
     progress = Progress(args, procs, position, total_steps, resume is not None)
-    lengths = length_groups(dataset, args, procs) if args.group_by_length else None
+    train_loop(learner, dataset, position, total_steps, progress, args, procs)
+    return finish(args, procs, learner, position, progress, demo)
 
+
+def train_loop(learner, dataset, position, total_steps, progress, args, procs):
+    """The training loop, from `position` (epoch, batch, step) on. Each optimizer step: the lr of the
+    schedule; accumulation_steps micro-batches, each a forward pass with labels (the model returns its
+    losses) and a backward pass, their gradients summed; clipping; the update. Then its metrics, and the
+    save every --save_every steps (the last one is finish's)."""
+    net, optimizer, scaler = learner.net, learner.optimizer, learner.scaler
+    n_batches = data.batches_per_epoch(len(dataset), args.batch_size, procs.world)
+    lengths = length_groups(dataset, args, procs) if args.group_by_length else None
     while position["epoch"] < args.epochs and position["step"] < total_steps:
         batches = epoch_batches(dataset, args, procs, position, lengths)
         while position["batch"] < n_batches and position["step"] < total_steps:
-            lr = set_lr(learner.optimizer, lr_at(position["step"] + 1, total_steps, args.learning_rate))
-            tick = time.time()
+            step, tick = position["step"] + 1, time.time()
+            lr = set_lr(optimizer, lr_at(step, total_steps, args.learning_rate))
             group_size = min(args.accumulation_steps, n_batches - position["batch"])
-            try:
-                sums = optimizer_step(learner, batches, group_size, dataset.encoders, args, procs.world)
-            except torch.OutOfMemoryError as e:
-                raise OutOfMemory(memory_advice(e, args, procs, position["step"] + 1)) from None
-            except NotFinite as e:
-                raise NotFinite(f"step {position['step'] + 1}: {e}; it was not taken and training stopped, so the "
-                                "saved weights are those of the last save before it") from None
-            position["batch"] += group_size
-            position["step"] += 1
-            step = position["step"]
-            # step 1 and the last are always logged: the final report compares their losses
-            if step == 1 or step % args.log_every == 0 or step == total_steps:
+            sums = torch.zeros(7)  # loss, text, audio, aux (means over the micro-batches), tokens, samples, positions
+            with out_of_memory_said(args, procs, step):
+                for i in range(group_size):
+                    batch = next(batches)
+                    last = i == group_size - 1  # DDP averages gradients only after the last micro-batch
+                    with contextlib.nullcontext() if last or procs.world == 1 else net.no_sync():
+                        with learner.autocast:
+                            losses = net(batch.input_ids, **batch_inputs(batch, dataset.encoders, args.mode))
+                            loss = sum(losses)  # text + audio + MoE load balance
+                        scaler.scale(loss / group_size).backward()
+                    sizes = torch.tensor([batch.tokens, len(batch.input_ids), batch.text_labels.numel()])
+                    sums += torch.cat([torch.stack([loss, *losses]).detach().float().cpu() / group_size, sizes])
+            if not torch.isfinite(sums[0]):
+                raise NotFinite(step, "loss")
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(learner.params, args.grad_clip)
+            if not scaler.is_enabled() and not torch.isfinite(norm):  # float16's scaler skips such a step itself
+                raise NotFinite(step, "gradient norm")
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            position.update(batch=position["batch"] + group_size, step=step)
+            if step == 1 or step % args.log_every == 0 or step == total_steps:  # the report compares first and last
                 progress.record(sums, position, lr, tick)
             progress.bar.update(1)
             if args.save_every and step % args.save_every == 0 and step < total_steps:
                 save(args, procs, learner, position, progress.seconds)
         if position["batch"] >= n_batches:
             position.update(epoch=position["epoch"] + 1, batch=0)
-    return finish(args, procs, learner, position, progress, demo)
 
 
 def length_groups(dataset, args, procs):
@@ -887,9 +873,21 @@ class NotFinite(ValueError):
     """A step whose loss or gradients are not numbers: it is not taken, and the run stops before its next
     save, so the weights on disk stay those of the last good one."""
 
+    def __init__(self, step, what):
+        super().__init__(f"step {step}: the {what} is not a number (NaN or infinite); it was not taken and training "
+                         "stopped, so the saved weights are those of the last save before it")
+
 
 class OutOfMemory(RuntimeError):
     """A training step did not fit in the device's memory; the message names settings that need less."""
+
+
+@contextlib.contextmanager
+def out_of_memory_said(args, procs, step):
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise OutOfMemory(memory_advice(e, args, procs, step)) from None
 
 
 def memory_advice(error, args, procs, step):

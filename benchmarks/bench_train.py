@@ -169,7 +169,9 @@ def saved_bytes(learner, batch, autocast):
             largest = max(largest, t.numel() * t.element_size() // len(batch.input_ids))
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        train.micro_step(learner.net, batch, data.Encoders(), autocast, lambda x: x, "all")
+        with autocast:
+            losses = learner.net(batch.input_ids, **train.batch_inputs(batch, data.Encoders(), "all"))
+        sum(losses).backward()
     learner.model.zero_grad(set_to_none=True)
     return sum(storages.values()), largest
 

@@ -135,10 +135,19 @@ def learner(device, batch_size, max_len, flags=()):
 
 
 def train_step(learner, args, batch, encoders=None):
-    """train.py's optimizer step on one batch: forward, backward, clipping, AdamW."""
+    """An optimizer step on one batch, as train.py's loop takes it: forward with labels, backward,
+    clipping, AdamW."""
     import data
+    import torch
     import train
-    train.optimizer_step(learner, iter([batch]), 1, encoders or data.Encoders(), args, 1)
+    with learner.autocast:
+        loss = sum(learner.net(batch.input_ids, **train.batch_inputs(batch, encoders or data.Encoders(), args.mode)))
+    learner.scaler.scale(loss).backward()
+    learner.scaler.unscale_(learner.optimizer)
+    torch.nn.utils.clip_grad_norm_(learner.params, args.grad_clip)
+    learner.scaler.step(learner.optimizer)
+    learner.scaler.update()
+    learner.optimizer.zero_grad(set_to_none=True)
 
 
 def synchronize(device):

@@ -2,6 +2,7 @@
 memory flags (--grad_checkpointing, --compile, --group_by_length, --dtype, an out-of-memory step), the
 device checks, and short runs (demo, resume after a kill, DDP)."""
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -273,17 +274,17 @@ def test_a_run_grouped_by_length_resumes_with_the_same_losses(tmp_path, tokenize
     whole = train.main(["--out_dir", str(tmp_path / "whole"), *flags])
     assert whole["steps"] == 4  # 16 rows in 4 batches of 4, 2 a step, 2 epochs
 
-    real_step, calls = train.optimizer_step, []
+    real_inputs, calls = train.batch_inputs, []
 
-    def killed_in_step_4(*args):  # after step 3 was saved: in the second epoch, mid-way (its batches 2 and 3)
+    def killed_in_step_4(*args):  # after step 3 was saved: in the second epoch, at its batch 3 (of 2 and 3)
         calls.append(1)
-        if len(calls) == 4:
+        if len(calls) == 7:  # two micro-batches a step
             raise KeyboardInterrupt
-        return real_step(*args)
-    monkeypatch.setattr(train, "optimizer_step", killed_in_step_4)
+        return real_inputs(*args)
+    monkeypatch.setattr(train, "batch_inputs", killed_in_step_4)
     with pytest.raises(KeyboardInterrupt):
         train.main(["--out_dir", str(tmp_path / "killed"), *flags])
-    monkeypatch.setattr(train, "optimizer_step", real_step)
+    monkeypatch.setattr(train, "batch_inputs", real_inputs)
     resumed = train.main(["--out_dir", str(tmp_path / "killed"), "--resume", *flags])
     read = lambda summary: [json.loads(line)["loss"] for line in open(summary["metrics"])]
     assert len(read(resumed)) == 4 and read(resumed) == pytest.approx(read(whole), abs=1e-6)
@@ -291,10 +292,18 @@ def test_a_run_grouped_by_length_resumes_with_the_same_losses(tmp_path, tokenize
         train.main(["--out_dir", str(tmp_path / "killed"), "--resume", *[f for f in flags if f != "--group_by_length"]])
 
 
+def forward_backward(net, batch, autocast=contextlib.nullcontext()):
+    """A micro-batch as train.py's loop takes it: the forward pass with labels, the backward pass of the
+    summed losses -> (4,) loss, text, audio, MoE aux."""
+    with autocast:
+        losses = net(batch.input_ids, **train.batch_inputs(batch, data.Encoders(), "all"))
+    sum(losses).backward()
+    return torch.stack([sum(losses), *losses]).detach()
+
+
 @pytest.mark.parametrize("use_moe", [False, True])
 def test_grad_checkpointing_gives_the_same_losses_and_gradients_from_fewer_saved_tensors(tokenizer, demo_file,
                                                                                         use_moe):
-    import contextlib
     dataset = data.OmniDataset(data.ParquetRows([demo_file]), tokenizer, 96)
     batch = data.collate([dataset[i] for i in range(2)])
 
@@ -305,7 +314,7 @@ def test_grad_checkpointing_gives_the_same_losses_and_gradients_from_fewer_saved
         saved = []  # bytes of every tensor the forward pass keeps for the backward pass
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
                                                       lambda t: t):
-            losses = train.micro_step(model, batch, data.Encoders(), contextlib.nullcontext(), lambda x: x, "all")
+            losses = forward_backward(model, batch)
         return losses, {k: p.grad for k, p in model.named_parameters() if p.grad is not None}, sum(saved)
 
     (plain, plain_grads, plain_saved), (checkpointed, grads, saved) = step(False), step(True)
@@ -325,7 +334,7 @@ OUT_OF_MEMORY = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a to
 def test_out_of_memory_in_a_step_names_the_settings_that_fit(tmp_path, tokenizer_flag, monkeypatch):
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError(OUT_OF_MEMORY)
-    monkeypatch.setattr(train, "micro_step", no_memory)
+    monkeypatch.setattr(train, "batch_inputs", no_memory)  # in a micro-batch's forward pass
     flags = ["--out_dir", str(tmp_path), "--num_workers", "0", *TINY_RUN, "--accumulation_steps", "3", *tokenizer_flag]
     with pytest.raises(train.OutOfMemory) as e:
         train.main(flags)
@@ -426,7 +435,7 @@ def test_bfloat16_on_the_cpu_autocasts_the_step(tokenizer, demo_file):
         args = train.parse_args(["--device", "cpu", "--dtype", dtype, *TINY_RUN])
         train.check_device(args)
         learner, _ = train.build_learner(args, train.Processes(0, 1, torch.device("cpu")), None)
-        return train.micro_step(learner.net, batch, data.Encoders(), learner.autocast, lambda x: x, "all")
+        return forward_backward(learner.net, batch, learner.autocast)
 
     plain, half = first_losses("float32"), first_losses("bfloat16")
     assert not torch.equal(half[:3], plain[:3])
@@ -951,8 +960,9 @@ def test_a_step_that_is_not_numbers_stops_the_run_and_keeps_the_last_good_weight
              "--num_workers", "0", "--out_dir", str(tmp_path), *TINY_RUN, *tokenizer_flag]
     good = open(train.main(flags)["checkpoint"], "rb").read()
     if broken == "loss":
-        real = train.micro_step
-        monkeypatch.setattr(train, "micro_step", lambda *a: real(*a) * float("nan"))
+        real = mo.MiniMindO.forward
+        monkeypatch.setattr(mo.MiniMindO, "forward",
+                            lambda *a, **k: mo.Losses(*(x * float("nan") for x in real(*a, **k))))
     else:
         monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("inf")))
     with pytest.raises(train.NotFinite, match=f"step 1: the {broken} is not a number .* the saved weights are"):
