@@ -621,7 +621,7 @@ class Progress:
         return time.time() - self.started
 
     def record(self, sums, position, lr, tick):
-        """One metrics line and the bar's numbers, from a step's (7,) sums (see optimizer_step) of every
+        """One metrics line and the bar's numbers, from a step's (7,) sums (see train_loop) of every
         process; tick: when the step began."""
         sums = self.procs.sum(sums)
         loss, text, audio, aux = (sums[:4] / self.procs.world).tolist()
