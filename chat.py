@@ -8,8 +8,8 @@ its next steps. With --mic, Silero VAD cuts the microphone into questions, and s
 stops it (barge-in); the new question is heard from its first word. With --web, the same chat is a web
 page: web.py, imported only then.
 
-Parts, in order (files.py finds, fetches and loads the published parts): speech out (`MimiStreamDecoder`,
-`SpeechOut`, `Player`); speech in (`MicStream`, Silero VAD's `VoiceActivity`, `Listener`); a conversation
+Parts, in order (files.py finds, fetches and loads the published parts): speech out (`SpeechOut`: Mimi
+frame by frame, `Player`); speech in (`MicStream`, Silero VAD's `VoiceActivity`, `Listener`); a conversation
 (`TextStream`, the prompt's escaping, `Chat`); the terminal chat (`converse` for --mic, `interactive`,
 `one_shot`); the command line (`parse_args`, `main`).
 """
@@ -52,78 +52,35 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus", ".aiff")
 # Speech out: Mimi decoding frame by frame, in a background thread, to the sound card
 # -----------------------------------------------------------------------------------------------
 
-class MimiStreamDecoder:
-    """Frames in, 24 kHz PCM out, as the Talker produces them:
-
-        with MimiStreamDecoder(mimi, frames_per_call=2) as dec:
-            for frame in frames:            # each (8,) codes
-                play(dec.push(frame))       # PCM once 2 frames are buffered, else empty
-            play(dec.flush())
+class SpeechOut:
+    """One reply's speech: Mimi frames in (put), 24 kHz PCM out as they come, to the player and into `pcm` (its
+    chunks, in order); close() returns all of it.
 
     Mimi's decoder is causal, so decoding chunk by chunk under moshi's streaming state gives the same samples
-    as decoding the whole sequence. Fewer frames per call = lower latency, more calls = more overhead;
-    first_call_frames (default: frames_per_call) lets the first sound out sooner. Inside the `with` block
-    the whole Mimi model is in streaming mode: do not call encode on it."""
-
-    def __init__(self, mimi, frames_per_call=1, first_call_frames=None):
-        if frames_per_call < 1 or (first_call_frames is not None and first_call_frames < 1):
-            raise ValueError(f"frames per decode call must be >= 1, got {frames_per_call} (first {first_call_frames})")
-        self.mimi, self.frames_per_call = mimi, frames_per_call
-        self.first_call_frames = first_call_frames or frames_per_call
-        self._pending, self._stream, self._started = [], None, False
-
-    def __enter__(self):
-        self._stream = self.mimi.streaming(batch_size=1)   # an ExitStack that resets the state when closed
-        self._pending, self._started = [], False
-        return self
-
-    def __exit__(self, *exc):
-        self._stream.close()
-        self._stream = None
-
-    def push(self, frame):
-        """Add one frame (8,) of codes; returns the PCM of each full chunk (n * 1920,), possibly empty."""
-        if self._stream is None:
-            raise RuntimeError("MimiStreamDecoder.push outside its `with` block")
-        self._pending.append(torch.as_tensor(frame, dtype=torch.long).reshape(mo.N_CODEBOOKS))
-        if len(self._pending) < (self.frames_per_call if self._started else self.first_call_frames):
-            return np.zeros(0, dtype=np.float32)
-        return self.flush()
-
-    @torch.no_grad()
-    def flush(self):
-        """Decode whatever frames are still buffered (the end of an utterance)."""
-        if not self._pending:
-            return np.zeros(0, dtype=np.float32)
-        from moshi.utils.compile import no_cuda_graph  # on a GPU, moshi would capture CUDA graphs, which break
-        codes = torch.stack(self._pending, dim=1)       # with a shorter last chunk or another thread: (8, n)
-        self._pending, self._started = [], True
-        with no_cuda_graph():
-            pcm = self.mimi.decode(codes[None].to(next(self.mimi.parameters()).device))
-        return pcm[0, 0].float().cpu().numpy()
-
-
-class SpeechOut:
-    """One reply's speech: frames in (put), 24 kHz PCM out to the player and into `pcm`.
+    as decoding the whole sequence. The first chunk is `first_call_frames` frames (1: the earliest first sound),
+    then `frames_per_call` at a time (1 = least latency, 4 = least overhead per frame). Until close() the whole
+    Mimi model is in streaming mode: do not call encode on it.
 
     On the CPU, Mimi decodes in a background thread, so decoding overlaps the model's next steps. On a
     GPU both only launch kernels, and a second Python thread would just wait for the GIL: there Mimi
-    decodes in the caller's thread (background=None picks; True/False forces it, for the benchmark).
-    The first frame is decoded alone, for the earliest first sound; then `frames_per_call` frames at a
-    time (1 = least latency, 4 = least overhead per frame)."""
+    decodes in the caller's thread (background=None picks; True/False forces it, for the benchmark)."""
 
-    def __init__(self, mimi, frames_per_call=2, player=None, background=None):
-        self.player, self.pcm, self.first_audio, self.error = player, [], None, None
+    def __init__(self, mimi, frames_per_call=2, player=None, background=None, first_call_frames=1):
+        if frames_per_call < 1 or first_call_frames < 1:
+            raise ValueError(f"frames per decode call must be >= 1, got {frames_per_call} (first {first_call_frames})")
+        self.mimi, self.frames_per_call, self.first_call_frames = mimi, frames_per_call, first_call_frames
+        self.player, self.pending, self.pcm, self.first_audio, self.error = player, [], [], None, None
         if background is None:
             background = next(mimi.parameters()).device.type == "cpu"
         # Mimi's streaming state lives from here to close(), across threads: hence no `with` block
-        self.decoder = MimiStreamDecoder(mimi, frames_per_call, first_call_frames=1).__enter__()
+        self.stream = mimi.streaming(batch_size=1)  # an ExitStack that resets the state when closed
         self.frames = queue.Queue()
         self.thread = threading.Thread(target=self._run, daemon=True) if background else None
         if self.thread:
             self.thread.start()
 
     def put(self, frame):
+        """One frame (8,) of codes."""
         if self.error is not None:  # Mimi failed in its thread: stop the reply now, not after its last step
             raise self.error
         if self.thread:
@@ -140,14 +97,23 @@ class SpeechOut:
 
     @torch.inference_mode()  # in whichever thread decodes
     def _decode(self, frame=None):
-        """One frame in (None: the end of the reply, decode what is buffered), its PCM out if a chunk is full."""
-        pcm = self.decoder.push(frame) if frame is not None else self.decoder.flush()
-        if pcm.size:
-            if self.first_audio is None:
-                self.first_audio = time.perf_counter()
-            self.pcm.append(pcm)
-            if self.player:
-                self.player.play(pcm)
+        """One frame in (None: the end of the reply, decode what is buffered); a full chunk's PCM out."""
+        if frame is not None:
+            self.pending.append(torch.as_tensor(frame, dtype=torch.long).reshape(mo.N_CODEBOOKS))
+            if len(self.pending) < (self.frames_per_call if self.pcm else self.first_call_frames):
+                return
+        if not self.pending:
+            return
+        from moshi.utils.compile import no_cuda_graph  # on a GPU, moshi would capture CUDA graphs, which break
+        codes = torch.stack(self.pending, dim=1)        # with a shorter last chunk or another thread: (8, n)
+        self.pending = []
+        with no_cuda_graph():
+            pcm = self.mimi.decode(codes[None].to(next(self.mimi.parameters()).device))[0, 0].float().cpu().numpy()
+        if self.first_audio is None:
+            self.first_audio = time.perf_counter()
+        self.pcm.append(pcm)  # (n * 1920,)
+        if self.player:
+            self.player.play(pcm)
 
     def close(self, drop_pending=False):
         """Decode what is left (or drop it: barge-in) and return the whole reply's PCM."""
@@ -159,7 +125,7 @@ class SpeechOut:
             self.thread.join()
         if not drop_pending and self.error is None:
             self._decode(None)
-        self.decoder.__exit__()
+        self.stream.close()
         if self.error is not None:
             raise self.error
         return np.concatenate(self.pcm) if self.pcm else np.zeros(0, np.float32)

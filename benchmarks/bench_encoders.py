@@ -54,9 +54,10 @@ def mimi(root, args):
     codes = mo.encode_audio_codes(codec, wav)
 
     def stream():
-        with chat.MimiStreamDecoder(codec, frames_per_call=1) as decoder:
-            for frame in codes.T:
-                decoder.push(frame)
+        speech = chat.SpeechOut(codec, frames_per_call=1, background=False)
+        for frame in codes.T:
+            speech.put(frame)
+        speech.close()
     best = best_seconds({"encode": lambda: mo.encode_audio_codes(codec, wav), "decode": stream}, args)
     frames_per_s = codes.shape[1] / best["decode"]
     print(f"mimi  full  ({args.seconds:.0f} s of audio): encode {args.seconds / best['encode']:6.2f}x real time | "

@@ -341,9 +341,9 @@ def test_cuda_without_a_gpu_is_refused(flags, capsys):
 
 
 def test_a_mimi_failure_stops_the_reply_at_once_and_the_chat_goes_on(flags, monkeypatch, capsys):
-    def broken(self, frame):
+    def broken(self, frame=None):
         raise RuntimeError("Mimi broke")
-    monkeypatch.setattr(chat.MimiStreamDecoder, "push", broken)
+    monkeypatch.setattr(chat.SpeechOut, "_decode", broken)
     steps = []
     session = chat.Chat(chat.parse_args(flags + ["--max_new_tokens", "60"]))
     with pytest.raises(RuntimeError, match="Mimi broke"):
