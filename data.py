@@ -21,7 +21,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass, field, is_dataclass, replace
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -88,51 +88,86 @@ def identity(path):
 
 class EncoderCache:
     """One frozen encoder's outputs under DIR/<kind>-<encoder id>/, one float16 .npy file per key
-    ('<data file id>/<row>' for an image, '<data file id>/<row>-<user turn>' for a question)."""
+    ('<data file id>/<row>' for an image, '<data file id>/<row>-<user turn>' for a question).
+    EncoderCache() is no cache: it finds nothing and keeps nothing. The dataset asks it for each
+    sample's input (ask); the training step encodes what it did not have and fills it (outputs)."""
 
-    def __init__(self, root, kind, encoder_folder):
-        self.folder = os.path.join(root, f"{kind}-{identity(encoder_folder)}")
+    def __init__(self, root=None, kind=None, encoder_folder=None):
+        self.folder = None if root is None else os.path.join(root, f"{kind}-{identity(encoder_folder)}")
 
     def path(self, key):
         return os.path.join(self.folder, key + ".npy")
 
     def get(self, key):
         """The stored (L, D) float16 output, or None."""
+        if self.folder is None:
+            return None
         try:
             return torch.from_numpy(np.load(self.path(key)))
         except FileNotFoundError:
             return None
 
-    def put(self, key, output):
-        """Store one (L, D) output as float16, atomically."""
-        with files.atomic_path(self.path(key)) as tmp:  # a reader finds a whole entry or none
-            np.save(tmp, output.to("cpu", CACHE_DTYPE).numpy())
+    def ask(self, key, make_input):
+        """What a sample gives the encoder: (the stored output, None) when the cache has it, else
+        (make_input(), key), the input to encode and the key to store its output under."""
+        output = self.get(key)
+        return (output, None) if output is not None else (make_input(), key)
 
-    def put_batch(self, keys, outputs, lengths=None):
-        """Store outputs[b, :lengths[b]] (all of outputs[b] without lengths) under keys[b], for each
-        sample that has a key; the batch is copied to the CPU once."""
-        if all(key is None for key in keys):
+    def outputs(self, work, encode, lengths=None):
+        """(B, L, D) float32 outputs of a batch's EncoderWork: those read from the cache as they are, the
+        others from one call encode(work.inputs); with a cache these are first rounded to its float16, so
+        a step is the same whether they were just computed or read back (and resume stays exact), then
+        stored (outputs[b, :lengths[b]]; all of outputs[b] without lengths)."""
+        fresh = None if work.inputs is None else encode(work.inputs)
+        if fresh is not None:
+            fresh = (fresh.to(CACHE_DTYPE) if self.folder is not None else fresh).float()
+        known = [x for x in (fresh, work.stored) if x is not None]
+        width, dim = max(x.shape[1] for x in known), known[0].shape[-1]
+        outputs = torch.zeros(len(work.encode), width, dim, device=work.encode.device)
+        if work.stored is not None:
+            outputs[:, :work.stored.shape[1]] = work.stored
+        if fresh is not None:
+            outputs[work.encode, :fresh.shape[1]] = fresh
+        self.put(work.keys, outputs, lengths)
+        return outputs
+
+    def put(self, keys, outputs, lengths=None):
+        """Store outputs[b, :lengths[b]] (all of outputs[b] without lengths) as float16 under keys[b],
+        for each sample that has a key; the batch is copied to the CPU once."""
+        if self.folder is None or all(key is None for key in keys):
             return
         outputs = outputs.to("cpu", CACHE_DTYPE)
         lengths = [None] * len(keys) if lengths is None else lengths.tolist()
         for key, output, n in zip(keys, outputs, lengths):
             if key is not None:
-                self.put(key, output[:n])
+                with files.atomic_path(self.path(key)) as tmp:  # a reader finds a whole entry or none
+                    np.save(tmp, output[:n].numpy())
 
 
-class Cached(NamedTuple):
-    """An input's --encoder_cache entry: the encoder's stored output (a hit), else the key to store the
-    output under once it is encoded (a miss). Cached() without a cache."""
-    output: Optional[torch.Tensor] = None   # (L, 512) / (64, 768) float16
-    key: Optional[str] = None
+@dataclass
+class EncoderWork:
+    """A batch's work for one frozen encoder: the inputs it has to encode, and the outputs that
+    --encoder_cache holds for the other samples, with the keys to store the new outputs under."""
+    inputs: Optional[torch.Tensor]  # (N, L, 560) zero-padded features or (N, 3, 256, 256) pixels; None: all stored
+    encode: torch.Tensor            # (B,) bool: the N samples whose inputs are in `inputs`
+    stored: Optional[torch.Tensor]  # (B, L', D) float16 zero-padded outputs read from the cache, or None
+    keys: list                      # (B,) where to store each newly encoded output, else None
 
-
-def look_up(cache, key):
-    """The Cached entry of `key` in `cache` (an EncoderCache or None)."""
-    if cache is None:
-        return Cached()
-    output = cache.get(key)
-    return Cached(output, key if output is None else None)
+    @classmethod
+    def gather(cls, given, keys, batch_inputs):
+        """A batch's EncoderWork from what each sample gives the encoder (see EncoderCache.ask: an input
+        to encode, with its key, or a stored output, or None); None when no sample gives anything.
+        batch_inputs: the N inputs -> one tensor."""
+        if all(x is None for x in given):
+            return None
+        encode = torch.tensor([key is not None for key in keys])
+        inputs = [x for x, key in zip(given, keys) if key is not None]
+        stored = [x if key is None else None for x, key in zip(given, keys)]
+        padded = None
+        if any(x is not None for x in stored):  # kept in float16: half the bytes to move to the device
+            dim = next(x for x in stored if x is not None).shape[-1]
+            padded = mo.pad_features(stored, dim, "cpu")[0].to(CACHE_DTYPE)
+        return cls(batch_inputs(inputs) if inputs else None, encode, padded, keys)
 
 
 @dataclass
@@ -142,8 +177,8 @@ class Encoders:
     speech_frontend: Optional[torch.nn.Module] = None  # funasr's front end (CPU), for mo.speech_features
     vision: Optional[torch.nn.Module] = None   # SigLIP2 vision tower, on the device
     image_processor: Optional[object] = None   # SigLIP2 preprocessing (resize 256, normalise)
-    speech_cache: Optional[EncoderCache] = None  # --encoder_cache, with --augment none
-    image_cache: Optional[EncoderCache] = None   # --encoder_cache
+    speech_cache: EncoderCache = field(default_factory=EncoderCache)  # --encoder_cache, with --augment none
+    image_cache: EncoderCache = field(default_factory=EncoderCache)   # --encoder_cache
 
 
 def load_encoders(rows, args, device):
@@ -170,7 +205,7 @@ def open_caches(enc, args):
         enc.image_cache = EncoderCache(args.encoder_cache, "image", args.vision_encoder)
         cached.append("SigLIP2 outputs (images)")
     line = f"encoder cache {args.encoder_cache}: " + (" and ".join(cached) or "nothing to cache")
-    if enc.speech is not None and enc.speech_cache is None:
+    if enc.speech is not None and args.augment != "none":
         line += (f"; question audio is not cached: --augment {args.augment} changes it every epoch "
                  "(--augment none would cache it)")
     elif enc.speech is None and enc.vision is None:
@@ -185,34 +220,11 @@ def encode_inputs(batch, encoders):
     with torch.no_grad():
         if batch.speech is not None:
             lengths = batch.speech_lengths
-            audio = encoder_outputs(batch.speech, mo.SPEECH_EMBED_DIM, encoders.speech_cache, lengths,
-                                    lambda x: run_speech_encoder(encoders.speech, x, lengths[batch.speech.encode]))
+            audio = encoders.speech_cache.outputs(
+                batch.speech, lambda x: run_speech_encoder(encoders.speech, x, lengths[batch.speech.encode]), lengths)
         if batch.image is not None:
-            image = encoder_outputs(batch.image, mo.IMAGE_EMBED_DIM, encoders.image_cache, None,
-                                    lambda x: run_vision_encoder(encoders.vision, x))
+            image = encoders.image_cache.outputs(batch.image, lambda x: run_vision_encoder(encoders.vision, x))
     return audio, image
-
-
-def encoder_outputs(work, dim, cache, lengths, encode):
-    """(B, L, dim) outputs of one frozen encoder: those read from --encoder_cache as they are, the
-    others from one call encode(work.inputs), then stored where the cache missed (outputs[b, :lengths[b]];
-    all of outputs[b] without lengths)."""
-    fresh = None if work.inputs is None else as_stored(encode(work.inputs), cache)
-    width = max(x.shape[1] for x in (fresh, work.stored) if x is not None)
-    outputs = torch.zeros(len(work.encode), width, dim, device=work.encode.device)
-    if work.stored is not None:
-        outputs[:, :work.stored.shape[1]] = work.stored
-    if fresh is not None:
-        outputs[work.encode, :fresh.shape[1]] = fresh
-    if cache is not None:
-        cache.put_batch(work.keys, outputs, lengths)
-    return outputs
-
-
-def as_stored(outputs, cache):
-    """Fresh outputs as float32; with a cache first rounded to its float16, so a step is the same
-    whether they were just computed or read back (and resume stays exact)."""
-    return outputs.to(CACHE_DTYPE).float() if cache is not None else outputs.float()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -221,6 +233,11 @@ def as_stored(outputs, cache):
 
 class BadRow(ValueError):
     """A row that cannot become a sample; the message says where it is and what is wrong."""
+
+    def __init__(self, message):
+        # raised in a DataLoader worker, it is raised again in the training process as BadRow("Caught
+        # BadRow in DataLoader worker ... <traceback> ... data.BadRow: <message>"): keep only <message>
+        super().__init__(message.rpartition("BadRow: ")[2].rstrip("\n"))
 
     @classmethod
     def at(cls, file, row, column, problem):
@@ -317,29 +334,7 @@ class ParquetRows:
         r = index - int(self.starts[f])
         file = os.path.basename(path)
         cell = lambda name: table.column(name)[r] if name in table.column_names else None
-
-        def codes(values, column):
-            if len(values) % mo.N_CODEBOOKS:
-                raise BadRow.at(file, r, column, f"{len(values)} codes, not a multiple of {mo.N_CODEBOOKS} "
-                                              f"(frame-major, {mo.N_CODEBOOKS} codes a frame)")
-            if len(values) and not 0 <= values.min() <= values.max() < mo.CODEBOOK_SIZE:
-                raise BadRow.at(file, r, column, f"codes must be in 0..{mo.CODEBOOK_SIZE - 1}, "
-                                              f"found {values.min()}..{values.max()}")
-            return values
-
-        try:
-            conversations = json.loads(cell("conversations").as_py())
-        except (TypeError, json.JSONDecodeError) as e:
-            raise BadRow.at(file, r, "conversations", f"malformed JSON ({e})") from None
-        if not (isinstance(conversations, list) and conversations and all(isinstance(t, dict) for t in conversations)):
-            raise BadRow.at(file, r, "conversations", "expected a non-empty JSON list of {role, content} objects")
-        for t in conversations:
-            if t.get("role") not in mo.ROLES:
-                raise BadRow.at(file, r, "conversations", f"unknown role {t.get('role')!r} (expected one of "
-                                                       f"{', '.join(mo.ROLES)})")
-            if not isinstance(t.get("content"), str):
-                raise BadRow.at(file, r, "conversations", f"a {t['role']} turn has no text content")
-
+        conversations = checked_conversations(cell("conversations"), file, r)
         ref, spk = numbers(cell("ref_audios")), numbers(cell("spk_emb"))  # empty: the row has none
         if len(spk) not in (0, mo.OmniConfig.spk_emb_size):
             raise BadRow.at(file, r, "spk_emb", f"{len(spk)} values, expected {mo.OmniConfig.spk_emb_size}")
@@ -348,12 +343,41 @@ class ParquetRows:
         image = cell("image_bytes")  # bytes, or a list of bytes of which the first is used
         if isinstance(image, pa.ListScalar):
             image = next(iter(items(image)), None)
+        codes = lambda values, column: checked_codes(values, file, r, column)
         return Row(file, r, self.sources[f], conversations,
                    question_audios=[a.as_py() for a in items(cell("question_audios"))],
                    answer_audios=[codes(numbers(turn), "answer_audios") for turn in items(cell("answer_audios"))],
                    image=None if image is None else image.as_py(),
                    ref_codes=codes(ref, "ref_audios") if len(ref) else None,
                    spk_emb=spk.astype(np.float32) if len(spk) else None)
+
+
+def checked_conversations(cell, file, r):
+    """Row r's conversations cell (JSON text) -> its [{role, content}] turns, or BadRow."""
+    try:
+        conversations = json.loads(cell.as_py())
+    except (TypeError, json.JSONDecodeError) as e:
+        raise BadRow.at(file, r, "conversations", f"malformed JSON ({e})") from None
+    if not (isinstance(conversations, list) and conversations and all(isinstance(t, dict) for t in conversations)):
+        raise BadRow.at(file, r, "conversations", "expected a non-empty JSON list of {role, content} objects")
+    for t in conversations:
+        if t.get("role") not in mo.ROLES:
+            raise BadRow.at(file, r, "conversations", f"unknown role {t.get('role')!r} (expected one of "
+                                                   f"{', '.join(mo.ROLES)})")
+        if not isinstance(t.get("content"), str):
+            raise BadRow.at(file, r, "conversations", f"a {t['role']} turn has no text content")
+    return conversations
+
+
+def checked_codes(values, file, r, column):
+    """Row r's flattened codes (frame-major, N_CODEBOOKS a frame) as they are, or BadRow."""
+    if len(values) % mo.N_CODEBOOKS:
+        raise BadRow.at(file, r, column, f"{len(values)} codes, not a multiple of {mo.N_CODEBOOKS} "
+                                      f"(frame-major, {mo.N_CODEBOOKS} codes a frame)")
+    if len(values) and not 0 <= values.min() <= values.max() < mo.CODEBOOK_SIZE:
+        raise BadRow.at(file, r, column, f"codes must be in 0..{mo.CODEBOOK_SIZE - 1}, "
+                                      f"found {values.min()}..{values.max()}")
+    return values
 
 
 # -----------------------------------------------------------------------------------------------
@@ -478,11 +502,11 @@ class Sample:
     text_labels: torch.Tensor             # (max_len-1,)
     audio_labels: torch.Tensor            # (8, max_len-1)
     length: int                           # 1 + the last labelled position: the batch is cut there
-    speech: Optional[torch.Tensor]        # (L, 560) SenseVoice features of the question to encode, or None
-    pixels: Optional[torch.Tensor]        # (3, 256, 256) SigLIP2 input of the image to encode, or None
+    speech: Optional[torch.Tensor]        # the question: (L, 560) features to encode, or its stored (L, 512) output
+    image: Optional[torch.Tensor]         # (3, 256, 256) SigLIP2 input to encode, or the stored (64, 768) output
     spk_emb: Optional[torch.Tensor]       # (192,) or None
-    speech_cached: Cached = Cached()      # --encoder_cache: the question's stored output (then speech is None)
-    image_cached: Cached = Cached()       # the same for the image (then pixels is None)
+    speech_key: Optional[str] = None      # set where speech is to be encoded: the key to store its output under
+    image_key: Optional[str] = None       # the same for the image (see EncoderCache.ask)
     skipped: list = field(default_factory=list)  # the bad rows this sample replaces (--skip_bad_rows)
 
 
@@ -526,20 +550,20 @@ class OmniDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, index):
-        """The Sample of row `index`. With skip_bad_rows a bad row is replaced by the next good one and
-        its problem travels with that sample to be logged, so every batch keeps its size (and every
-        process the same number of steps). Without it the BadRow itself is returned, and the training
-        loop raises it."""
+        """The Sample of row `index`. A bad row raises its BadRow here, in the data worker, which stops
+        the run; with skip_bad_rows it is replaced by the next good one and its problem travels with that
+        sample to be logged, so every batch keeps its size (and every process the same number of steps)."""
         problems = []
         for i in (k % len(self) for k in range(index, index + len(self))):
             try:
                 sample = self.make_sample(self.rows.read(i), sample_rng(self.seed, self.epoch, i))
-                sample.skipped = problems
-                return sample
             except BadRow as e:
                 if not self.skip_bad_rows:
-                    return e  # raised by the training loop: a DataLoader worker's exception loses its type
+                    raise
                 problems.append(str(e))
+            else:
+                sample.skipped = problems
+                return sample
         raise ValueError(f"every row of the data is bad, e.g. {problems[0]}")
 
     def make_sample(self, row, rng):
@@ -549,29 +573,14 @@ class OmniDataset(Dataset):
         replies = sum(t["role"] == "assistant" for t in conversations)
         if replies > 1:  # multi-turn: learn one randomly chosen reply, with everything before it as context
             conversations = cut_conversation(conversations, rng.randrange(replies), self.tok, self.max_len)
-        users = sum(t["role"] == "user" for t in conversations)
         replies = sum(t["role"] == "assistant" for t in conversations)
         teaches_nothing(row, replies)
-
-        # the question audio (of the last kept user turn) and the image: encoder outputs read from the
-        # cache, or encoder inputs (a miss keeps its key, to store the output once it is encoded)
-        speech = pixels = None
-        speech_cached = image_cached = Cached()
-        turn = users - 1
-        if 0 < users <= len(row.question_audios) and row.question_audios[turn]:
-            speech_cached = look_up(self.encoders.speech_cache, f"{row.source}/{row.row}-{turn}")
-            if speech_cached.output is None:
-                speech = self.question_features(row, row.question_audios[turn], rng)
-        if row.image:
-            image_cached = look_up(self.encoders.image_cache, f"{row.source}/{row.row}")
-            if image_cached.output is None:
-                pixels = self.image_pixels(row)
-        question = speech if speech is not None else speech_cached.output
+        speech, speech_key, image, image_key = self.encoder_inputs(row, conversations, rng)
         answer = row.answer_audios[replies - 1] if 0 < replies <= len(row.answer_audios) else None
 
         input_ids, text_labels, audio_labels = mo.build_sample(
             conversations, self.tok, self.max_len, answer_codes=answer, ref_codes=row.ref_codes,
-            has_spk=row.spk_emb is not None, n_audio_tokens=0 if question is None else len(question),
+            has_spk=row.spk_emb is not None, n_audio_tokens=0 if speech is None else len(speech),
             has_image=bool(row.image), **variations)
         length = valid_length(text_labels, audio_labels)
         if text_labels[:length].eq(mo.IGNORE).all() and audio_labels[:, :length].eq(mo.IGNORE).all():
@@ -580,9 +589,22 @@ class OmniDataset(Dataset):
         if self.scheduled_sampling > 0:
             noise = torch.Generator().manual_seed(rng.getrandbits(63))
             input_ids = scheduled_sampling(input_ids, text_labels, audio_labels, self.scheduled_sampling,
-                                              generator=noise)
+                                           generator=noise)
         spk = None if row.spk_emb is None else torch.from_numpy(row.spk_emb)
-        return Sample(input_ids, text_labels, audio_labels, length, speech, pixels, spk, speech_cached, image_cached)
+        return Sample(input_ids, text_labels, audio_labels, length, speech, image, spk, speech_key, image_key)
+
+    def encoder_inputs(self, row, conversations, rng):
+        """What the question audio (of the last kept user turn) and the image give their encoders:
+        (speech, its key, image, its key), each input read from --encoder_cache or made (see
+        EncoderCache.ask); None, None for what the sample does not have."""
+        speech = speech_key = image = image_key = None
+        turn = sum(t["role"] == "user" for t in conversations) - 1
+        if 0 <= turn < len(row.question_audios) and row.question_audios[turn]:
+            speech, speech_key = self.encoders.speech_cache.ask(
+                f"{row.source}/{row.row}-{turn}", lambda: self.question_features(row, row.question_audios[turn], rng))
+        if row.image:
+            image, image_key = self.encoders.image_cache.ask(f"{row.source}/{row.row}", lambda: self.image_pixels(row))
+        return speech, speech_key, image, image_key
 
     def question_features(self, row, audio_bytes, rng):
         """Audio-file bytes of the question -> (L, 560) features (augmented when training asks for it)."""
@@ -694,16 +716,6 @@ def grouped_by_length(rows, lengths, batch_size, generator):
 
 
 @dataclass
-class EncoderWork:
-    """A batch's work for one frozen encoder: the inputs it has to encode, and what --encoder_cache
-    holds for the other samples, with the keys to store the new outputs under."""
-    inputs: Optional[torch.Tensor]  # (N, L, 560) zero-padded features or (N, 3, 256, 256) pixels; None: all stored
-    encode: torch.Tensor            # (B,) bool: the N samples whose inputs are in `inputs`
-    stored: Optional[torch.Tensor]  # (B, L', D) float16 zero-padded outputs read from the cache, or None
-    keys: list                      # (B,) where to store each newly encoded output (a cache miss), else None
-
-
-@dataclass
 class Batch:
     input_ids: torch.Tensor                 # (B, 9, T), T = the longest sample
     text_labels: torch.Tensor               # (B, T)
@@ -733,26 +745,6 @@ def each_tensor(x, f):
     return x
 
 
-def encoder_work(inputs, cached, batch_inputs):
-    """One encoder's EncoderWork from each sample's input to encode (or None) and its Cached entry;
-    None when no sample has anything for this encoder. batch_inputs: the N inputs -> one tensor."""
-    stored = [c.output for c in cached]
-    encode = torch.tensor([x is not None for x in inputs])
-    if not encode.any() and all(o is None for o in stored):
-        return None
-    return EncoderWork(inputs=batch_inputs([x for x in inputs if x is not None]) if encode.any() else None,
-                       encode=encode, stored=pad_stored(stored), keys=[c.key for c in cached])
-
-
-def pad_stored(outputs):
-    """Per-sample outputs read from the cache ((L_i, D) float16, or None) -> (B, L, D) zero-padded, kept
-    in float16 (half the bytes to move to the device), or None when none was stored."""
-    found = [o for o in outputs if o is not None]
-    if not found:
-        return None
-    return mo.pad_features(outputs, found[0].shape[-1], "cpu")[0].to(CACHE_DTYPE)
-
-
 def pad_speech(feats):
     """(L_i, 560) features -> (N, L, 560) zero-padded."""
     return mo.pad_features(feats, mo.SPEECH_FEAT_DIM, "cpu")[0]
@@ -763,23 +755,20 @@ def collate(samples, width_multiple=1):
     T = the longest valid length in the batch (not max_len: most samples are much shorter), rounded up
     to a multiple of width_multiple (at most the samples' length): --compile then sees a few widths.
     Positions after a sample's valid length have no labels and, attention being causal, change nothing
-    before them (only a MoE's load-balance loss, averaged over every position, sees them). A bad row
-    (without --skip_bad_rows) comes back as its BadRow, for the loop to raise."""
-    bad = [s for s in samples if isinstance(s, BadRow)]
-    if bad:
-        return bad[0]
+    before them (only a MoE's load-balance loss, averaged over every position, sees them)."""
     longest = max(s.length for s in samples)
     T = min(math.ceil(longest / width_multiple) * width_multiple, samples[0].input_ids.shape[-1])
     stack = lambda name: torch.stack([getattr(s, name)[..., :T] for s in samples])
-    speech = encoder_work([s.speech for s in samples], [s.speech_cached for s in samples], pad_speech)
-    questions = [s.speech if s.speech is not None else s.speech_cached.output for s in samples]  # features or outputs
+    speech = EncoderWork.gather([s.speech for s in samples], [s.speech_key for s in samples], pad_speech)
     spk = None
     if any(s.spk_emb is not None for s in samples):
         spk = torch.stack([s.spk_emb if s.spk_emb is not None else torch.zeros(mo.OmniConfig.spk_emb_size)
                            for s in samples])
+    # a question's length is the same as features or as stored outputs (one encoder frame each)
+    lengths = None if speech is None else torch.tensor([0 if s.speech is None else len(s.speech) for s in samples])
     return Batch(stack("input_ids"), stack("text_labels"), stack("audio_labels"), speech=speech,
-                 speech_lengths=None if speech is None else torch.tensor([0 if q is None else len(q) for q in questions]),
-                 image=encoder_work([s.pixels for s in samples], [s.image_cached for s in samples], torch.stack),
+                 speech_lengths=lengths,
+                 image=EncoderWork.gather([s.image for s in samples], [s.image_key for s in samples], torch.stack),
                  spk_emb=spk, tokens=sum(s.length for s in samples), bad_rows=sum((s.skipped for s in samples), []))
 
 

@@ -522,22 +522,20 @@ def batch_inputs(batch, encoders, mode):
 
 
 def epoch_batches(dataset, args, procs, position, lengths=None):
-    """This process's batches of the position's epoch, from its batch on, checked and on the device.
-    lengths: data.estimated_lengths, to group the rows by (--group_by_length)."""
+    """This process's batches of the position's epoch, from its batch on, on the device. lengths:
+    data.estimated_lengths, to group the rows by (--group_by_length)."""
     dataset.epoch = position["epoch"]  # before the DataLoader starts its workers
     sampler = data.EpochBatches(len(dataset), args.batch_size, args.seed, position["epoch"], procs.rank,
                                 procs.world, position["batch"], lengths)
     collate = functools.partial(data.collate, width_multiple=COMPILE_WIDTH if args.compile else 1)
     loader = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers, collate_fn=collate,
                              pin_memory=procs.device.type == "cuda"))
-    return (checked(batch, position).to(procs.device) for batch in loader)
+    return (skipped_reported(batch, position).to(procs.device) for batch in loader)
 
 
-def checked(batch, position):
-    """The batch, unless it is a bad row's data.BadRow: that stops the run. Rows it skipped instead
-    (--skip_bad_rows) are reported once and kept in position["bad_rows"]."""
-    if isinstance(batch, data.BadRow):
-        raise batch
+def skipped_reported(batch, position):
+    """The batch, once the rows it skipped (--skip_bad_rows) are reported, each once, and kept in
+    position["bad_rows"]."""
     for message in batch.bad_rows:  # every process reports its own, once (not again each epoch)
         if message not in position["bad_rows"]:
             tqdm.write(f"skipped bad row: {message}")

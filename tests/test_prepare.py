@@ -171,7 +171,7 @@ def test_our_reader_makes_samples_of_every_kind(prepared, tokenizer):
         reply = [torch.equal(taught, mo.frames_of(a)) for a in row.answer_audios].index(True)  # multi-turn: drawn
         exchange = EXCHANGES[i]
         assert (sample.speech is not None) == ("question_audio" in turns_of(exchange)[reply])
-        assert (sample.pixels is not None) == ("image" in exchange)
+        assert (sample.image is not None) == ("image" in exchange)
         assert (sample.spk_emb is not None) == ("voice" in exchange)
 
 

@@ -135,7 +135,7 @@ def test_question_audio_and_image_become_encoder_inputs(tokenizer, tmp_path):
     row = rows.read(0)
     row.question_audios = []  # (with the audio_only layout the question audio replaces the <image> mark too)
     s = plain.make_sample(row, random.Random(0))
-    assert s.pixels.shape == (3, 256, 256) and (s.input_ids[8] == mo.IMAGE_PLACEHOLDER).sum() == mo.IMAGE_TOKENS
+    assert s.image.shape == (3, 256, 256) and (s.input_ids[8] == mo.IMAGE_PLACEHOLDER).sum() == mo.IMAGE_TOKENS
     # multi-turn: the audio of the last kept user turn (1 s at 16 kHz, or 2 s at 44.1 kHz: 33 frames)
     lengths = {len(plain.make_sample(rows.read(1), random.Random(k)).speech) for k in range(8)}
     assert lengths == {17, 33}
@@ -487,9 +487,9 @@ def test_bad_row_error_names_file_row_and_column(tokenizer, tmp_path, kind):
     dataset = data.OmniDataset(data.ParquetRows([path]), tokenizer, 64, enc)
     assert all(isinstance(dataset[i], data.Sample) for i in (0, 2))  # the good rows around it are fine
     _, column, problem = BAD[kind]
-    bad = data.collate([dataset[0], dataset[1]])  # handed back, for the training loop to raise (see the next test)
-    assert isinstance(bad, data.BadRow)
-    assert re.match(f"bad_{kind}.parquet, row 1, column {column}: {problem}", str(bad))
+    with pytest.raises(data.BadRow) as bad:  # raised where it is found (see the next tests for a run)
+        dataset[1]
+    assert re.match(f"bad_{kind}.parquet, row 1, column {column}: {problem}", str(bad.value))
     skipping = data.OmniDataset(data.ParquetRows([path]), tokenizer, 64, enc, skip_bad_rows=True)
     batch = data.collate([skipping[i] for i in range(3)])  # the bad row is replaced by the next one
     assert len(batch.input_ids) == 3 and len(batch.bad_rows) == 1 and column in batch.bad_rows[0]
@@ -554,9 +554,9 @@ def test_a_decompression_bomb_image_is_a_bad_row(tokenizer, tmp_path, monkeypatc
     rows = write(tmp_path / "bomb.parquet", dict(conversations=[chat("Hi", "Hello."), chat("<image>Hi", "Hello.")],
                                                  image_bytes=[[], [png_bytes()]]), FULL_TYPES)
     enc = data.Encoders(image_processor=side_assets.siglip_image_processor())
-    bad = data.OmniDataset(data.ParquetRows([rows]), tokenizer, 64, enc)[1]
-    assert isinstance(bad, data.BadRow) and re.match("bomb.parquet, row 1, column image_bytes: cannot read image.*"
-                                                      "decompression bomb", str(bad))
+    with pytest.raises(data.BadRow, match="bomb.parquet, row 1, column image_bytes: cannot read image.*"
+                                          "decompression bomb"):
+        data.OmniDataset(data.ParquetRows([rows]), tokenizer, 64, enc)[1]
     skipping = data.OmniDataset(data.ParquetRows([rows]), tokenizer, 64, enc, skip_bad_rows=True)
     assert "decompression bomb" in skipping[1].skipped[0]
 
@@ -822,7 +822,7 @@ def test_encoder_cache_ids_follow_the_data_file_and_the_encoder(tmp_path):
 
     output = torch.randn(5, mo.SPEECH_EMBED_DIM)
     assert cache.get("a2a-x/0-0") is None
-    cache.put("a2a-x/0-0", output)
+    cache.put(["a2a-x/0-0"], output[None])
     stored = cache.get("a2a-x/0-0")
     assert stored.dtype == torch.float16 and torch.equal(stored, output.half())
     assert os.listdir(os.path.dirname(cache.path("a2a-x/0-0"))) == ["0-0.npy"]  # no temporary file left
