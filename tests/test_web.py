@@ -245,7 +245,10 @@ def test_a_spoken_question_is_answered_and_speaking_over_the_reply_being_made_st
     say_the_question(page)  # again, while the reply is being made: the VAD hears it start, the model stops
     first, second = wait_turns(page, 2)
     assert first.interrupted and first.steps < REPLY_STEPS, first
-    assert first.stoppedMs < BARGE_IN_LIMIT_MS          # from the VAD's "start" to the model's last step
+    # from the VAD's "start" to the model's last step: at once is within BARGE_IN_LIMIT_MS, or on a machine so
+    # busy that a model step takes longer, within two steps (the stop is heard between steps)
+    step_ms = 1000 * second.seconds / second.steps
+    assert first.stoppedMs < max(BARGE_IN_LIMIT_MS, 2 * step_ms), (first.stoppedMs, step_ms)
     print(f"barge-in: the model stopped {first.stoppedMs} ms after the VAD heard speech, {first.closedMs} ms with "
           f"Mimi's last decode; the VAD was {first.barge['vadLagMs']} ms behind the microphone")
     # ... and that question, heard from its first word, gets the whole reply
