@@ -835,7 +835,7 @@ def write_demo_data(path, rows=DEMO_ROWS, seed=0):
 # and writes the rows --data reads (section 2): each answer's speech as Mimi codes (frame-major), the
 # voice clip's first 300 frames and its CAM++ embedding (files.clone_voice, as chat.py's --voice FILE, run once per clip),
 # each question's audio as 16 kHz mono WAV bytes (what SenseVoice hears), the image file's bytes, and
-# the conversation, its first question carrying the <image> mark when there is an image. Paths are
+# the conversation, its first question bearing the <image> mark when there is an image. Paths are
 # relative to the manifest; any format soundfile reads, any sample rate, mono or stereo.
 #
 # The lines go in chunks of --prepare_chunk, each written (atomically) as one part file in OUT.parts/,

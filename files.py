@@ -251,7 +251,7 @@ def read_checkpoint(path):
     else:
         state = torch.load(found, map_location="cpu", weights_only=True)
         state = state["model"] if isinstance(state.get("model"), dict) else state  # train.py's resume files nest it
-    # The release's files carry no checksum; bytes damaged on disk almost always make some float16 value
+    # The release's files have no checksum; bytes damaged on disk almost always make some float16 value
     # NaN or infinite, which no trained weight is.
     damaged = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if damaged:
@@ -364,7 +364,7 @@ def load_speaker_encoder(folder, device="cpu"):
 # -----------------------------------------------------------------------------------------------
 
 MAX_REF_FRAMES = 300                # 24 s of reference codes at most
-MIN_CLONE_SECONDS = 1.0             # shorter clips carry too little of a voice
+MIN_CLONE_SECONDS = 1.0             # shorter clips hold too little of a voice
 MIN_CLONE_RMS_DBFS = -45.0          # quieter than this the codec mostly encodes noise floor
 CLIP_LEVEL = 0.999                  # a sample at or above this magnitude sits on the rail
 MAX_CLIPPED_FRACTION = 1e-3         # more than 0.1% of samples on the rail = audibly clipped

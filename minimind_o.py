@@ -62,7 +62,7 @@ AUDIO_STOP = 2050       # the end of a layer's speech
 SPEAKER_SLOT = 2051     # position whose codec embedding is replaced by the speaker embedding
 AUDIO_VOCAB = 2112      # codes + specials, rounded up (the codec embedding/head size)
 TEXT_VOCAB = 6400       # the MiniMind tokenizer
-IGNORE = -100           # label value that carries no loss
+IGNORE = -100           # label value that has no loss
 
 IMAGE_TOKENS = 64       # a SigLIP2 image is 64 tokens
 SPEECH_EMBED_DIM = 512  # SenseVoice-Small's output width
@@ -439,7 +439,7 @@ class Talker(BlockStack):
         """bridge: (B, T, H) Thinker middle layer; codes: (B, 8, T) -> hidden (B, T, d) for the codec
         head, MoE loss. spk_emb: (B, 192), put where layer 0 holds the speaker slot id."""
         codec = self.embed_tokens(codes)                                       # (B, T, d)
-        if spk_emb is not None:  # the speaker slot carries the voice's embedding instead of a code
+        if spk_emb is not None:  # the speaker slot holds the voice's embedding instead of a code
             slot = (codes[:, 0] == SPEAKER_SLOT)[..., None]
             codec = torch.where(slot, self.spk_proj(spk_emb.to(codec.dtype))[:, None], codec)
         h = self.embed_proj(bridge) * self.text_scale + self.codec_proj(codec) * self.audio_scale

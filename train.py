@@ -466,7 +466,7 @@ def restore(learner, resume, procs):
     learner.optimizer.load_state_dict(resume["optimizer"])
     learner.scaler.load_state_dict(resume["scaler"])
     set_rng_states(resume["rng"], procs.device)
-    # rank 0 carries on the run's skipped rows (see save()), the others collect afresh
+    # rank 0 keeps the run's skipped rows (see save()), the others collect afresh
     return dict(resume["position"], bad_rows=resume["position"]["bad_rows"] if procs.is_main else [])
 
 
