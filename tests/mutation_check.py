@@ -44,7 +44,7 @@ class Mistake:
     what: str
 
 
-MO, FILES, TRAIN, CHAT = "minimind_o.py", "files.py", "train.py", "chat.py"
+MO, FILES, TRAIN, DATA, CHAT = "minimind_o.py", "files.py", "train.py", "data.py", "chat.py"
 SIDE = "tests/test_side_modules.py::"
 MODEL, GEN, SAMPLE = "tests/test_model.py::", "tests/test_generate.py::", "tests/test_sample.py::"
 NUMERICS = "tests/test_numerics.py::"
@@ -72,11 +72,11 @@ MISTAKES = [
             "return logits / penalty",
             (GEN + "test_the_penalty_divides_positive_logits_and_multiplies_negative_ones",),
             "repetition penalty divides negative logits too"),
-    Mistake("scheduled_sampling_audio_gt", TRAIN, "(rand(*ids.shape[:-2], ids.shape[-1]) < p)",
+    Mistake("scheduled_sampling_audio_gt", DATA, "(rand(*ids.shape[:-2], ids.shape[-1]) < p)",
             "(rand(*ids.shape[:-2], ids.shape[-1]) > p)",
             (SAMPLE + "test_scheduled_sampling_replaces_a_share_p_of_labelled_inputs",),
             "scheduled sampling corrupts 1 - p of the audio inputs"),
-    Mistake("scheduled_sampling_text_gt", TRAIN, "(rand(*text.shape) < p)", "(rand(*text.shape) > p)",
+    Mistake("scheduled_sampling_text_gt", DATA, "(rand(*text.shape) < p)", "(rand(*text.shape) > p)",
             (SAMPLE + "test_scheduled_sampling_replaces_a_share_p_of_labelled_inputs",),
             "scheduled sampling corrupts 1 - p of the text inputs"),
     Mistake("save_not_atomic", FILES,
