@@ -102,8 +102,12 @@ def read_questions(path):
         raise FileNotFoundError(f"questions file {path} not found")
     if path.suffix not in (".txt", ".jsonl"):
         raise ValueError(f"questions file {path}: expected .txt (a question a line) or .jsonl")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"questions file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     questions = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         row = {"text": line.strip()} if path.suffix != ".jsonl" else json_row(path, n, line)
@@ -356,15 +360,20 @@ def evaluate(bot, questions, voice_sets, out, seed, transcribe, embed_speaker):
 def check_settings(out, settings):
     """A run continues only with the settings it started with (DIR/run.json); else a clear refusal."""
     path = Path(out) / "run.json"
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} is a file; it names the folder the run's files go in")
     if path.exists():
         before = json.loads(path.read_text(encoding="utf-8"))
         changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
         if changed:
             raise ValueError(f"{out} holds a run with other settings ({', '.join(changed)} differ): "
                              "use another --out, or delete it to start afresh")
-    else:
-        with files.atomic_path(path) as tmp:
-            Path(tmp).write_text(json.dumps(settings, indent=2, ensure_ascii=False))
+    else:  # written before any sample is made: a folder that cannot be written is said at once
+        try:
+            with files.atomic_path(path) as tmp:
+                Path(tmp).write_text(json.dumps(settings, indent=2, ensure_ascii=False))
+        except OSError as e:
+            raise ValueError(f"--out {out}: cannot write {path} ({e.strerror or e})") from None
 
 
 # -----------------------------------------------------------------------------------------------

@@ -281,3 +281,18 @@ def test_missing_parts_are_listed_with_where_they_go(tmp_path, parts, demo_check
                  "--campplus", "voices_unseen.pt", "--unseen_voices", "--download"):
         assert what in message
     assert "MiniMind-O weights" not in message and "Mimi" not in message
+
+
+def test_a_questions_file_that_is_not_utf8_or_an_out_that_cannot_hold_the_run_is_named(tmp_path, monkeypatch):
+    questions = tmp_path / "questions.txt"
+    questions.write_bytes("Wie spät ist es?\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"questions file .*questions.txt is not UTF-8 text \(invalid .* at byte 6\)"):
+        ev.read_questions(questions)
+    with pytest.raises(ValueError, match="--out .*questions.txt is a file; it names the folder"):
+        ev.check_settings(questions, {"seed": 0})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(ValueError, match=r"--out .*out: cannot write .*run.json \(No space left on device\)"):
+        ev.check_settings(tmp_path / "out", {"seed": 0})
