@@ -300,8 +300,8 @@ class ParquetRows:
                 raise FileNotFoundError(f"data file not found: {path} ({PUBLISHED_DATA})")
             try:
                 table = pq.read_table(path, memory_map=True)
-            except pa.ArrowException as e:
-                raise ValueError(f"{path} is not a readable parquet file ({e})") from None
+            except (pa.ArrowException, OSError) as e:  # pyarrow's OSError: damaged bytes (e.g. "Corrupt snappy")
+                raise ValueError(f"{path} is not a readable parquet file ({e}): is it damaged, or cut short?") from None
             if len(table) == 0:
                 raise ValueError(f"{path} has no rows")
             if "conversations" not in table.column_names:

@@ -546,6 +546,13 @@ def test_an_empty_or_unreadable_parquet_file_is_named(tmp_path):
     (tmp_path / "zero.parquet").write_bytes(b"")
     with pytest.raises(ValueError, match=f"{tmp_path / 'zero.parquet'} is not a readable parquet file"):
         data.ParquetRows([str(tmp_path / "zero.parquet")])
+    damaged = data.write_demo_data(str(tmp_path / "damaged.parquet"), rows=64)
+    whole = bytearray(open(damaged, "rb").read())
+    middle = len(whole) // 3
+    whole[middle:middle + 2000] = random.Random(0).randbytes(2000)  # bytes damaged mid-file: "Corrupt snappy ..."
+    open(damaged, "wb").write(whole)
+    with pytest.raises(ValueError, match=f"{damaged} is not a readable parquet file .*: is it damaged"):
+        data.ParquetRows([damaged])
 
 
 def test_a_decompression_bomb_image_is_a_bad_row(tokenizer, tmp_path, monkeypatch):
