@@ -172,6 +172,16 @@ def wait_sounding(page, seconds_ahead):
                            arg=seconds_ahead, timeout=TURN_TIMEOUT_MS)
 
 
+def wait_logged(server, pattern):
+    """Until the server's log has a line matching `pattern`: it is written as the server gets to it, which may
+    be after the page has moved on."""
+    deadline = time.monotonic() + TURN_TIMEOUT_MS / 1000
+    while not re.search(pattern, log := server[2].read_text()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"the server never logged {pattern!r}; its log:\n{log}")
+        time.sleep(0.1)
+
+
 def turns(page):
     """The page's record of each turn (chatState.turns, without its DOM nodes), oldest first."""
     return [SimpleNamespace(**t) for t in page.evaluate("""chatState.order.map(id => {
@@ -419,8 +429,8 @@ def test_a_tab_over_the_limit_is_told_so_and_a_closed_tab_frees_its_place(browse
         extra.wait_for_function("chatState.connected")
         ask(extra, "2+2=")
         assert spoke_all(wait_turns(extra, 1)[0])
-        log = server[2].read_text()
-        assert f"tab {closed} closed" in log and re.search(rf"tab {closed}: \d+ steps .* stopped \d+ ms after", log)
+        wait_logged(server, rf"tab {closed} closed")
+        wait_logged(server, rf"tab {closed}: \d+ steps .* stopped \d+ ms after")
     finally:
         for p in pages[1:] + [extra]:
             p.close()
