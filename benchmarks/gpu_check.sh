@@ -12,8 +12,8 @@
 #
 # REFERENCE (or $MINIMIND_O_REFERENCE): a checkout of jingyaogong/minimind-o; without one no training stages.
 # From the environment: MINIMIND_TOKENIZER (default models/minimind-3o); GPU_CHECK_FIXTURE, a conformance
-# fixture (default ../shared/fixtures/conformance_public.pt, where CI keeps it); GPU_CHECK_STAGES, the stages
-# besides env (default all); GPU_CHECK_DEVICE=cpu, a dry run on a CPU (tiny shapes: every stage's commands,
+# fixture (generate cases with their expected outputs; without one that stage is skipped); GPU_CHECK_STAGES,
+# the stages besides env (default all); GPU_CHECK_DEVICE=cpu, a dry run on a CPU (tiny shapes: every stage's commands,
 # not its numbers); OUT, where gpu_check.log and summary.txt go (default out/gpu_check). A stage that fails or
 # runs past its limit (LIMITS) is recorded and the next one runs. A GPU machine without network:
 # docs/performance.md says how to bring the packages along.
@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 REFERENCE=${1:-${MINIMIND_O_REFERENCE:-}}
 TOKENIZER=${MINIMIND_TOKENIZER:-models/minimind-3o}
-FIXTURE=${GPU_CHECK_FIXTURE:-../shared/fixtures/conformance_public.pt}
+FIXTURE=${GPU_CHECK_FIXTURE:-}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 STAGES=${GPU_CHECK_STAGES:-train decode_eager decode_compiled resume train_compiled conformance}
 OUT=${OUT:-out/gpu_check}
@@ -57,7 +57,7 @@ stage() {
   [[ " $STAGES " == *" $name "* || $name = env ]] || return
   case $name in
     train*) [ -n "$REFERENCE" ] || { record "$name" "skipped: no reference checkout (an argument or MINIMIND_O_REFERENCE)"; return; } ;;
-    conformance) [ -f "$FIXTURE" ] || { record "$name" "skipped: no fixture at $FIXTURE (set GPU_CHECK_FIXTURE)"; return; } ;;
+    conformance) [ -f "$FIXTURE" ] || { record "$name" "skipped: no fixture (set GPU_CHECK_FIXTURE)"; return; } ;;
   esac
   limit=$(limit_of "$name")
   echo "== $name (limit $limit s)" | tee -a "$LOG"
