@@ -1,7 +1,7 @@
 """
 Train MiniMind-O: one file, one loop, from parquet rows in the release's schema to a checkpoint.
 
-    python train.py                                   # a 2-minute CPU demo on data it makes itself
+    python train.py                                   # a CPU demo of several minutes, on data it makes itself
     python train.py --data dataset/sft_t2a_mini.parquet --from_weight out/llm_768.pth --save_weight sft_zero
     torchrun --nproc_per_node 4 train.py --data ...   # the same on 4 GPUs (DistributedDataParallel)
     python train.py --data ... --resume               # continue a killed run exactly where it stopped
@@ -32,8 +32,8 @@ import os
 import pickle
 import random
 import shutil
-import textwrap
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 
@@ -102,12 +102,10 @@ what each option costs and saves (--dtype, --grad_checkpointing, --compile, --gr
 """
 
 
-class HelpFormat(argparse.RawDescriptionHelpFormatter):
-    """--help keeps the description's and the examples' own line breaks."""
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(formatter_class=HelpFormat, description=DESCRIPTION, epilog=EXAMPLES)
+    # Raw: the description's and the examples' own line breaks stay
+    p = argparse.ArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter, description=DESCRIPTION,
+                                epilog=EXAMPLES)
     data_flags(p.add_argument_group("data"))
     model_flags(p.add_argument_group("model"))
     optimisation_flags(p.add_argument_group("optimisation"))
@@ -489,12 +487,13 @@ class SaveFailed(OSError):
     """A file of the run could not be written (full disk, no permission); what was there before is intact."""
 
 
-def write_failed(path, error, outcome=""):
-    """The SaveFailed for `path`: the error's first line and the space left on its disk."""
+def write_failed(path, error, outcome):
+    """The SaveFailed for `path`: the error's first line, the space left on its disk, and what became of the
+    run (`outcome`, a sentence)."""
     folder = os.path.dirname(path) or "."
     free = f"{shutil.disk_usage(folder).free / 1e6:.0f} MB free" if os.path.isdir(folder) else "no such folder"
     return SaveFailed(f"cannot write {path}: {(str(error).splitlines() or [''])[0]} ({free} on its disk: is it full, "
-                      f"or not writable?). {outcome}".rstrip())
+                      f"or not writable?). {outcome}")
 
 
 # -----------------------------------------------------------------------------------------------
