@@ -263,7 +263,8 @@ def test_a_spoken_question_is_answered_and_speaking_over_the_reply_being_made_st
           f"Mimi's last decode; the VAD was {first.barge['vadLagMs']} ms behind the microphone")
     # ... and that question, heard from its first word, gets the whole reply
     assert spoke_all(second) and second.firstSoundMs > 0
-    assert min(questions_seconds(page)) >= sf.info(str(QUESTION)).duration
+    # the page shows seconds to one decimal: a whole clip of 1.91 s may show as 1.9
+    assert min(questions_seconds(page)) >= sf.info(str(QUESTION)).duration - 0.05
     page.click("#call")  # hang up
 
 
